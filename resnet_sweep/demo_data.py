@@ -1,0 +1,175 @@
+"""The embedded demo data set: synthetic H&E-like tiles of two classes.
+
+Tiles are rendered with the Beer-Lambert stain model (haematoxylin colours nuclei purple, eosin
+colours stroma and cytoplasm pink) and differ in morphology:
+
+- ``poorly_differentiated``: dense, small, round, dark nuclei with scant cytoplasm;
+- ``differentiating``: sparser, larger, paler and more oval nuclei with a rim of pink cytoplasm and
+  more fibrillary stroma between them.
+
+Each tile draws a differentiation level from a class-specific Beta distribution; the two
+distributions overlap, so some tiles of one class look like the other and a linear probe cannot
+reach 100% at once. Stain colours, stain intensity, magnification and focus vary per "slide", and
+all tiles of one slide go to one split, as a group-aware split of real slides would do.
+
+The tree is written to ``<cache_dir>/demo-<key>/{train,valid,test}/<class>/<slide>_<tile>.png`` and
+read back by the same code as a user's folder. The key covers the generator version and every
+parameter, so changing one makes a new tree; generation is atomic (temp dir + rename) and guarded
+by a file lock, so parallel jobs build it once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from filelock import FileLock
+from PIL import Image, ImageFilter
+
+log = logging.getLogger(__name__)
+
+GENERATOR_VERSION = 3
+CLASSES = ("differentiating", "poorly_differentiated")
+SPLITS = ("train", "valid", "test")
+
+# Ruifrok & Johnston optical-density vectors (RGB) of haematoxylin and eosin.
+_H = np.array([0.650, 0.704, 0.286])
+_E = np.array([0.072, 0.990, 0.105])
+
+
+def ensure(data_cfg) -> Path:
+    """Return the root of the demo ImageFolder tree, generating it on first use."""
+    params = {
+        "version": GENERATOR_VERSION,
+        "seed": int(data_cfg.seed),
+        "tile_size": int(data_cfg.tile_size),
+        "slides_per_class": [int(n) for n in data_cfg.slides_per_class],
+        "tiles_per_slide": int(data_cfg.tiles_per_slide),
+    }
+    if len(params["slides_per_class"]) != 3 or min(params["slides_per_class"]) < 1:
+        from .errors import UserError
+
+        raise UserError(
+            f"data.slides_per_class={params['slides_per_class']}: give 3 positive numbers "
+            "(slides per class in train, valid, test)"
+        )
+    key = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:12]
+    cache = Path(os.path.expanduser(str(data_cfg.cache_dir)))
+    root = cache / f"demo-{key}"
+    if (root / "params.json").exists():
+        return root
+    cache.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(cache / f"demo-{key}.lock")):
+        if (root / "params.json").exists():  # another job built it while we waited
+            return root
+        log.info("Generating the demo data set into %s (once)", root)
+        tmp = Path(tempfile.mkdtemp(prefix=f".demo-{key}-", dir=cache))
+        try:
+            _generate(tmp, **{k: v for k, v in params.items() if k != "version"})
+            (tmp / "params.json").write_text(json.dumps(params, indent=2))
+            if root.exists():  # a half-written tree from a killed run
+                shutil.rmtree(root)
+            tmp.rename(root)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return root
+
+
+def _generate(out: Path, seed: int, tile_size: int, slides_per_class, tiles_per_slide: int) -> None:
+    rng = np.random.default_rng(seed)
+    for split, n_slides in zip(SPLITS, slides_per_class):
+        for label, cls in enumerate(CLASSES):
+            folder = out / split / cls
+            folder.mkdir(parents=True)
+            for s in range(n_slides):
+                slide_id = f"{split[:2]}{label}{s:02d}"
+                slide = _slide_params(rng)
+                for t in range(tiles_per_slide):
+                    tile = render_tile(rng, tile_size, cls, slide)
+                    Image.fromarray(tile).save(folder / f"slide{slide_id}_tile{t:03d}.png")
+
+
+def _slide_params(rng: np.random.Generator) -> dict:
+    """What varies between slides: stain colour and strength, magnification, focus."""
+
+    def jitter(v):
+        w = v + rng.normal(0, 0.03, 3)
+        return np.clip(w, 0.01, None) / np.linalg.norm(w)
+
+    return {
+        "h_vec": jitter(_H),
+        "e_vec": jitter(_E),
+        "h_strength": rng.uniform(0.85, 1.15),
+        "e_strength": rng.uniform(0.8, 1.2),
+        "scale": rng.uniform(0.8, 1.25),
+        "blur": rng.uniform(0.6, 1.6),
+    }
+
+
+def render_tile(rng: np.random.Generator, size: int, cls: str, slide: dict) -> np.ndarray:
+    """One RGB uint8 tile. Morphology follows a per-tile differentiation level d in [0, 1]."""
+    d = rng.beta(6, 2) if cls == "differentiating" else rng.beta(2, 6)
+    scale = slide["scale"]
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+
+    # Eosin: stroma background with low-frequency variation and fibrillary streaks (more when
+    # differentiated: neuropil).
+    eosin = 0.25 + 0.15 * _smooth_noise(rng, size, 24) + rng.uniform(-0.05, 0.05)
+    for _ in range(int(10 + 40 * d)):
+        x0, y0 = rng.uniform(0, size, 2)
+        angle = rng.uniform(0, np.pi)
+        length = rng.uniform(20, 80)
+        t = np.linspace(0, 1, int(length))
+        px = np.clip(x0 + np.cos(angle) * length * t, 0, size - 1).astype(int)
+        py = np.clip(y0 + np.sin(angle) * length * t + 6 * np.sin(6 * t), 0, size - 1).astype(int)
+        eosin[py, px] += rng.uniform(0.1, 0.3)
+    haem = 0.03 + 0.03 * _smooth_noise(rng, size, 12)
+
+    # Cells: count falls, nucleus size, ovality, pallor and cytoplasm grow with differentiation.
+    n_cells = int(rng.normal(140 - 95 * d, 12) / scale**2)
+    for _ in range(max(n_cells, 5)):
+        cx, cy = rng.uniform(-5, size + 5, 2)
+        r = rng.normal(4.5 + 4.0 * d, 0.8) * scale
+        r = max(r, 2.0)
+        ecc = 1.0 + rng.uniform(0, 0.25 + 0.6 * d)
+        theta = rng.uniform(0, np.pi)
+        x0, x1 = int(max(cx - 3 * r, 0)), int(min(cx + 3 * r + 1, size))
+        y0, y1 = int(max(cy - 3 * r, 0)), int(min(cy + 3 * r + 1, size))
+        if x0 >= x1 or y0 >= y1:
+            continue
+        dx, dy = xx[y0:y1, x0:x1] - cx, yy[y0:y1, x0:x1] - cy
+        u = (dx * np.cos(theta) + dy * np.sin(theta)) / (r * ecc)
+        v = (-dx * np.sin(theta) + dy * np.cos(theta)) / r
+        rr = u * u + v * v
+        # cytoplasm: a pink rim around the nucleus, wider when differentiated
+        cyto = rr < (1.0 + 1.8 * d) ** 2
+        eosin[y0:y1, x0:x1][cyto] += 0.15 + 0.25 * d
+        nucleus = rr < 1.0
+        darkness = rng.normal(1.25 - 0.45 * d, 0.12)
+        chromatin = 1 + 0.25 * rng.standard_normal(nucleus.sum())
+        haem[y0:y1, x0:x1][nucleus] = np.maximum(
+            haem[y0:y1, x0:x1][nucleus], darkness * chromatin
+        )
+
+    od = (
+        slide["h_strength"] * haem[..., None] * slide["h_vec"]
+        + slide["e_strength"] * np.clip(eosin, 0, None)[..., None] * slide["e_vec"]
+    )
+    rgb = 245.0 * np.exp(-od) + rng.normal(0, 3.0, (size, size, 3))
+    img = Image.fromarray(np.clip(rgb, 0, 255).astype(np.uint8))
+    img = img.filter(ImageFilter.GaussianBlur(slide["blur"]))
+    return np.asarray(img)
+
+
+def _smooth_noise(rng: np.random.Generator, size: int, cell: int) -> np.ndarray:
+    """Smooth noise in [-1, 1]: a coarse random grid upsampled bicubically."""
+    n = size // cell + 2
+    coarse = rng.uniform(0, 255, (n, n)).astype(np.uint8)
+    img = Image.fromarray(coarse).resize((n * cell, n * cell), Image.BICUBIC)
+    return np.asarray(img, dtype=np.float32)[:size, :size] / 127.5 - 1.0

@@ -1,0 +1,224 @@
+"""Training and evaluation: epochs 0..N, best epoch on the objective, early stopping, test metrics."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torchmetrics
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+from torch import nn
+from tqdm.auto import tqdm
+
+from .errors import Diverged, UserError
+
+log = logging.getLogger(__name__)
+
+MAXIMIZE = ("acc", "auroc", "f1", "balanced_acc")
+
+
+def direction(objective: str) -> str:
+    """valid/loss -> minimize; valid/acc (auroc, f1, balanced_acc) -> maximize."""
+    split, _, metric = objective.partition("/")
+    if split != "valid" or metric not in ("loss", *MAXIMIZE):
+        raise UserError(
+            f"objective={objective}: the sweep objective is a validation metric: valid/loss "
+            "(minimised) or valid/acc (maximised)"
+        )
+    return "minimize" if metric == "loss" else "maximize"
+
+
+def better(a: float, b: float, mode: str) -> bool:
+    return a < b if mode == "minimize" else a > b
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"trainer.device={name}: choose auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"trainer.device={name}: CUDA is not available here; use auto or cpu")
+    return device
+
+
+def cpu_has_bf16() -> bool:
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def autocast(device: torch.device, precision: str):
+    """bf16 autocast where the hardware runs it fast (AMX/AVX512-BF16 CPUs, bf16 GPUs)."""
+    precision = str(precision)
+    if precision == "auto":
+        use = (device.type == "cuda" and torch.cuda.is_bf16_supported()) or (
+            device.type == "cpu" and cpu_has_bf16()
+        )
+    elif precision in ("bf16", "bf16-mixed"):
+        use = True
+    elif precision in ("32", "fp32"):
+        use = False
+    else:
+        raise UserError(f"trainer.precision={precision}: choose auto, bf16 or 32")
+    if not use:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+@dataclass
+class History:
+    objective_name: str
+    mode: str
+    epochs: list[dict] = field(default_factory=list)  # one dict of metrics per epoch, from 0
+    best_epoch: int = 0
+    best_value: float = math.nan
+    best_state: dict | None = None
+    stopped_early: bool = False
+
+    @property
+    def objective(self) -> float:
+        return self.best_value
+
+    def best_metrics(self) -> dict:
+        return self.epochs[self.best_epoch]
+
+
+class _Meter:
+    """Mean BCE loss and accuracy over an epoch (torchmetrics)."""
+
+    def __init__(self, device):
+        self.loss = torchmetrics.MeanMetric().to(device)
+        self.acc = torchmetrics.classification.BinaryAccuracy().to(device)
+
+    def update(self, loss, logits, y):
+        self.loss.update(loss.detach().float(), weight=y.numel())
+        self.acc.update(logits.detach().float(), y.int())
+
+    def compute(self, prefix: str) -> dict:
+        return {f"{prefix}/loss": self.loss.compute().item(), f"{prefix}/acc": self.acc.compute().item()}
+
+
+def _check_finite(loss: torch.Tensor, epoch: int) -> None:
+    if not torch.isfinite(loss):
+        raise Diverged(f"loss became {'NaN' if torch.isnan(loss) else 'inf'} at epoch {epoch}")
+
+
+def run_epoch(model, loader, device, precision, prefix, epoch, optimizer=None, desc="") -> dict:
+    """One pass over ``loader``; trains when an optimizer is given."""
+    training = optimizer is not None
+    model.train(training)
+    criterion = nn.BCEWithLogitsLoss()
+    meter = _Meter(device)
+    grad = contextlib.nullcontext() if training else torch.inference_mode()
+    with grad:
+        for x, y in tqdm(loader, desc=desc, leave=False, disable=None):
+            x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+            y = y.to(device, non_blocking=True)
+            with autocast(device, precision):
+                logits = model(x).float()
+            loss = criterion(logits, y.float())
+            _check_finite(loss, epoch)
+            if training:
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+            meter.update(loss, logits, y)
+    return meter.compute(prefix)
+
+
+def make_optimizer(optimizer_cfg, model: nn.Module) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise UserError("backbone.freeze and head leave nothing to train")
+    factory = instantiate(optimizer_cfg)
+    return factory(params)
+
+
+def fit(model, splits, optimizer_cfg, trainer_cfg, log_epoch, objective: str,
+        state_fn, device: torch.device) -> History:
+    """Epoch 0 measures the untrained model; epochs 1..max_epochs train. The best epoch on the
+    objective is kept (its trainable state via ``state_fn``); ``patience`` epochs without
+    improvement stop early. Raises Diverged on a NaN/inf loss."""
+    mode = direction(objective)
+    history = History(objective, mode)
+    model.to(device).to(memory_format=torch.channels_last)
+    optimizer = make_optimizer(optimizer_cfg, model)
+    precision = trainer_cfg.precision
+    patience = trainer_cfg.patience
+    max_epochs = int(trainer_cfg.max_epochs)
+    for epoch in range(0, max_epochs + 1):
+        desc = f"epoch {epoch}/{max_epochs}"
+        if epoch == 0:
+            metrics = run_epoch(model, splits.train, device, precision, "train", epoch, desc=desc + " train")
+        else:
+            metrics = run_epoch(model, splits.train, device, precision, "train", epoch, optimizer,
+                                desc=desc + " train")
+        metrics.update(run_epoch(model, splits.valid, device, precision, "valid", epoch, desc=desc + " valid"))
+        history.epochs.append(metrics)
+        value = metrics[objective]
+        improved = epoch == 0 or better(value, history.best_value, mode)
+        if improved:
+            history.best_epoch, history.best_value = epoch, value
+            history.best_state = state_fn()
+        log_epoch(epoch, metrics)
+        log.info(
+            "epoch %d: train loss %.4f acc %.4f | valid loss %.4f acc %.4f%s", epoch,
+            metrics["train/loss"], metrics["train/acc"], metrics["valid/loss"], metrics["valid/acc"],
+            "  *best*" if improved else "",
+        )
+        if patience is not None and epoch - history.best_epoch >= int(patience):
+            history.stopped_early = True
+            log.info("early stop: no improvement of %s for %s epochs", objective, patience)
+            break
+    return history
+
+
+def evaluate(model, loader, device, precision) -> dict:
+    """Test metrics of ``model``: loss, accuracy, AUROC, F1, balanced accuracy, confusion matrix."""
+    model.to(device).eval()
+    criterion = nn.BCEWithLogitsLoss(reduction="sum")
+    metrics = torchmetrics.MetricCollection({
+        "acc": torchmetrics.classification.BinaryAccuracy(),
+        "auroc": torchmetrics.classification.BinaryAUROC(),
+        "f1": torchmetrics.classification.BinaryF1Score(),
+        "balanced_acc": torchmetrics.classification.MulticlassAccuracy(num_classes=2, average="macro"),
+    }).to(device)
+    confusion = torchmetrics.classification.BinaryConfusionMatrix().to(device)
+    loss_sum, n = 0.0, 0
+    with torch.inference_mode():
+        for x, y in tqdm(loader, desc="test", leave=False, disable=None):
+            x = x.to(device).contiguous(memory_format=torch.channels_last)
+            y = y.to(device)
+            with autocast(device, precision):
+                logits = model(x).float()
+            loss_sum += criterion(logits, y.float()).item()
+            n += y.numel()
+            probs = torch.sigmoid(logits)
+            for name, metric in metrics.items():
+                if name == "balanced_acc":
+                    metric.update((probs >= 0.5).long(), y)
+                else:
+                    metric.update(probs, y)
+            confusion.update(probs, y)
+    out = {f"test/{k}": v.item() for k, v in metrics.compute().items()}
+    out["test/loss"] = loss_sum / max(n, 1)
+    out["confusion_matrix"] = confusion.compute().cpu().tolist()
+    return out
+
+
+def config_to_dict(cfg) -> dict:
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+def state_copy(model) -> dict:
+    return copy.deepcopy(model.state_dict())

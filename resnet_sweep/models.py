@@ -1,0 +1,228 @@
+"""torchvision backbone + the study's heads, with freezing and where the weights came from.
+
+Heads output logits (DESIGN.md decision 2): the study's Sigmoid lives in BCEWithLogitsLoss during
+training and in ``ProbabilityModel`` at prediction time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+from torch import nn
+from torchvision import models as tvm
+
+from .errors import UserError
+
+log = logging.getLogger(__name__)
+
+
+class Head(nn.Sequential):
+    """``Linear(in, 1)``, or ``Linear(in, hidden) + activation [+ Dropout] + Linear(hidden, 1)``."""
+
+    def __init__(self, in_features: int, name: str = "head", hidden: int | None = None,
+                 activation: nn.Module | None = None, dropout: float = 0.0):
+        if hidden is None:
+            layers = [nn.Linear(in_features, 1)]
+        else:
+            layers = [nn.Linear(in_features, hidden)]
+            if activation is not None:
+                layers.append(activation)
+            if dropout:
+                layers.append(nn.Dropout(dropout))
+            layers.append(nn.Linear(hidden, 1))
+        super().__init__(*layers)
+        self.name = name
+
+
+class Classifier(nn.Module):
+    """``head(backbone(x))`` -> one logit per image. Frozen backbone modules stay in eval mode
+    whatever ``train()`` says, so their BatchNorm statistics never change."""
+
+    def __init__(self, backbone: nn.Module, head: nn.Module):
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(x)).squeeze(-1)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        for module in self.backbone.modules():
+            params = list(module.parameters(recurse=False))
+            if params and not any(p.requires_grad for p in params):
+                module.eval()
+        return self
+
+
+class ProbabilityModel(nn.Module):
+    """What MLflow serves: normalised 3xHxW images in, P(second class) out."""
+
+    def __init__(self, classifier: Classifier):
+        super().__init__()
+        self.classifier = classifier
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.classifier(x))
+
+
+@dataclass
+class Built:
+    model: Classifier
+    weights_source: str     # imagenet:<enum> | random | random (ImageNet weights unavailable) | file:<path>
+    in_features: int
+    frozen_checksum: str    # sha256 of everything that does not train: rebuilding must reproduce it
+
+
+def available_backbones() -> list[str]:
+    return sorted(tvm.list_models(module=tvm))
+
+
+def load_backbone(cfg) -> tuple[nn.Module, str]:
+    """The torchvision model named ``cfg.name`` with weights per ``cfg.weights``
+    (auto | imagenet | none | path to a state dict), and a description of where they came from."""
+    name, choice = str(cfg.name), str(cfg.weights)
+    if name not in available_backbones():
+        raise UserError(f"backbone.name={name}: not a torchvision classification model")
+    if choice == "none":
+        return tvm.get_model(name, weights=None), "random"
+    if choice in ("auto", "imagenet"):
+        try:
+            enum = tvm.get_model_weights(name)[str(cfg.imagenet_weights)]
+        except KeyError:
+            members = ", ".join(w.name for w in tvm.get_model_weights(name))
+            raise UserError(
+                f"backbone.imagenet_weights={cfg.imagenet_weights}: not a weights enum of {name}; "
+                f"choose one of {members}"
+            ) from None
+        try:
+            return tvm.get_model(name, weights=enum), f"imagenet:{enum}"
+        except Exception as e:  # no network, no cache, corrupt file
+            cache = Path(torch.hub.get_dir()) / "checkpoints" / Path(enum.url).name
+            why = f"{type(e).__name__}: {e}".splitlines()[0]
+            if choice == "imagenet":
+                raise UserError(
+                    f"backbone.weights=imagenet: cannot load {enum} ({why}); put the file at {cache} "
+                    "or use backbone.weights=auto|none|/path/to/state_dict.pt"
+                ) from None
+            msg = (
+                f"ImageNet weights {enum} unavailable ({why}): the {name} backbone is RANDOMLY "
+                f"INITIALISED. Results are not transfer learning. Put the file at {cache} or "
+                "set backbone.weights=imagenet to make this an error."
+            )
+            log.warning(msg)
+            warnings.warn(msg, stacklevel=2)
+            return tvm.get_model(name, weights=None), "random (ImageNet weights unavailable)"
+    path = Path(os.path.expanduser(choice))
+    if not path.is_file():
+        raise UserError(
+            f"backbone.weights={choice}: no such file; use auto, imagenet, none or a path to a "
+            "state dict"
+        )
+    model = tvm.get_model(name, weights=None)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if isinstance(state, dict) and "state_dict" in state:
+            state = state["state_dict"]
+        model.load_state_dict(state)
+    except Exception as e:
+        raise UserError(f"backbone.weights={choice}: not a {name} state dict ({e})".splitlines()[0]) from None
+    return model, f"file:{path.resolve()} sha256:{_file_sha256(path)[:12]}"
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def strip_classifier(model: nn.Module) -> tuple[nn.Module, int]:
+    """Replace the torchvision classification layer by Identity; return its in_features."""
+    fc = getattr(model, "fc", None)
+    if isinstance(fc, nn.Linear):
+        model.fc = nn.Identity()
+        return model, fc.in_features
+    raise UserError(f"backbone {type(model).__name__}: no 'fc' classification layer to replace")
+
+
+def apply_freeze(model: Classifier, freeze: str) -> None:
+    if freeze == "all":
+        model.backbone.requires_grad_(False)
+    elif freeze == "none":
+        model.backbone.requires_grad_(True)
+    else:
+        raise UserError(f"backbone.freeze={freeze}: choose all (train the head only) or none")
+    model.train()
+
+
+def build(backbone_cfg, head_cfg, seed: int = 0) -> Built:
+    """Backbone + head, deterministic for a given seed (random inits included), freezing applied."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        backbone, source = load_backbone(backbone_cfg)
+        backbone, in_features = strip_classifier(backbone)
+        head = instantiate(head_cfg, in_features=in_features)
+    model = Classifier(backbone, head)
+    apply_freeze(model, str(backbone_cfg.freeze))
+    return Built(model, source, in_features, frozen_checksum(model))
+
+
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Parameters that train, and the buffers of modules that train (BatchNorm statistics)."""
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    for mod_name, module in model.named_modules():
+        if any(p.requires_grad for p in module.parameters(recurse=False)):
+            names.update(f"{mod_name}.{b}" if mod_name else b for b, _ in module.named_buffers(recurse=False))
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items() if k in names}
+
+
+def frozen_checksum(model: nn.Module) -> str:
+    keep = set(trainable_state(model))
+    h = hashlib.sha256()
+    for k, v in model.state_dict().items():
+        if k not in keep:
+            h.update(k.encode())
+            h.update(v.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def checkpoint(built: Built, state: dict[str, torch.Tensor], cfg, extra: dict) -> dict:
+    """What rebuilds the model: the trainable tensors plus the configs and seed that rebuild the
+    rest. Loadable with ``torch.load(..., weights_only=True)``."""
+    return {
+        "format": "resnet-sweep/1",
+        "backbone": OmegaConf.to_container(cfg.backbone, resolve=True),
+        "head": OmegaConf.to_container(cfg.head, resolve=True),
+        "seed": int(cfg.seed),
+        "weights_source": built.weights_source,
+        "frozen_checksum": built.frozen_checksum,
+        "state": state,
+        **extra,
+    }
+
+
+def load_checkpoint(path) -> tuple[Classifier, dict]:
+    """Rebuild the classifier a checkpoint was trained as; refuse if the frozen part differs."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(ckpt, dict) or ckpt.get("format") != "resnet-sweep/1":
+        raise UserError(f"{path}: not a resnet-sweep checkpoint")
+    built = build(OmegaConf.create(ckpt["backbone"]), OmegaConf.create(ckpt["head"]), ckpt["seed"])
+    if built.frozen_checksum != ckpt["frozen_checksum"]:
+        raise UserError(
+            f"{path}: the frozen backbone rebuilt from {built.weights_source} differs from the one "
+            f"this checkpoint was trained with ({ckpt['weights_source']}); make the same weights "
+            "available (backbone.weights)"
+        )
+    built.model.load_state_dict(ckpt["state"], strict=False)
+    built.model.eval()
+    return built.model, ckpt

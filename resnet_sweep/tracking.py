@@ -1,0 +1,337 @@
+"""Everything MLflow: one run per job, one parent run per sweep, the sweep's best model.
+
+Metric names (DESIGN.md decision 5): ``train/loss train/acc valid/loss valid/acc`` with
+``step=epoch`` from epoch 0; ``best_epoch``; ``test/loss test/acc test/auroc test/f1
+test/balanced_acc``.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import logging
+import math
+import os
+import re
+import subprocess
+import tempfile
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import torch
+import yaml
+from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
+from hydra.types import RunMode
+from mlflow.entities import RunStatus
+from mlflow.tracking import MlflowClient
+from omegaconf import DictConfig, OmegaConf
+
+from . import plots
+from .engine import direction
+from .errors import UserError
+
+log = logging.getLogger(__name__)
+
+PARENT_ENV = "RESNET_SWEEP_PARENT_RUN_ID"
+FAILURE_TAG = "failure_reason"
+_URL_PASSWORD = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.\-]*://)(?P<user>[^:/@\s]*):(?P<pw>[^@/\s]*)@")
+
+
+def redact(text: str) -> str:
+    """``postgresql://user:secret@host/db`` -> ``postgresql://user:***@host/db``."""
+    return _URL_PASSWORD.sub(lambda m: f"{m['scheme']}{m['user']}:***@", str(text))
+
+
+def flatten(d, prefix: str = "") -> dict[str, str]:
+    """Nested config -> ``{"optimizer.lr": "0.0001", ...}`` (credentials redacted)."""
+    out: dict[str, str] = {}
+    for key, value in d.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, name + "."))
+        else:
+            out[name] = redact(value)
+    return out
+
+
+def app_config(cfg) -> dict:
+    """The resolved config without Hydra's own node."""
+    container = OmegaConf.to_container(cfg, resolve=True)
+    container.pop("hydra", None)
+    return container
+
+
+def lr_label(lr: float) -> str:
+    short = f"{lr:.0e}"
+    return short if float(short) == lr else f"{lr:.3g}"
+
+
+def optimizer_name(optimizer_cfg) -> str:
+    return str(optimizer_cfg._target_).rsplit(".", 1)[-1].lower()
+
+
+def run_name(cfg) -> str:
+    if cfg.run_name and cfg.run_name != "auto":
+        return str(cfg.run_name)
+    return (
+        f"{cfg.backbone.name}-{cfg.head.name}-{optimizer_name(cfg.optimizer)}"
+        f"-lr{lr_label(float(cfg.optimizer.lr))}-s{cfg.seed}"
+    )
+
+
+def in_multirun() -> bool:
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def connect(tracking_cfg) -> str:
+    """Point MLflow at the store and experiment; fail in one line if unreachable. Returns the
+    experiment id."""
+    mlflow.set_tracking_uri(str(tracking_cfg.uri))
+    try:
+        experiment = mlflow.set_experiment(str(tracking_cfg.experiment))
+    except Exception as e:
+        reason = redact(str(e).splitlines()[0] if str(e) else type(e).__name__)
+        raise UserError(
+            f"tracking.uri={redact(tracking_cfg.uri)}: cannot reach the MLflow store ({reason}); "
+            "check the URI or start the server"
+        ) from None
+    return experiment.experiment_id
+
+
+def _git_commit() -> str | None:
+    cwd = HydraConfig.get().runtime.cwd if HydraConfig.initialized() else os.getcwd()
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True,
+                             text=True, timeout=5)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def _hydra_overrides() -> str:
+    if not HydraConfig.initialized():
+        return ""
+    return " ".join(HydraConfig.get().overrides.task)
+
+
+class JobLog:
+    """What a job writes to its MLflow run."""
+
+    def __init__(self, cfg, run_id: str):
+        self.cfg = cfg
+        self.run_id = run_id
+        self.name = run_name(cfg)
+
+    def tags(self, **tags) -> None:
+        mlflow.set_tags({k: redact(v) for k, v in tags.items()})
+
+    def epoch(self, epoch: int, metrics: dict) -> None:
+        mlflow.log_metrics(metrics, step=epoch)
+
+    def history(self, history) -> None:
+        best = history.best_metrics()
+        mlflow.log_metrics({"best_epoch": history.best_epoch, "epochs_run": len(history.epochs) - 1,
+                            **{f"best/{k}": v for k, v in best.items()}})
+        mlflow.set_tag("stopped_early", str(history.stopped_early).lower())
+        fig = plots.learning_curves(history.epochs, history.best_epoch, self.name)
+        mlflow.log_figure(fig, "plots/learning_curves.png")
+        plots.close(fig)
+
+    def test_metrics(self, metrics: dict, classes: list[str]) -> None:
+        matrix = metrics.pop("confusion_matrix")
+        mlflow.log_metrics(metrics)
+        mlflow.log_dict({"classes": classes, "matrix (rows: true, cols: predicted)": matrix},
+                        "confusion_matrix.json")
+        fig = plots.confusion_matrix(matrix, classes, f"{self.name}: test")
+        mlflow.log_figure(fig, "plots/confusion_matrix.png")
+        plots.close(fig)
+
+    def checkpoint(self, ckpt: dict) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "best.pt"
+            torch.save(ckpt, path)
+            mlflow.log_artifact(str(path), "checkpoint")
+
+    def model(self, classifier, ckpt: dict) -> None:
+        log_model(classifier, ckpt)
+
+
+def log_model(classifier, ckpt: dict) -> None:
+    """Log the full model (backbone + head) with the pytorch flavor into the active run; its pyfunc
+    takes normalised ``N x 3 x crop x crop`` float32 images and returns P(ckpt['classes'][1])."""
+    from mlflow.models import infer_signature
+
+    from .models import ProbabilityModel
+
+    model = ProbabilityModel(classifier).cpu().eval()
+    crop = int(ckpt["crop_size"])
+    example = np.zeros((1, 3, crop, crop), dtype=np.float32)
+    with torch.inference_mode():
+        output = model(torch.from_numpy(example)).numpy()
+    mlflow.pytorch.log_model(
+        model,
+        name="model",
+        signature=infer_signature(example, output),
+        input_example=example,
+        metadata={k: ckpt[k] for k in ("classes", "mean", "std", "crop_size")},
+        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "torchvision"],
+        serialization_format="pickle",  # torch.export would fix the batch size to the example's
+        code_paths=[str(Path(__file__).resolve().parent)],  # unpickling needs resnet_sweep.models
+    )
+
+
+@contextlib.contextmanager
+def job_run(cfg):
+    """One MLflow run for this job, a child of the sweep's parent run in ``-m`` mode. A failure
+    inside marks the run FAILED with the reason as a tag, then propagates."""
+    connect(cfg.tracking)
+    parent = os.environ.get(PARENT_ENV) if in_multirun() else None
+    name = run_name(cfg)
+    tags = {
+        "backbone": cfg.backbone.name,
+        "head": cfg.head.name,
+        "optimizer": optimizer_name(cfg.optimizer),
+        "objective": cfg.objective,
+        "hydra_overrides": redact(_hydra_overrides()),
+    }
+    if HydraConfig.initialized():
+        tags["output_dir"] = HydraConfig.get().runtime.output_dir
+    commit = _git_commit()
+    if commit:
+        tags["git_commit"] = commit
+    with mlflow.start_run(run_name=name, parent_run_id=parent, tags=tags) as run:
+        job = JobLog(cfg, run.info.run_id)
+        try:
+            config = app_config(cfg)
+            mlflow.log_params(flatten(config))
+            mlflow.log_text(redact(yaml.safe_dump(config, sort_keys=False)), "config.yaml")
+            yield job
+        except KeyboardInterrupt:
+            mlflow.set_tag(FAILURE_TAG, "interrupted")
+            mlflow.end_run(RunStatus.to_string(RunStatus.KILLED))
+            raise
+        except BaseException as e:
+            mlflow.set_tag(FAILURE_TAG, redact(failure_reason(e)))
+            mlflow.end_run(RunStatus.to_string(RunStatus.FAILED))
+            raise
+
+
+def failure_reason(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__
+
+
+class SweepCallback(Callback):
+    """In ``-m`` mode: one MLflow parent run for the sweep (every job is its child); at the end,
+    the full model of the best child (``tracking.log_model=best``), a summary line, and a
+    non-zero exit if any job failed."""
+
+    def __init__(self) -> None:
+        self.parent_id: str | None = None
+        self.client: MlflowClient | None = None
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        experiment_id = connect(config.tracking)
+        self.client = MlflowClient()
+        sweep_dir = str(config.hydra.sweep.dir)
+        overrides = " ".join(config.hydra.overrides.task)
+        run = self.client.create_run(
+            experiment_id,
+            run_name=f"sweep-{Path(sweep_dir).parent.name}-{Path(sweep_dir).name}",
+            tags={"sweep": "true", "sweep_dir": sweep_dir, "hydra_overrides": redact(overrides),
+                  "objective": str(config.objective)},
+        )
+        self.parent_id = run.info.run_id
+        os.environ[PARENT_ENV] = self.parent_id
+        Path(sweep_dir).mkdir(parents=True, exist_ok=True)
+        (Path(sweep_dir) / "mlflow_parent_run_id").write_text(self.parent_id + "\n")
+        atexit.register(self._abandon)
+        log.info("MLflow parent run %s (%s)", self.parent_id, redact(config.tracking.uri))
+
+    def _abandon(self) -> None:
+        """The sweep died before on_multirun_end: do not leave the parent RUNNING."""
+        if self.parent_id and self.client:
+            with contextlib.suppress(Exception):
+                self.client.set_tag(self.parent_id, FAILURE_TAG, "sweep ended before all jobs returned")
+                self.client.set_terminated(self.parent_id, "FAILED")
+
+    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        if not self.parent_id:
+            return
+        children = self.children()
+        finished = [r for r in children if r.info.status == "FINISHED"]
+        failed = [r for r in children if r.info.status in ("FAILED", "KILLED")]
+        objective = str(config.objective)
+        best = best_run(finished, objective)
+        client = self.client
+        if best is not None:
+            client.set_tag(self.parent_id, "best_run_id", best.info.run_id)
+            client.set_tag(self.parent_id, "best_run_name", best.info.run_name)
+            client.log_metric(self.parent_id, f"best/{objective}", best.data.metrics[f"best/{objective}"])
+            for key in ("test/acc", "test/loss"):
+                if key in best.data.metrics:
+                    client.log_metric(self.parent_id, f"best_run/{key}", best.data.metrics[key])
+            if str(config.tracking.log_model) == "best" and "model" not in logged_model_names(best):
+                log_best_model(best)
+        client.log_metric(self.parent_id, "runs_finished", len(finished))
+        client.log_metric(self.parent_id, "runs_failed", len(failed))
+        summary = f"{len(finished)} finished, {len(failed)} failed"
+        if failed:
+            summary += ": " + "; ".join(
+                f"{r.info.run_name} ({r.data.tags.get(FAILURE_TAG, r.info.status.lower())})" for r in failed
+            )
+        client.set_tag(self.parent_id, "summary", summary)
+        client.set_terminated(self.parent_id, "FAILED" if failed else "FINISHED")
+        atexit.unregister(self._abandon)
+        os.environ.pop(PARENT_ENV, None)
+        if best is not None:
+            log.info("best run: %s (%s = %.4f)", best.info.run_name, objective,
+                     best.data.metrics[f"best/{objective}"])
+        print(summary, flush=True)
+        if failed:
+            from .train import exit_with
+
+            exit_with(summary)
+
+    def children(self):
+        return self.client.search_runs(
+            [self.client.get_run(self.parent_id).info.experiment_id],
+            filter_string=f"tags.mlflow.parentRunId = '{self.parent_id}'",
+            max_results=10000,
+        )
+
+
+def best_run(runs, objective: str):
+    key = f"best/{objective}"
+    scored = [r for r in runs if key in r.data.metrics and math.isfinite(r.data.metrics[key])]
+    if not scored:
+        return None
+    sign = 1 if direction(objective) == "minimize" else -1
+    return min(scored, key=lambda r: sign * r.data.metrics[key])
+
+
+def logged_model_names(run) -> set[str]:
+    with contextlib.suppress(Exception):
+        models = mlflow.search_logged_models(
+            experiment_ids=[run.info.experiment_id],
+            filter_string=f"source_run_id = '{run.info.run_id}'",
+            output_format="list",
+        )
+        return {m.name for m in models}
+    return set()
+
+
+def log_best_model(run) -> None:
+    """Rebuild the best child's model from its checkpoint and log it as an MLflow model there."""
+    from .models import load_checkpoint
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = mlflow.artifacts.download_artifacts(run_id=run.info.run_id,
+                                                   artifact_path="checkpoint/best.pt", dst_path=tmp)
+        classifier, ckpt = load_checkpoint(path)
+    with mlflow.start_run(run_id=run.info.run_id):
+        log_model(classifier, ckpt)
+        mlflow.set_tag("model_logged", "best of sweep")
+    log.info("logged the full model of the best run %s", run.info.run_name)

@@ -1,0 +1,141 @@
+"""One job, orchestration only: it reads like the study's method section."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import data, engine, models, tracking
+from .errors import Diverged, UserError
+
+log = logging.getLogger(__name__)
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+
+def run(cfg) -> float:
+    """Train one configuration; return the sweep objective (best validation metric), or NaN when
+    the job failed inside a multirun (the failure is on its MLflow run; the sweep goes on)."""
+    try:
+        return _run(cfg)
+    except (UserError, Diverged) as e:
+        reason = tracking.redact(tracking.failure_reason(e))
+        if isinstance(e, Diverged):
+            reason = f"{tracking.run_name(cfg)} failed: {reason}"
+        if tracking.in_multirun():
+            log.error("%s", reason)
+            return math.nan
+        exit_with(reason)
+    except Exception as e:
+        if not tracking.in_multirun():
+            raise
+        log.exception("%s failed: %s", tracking.run_name(cfg), tracking.redact(tracking.failure_reason(e)))
+        return math.nan
+
+
+def exit_with(message: str, code: int = 1):
+    """One line on stderr and a non-zero exit; the full traceback with HYDRA_FULL_ERROR=1."""
+    if os.environ.get("HYDRA_FULL_ERROR") == "1":
+        raise UserError(message)
+    print(message, file=sys.stderr, flush=True)
+    sys.exit(code)
+
+
+def _run(cfg) -> float:
+    with tracking.job_run(cfg) as job:
+        validate(cfg)
+        seed_everything(cfg.seed)
+        device = engine.resolve_device(cfg.trainer.device)
+        splits = data.build(cfg.data, cfg.trainer, crop_size=int(cfg.backbone.crop_size), seed=int(cfg.seed))
+        built = models.build(cfg.backbone, cfg.head, seed=int(cfg.seed))
+        job.tags(weights_source=built.weights_source, data_root=str(splits.root), device=str(device))
+        history = engine.fit(built.model, splits, cfg.optimizer, cfg.trainer, job.epoch, cfg.objective,
+                             state_fn=lambda: models.trainable_state(built.model), device=device)
+        job.history(history)
+        built.model.load_state_dict(history.best_state, strict=False)
+        job.test_metrics(engine.evaluate(built.model, splits.test, device, cfg.trainer.precision),
+                         splits.classes)
+        ckpt = models.checkpoint(built, history.best_state, cfg, {
+            "epoch": history.best_epoch, "classes": splits.classes, "mean": list(splits.mean),
+            "std": list(splits.std), "crop_size": splits.crop_size,
+        })
+        if cfg.tracking.log_checkpoint:
+            job.checkpoint(ckpt)
+        if should_log_model(cfg):
+            job.model(built.model, ckpt)
+    log.info("%s: best epoch %d, %s = %.4f", job.name, history.best_epoch, cfg.objective, history.objective)
+    return history.objective
+
+
+def should_log_model(cfg) -> bool:
+    """Every run (all), only the sweep's best (best: logged by the sweep callback at the end; a
+    single run is its own best), or none."""
+    choice = str(cfg.tracking.log_model)
+    if choice not in ("all", "best", "none"):
+        raise UserError(f"tracking.log_model={choice}: choose all, best or none")
+    return choice == "all" or (choice == "best" and not tracking.in_multirun())
+
+
+def validate(cfg) -> None:
+    """Config values that would otherwise fail late or silently."""
+    lr = cfg.optimizer.lr
+    if not isinstance(lr, (int, float)) or lr <= 0:
+        raise UserError(f"optimizer.lr={lr}: the learning rate must be a number > 0")
+    if not isinstance(cfg.trainer.max_epochs, int) or cfg.trainer.max_epochs < 1:
+        raise UserError(f"trainer.max_epochs={cfg.trainer.max_epochs}: must be an integer >= 1")
+    patience = cfg.trainer.patience
+    if patience is not None and (not isinstance(patience, int) or patience < 1):
+        raise UserError(f"trainer.patience={patience}: must be an integer >= 1, or null to never stop early")
+    if not isinstance(cfg.trainer.batch_size, int) or cfg.trainer.batch_size < 1:
+        raise UserError(f"trainer.batch_size={cfg.trainer.batch_size}: must be an integer >= 1")
+    engine.direction(str(cfg.objective))
+    should_log_model(cfg)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def group_options(group: str) -> list[str]:
+    folder = CONF_DIR / group
+    return sorted(str(p.relative_to(folder).with_suffix("")) for p in folder.rglob("*.yaml"))
+
+
+def check_group_choices(argv: list[str] | None = None) -> None:
+    """Unknown config-group choices (``backbone=resnet99``) as one line listing the choices,
+    before Hydra composes anything."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import ValueType
+
+    args = [a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("-")]
+    try:
+        overrides = OverridesParser.create().parse_overrides(args)
+    except Exception:
+        return  # Hydra reports syntax errors itself
+    for o in overrides:
+        group = o.key_or_group.lstrip("+~")
+        if o.package or o.is_delete() or not (CONF_DIR / group).is_dir():
+            continue
+        if o.value_type == ValueType.ELEMENT:
+            values = [o.value()]
+        elif o.value_type in (ValueType.SIMPLE_CHOICE_SWEEP, ValueType.CHOICE_SWEEP):
+            values = list(o.value().list)
+        else:
+            continue
+        options = group_options(group)
+        unknown = [str(v) for v in values if v is not None and str(v) not in options]
+        if unknown:
+            print(
+                f"{group}={unknown[0]}: unknown {group}; choose one of {', '.join(options)}",
+                file=sys.stderr,
+            )
+            sys.exit(2)

@@ -1,0 +1,122 @@
+"""The data tree: one-line errors for bad trees, the embedded demo data, normalisation."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from PIL import Image
+
+from conftest import FAST, REPO, make_tree, run_train
+from resnet_sweep import data, demo_data
+
+
+def assert_one_line_error(proc, *fragments):
+    assert proc.returncode != 0
+    err = proc.stderr.strip()
+    assert "Traceback" not in proc.stderr, proc.stderr
+    last = err.splitlines()[-1]
+    for fragment in fragments:
+        assert fragment in last, f"{fragment!r} not in {last!r}"
+    return last
+
+
+def break_missing_split(root: Path):
+    shutil.rmtree(root / "valid")
+    return ["missing split folder 'valid'", str(root / "valid")]
+
+
+def break_one_class(root: Path):
+    shutil.rmtree(root / "valid" / "b_class")
+    return ["split 'valid' has 1 class folder ('a_class'); expected exactly 2", str(root)]
+
+
+def break_class_names(root: Path):
+    (root / "test" / "b_class").rename(root / "test" / "c_class")
+    return ["class folders differ between splits", "test has ['a_class', 'c_class']"]
+
+
+def break_empty_class(root: Path):
+    for f in (root / "train" / "b_class").iterdir():
+        f.unlink()
+    return [f"{root / 'train' / 'b_class'} has no images"]
+
+
+def break_small_image(root: Path):
+    small = root / "valid" / "a_class" / "img1.png"
+    Image.new("RGB", (20, 30)).save(small)
+    return [str(small), "is 20x30, smaller than the 32x32 crop"]
+
+
+@pytest.mark.parametrize("breaker", [break_missing_split, break_one_class, break_class_names,
+                                     break_empty_class, break_small_image])
+def test_bad_tree_gives_a_one_line_error_naming_the_path(tmp_path, breaker):
+    root = make_tree(tmp_path / "tiles")
+    fragments = breaker(root)
+    proc = run_train(tmp_path, *FAST, "data=imagefolder", f"data.root={root}", check=False)
+    assert_one_line_error(proc, *fragments)
+
+
+def test_hidden_files_are_ignored(tmp_path):
+    root = make_tree(tmp_path / "tiles")
+    (root / "train" / "a_class" / ".DS_Store").write_bytes(b"\0\1junk")
+    (root / "train" / "a_class" / "._img0.png").write_bytes(b"\0\1junk")
+    classes, files = data.scan_tree(root, 32)
+    assert classes == ["a_class", "b_class"]
+    assert len(files["train"]) == 12
+
+
+def demo_cfg(tmp_path, **over):
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=[f"data.cache_dir={tmp_path}", "data.tiles_per_slide=2"]
+                      + [f"data.{k}={v}" for k, v in over.items()])
+    return cfg.data
+
+
+def tree_digest(root: Path) -> str:
+    h = hashlib.sha256()
+    for p in sorted(root.rglob("*.png")):
+        h.update(str(p.relative_to(root)).encode())
+        h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+def test_demo_data_is_deterministic_two_classes_and_grouped_by_slide(tmp_path):
+    root = demo_data.ensure(demo_cfg(tmp_path / "a"))
+    again = demo_data.ensure(demo_cfg(tmp_path / "b"))
+    other_seed = demo_data.ensure(demo_cfg(tmp_path / "c", seed=1))
+    assert tree_digest(root) == tree_digest(again)
+    assert tree_digest(root) != tree_digest(other_seed)
+
+    classes, files = data.scan_tree(root, 224)
+    assert classes == ["differentiating", "poorly_differentiated"]
+    assert [len(files[s]) for s in ("train", "valid", "test")] == [32, 8, 8]  # 2 tiles per slide
+    with Image.open(files["train"][0]) as im:
+        assert im.size == (250, 250) and im.mode == "RGB"
+    slides = {s: {re.match(r"slide(\w+)_tile", p.name)[1] for p in files[s]} for s in files}
+    assert not slides["train"] & slides["valid"] and not slides["train"] & slides["test"]
+    assert not slides["valid"] & slides["test"]
+
+
+def test_default_demo_size_is_about_160_40_40(tmp_path):
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("train")
+    per_split = [n * 2 * cfg.data.tiles_per_slide for n in cfg.data.slides_per_class]
+    assert per_split == [160, 40, 40]
+
+
+def test_dataset_normalisation_is_computed_on_train_and_cached(tmp_path, tiny_tree):
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=[*FAST, "data=imagefolder", f"data.root={tiny_tree}",
+                                          "data.normalize=dataset", f"data.cache_dir={tmp_path / 'c'}"])
+    splits = data.build(cfg.data, cfg.trainer, crop_size=32)
+    # reddish class: channel 0 in 120..240, others 0..120 and vice versa: mean of R and B ~ 0.47
+    assert splits.mean[0] == pytest.approx(splits.mean[2], abs=0.05)
+    assert splits.mean[1] < splits.mean[0]
+    assert list((tmp_path / "c" / "stats").glob("*.json"))
+    x, _ = next(iter(splits.valid))
+    assert abs(float(x.mean())) < 0.5
