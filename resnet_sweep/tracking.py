@@ -15,6 +15,7 @@ import os
 import re
 import subprocess
 import tempfile
+import warnings
 from pathlib import Path
 
 import mlflow
@@ -30,6 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from . import plots
 from .engine import direction
+from .hpo import Pruned
 from .errors import UserError
 
 log = logging.getLogger(__name__)
@@ -201,6 +203,9 @@ def job_run(cfg):
     commit = _git_commit()
     if commit:
         tags["git_commit"] = commit
+    trial = cfg.get("hpo_trial")
+    if trial:
+        tags.update(optuna_trial=str(trial.number), optuna_study=str(trial.study))
     with mlflow.start_run(run_name=name, parent_run_id=parent, tags=tags) as run:
         job = JobLog(cfg, run.info.run_id)
         try:
@@ -208,12 +213,20 @@ def job_run(cfg):
             mlflow.log_params(flatten(config))
             mlflow.log_text(redact(yaml.safe_dump(config, sort_keys=False)), "config.yaml")
             yield job
+            if trial:
+                mlflow.set_tag("optuna_state", "COMPLETE")
+        except Pruned as e:
+            mlflow.set_tags({"optuna_state": "PRUNED", "pruned_at_epoch": str(e.epoch)})
+            mlflow.end_run(RunStatus.to_string(RunStatus.KILLED))
+            raise
         except KeyboardInterrupt:
             mlflow.set_tag(FAILURE_TAG, "interrupted")
             mlflow.end_run(RunStatus.to_string(RunStatus.KILLED))
             raise
         except BaseException as e:
             mlflow.set_tag(FAILURE_TAG, redact(failure_reason(e)))
+            if trial:
+                mlflow.set_tag("optuna_state", "FAIL")
             mlflow.end_run(RunStatus.to_string(RunStatus.FAILED))
             raise
 
@@ -233,6 +246,8 @@ class SweepCallback(Callback):
         self.client: MlflowClient | None = None
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        if is_study(config):
+            return  # the Optuna sweeper opens (or, on resume, reopens) the study's parent run
         experiment_id = connect(config.tracking)
         self.client = MlflowClient()
         sweep_dir = str(config.hydra.sweep.dir)
@@ -258,6 +273,10 @@ class SweepCallback(Callback):
                 self.client.set_terminated(self.parent_id, "FAILED")
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        study = is_study(config)
+        if study:
+            self.parent_id = os.environ.get(PARENT_ENV)
+            self.client = MlflowClient()
         if not self.parent_id:
             return
         children = self.children()
@@ -275,6 +294,10 @@ class SweepCallback(Callback):
                     client.log_metric(self.parent_id, f"best_run/{key}", best.data.metrics[key])
             if str(config.tracking.log_model) == "best" and "model" not in logged_model_names(best):
                 log_best_model(best)
+        os.environ.pop(PARENT_ENV, None)
+        if study:  # FAIL and PRUNED trials are part of a study: counted by the sweeper, no error
+            client.set_terminated(self.parent_id, "FINISHED")
+            return
         client.log_metric(self.parent_id, "runs_finished", len(finished))
         client.log_metric(self.parent_id, "runs_failed", len(failed))
         summary = f"{len(finished)} finished, {len(failed)} failed"
@@ -285,7 +308,6 @@ class SweepCallback(Callback):
         client.set_tag(self.parent_id, "summary", summary)
         client.set_terminated(self.parent_id, "FAILED" if failed else "FINISHED")
         atexit.unregister(self._abandon)
-        os.environ.pop(PARENT_ENV, None)
         if best is not None:
             log.info("best run: %s (%s = %.4f)", best.info.run_name, objective,
                      best.data.metrics[f"best/{objective}"])
@@ -335,3 +357,108 @@ def log_best_model(run) -> None:
         log_model(classifier, ckpt)
         mlflow.set_tag("model_logged", "best of sweep")
     log.info("logged the full model of the best run %s", run.info.run_name)
+
+
+def is_study(config) -> bool:
+    """An Optuna sweep (our sweeper), as opposed to Hydra's grid."""
+    return str(config.hydra.sweeper.get("_target_", "")).startswith("hydra_plugins.resnet_sweep_optuna")
+
+
+def _write_parent_id(config, parent_id: str) -> None:
+    os.environ[PARENT_ENV] = parent_id
+    sweep_dir = Path(str(config.hydra.sweep.dir))
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    (sweep_dir / "mlflow_parent_run_id").write_text(parent_id + "\n")
+
+
+def open_study_parent(config, study, storage_url: str | None) -> str:
+    """The study's MLflow parent run: created once per study and reopened when a persistent study
+    is resumed, so all its trials stay under one run."""
+    experiment_id = connect(config.tracking)
+    client = MlflowClient()
+    parent_id = study.user_attrs.get("mlflow_parent_run_id")
+    if parent_id:
+        try:
+            client.update_run(parent_id, status="RUNNING")
+            client.set_tag(parent_id, "resumed", "true")
+        except Exception:
+            parent_id = None  # another tracking store: start a new parent there
+    if not parent_id:
+        run = client.create_run(experiment_id, run_name=f"study-{study.study_name}", tags={
+            "sweep": "true", "optuna_study": study.study_name, "storage": redact(storage_url or "memory"),
+            "objective": str(config.objective), "sweep_dir": str(config.hydra.sweep.dir)})
+        parent_id = run.info.run_id
+        study.set_user_attr("mlflow_parent_run_id", parent_id)
+    client.set_tag(parent_id, "hydra_overrides", redact(" ".join(config.hydra.overrides.task)))
+    _write_parent_id(config, parent_id)
+    log.info("MLflow parent run %s for study '%s'", parent_id, study.study_name)
+    return parent_id
+
+
+def mark_trial_runs_killed(parent_id: str, trial_number: int, reason: str) -> None:
+    client = MlflowClient()
+    parent = client.get_run(parent_id)
+    for run in client.search_runs([parent.info.experiment_id], filter_string=(
+            f"tags.mlflow.parentRunId = '{parent_id}' and tags.optuna_trial = '{trial_number}' "
+            "and attributes.status = 'RUNNING'")):
+        client.set_tag(run.info.run_id, FAILURE_TAG, reason)
+        client.set_tag(run.info.run_id, "optuna_state", "FAIL")
+        client.set_terminated(run.info.run_id, "KILLED")
+
+
+def close_study_parent(parent_id, study, results, failed: str | None = None, distributions=None,
+                       results_file=None) -> None:
+    """Study results onto the parent run: best params/value, counts, the results file and Optuna's
+    matplotlib plots. On failure, mark the parent FAILED with the reason."""
+    client = MlflowClient()
+    if failed is not None:
+        client.set_tag(parent_id, FAILURE_TAG, redact(failed))
+        client.set_terminated(parent_id, "FAILED")
+        os.environ.pop(PARENT_ENV, None)
+        return
+    objective = results["objective"]
+    for state, n in results["counts"].items():
+        client.log_metric(parent_id, f"trials_{state.lower()}", n)
+    tags = {"summary": ", ".join(f"{n} {s}" for s, n in results["counts"].items()),
+            "n_trials": str(results["n_trials"])}
+    if "best_value" in results:
+        client.log_metric(parent_id, f"best/{objective}", results["best_value"])
+        tags["best_trial"] = str(results["best_trial"])
+        tags.update({f"best_params.{k}": str(v) for k, v in results["best_params"].items()})
+    for key, value in tags.items():
+        client.set_tag(parent_id, key, value)
+    if results_file:
+        client.log_artifact(parent_id, str(results_file))
+    for name, fig in study_plots(study, distributions or {}, objective):
+        client.log_figure(parent_id, fig, f"plots/{name}.png")
+        plots.close(fig)
+
+
+def study_plots(study, distributions, objective: str):
+    """Optuna's own matplotlib plots: history, objective against LR (log x), importances."""
+    import optuna
+    from optuna.visualization import matplotlib as ovm
+
+    complete = [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.COMPLETE]
+    if not complete:
+        return
+    figures = [("optimization_history", lambda: ovm.plot_optimization_history(study, target_name=objective))]
+    lr = next((k for k in distributions if k.endswith("lr")), None)
+    if lr:
+        figures.append((f"objective_vs_{lr.replace('.', '_')}",
+                        lambda: ovm.plot_slice(study, params=[lr], target_name=objective)))
+    if len(distributions) >= 2 and len(complete) >= 2:
+        figures.append(("param_importances", lambda: ovm.plot_param_importances(study, target_name=objective)))
+    for name, make in figures:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                ax = make()
+        except Exception as e:  # e.g. importances with a constant objective
+            log.warning("could not plot %s: %s", name, e)
+            continue
+        ax = ax.flat[0] if hasattr(ax, "flat") else ax
+        if name.startswith("objective_vs") and isinstance(distributions.get(lr), optuna.distributions.FloatDistribution) \
+                and distributions[lr].log:
+            ax.set_xscale("log")
+        yield name, ax.figure

@@ -1,0 +1,49 @@
+"""The job's side of an Optuna sweep: report the objective after every epoch, stop when pruned.
+
+The sweeper adds ``+hpo_trial.{number,id,study,report}`` to each job's overrides; the storage and pruner are read from the job's Hydra config (``hydra.sweeper``). An
+in-memory study is found in this process's registry (in-process launcher only).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+PRUNED = "pruned"  # what a pruned job returns to the sweeper
+
+_IN_MEMORY: dict[str, object] = {}  # study name -> optuna.Study, for the in-process launcher
+
+
+class Pruned(Exception):
+    """The pruner stopped this trial."""
+
+    def __init__(self, epoch: int):
+        super().__init__(f"pruned by the Optuna pruner at epoch {epoch}")
+        self.epoch = epoch
+
+
+def register_in_memory(study) -> None:
+    _IN_MEMORY[study.study_name] = study
+
+
+def reporter(cfg) -> Callable[[int, float], None] | None:
+    """``report(epoch, value)`` for this job's trial, or None outside an Optuna sweep."""
+    link = cfg.get("hpo_trial")
+    if not link or not link.get("report", True):
+        return None
+    import optuna
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.utils import instantiate
+
+    study = _IN_MEMORY.get(str(link.study))
+    if study is None:
+        sweeper = HydraConfig.get().sweeper
+        pruner = instantiate(sweeper.pruner) if sweeper.get("pruner") else optuna.pruners.NopPruner()
+        study = optuna.load_study(study_name=str(link.study), storage=str(sweeper.storage), pruner=pruner)
+    trial = optuna.trial.Trial(study, int(link.id))
+
+    def report(epoch: int, value: float) -> None:
+        trial.report(value, step=epoch)
+        if trial.should_prune():
+            raise Pruned(epoch)
+
+    return report
