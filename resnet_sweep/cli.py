@@ -9,6 +9,15 @@ from pathlib import Path
 from .errors import UserError
 
 
+def check_store(uri: str | None) -> None:
+    """A sqlite store that does not exist is a mistake here, not a new empty store to create."""
+    if uri and uri.startswith("sqlite:///"):
+        path = Path(uri[len("sqlite:///"):])
+        if not path.exists():
+            raise UserError(f"--tracking-uri {uri}: no MLflow store at {path.resolve()}; run a sweep here first "
+                            "or point --tracking-uri at your store")
+
+
 def cmd_stats(args) -> None:
     """Per-channel mean/std of the training split, as `data.normalize=dataset` uses."""
     from . import data
@@ -24,14 +33,57 @@ def cmd_stats(args) -> None:
     print(f"std:  [{', '.join(f'{v:.4f}' for v in std)}]")
 
 
+def cmd_report(args) -> None:
+    from . import report
+
+    markdown, folder = report.write(args.tracking_uri, args.experiment, args.parent, args.out)
+    print(markdown)
+    print(f"report written to {folder}/ (report.md, runs.csv, test_acc_vs_lr.png, learning_curves.png) "
+          "and logged to the sweep's parent run under report/", file=sys.stderr)
+
+
+def cmd_predict(args) -> None:
+    from . import predict
+
+    out, n, bad, run = predict.predict(args.images_dir, args.run, args.best, args.experiment, args.tracking_uri,
+                                       args.out, args.batch_size)
+    print(f"{n} predictions from run {run.info.run_name} ({run.info.run_id}) -> {out}")
+    if bad:
+        print(f"{len(bad)} file(s) could not be read and were skipped:", file=sys.stderr)
+        for path, why in bad:
+            print(f"  {path}: {why}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="resnet-sweep", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+
+    def tracking_args(p):
+        p.add_argument("--tracking-uri", default="sqlite:///mlflow.db", help="MLflow store (default: %(default)s)")
+        p.add_argument("--experiment", default="resnet-sweep", help="MLflow experiment (default: %(default)s)")
+
+    p = sub.add_parser("report", help="the study's tables (Markdown, CSV, PNG) of a sweep, from MLflow")
+    tracking_args(p)
+    p.add_argument("--parent", help="the sweep's parent run id (default: the latest sweep of the experiment)")
+    p.add_argument("--out", help="output folder (default: reports/<parent run name>)")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("predict", help="probabilities for a folder of images with a run's model -> CSV")
+    p.add_argument("images_dir")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--run", help="the run id whose model predicts")
+    which.add_argument("--best", action="store_true", help="the best run of the experiment (on validation)")
+    tracking_args(p)
+    p.add_argument("--out", default="predictions.csv", help="CSV path,probability,label (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.set_defaults(func=cmd_predict)
+
     p = sub.add_parser("stats", help="per-channel mean/std of ROOT/train (or ROOT), streamed")
     p.add_argument("root")
     p.set_defaults(func=cmd_stats)
     args = parser.parse_args(argv)
     try:
+        check_store(getattr(args, "tracking_uri", None))
         args.func(args)
     except UserError as e:
         print(f"resnet-sweep {args.command}: {e}", file=sys.stderr)

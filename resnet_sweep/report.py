@@ -1,0 +1,313 @@
+"""Tables in the study's format, read from MLflow: Markdown + CSV + PNG, also logged to the sweep's
+parent run.
+
+The best row of each table is chosen by the sweep objective on *validation* (DESIGN.md decision 4)
+and set in bold; test figures stand beside it but never choose it.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import statistics
+from collections import defaultdict
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import mlflow
+from mlflow.tracking import MlflowClient
+
+from . import plots
+from .engine import direction
+from .errors import UserError
+
+
+@dataclass
+class Row:
+    run_id: str
+    run_name: str
+    status: str
+    backbone: str
+    head: str
+    optimizer: str
+    lr: float
+    momentum: str
+    max_epochs: int
+    best_epoch: int | None
+    batch_size: int
+    seed: int
+    objective: float | None      # best/<objective> of the run (validation)
+    test_loss: float | None
+    test_acc: float | None
+    weights: str
+    imagenet_weights: str
+
+
+def find_parent(client: MlflowClient, experiment: str | None, parent_id: str | None):
+    if parent_id:
+        try:
+            return client.get_run(parent_id)
+        except Exception:
+            raise UserError(f"--parent {parent_id}: no such run in {mlflow.get_tracking_uri()}") from None
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        raise UserError(f"--experiment {experiment}: no such experiment in {mlflow.get_tracking_uri()}")
+    runs = client.search_runs([exp.experiment_id], "tags.sweep = 'true'",
+                              order_by=["attributes.start_time DESC"], max_results=1)
+    if not runs:
+        raise UserError(f"experiment {experiment}: no sweep yet (run `python train.py -m ...` first)")
+    return runs[0]
+
+
+def child_runs(client: MlflowClient, parent) -> list:
+    return client.search_runs([parent.info.experiment_id],
+                              f"tags.mlflow.parentRunId = '{parent.info.run_id}'", max_results=10000)
+
+
+def momentum_of(params: dict) -> str:
+    if "optimizer.momentum" in params:
+        return params["optimizer.momentum"]
+    if "optimizer.betas" in params:
+        return "(" + params["optimizer.betas"].strip("[]") + ")"
+    return "-"
+
+
+def to_row(run, objective: str) -> Row:
+    p, m, t = run.data.params, run.data.metrics, run.data.tags
+    return Row(
+        run_id=run.info.run_id, run_name=run.info.run_name, status=run.info.status,
+        backbone=p.get("backbone.name", "?"), head=p.get("head.name", "?"), optimizer=t.get("optimizer", "?"),
+        lr=float(p.get("optimizer.lr", "nan")), momentum=momentum_of(p),
+        max_epochs=int(p.get("trainer.max_epochs", 0)),
+        best_epoch=int(m["best_epoch"]) if "best_epoch" in m else None,
+        batch_size=int(p.get("trainer.batch_size", 0)), seed=int(p.get("seed", 0)),
+        objective=m.get(f"best/{objective}"), test_loss=m.get("test/loss"), test_acc=m.get("test/acc"),
+        weights=t.get("weights_source", "?"), imagenet_weights=p.get("backbone.imagenet_weights", ""),
+    )
+
+
+def lr_text(lr: float) -> str:
+    return f"{lr:.0e}" if float(f"{lr:.0e}") == lr else f"{lr:.3g}"
+
+
+def acc_text(acc: float | None) -> str:
+    return "-" if acc is None else f"{100 * acc:.2f}%"
+
+
+def loss_text(loss: float | None) -> str:
+    return "-" if loss is None else f"{loss:.3f}"
+
+
+def mean_std(values: list[float], scale: float = 1.0, digits: int = 2, unit: str = "") -> str:
+    if not values:
+        return "-"
+    mean = statistics.fmean(values) * scale
+    std = statistics.stdev(values) * scale if len(values) > 1 else 0.0
+    return f"{mean:.{digits}f}{unit} ± {std:.{digits}f}{unit}"
+
+
+def _best(items, key, objective: str):
+    sign = 1 if direction(objective) == "minimize" else -1
+    scored = [i for i in items if key(i) is not None and math.isfinite(key(i))]
+    return min(scored, key=lambda i: sign * key(i)) if scored else None
+
+
+def _bold(cells: list[str]) -> list[str]:
+    return [f"**{c}**" for c in cells]
+
+
+def md_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+STUDY_HEADER = ["Optimizer", "Learning rate", "Momentum", "Epochs (best)", "Batch size", "Test loss", "Test acc"]
+
+
+def study_table(rows: list[Row], objective: str) -> str:
+    """One row per run, the study's columns; sorted by optimizer, then learning rate."""
+    rows = sorted(rows, key=lambda r: (r.optimizer, r.lr))
+    best = _best([r for r in rows if r.status == "FINISHED"], lambda r: r.objective, objective)
+    out = []
+    for r in rows:
+        epochs = f"{r.max_epochs} ({r.best_epoch})" if r.best_epoch is not None else f"{r.max_epochs} (-)"
+        cells = [r.optimizer.upper() if r.optimizer == "sgd" else r.optimizer.capitalize(), lr_text(r.lr),
+                 r.momentum, epochs, str(r.batch_size), loss_text(r.test_loss), acc_text(r.test_acc)]
+        if r.status != "FINISHED":
+            cells[-1] = f"{r.status.lower()}"
+        out.append(_bold(cells) if r is best else cells)
+    return md_table(STUDY_HEADER, out)
+
+
+SEED_HEADER = ["Optimizer", "Learning rate", "Epochs", "Seeds", "Test acc per seed", "Test acc mean ± std",
+               "Test loss mean ± std"]
+
+
+def seed_table(rows: list[Row], objective: str) -> str:
+    """Repeated seeds: one row per (optimizer, LR) with the per-seed accuracies and mean ± std."""
+    groups: dict[tuple, list[Row]] = defaultdict(list)
+    for r in rows:
+        if r.status == "FINISHED":
+            groups[(r.optimizer, r.lr)].append(r)
+    means = {k: statistics.fmean([r.objective for r in v if r.objective is not None] or [math.nan])
+             for k, v in groups.items()}
+    best = _best(list(groups), lambda k: means[k], objective)
+    out = []
+    for key in sorted(groups):
+        runs = sorted(groups[key], key=lambda r: r.seed)
+        accs = [r.test_acc for r in runs if r.test_acc is not None]
+        losses = [r.test_loss for r in runs if r.test_loss is not None]
+        cells = [key[0].upper() if key[0] == "sgd" else key[0].capitalize(), lr_text(key[1]),
+                 str(runs[0].max_epochs), ", ".join(str(r.seed) for r in runs),
+                 ", ".join(f"{100 * a:.2f}" for a in accs), mean_std(accs, 100, 2, "%"), mean_std(losses, 1, 3)]
+        out.append(_bold(cells) if key == best else cells)
+    return md_table(SEED_HEADER, out)
+
+
+def imagenet_table(backbones: dict[str, str]) -> str:
+    """acc@1, acc@5, parameters and file size from torchvision's weights metadata."""
+    from torchvision.models import get_model_weights
+
+    out = []
+    for name, enum_name in sorted(backbones.items()):
+        try:
+            weights = get_model_weights(name)[enum_name]
+        except (KeyError, ValueError):
+            continue
+        meta = weights.meta
+        metrics = meta.get("_metrics", {}).get("ImageNet-1K", {})
+        size = meta.get("_file_size")
+        out.append([name, f"{weights}".split(".")[-1], f"{metrics.get('acc@1', float('nan')):.3f}",
+                    f"{metrics.get('acc@5', float('nan')):.3f}", f"{meta.get('num_params', 0) / 1e6:.1f}M",
+                    f"{size:.1f} MB" if size else "-"])
+    return md_table(["Backbone", "Weights", "ImageNet acc@1", "acc@5", "Params", "Size"], out)
+
+
+def best_learning_table(rows: list[Row], objective: str) -> str:
+    out = []
+    by_backbone: dict[str, list[Row]] = defaultdict(list)
+    for r in rows:
+        if r.status == "FINISHED":
+            by_backbone[r.backbone].append(r)
+    for backbone in sorted(by_backbone, key=lambda b: (len(b), b)):
+        best = _best(by_backbone[backbone], lambda r: r.objective, objective)
+        if best is None:
+            continue
+        out.append([backbone, best.head, best.optimizer, lr_text(best.lr), str(best.seed),
+                    f"{best.max_epochs} ({best.best_epoch})", f"{best.objective:.4f}",
+                    loss_text(best.test_loss), acc_text(best.test_acc)])
+    return md_table(["Backbone", "Head", "Optimizer", "Learning rate", "Seed", "Epochs (best)",
+                     f"Best {objective}", "Test loss", "Test acc"], out)
+
+
+def build(rows: list[Row], parent, objective: str) -> str:
+    """The whole report as Markdown."""
+    parts = [f"# Sweep report: {parent.info.run_name}",
+             "",
+             f"MLflow parent run `{parent.info.run_id}`; {len(rows)} runs; best rows (**bold**) chosen on "
+             f"validation (`{objective}`), test figures shown beside them.",
+             ""]
+    weights = sorted({r.weights for r in rows})
+    if any(w.startswith("random") for w in weights):
+        parts += [f"> Backbone weights: {', '.join(weights)}. Random weights are not transfer learning.", ""]
+    groups: dict[tuple, list[Row]] = defaultdict(list)
+    for r in rows:
+        groups[(r.backbone, r.head)].append(r)
+    for (backbone, head), group in sorted(groups.items()):
+        repeated = max(_seeds_per_point(group).values()) > 1
+        parts += [f"## {backbone}, {head} head", ""]
+        parts += [seed_table(group, objective) if repeated else study_table(group, objective), ""]
+    parts += ["## Best learning", "", best_learning_table(rows, objective), ""]
+    parts += ["## Backbones on ImageNet (torchvision weights metadata)", "",
+              imagenet_table({r.backbone: r.imagenet_weights for r in rows}), ""]
+    failed = [r for r in rows if r.status != "FINISHED"]
+    if failed:
+        parts += ["## Runs that did not finish", ""]
+        parts += [f"- {r.run_name}: {r.status.lower()}" for r in failed] + [""]
+    return "\n".join(parts)
+
+
+def _seeds_per_point(group: list[Row]) -> dict:
+    counts: dict[tuple, int] = defaultdict(int)
+    for r in group:
+        counts[(r.optimizer, r.lr)] += 1
+    return counts
+
+
+def acc_vs_lr_figure(rows: list[Row]):
+    """Test accuracy against LR (log x), one line per backbone/head/optimizer, error bars over seeds."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    lines: dict[tuple, dict[float, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for r in rows:
+        if r.status == "FINISHED" and r.test_acc is not None:
+            lines[(r.backbone, r.head, r.optimizer)][r.lr].append(100 * r.test_acc)
+    for (backbone, head, optimizer), points in sorted(lines.items()):
+        lrs = sorted(points)
+        means = [statistics.fmean(points[lr]) for lr in lrs]
+        stds = [statistics.stdev(points[lr]) if len(points[lr]) > 1 else 0.0 for lr in lrs]
+        ax.errorbar(lrs, means, yerr=stds, marker="o", capsize=3, label=f"{backbone} {head} {optimizer}")
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate")
+    ax.set_ylabel("test accuracy (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def curves_figure(client: MlflowClient, rows: list[Row], objective: str):
+    """Validation loss and accuracy per epoch of the best run of each backbone/head."""
+    import matplotlib.pyplot as plt
+
+    groups: dict[tuple, list[Row]] = defaultdict(list)
+    for r in rows:
+        if r.status == "FINISHED":
+            groups[(r.backbone, r.head)].append(r)
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
+    for key, group in sorted(groups.items()):
+        best = _best(group, lambda r: r.objective, objective)
+        if best is None:
+            continue
+        for ax, metric, scale in ((ax_loss, "valid/loss", 1), (ax_acc, "valid/acc", 100)):
+            history = sorted(client.get_metric_history(best.run_id, metric), key=lambda m: m.step)
+            ax.plot([m.step for m in history], [scale * m.value for m in history], marker=".",
+                    label=best.run_name)
+    ax_loss.set_ylabel("valid loss")
+    ax_acc.set_ylabel("valid accuracy (%)")
+    for ax in (ax_loss, ax_acc):
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def write(tracking_uri: str, experiment: str | None, parent_id: str | None, out_dir: str | None) -> tuple[str, Path]:
+    """Build the report of a sweep, write it to ``out_dir`` and onto the parent run. Returns the
+    Markdown and the folder."""
+    mlflow.set_tracking_uri(tracking_uri)
+    client = MlflowClient()
+    parent = find_parent(client, experiment, parent_id)
+    objective = parent.data.tags.get("objective", "valid/loss")
+    rows = [to_row(r, objective) for r in child_runs(client, parent)]
+    if not rows:
+        raise UserError(f"sweep {parent.info.run_name} ({parent.info.run_id}) has no child runs")
+    markdown = build(rows, parent, objective)
+    folder = Path(out_dir or Path("reports") / parent.info.run_name)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "report.md").write_text(markdown)
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(asdict(rows[0])))
+    writer.writeheader()
+    for r in sorted(rows, key=lambda r: (r.backbone, r.head, r.optimizer, r.lr, r.seed)):
+        writer.writerow(asdict(r))
+    (folder / "runs.csv").write_text(buffer.getvalue())
+    for name, fig in (("test_acc_vs_lr", acc_vs_lr_figure(rows)), ("learning_curves", curves_figure(client, rows, objective))):
+        fig.savefig(folder / f"{name}.png", dpi=110)
+        plots.close(fig)
+    client.log_artifacts(parent.info.run_id, str(folder), "report")
+    return markdown, folder

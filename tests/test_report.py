@@ -1,0 +1,125 @@
+"""Study presets, `resnet-sweep report` and `resnet-sweep predict`, as a user runs them."""
+
+from __future__ import annotations
+
+import csv
+import re
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+from conftest import FAST, mlflow_runs, run_train
+
+
+def resnet_sweep(cwd, *args, check=True):
+    proc = subprocess.run([sys.executable, "-m", "resnet_sweep.cli", *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"resnet-sweep {' '.join(args)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def table_after(markdown: str, heading: str) -> list[list[str]]:
+    block = markdown.split(heading, 1)[1].split("\n## ", 1)[0]
+    lines = [l for l in block.splitlines() if l.startswith("|")]
+    return [[c.strip() for c in l.strip("|").split("|")] for l in lines]
+
+
+def test_study_resnet18_heads_smoke_run_makes_one_child_per_grid_point(tmp_path, tiny_tree):
+    # the preset's LR lists cut down to two by one override: Adam x 2 LRs + SGD x 3 heads x 2 LRs
+    run_train(tmp_path, "-m", "experiment=study/resnet18_heads", *FAST, "data=imagefolder",
+              f"data.root={tiny_tree}", "optimizer.lr=1e-4,1e-3")
+    runs = mlflow_runs(tmp_path)
+    assert len(runs.parents) == 1 and len(runs.children) == 8
+    points = sorted((r.data.params["head.name"], r.data.tags["optimizer"], r.data.params["optimizer.lr"])
+                    for r in runs.children)
+    assert points == sorted([("linear", "adam", "0.0001"), ("linear", "adam", "0.001")] + [
+        (h, "sgd", lr) for h in ("linear", "mlp_relu", "mlp_leakyrelu_dropout") for lr in ("0.0001", "0.001")])
+    assert {r.data.params["trainer.batch_size"] for r in runs.children} == {"8"}
+
+
+@pytest.mark.parametrize("lr,epochs", [(1e-6, 100), (5e-5, 100), (1e-4, 25), (5e-4, 10), (1e-3, 5)])
+def test_study_presets_follow_the_epoch_budget_rule(tmp_path, lr, epochs):
+    for preset in ("resnet18_heads", "resnet_depths", "resnet34_repeats"):
+        out = run_train(tmp_path, f"experiment=study/{preset}", f"optimizer.lr={lr}", "--cfg", "job", "--resolve").stdout
+        assert re.search(rf"^  max_epochs: {epochs}$", out, re.M), (preset, lr)
+        assert re.search(r"^  batch_size: 32$", out, re.M)
+
+
+def test_report_has_the_study_columns_order_bold_best_and_epochs(tmp_path, tiny_tree):
+    run_train(tmp_path, "-m", *FAST, "data=imagefolder", f"data.root={tiny_tree}", "trainer.max_epochs=2",
+              "optimizer=sgd,adam", "optimizer.lr=1e-2,1e-4")
+    proc = resnet_sweep(tmp_path, "report", "--out", str(tmp_path / "rep"))
+    md = proc.stdout
+    rows = table_after(md, "## resnet18, linear head")
+    assert rows[0] == ["Optimizer", "Learning rate", "Momentum", "Epochs (best)", "Batch size", "Test loss", "Test acc"]
+    body = rows[2:]
+    plain = [[c.strip("*") for c in r] for r in body]
+    assert [(r[0], r[1]) for r in plain] == [("Adam", "1e-04"), ("Adam", "1e-02"), ("SGD", "1e-04"), ("SGD", "1e-02")]
+    assert all(re.fullmatch(r"2 \([012]\)", r[3]) for r in plain)
+    assert all(re.fullmatch(r"\d+\.\d\d%", r[6]) for r in plain)
+    assert plain[2][2] == "0.9" and plain[0][2] == "(0.9, 0.999)"
+    bold = [i for i, r in enumerate(body) if all(c.startswith("**") for c in r)]
+    assert len(bold) == 1
+    runs = mlflow_runs(tmp_path).children
+    best = min(runs, key=lambda r: r.data.metrics["best/valid/loss"])
+    name = {"adam": "Adam", "sgd": "SGD"}[best.data.tags["optimizer"]]
+    assert (plain[bold[0]][0], float(plain[bold[0]][1])) == (name, float(best.data.params["optimizer.lr"]))
+    assert "## Best learning" in md and "## Backbones on ImageNet" in md
+    imagenet = table_after(md, "## Backbones on ImageNet")
+    assert imagenet[2][:4] == ["resnet18", "IMAGENET1K_V1", "69.758", "89.078"]
+    for f in ("report.md", "runs.csv", "test_acc_vs_lr.png", "learning_curves.png"):
+        assert (tmp_path / "rep" / f).stat().st_size > 0
+    parent = mlflow_runs(tmp_path).parents[0]
+    from conftest import client_for
+
+    assert {a.path for a in client_for(tmp_path).list_artifacts(parent.info.run_id, "report")} >= {
+        "report/report.md", "report/runs.csv", "report/test_acc_vs_lr.png"}
+
+
+def test_report_seed_table_shows_per_seed_values_and_mean_std(tmp_path, tiny_tree):
+    run_train(tmp_path, "-m", *FAST, "data=imagefolder", f"data.root={tiny_tree}", "optimizer.lr=1e-2,1e-3",
+              "seed=0,1,2")
+    md = resnet_sweep(tmp_path, "report").stdout
+    rows = table_after(md, "## resnet18, linear head")
+    assert rows[0][3:6] == ["Seeds", "Test acc per seed", "Test acc mean ± std"]
+    body = [[c.strip("*") for c in r] for r in rows[2:]]
+    assert [r[1] for r in body] == ["1e-03", "1e-02"]
+    for r in body:
+        assert r[3] == "0, 1, 2"
+        accs = [float(a) for a in r[4].split(", ")]
+        mean = sum(accs) / 3
+        assert re.fullmatch(r"\d+\.\d\d% ± \d+\.\d\d%", r[5])
+        assert float(r[5].split("%")[0]) == pytest.approx(mean, abs=0.01)
+
+
+def test_predict_returns_probabilities_and_names_the_bad_file(tmp_path, tiny_tree):
+    run_train(tmp_path, "-m", *FAST, "data=imagefolder", f"data.root={tiny_tree}", "optimizer.lr=1e-2,1e-3")
+    images = tmp_path / "new"
+    images.mkdir()
+    for i in range(3):
+        Image.new("RGB", (40, 40), (200, 30 * i, 30)).save(images / f"ok{i}.png")
+    (images / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    proc = resnet_sweep(tmp_path, "predict", str(images), "--best", "--out", str(tmp_path / "pred.csv"))
+    assert "broken.png" in proc.stderr and "1 file(s) could not be read" in proc.stderr
+    with open(tmp_path / "pred.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert sorted(r["path"].rsplit("/", 1)[-1] for r in rows) == ["ok0.png", "ok1.png", "ok2.png"]
+    assert all(0 <= float(r["probability"]) <= 1 for r in rows)
+    assert all(r["label"] in ("a_class", "b_class") for r in rows)
+    # a run without a logged model is rebuilt from its checkpoint
+    other = next(r for r in mlflow_runs(tmp_path).children if "best_run_id" not in r.data.tags)
+    proc = resnet_sweep(tmp_path, "predict", str(images), "--run", other.info.run_id, "--out", str(tmp_path / "p2.csv"))
+    assert "3 predictions" in proc.stdout
+
+
+def test_report_without_a_sweep_is_a_one_line_error(tmp_path):
+    proc = resnet_sweep(tmp_path, "report", check=False)
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == (f"resnet-sweep report: --tracking-uri sqlite:///mlflow.db: no MLflow store at "
+                                   f"{tmp_path / 'mlflow.db'}; run a sweep here first or point --tracking-uri at your store")
+    proc = resnet_sweep(tmp_path, "report", "--experiment", "nope", "--tracking-uri",
+                        f"sqlite:///{tmp_path / 'other.db'}", check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
