@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import copy
 import logging
 import math
 from dataclasses import dataclass, field
@@ -11,7 +10,6 @@ from dataclasses import dataclass, field
 import torch
 import torchmetrics
 from hydra.utils import instantiate
-from omegaconf import OmegaConf
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -108,6 +106,12 @@ class _Meter:
         return {f"{prefix}/loss": self.loss.compute().item(), f"{prefix}/acc": self.acc.compute().item()}
 
 
+def _to_device(x: torch.Tensor, device) -> torch.Tensor:
+    """Images go channels_last (faster convolutions); bank features are plain vectors."""
+    x = x.to(device, non_blocking=True)
+    return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
+
+
 def _check_finite(loss: torch.Tensor, epoch: int) -> None:
     if not torch.isfinite(loss):
         raise Diverged(f"loss became {'NaN' if torch.isnan(loss) else 'inf'} at epoch {epoch}")
@@ -122,7 +126,7 @@ def run_epoch(model, loader, device, precision, prefix, epoch, optimizer=None, d
     grad = contextlib.nullcontext() if training else torch.inference_mode()
     with grad:
         for x, y in tqdm(loader, desc=desc, leave=False, disable=None):
-            x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+            x = _to_device(x, device)
             y = y.to(device, non_blocking=True)
             with autocast(device, precision):
                 logits = model(x).float()
@@ -157,6 +161,8 @@ def fit(model, splits, optimizer_cfg, trainer_cfg, log_epoch, objective: str,
     patience = trainer_cfg.patience
     max_epochs = int(trainer_cfg.max_epochs)
     for epoch in range(0, max_epochs + 1):
+        if hasattr(splits.train, "set_epoch"):  # the feature bank serves view epoch mod V
+            splits.train.set_epoch(epoch)
         desc = f"epoch {epoch}/{max_epochs}"
         if epoch == 0:
             metrics = run_epoch(model, splits.train, device, precision, "train", epoch, desc=desc + " train")
@@ -197,7 +203,7 @@ def evaluate(model, loader, device, precision) -> dict:
     loss_sum, n = 0.0, 0
     with torch.inference_mode():
         for x, y in tqdm(loader, desc="test", leave=False, disable=None):
-            x = x.to(device).contiguous(memory_format=torch.channels_last)
+            x = _to_device(x, device)
             y = y.to(device)
             with autocast(device, precision):
                 logits = model(x).float()
@@ -215,10 +221,3 @@ def evaluate(model, loader, device, precision) -> dict:
     out["confusion_matrix"] = confusion.compute().cpu().tolist()
     return out
 
-
-def config_to_dict(cfg) -> dict:
-    return OmegaConf.to_container(cfg, resolve=True)
-
-
-def state_copy(model) -> dict:
-    return copy.deepcopy(model.state_dict())

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import data, engine, models, tracking
+from . import data, engine, features, hpo, models, tracking
 from .errors import Diverged, UserError
 
 log = logging.getLogger(__name__)
@@ -25,6 +25,9 @@ def run(cfg) -> float:
     the job failed inside a multirun (the failure is on its MLflow run; the sweep goes on)."""
     try:
         return _run(cfg)
+    except hpo.Pruned as e:
+        log.info("%s: %s", tracking.run_name(cfg), e)
+        return hpo.PRUNED
     except (UserError, Diverged) as e:
         reason = tracking.redact(tracking.failure_reason(e))
         if isinstance(e, Diverged):
@@ -49,6 +52,7 @@ def exit_with(message: str, code: int = 1):
 
 
 def _run(cfg) -> float:
+    share_cores()
     with tracking.job_run(cfg) as job:
         validate(cfg)
         seed_everything(cfg.seed)
@@ -56,12 +60,24 @@ def _run(cfg) -> float:
         splits = data.build(cfg.data, cfg.trainer, crop_size=int(cfg.backbone.crop_size), seed=int(cfg.seed))
         built = models.build(cfg.backbone, cfg.head, seed=int(cfg.seed))
         job.tags(weights_source=built.weights_source, data_root=str(splits.root), device=str(device))
-        history = engine.fit(built.model, splits, cfg.optimizer, cfg.trainer, job.epoch, cfg.objective,
+        report = hpo.reporter(cfg)  # None outside an Optuna sweep
+
+        def on_epoch(epoch: int, metrics: dict) -> None:
+            job.epoch(epoch, metrics)
+            if report:
+                report(epoch, metrics[cfg.objective])
+
+        model, inputs = built.model, splits
+        if features.wanted(cfg):  # frozen backbone: train the head on features computed once
+            bank = features.get(cfg, built, splits, device)
+            job.tags(feature_bank=bank.key, feature_bank_views=bank.views)
+            model = features.HeadOnly(built.model.head)
+            inputs = features.splits_from(bank, splits, int(cfg.trainer.batch_size), int(cfg.seed))
+        history = engine.fit(model, inputs, cfg.optimizer, cfg.trainer, on_epoch, cfg.objective,
                              state_fn=lambda: models.trainable_state(built.model), device=device)
         job.history(history)
         built.model.load_state_dict(history.best_state, strict=False)
-        job.test_metrics(engine.evaluate(built.model, splits.test, device, cfg.trainer.precision),
-                         splits.classes)
+        job.test_metrics(engine.evaluate(model, inputs.test, device, cfg.trainer.precision), splits.classes)
         ckpt = models.checkpoint(built, history.best_state, cfg, {
             "epoch": history.best_epoch, "classes": splits.classes, "mean": list(splits.mean),
             "std": list(splits.std), "crop_size": splits.crop_size,
@@ -97,6 +113,19 @@ def validate(cfg) -> None:
         raise UserError(f"trainer.batch_size={cfg.trainer.batch_size}: must be an integer >= 1")
     engine.direction(str(cfg.objective))
     should_log_model(cfg)
+
+
+def share_cores() -> None:
+    """Under a parallel launcher, each of its n_jobs jobs gets cores / n_jobs threads."""
+    if not tracking.in_multirun():
+        return
+    from hydra.core.hydra_config import HydraConfig
+
+    n_jobs = HydraConfig.get().launcher.get("n_jobs")
+    if isinstance(n_jobs, int) and n_jobs > 1:
+        threads = max(1, (os.cpu_count() or 1) // n_jobs)
+        torch.set_num_threads(threads)
+        log.info("%d parallel jobs: %d torch thread(s) each", n_jobs, threads)
 
 
 def seed_everything(seed: int) -> None:

@@ -1,0 +1,246 @@
+"""The frozen-backbone feature bank: backbone features computed once, shared by every run.
+
+With ``backbone.freeze=all`` the features of a given crop never change, so instead of re-running the
+backbone over every image at every epoch of every run, the bank stores, per training image, ``V``
+random crops (the train transform, offsets drawn from a generator seeded by ``trainer.bank_seed``)
+and one centre crop per valid/test image. Epoch ``e`` trains the head on view ``e mod V`` of each
+image, in a shuffled order per run seed. ``V = max_epochs`` (+1 for epoch 0) gives fresh crops every
+epoch, exactly the naive protocol; a small ``V`` (default 8) extracts less and reuses crops.
+
+Stored fp16 and memory-mapped under ``<cache_dir>/features/<key>/``, keyed by everything that
+determines the features (backbone, weights source and checksum, data files with sizes and mtimes,
+crop and normalisation, V, crop seed). A file lock makes concurrent jobs build it once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from filelock import FileLock
+from torch import nn
+from torchvision.transforms import functional as TF
+
+from . import data
+from .engine import autocast, cpu_has_bf16
+
+log = logging.getLogger(__name__)
+
+BANK_VERSION = 1
+
+
+def wanted(cfg) -> bool:
+    """Automatic when the whole backbone is frozen; ``trainer.feature_bank=off`` disables it."""
+    choice = str(cfg.trainer.get("feature_bank", "auto"))
+    if choice not in ("auto", "off"):
+        from .errors import UserError
+
+        raise UserError(f"trainer.feature_bank={choice}: choose auto or off")
+    return choice == "auto" and str(cfg.backbone.freeze) == "all"
+
+
+@dataclass
+class Bank:
+    key: str
+    path: Path
+    views: int
+    dim: int
+    meta: dict
+
+    def array(self, split: str) -> np.ndarray:
+        return np.load(self.path / f"{split}.npy", mmap_mode="r")
+
+    def labels(self, split: str) -> torch.Tensor:
+        return torch.from_numpy(np.load(self.path / f"{split}_labels.npy"))
+
+
+class BankLoader:
+    """Batches of (features, labels) from the bank. The train loader serves view ``epoch mod V``
+    in a shuffled order drawn from the run's seed; eval loaders serve the centre crop in order."""
+
+    def __init__(self, bank: Bank, split: str, batch_size: int, shuffle: bool, seed: int):
+        self.features = bank.array(split)
+        self.targets = bank.labels(split)
+        self.views = bank.views if split == "train" else 1
+        self.batch_size, self.shuffle = batch_size, shuffle
+        self.generator = torch.Generator().manual_seed(seed)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return (len(self.targets) + self.batch_size - 1) // self.batch_size
+
+    def __iter__(self):
+        feats = self.features[self.epoch % self.views] if self.features.ndim == 3 else self.features
+        n = len(self.targets)
+        order = torch.randperm(n, generator=self.generator) if self.shuffle else torch.arange(n)
+        for i in range(0, n, self.batch_size):
+            idx = order[i:i + self.batch_size].numpy()
+            x = torch.from_numpy(np.asarray(feats[np.sort(idx)], dtype=np.float32))
+            # keep the shuffled order: rows were read sorted (fast on a memmap), put them back
+            inverse = np.argsort(np.argsort(idx))
+            yield x[inverse], self.targets[idx]
+
+
+class HeadOnly(nn.Module):
+    """The classifier's head on bank features: the same head object, so it trains the real model."""
+
+    def __init__(self, head: nn.Module):
+        super().__init__()
+        self.head = head
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.head(features).squeeze(-1)
+
+
+def key_of(cfg, built, files: dict[str, list[Path]], crop: int, mean, std) -> str:
+    spec = {
+        "version": BANK_VERSION,
+        "backbone": str(cfg.backbone.name),
+        "weights_source": built.weights_source,
+        "frozen_checksum": built.frozen_checksum,
+        "files": {s: data.fingerprint(files[s]) for s in data.SPLITS},
+        "crop": crop, "mean": list(mean), "std": list(std),
+        "views": int(cfg.trainer.bank_views), "crop_seed": int(cfg.trainer.bank_seed),
+    }
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def crop_offsets(n_images: int, views: int, size: tuple[int, int], crop: int, seed: int, index: int):
+    """The V random crop offsets of image ``index``: a generator per (seed, image), so the bank
+    does not depend on file order or batch composition."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + index)
+    w, h = size
+    tops = torch.randint(0, h - crop + 1, (views,), generator=g).tolist()
+    lefts = torch.randint(0, w - crop + 1, (views,), generator=g).tolist()
+    return list(zip(tops, lefts))
+
+
+def _decode(path: Path, mean, std) -> torch.Tensor:
+    """Decode once, normalise once; crops are then slices of this tensor."""
+    x = TF.to_tensor(data.load_rgb(path))
+    return TF.normalize(x, mean, std)
+
+
+def _bf16_ok(backbone: nn.Module, sample: torch.Tensor, device: torch.device) -> bool:
+    """bf16 features must agree with fp32 (cosine >= 0.999 per image) to be used."""
+    with torch.inference_mode():
+        ref = backbone(sample.to(device)).float()
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            low = backbone(sample.to(device)).float()
+    cosine = F.cosine_similarity(ref, low, dim=1).min().item()
+    log.info("bf16 vs fp32 feature cosine (min over %d images): %.5f", len(sample), cosine)
+    return cosine >= 0.999
+
+
+def extract(backbone: nn.Module, files: dict[str, list[Path]], labels: dict[str, list[int]], crop: int,
+            mean, std, views: int, seed: int, device: torch.device, out: Path, batch_size: int = 64) -> dict:
+    """Run the frozen backbone once over every crop the bank holds; write fp16 arrays to ``out``."""
+    backbone = backbone.to(device).eval().to(memory_format=torch.channels_last)
+    fast = (device.type == "cuda") or cpu_has_bf16()
+    dim = None
+    total, started = 0, time.perf_counter()
+    sample = torch.stack([_decode(p, mean, std)[:, :crop, :crop] for p in files["train"][:8]])
+    use_bf16 = fast and _bf16_ok(backbone, sample.contiguous(memory_format=torch.channels_last), device)
+    precision = "bf16" if use_bf16 else "32"
+    for split in data.SPLITS:
+        paths = files[split]
+        n_views = views if split == "train" else 1
+        crops: list[torch.Tensor] = []
+        where: list[tuple[int, int]] = []  # (view, image) of each crop in the pending batch
+        arr = None
+
+        def flush():
+            nonlocal arr, dim, total
+            if not crops:
+                return
+            x = torch.stack(crops).to(device).contiguous(memory_format=torch.channels_last)
+            with torch.inference_mode(), autocast(device, precision):
+                f = backbone(x).float().cpu().numpy().astype(np.float16)
+            if arr is None:
+                dim = f.shape[1]
+                shape = (n_views, len(paths), dim) if split == "train" else (len(paths), dim)
+                arr = np.lib.format.open_memmap(out / f"{split}.npy", mode="w+", dtype=np.float16, shape=shape)
+            for (v, i), row in zip(where, f):
+                if split == "train":
+                    arr[v, i] = row
+                else:
+                    arr[i] = row
+            total += len(crops)
+            crops.clear()
+            where.clear()
+
+        for i, path in enumerate(paths):
+            image = _decode(path, mean, std)
+            if split == "train":
+                for v, (top, left) in enumerate(crop_offsets(len(paths), n_views, (image.shape[2], image.shape[1]),
+                                                             crop, seed, i)):
+                    crops.append(image[:, top:top + crop, left:left + crop])
+                    where.append((v, i))
+            else:
+                crops.append(TF.center_crop(image, [crop, crop]))
+                where.append((0, i))
+            if len(crops) >= batch_size:
+                flush()
+        flush()
+        arr.flush()
+        np.save(out / f"{split}_labels.npy", np.asarray(labels[split], dtype=np.int64))
+    seconds = time.perf_counter() - started
+    return {"dim": dim, "crops": total, "seconds": round(seconds, 3), "img_per_s": round(total / seconds, 1),
+            "precision": precision, "device": str(device)}
+
+
+def get(cfg, built, splits, device: torch.device) -> Bank:
+    """The bank for this job: reused when it exists, else built once under a file lock."""
+    files = {s: [Path(p) for p, _ in getattr(splits, s).dataset.samples] for s in data.SPLITS}
+    labels = {s: [y for _, y in getattr(splits, s).dataset.samples] for s in data.SPLITS}
+    key = key_of(cfg, built, files, splits.crop_size, splits.mean, splits.std)
+    root = Path(os.path.expanduser(str(cfg.data.cache_dir))) / "features"
+    path = root / key
+    root.mkdir(parents=True, exist_ok=True)
+    views = int(cfg.trainer.bank_views)
+    if not (path / "meta.json").exists():
+        with FileLock(str(root / f"{key}.lock")):
+            if not (path / "meta.json").exists():
+                log.info("building the feature bank %s (%d views per training image)", key, views)
+                tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=root))
+                try:
+                    stats = extract(built.model.backbone, files, labels, splits.crop_size, splits.mean, splits.std,
+                                    views, int(cfg.trainer.bank_seed), device, tmp)
+                    meta = {"key": key, "views": views, "backbone": str(cfg.backbone.name),
+                            "weights_source": built.weights_source, "n": {s: len(files[s]) for s in files},
+                            **stats}
+                    (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+                    if path.exists():
+                        shutil.rmtree(path)
+                    tmp.rename(path)
+                finally:
+                    shutil.rmtree(tmp, ignore_errors=True)
+                log.info("feature bank %s: %d crops in %.1f s (%.1f img/s, %s)", key, meta["crops"],
+                         meta["seconds"], meta["img_per_s"], meta["precision"])
+    meta = json.loads((path / "meta.json").read_text())
+    return Bank(key=key, path=path, views=meta["views"], dim=meta["dim"], meta=meta)
+
+
+def splits_from(bank: Bank, splits, batch_size: int, seed: int):
+    """Splits-like object whose loaders serve bank features."""
+    from dataclasses import replace
+
+    return replace(
+        splits,
+        train=BankLoader(bank, "train", batch_size, shuffle=True, seed=seed),
+        valid=BankLoader(bank, "valid", batch_size, shuffle=False, seed=seed),
+        test=BankLoader(bank, "test", batch_size, shuffle=False, seed=seed),
+    )

@@ -1,0 +1,112 @@
+"""The frozen-backbone feature bank."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import torch
+from hydra import compose, initialize_config_dir
+from PIL import Image
+from torchvision.transforms import functional as TF
+
+from conftest import FAST, REPO, TRAIN_PY, client_for, mlflow_runs, run_train
+from resnet_sweep import data, features, models
+
+
+def cfg_for(tree, cache, *more):
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        return compose("train", overrides=[*FAST, "data=imagefolder", f"data.root={tree}",
+                                           f"data.cache_dir={cache}", "trainer.bank_views=3", *more])
+
+
+def build_bank(cfg):
+    splits = data.build(cfg.data, cfg.trainer, crop_size=int(cfg.backbone.crop_size))
+    built = models.build(cfg.backbone, cfg.head, seed=int(cfg.seed))
+    return features.get(cfg, built, splits, torch.device("cpu")), built, splits
+
+
+def test_bank_features_equal_a_direct_backbone_forward_on_the_same_crop(tmp_path, tiny_tree):
+    cfg = cfg_for(tiny_tree, tmp_path / "cache")
+    bank, built, splits = build_bank(cfg)
+    backbone = built.model.backbone.eval()
+    files = [p for p, _ in splits.train.dataset.samples]
+    image = data.load_rgb(files[4])
+    tensor = TF.normalize(TF.to_tensor(image), splits.mean, splits.std)
+    for view, (top, left) in enumerate(features.crop_offsets(len(files), 3, image.size, 32, 0, 4)):
+        crop = tensor[:, top:top + 32, left:left + 32].unsqueeze(0)
+        with torch.inference_mode():
+            direct = backbone(crop).float()[0]
+        banked = torch.from_numpy(np.asarray(bank.array("train")[view, 4], dtype=np.float32))
+        cosine = torch.nn.functional.cosine_similarity(direct, banked, dim=0).item()
+        assert cosine > 0.999, (view, cosine)
+        assert torch.allclose(direct, banked, rtol=0.05, atol=0.05 * direct.abs().max().item())
+    # valid/test: the centre crop
+    valid_files = [p for p, _ in splits.valid.dataset.samples]
+    centre = splits.eval_transform()(data.load_rgb(valid_files[0])).unsqueeze(0)
+    with torch.inference_mode():
+        direct = backbone(centre).float()[0]
+    banked = torch.from_numpy(np.asarray(bank.array("valid")[0], dtype=np.float32))
+    assert torch.nn.functional.cosine_similarity(direct, banked, dim=0).item() > 0.999
+    assert bank.meta["crops"] == 3 * 12 + 6 + 6
+
+
+def test_a_changed_image_invalidates_the_key_and_the_same_data_reuses_it(tmp_path, tiny_tree):
+    cfg = cfg_for(tiny_tree, tmp_path / "cache")
+    first, _, _ = build_bank(cfg)
+    again, _, _ = build_bank(cfg)
+    assert again.key == first.key and again.meta["seconds"] == first.meta["seconds"]  # reused, not rebuilt
+    target = tiny_tree / "train" / "a_class" / "img0.png"
+    Image.new("RGB", (40, 40), (1, 2, 3)).save(target)
+    os.utime(target, ns=(time.time_ns(), time.time_ns() + 1_000_000_000))
+    changed, _, _ = build_bank(cfg)
+    assert changed.key != first.key
+    more_views, _, _ = build_bank(cfg_for(tiny_tree, tmp_path / "cache", "trainer.bank_views=4"))
+    assert more_views.key not in (first.key, changed.key)
+
+
+def test_two_concurrent_jobs_build_one_bank(tmp_path, tiny_tree):
+    cache = tmp_path / "cache"
+    args = [*FAST, "data=imagefolder", f"data.root={tiny_tree}", f"data.cache_dir={cache}"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    procs = [subprocess.Popen([sys.executable, str(TRAIN_PY), *args, f"tracking.uri=sqlite:///{tmp_path}/m{i}.db",
+                               f"hydra.run.dir={tmp_path}/out{i}"], cwd=tmp_path, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outputs
+    banks = [d for d in (cache / "features").iterdir() if d.is_dir() and not d.name.startswith(".")]
+    assert len(banks) == 1
+    assert sum("building the feature bank" in out for out in outputs) == 1
+
+
+def test_full_finetune_never_uses_the_bank(tmp_path, tiny_tree):
+    run_train(tmp_path, *FAST, "data=imagefolder", f"data.root={tiny_tree}", "backbone.freeze=none",
+              f"data.cache_dir={tmp_path / 'cache'}")
+    run = mlflow_runs(tmp_path).all[0]
+    assert "feature_bank" not in run.data.tags
+    assert not (tmp_path / "cache" / "features").exists()
+
+
+def test_a_banked_run_logs_the_same_metrics_and_a_loadable_full_model(tmp_path, tiny_tree):
+    import mlflow
+
+    run_train(tmp_path, *FAST, "data=imagefolder", f"data.root={tiny_tree}", "trainer.max_epochs=2",
+              f"data.cache_dir={tmp_path / 'cache'}")
+    run_train(tmp_path, *FAST, "data=imagefolder", f"data.root={tiny_tree}", "trainer.max_epochs=2",
+              f"data.cache_dir={tmp_path / 'cache'}", "trainer.feature_bank=off")
+    runs = mlflow_runs(tmp_path).all
+    banked = next(r for r in runs if "feature_bank" in r.data.tags)
+    naive = next(r for r in runs if "feature_bank" not in r.data.tags)
+    assert set(banked.data.metrics) == set(naive.data.metrics)
+    client = client_for(tmp_path)
+    assert [m.step for m in client.get_metric_history(banked.info.run_id, "valid/loss")] == [0, 1, 2]
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    logged = mlflow.search_logged_models(experiment_ids=[banked.info.experiment_id],
+                                         filter_string=f"source_run_id = '{banked.info.run_id}'", output_format="list")
+    model = mlflow.pytorch.load_model(logged[0].model_uri)
+    assert sum(p.numel() for p in model.parameters()) > 11_000_000  # backbone + head, not the head alone
+    probs = model(torch.zeros(2, 3, 32, 32))
+    assert probs.shape == (2,) and torch.all((probs >= 0) & (probs <= 1))
