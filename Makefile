@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?= -m "not slow"
 
-.PHONY: setup demo test test-all ui clean
+.PHONY: setup demo test test-all ui bench clean
 
 setup: $(STAMP)
 
@@ -29,6 +29,10 @@ test-all: setup
 # MLflow UI on the default store, bound to this machine only.
 ui: setup
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
+
+# Naive loop vs feature bank on the study's ResNet18 perceptron grid (about 15 minutes on 2 cores).
+bench: setup
+	$(BIN)/python benchmarks/bench_feature_bank.py
 
 clean:
 	rm -rf outputs multirun .pytest_cache

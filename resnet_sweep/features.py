@@ -151,10 +151,10 @@ def extract(backbone: nn.Module, files: dict[str, list[Path]], labels: dict[str,
     backbone = backbone.to(device).eval().to(memory_format=torch.channels_last)
     fast = (device.type == "cuda") or cpu_has_bf16()
     dim = None
-    total, started = 0, time.perf_counter()
     sample = torch.stack([_decode(p, mean, std)[:, :crop, :crop] for p in files["train"][:8]])
     use_bf16 = fast and _bf16_ok(backbone, sample.contiguous(memory_format=torch.channels_last), device)
     precision = "bf16" if use_bf16 else "32"
+    total, started = 0, time.perf_counter()  # extraction proper: decode, crop, forward, store
     for split in data.SPLITS:
         paths = files[split]
         n_views = views if split == "train" else 1
