@@ -196,7 +196,9 @@ def build(data_cfg, trainer_cfg, crop_size: int = 224, seed: int = 0) -> Splits:
             shuffle=shuffle,
             num_workers=workers,
             generator=generator,
-            persistent_workers=workers > 0,
+            # not persistent: workers are re-seeded from `generator` every epoch, so a resumed
+            # job draws the same crops as an uninterrupted one
+            persistent_workers=False,
             pin_memory=torch.cuda.is_available(),
         )
 

@@ -149,10 +149,12 @@ def make_optimizer(optimizer_cfg, model: nn.Module) -> torch.optim.Optimizer:
 
 
 def fit(model, splits, optimizer_cfg, trainer_cfg, log_epoch, objective: str,
-        state_fn, device: torch.device) -> History:
+        state_fn, device: torch.device, resume=None) -> History:
     """Epoch 0 measures the untrained model; epochs 1..max_epochs train. The best epoch on the
     objective is kept (its trainable state via ``state_fn``); ``patience`` epochs without
-    improvement stop early. Raises Diverged on a NaN/inf loss."""
+    improvement stop early. Raises Diverged on a NaN/inf loss. ``resume`` (optional) restores a
+    previous attempt (``restore(model, optimizer, history, loaders) -> next epoch``) and saves
+    after every epoch (``save(epoch, model, optimizer, history, loaders)``)."""
     mode = direction(objective)
     history = History(objective, mode)
     model.to(device).to(memory_format=torch.channels_last)
@@ -160,7 +162,11 @@ def fit(model, splits, optimizer_cfg, trainer_cfg, log_epoch, objective: str,
     precision = trainer_cfg.precision
     patience = trainer_cfg.patience
     max_epochs = int(trainer_cfg.max_epochs)
-    for epoch in range(0, max_epochs + 1):
+    start = resume.restore(model, optimizer, history, [splits.train]) if resume else 0
+    if start and patience is not None and start - 1 - history.best_epoch >= int(patience):
+        history.stopped_early = True
+        return history
+    for epoch in range(start, max_epochs + 1):
         if hasattr(splits.train, "set_epoch"):  # the feature bank serves view epoch mod V
             splits.train.set_epoch(epoch)
         desc = f"epoch {epoch}/{max_epochs}"
@@ -176,6 +182,8 @@ def fit(model, splits, optimizer_cfg, trainer_cfg, log_epoch, objective: str,
         if improved:
             history.best_epoch, history.best_value = epoch, value
             history.best_state = state_fn()
+        if resume:  # saved before logging: a resumed job re-logs what a kill kept from MLflow
+            resume.save(epoch, model, optimizer, history, [splits.train])
         log_epoch(epoch, metrics)
         log.info(
             "epoch %d: train loss %.4f acc %.4f | valid loss %.4f acc %.4f%s", epoch,

@@ -132,6 +132,13 @@ class JobLog:
     def epoch(self, epoch: int, metrics: dict) -> None:
         mlflow.log_metrics(metrics, step=epoch)
 
+    def ensure_logged(self, epochs: list[dict]) -> None:
+        """After a resume: log the epochs the interrupted attempt saved but did not log."""
+        logged = {m.step for m in MlflowClient().get_metric_history(self.run_id, "valid/loss")}
+        for epoch, metrics in enumerate(epochs):
+            if epoch not in logged:
+                self.epoch(epoch, metrics)
+
     def history(self, history) -> None:
         best = history.best_metrics()
         mlflow.log_metrics({"best_epoch": history.best_epoch, "epochs_run": len(history.epochs) - 1,
@@ -184,12 +191,37 @@ def log_model(classifier, ckpt: dict) -> None:
     )
 
 
+def _existing_run(run_id: str | None):
+    if not run_id:
+        return None
+    try:
+        return MlflowClient().get_run(run_id)
+    except Exception:
+        return None
+
+
+def adopt_run(run_id: str) -> None:
+    """In a sweep, make an earlier run of the same job a child of this sweep's parent run."""
+    parent = os.environ.get(PARENT_ENV) if in_multirun() else None
+    run = _existing_run(run_id)
+    if parent and run is not None and run.data.tags.get("mlflow.parentRunId") != parent:
+        client = MlflowClient()
+        if "mlflow.parentRunId" in run.data.tags:
+            client.set_tag(run_id, "previous_parent_run_id", run.data.tags["mlflow.parentRunId"])
+        client.set_tag(run_id, "mlflow.parentRunId", parent)
+
+
 @contextlib.contextmanager
-def job_run(cfg):
-    """One MLflow run for this job, a child of the sweep's parent run in ``-m`` mode. A failure
-    inside marks the run FAILED with the reason as a tag, then propagates."""
+def job_run(cfg, resume_run_id: str | None = None):
+    """One MLflow run for this job, a child of the sweep's parent run in ``-m`` mode; with
+    ``resume_run_id``, the run of an interrupted attempt, continued. A failure inside marks the run
+    FAILED with the reason as a tag, then propagates."""
     connect(cfg.tracking)
     parent = os.environ.get(PARENT_ENV) if in_multirun() else None
+    if _existing_run(resume_run_id) is None:
+        resume_run_id = None
+    else:
+        adopt_run(resume_run_id)
     name = run_name(cfg)
     tags = {
         "backbone": cfg.backbone.name,
@@ -206,7 +238,9 @@ def job_run(cfg):
     trial = cfg.get("hpo_trial")
     if trial:
         tags.update(optuna_trial=str(trial.number), optuna_study=str(trial.study))
-    with mlflow.start_run(run_name=name, parent_run_id=parent, tags=tags) as run:
+    start = (dict(run_id=resume_run_id) if resume_run_id
+             else dict(run_name=name, parent_run_id=parent, tags=tags))
+    with mlflow.start_run(**start) as run:
         job = JobLog(cfg, run.info.run_id)
         try:
             config = app_config(cfg)

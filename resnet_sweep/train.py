@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import data, engine, features, hpo, models, tracking
+from . import data, engine, features, hpo, models, resume, tracking
 from .errors import Diverged, UserError
 
 log = logging.getLogger(__name__)
@@ -53,7 +53,26 @@ def exit_with(message: str, code: int = 1):
 
 def _run(cfg) -> float:
     share_cores()
-    with tracking.job_run(cfg) as job:
+    resumer = resume.Resumer(cfg.trainer.resume_dir, tracking.app_config(cfg), enabled=bool(cfg.trainer.resume))
+    with resumer:
+        state = resumer.load()
+        if state and state["finished"]:
+            tracking.adopt_run(state["run_id"])
+            log.info("%s: already finished (MLflow run %s), skipped; trainer.resume=false runs it again",
+                     tracking.run_name(cfg), state["run_id"])
+            return state["objective"]
+        try:
+            objective, run_id = _train(cfg, resumer, state)
+        except (Exception, Diverged):
+            resumer.forget()  # a failed job starts afresh next time
+            raise
+        resumer.finished(run_id, objective)
+    return objective
+
+
+def _train(cfg, resumer, state) -> tuple[float, str]:
+    with tracking.job_run(cfg, resume_run_id=state["run_id"] if state else None) as job:
+        resumer.started(job.run_id)
         validate(cfg)
         seed_everything(cfg.seed)
         device = engine.resolve_device(cfg.trainer.device)
@@ -74,7 +93,8 @@ def _run(cfg) -> float:
             model = features.HeadOnly(built.model.head)
             inputs = features.splits_from(bank, splits, int(cfg.trainer.batch_size), int(cfg.seed))
         history = engine.fit(model, inputs, cfg.optimizer, cfg.trainer, on_epoch, cfg.objective,
-                             state_fn=lambda: models.trainable_state(built.model), device=device)
+                             state_fn=lambda: models.trainable_state(built.model), device=device,
+                             resume=resume.EpochHooks(resumer, state, job))
         job.history(history)
         built.model.load_state_dict(history.best_state, strict=False)
         job.test_metrics(engine.evaluate(model, inputs.test, device, cfg.trainer.precision), splits.classes)
@@ -87,7 +107,7 @@ def _run(cfg) -> float:
         if should_log_model(cfg):
             job.model(built.model, ckpt)
     log.info("%s: best epoch %d, %s = %.4f", job.name, history.best_epoch, cfg.objective, history.objective)
-    return history.objective
+    return history.objective, job.run_id
 
 
 def should_log_model(cfg) -> bool:
