@@ -10,12 +10,13 @@ import hashlib
 import json
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from filelock import FileLock
-from PIL import Image
+import numpy as np
+from PIL import Image, ImageOps
 from torch.utils.data import DataLoader
 from torchvision import datasets, transforms
 
@@ -40,6 +41,7 @@ class Splits:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     crop_size: int
+    skipped: list = field(default_factory=list)  # [(path, reason)] left out by data.on_bad_image=skip
 
     def eval_transform(self) -> transforms.Compose:
         return eval_transform(self.crop_size, self.mean, self.std)
@@ -59,17 +61,17 @@ def resolve_root(data_cfg) -> Path:
 
 
 def is_image(path: Path) -> bool:
-    return (
-        path.is_file()
-        and not path.name.startswith(".")
-        and path.suffix.lower() in IMAGE_EXTENSIONS
-    )
+    """A file that should hold an image: every regular file of a class folder except hidden ones
+    (``.DS_Store``, ``._*`` resource forks). Whether it decodes is checked by check_images."""
+    return path.is_file() and not path.name.startswith(".")
 
 
-def scan_tree(root: Path, crop_size: int) -> tuple[list[str], dict[str, list[Path]]]:
-    """Check the tree and return (classes, files per split). Raises UserError on the first
-    problem, naming the path and what to do."""
+def scan_tree(root: Path, crop_size: int, cache_dir=None, on_bad_image: str = "error"):
+    """Check the tree; return (classes, good files per split, skipped [(path, reason)]).
+    Raises UserError naming the path and what to do."""
     where = f"data.root={root}"
+    if on_bad_image not in ("error", "skip"):
+        raise UserError(f"data.on_bad_image={on_bad_image}: choose error or skip")
     classes_by_split: dict[str, list[str]] = {}
     files: dict[str, list[Path]] = {}
     for split in SPLITS:
@@ -91,10 +93,7 @@ def scan_tree(root: Path, crop_size: int) -> tuple[list[str], dict[str, list[Pat
         for cls in classes:
             images = sorted(p for p in (folder / cls).rglob("*") if is_image(p))
             if not images:
-                raise UserError(
-                    f"{where}: {folder / cls} has no images (looked for "
-                    f"{' '.join(IMAGE_EXTENSIONS)}); add images or remove the folder"
-                )
+                raise UserError(f"{where}: {folder / cls} has no images; add images or remove the folder")
             files[split].extend(images)
     train_classes = classes_by_split["train"]
     for split in ("valid", "test"):
@@ -103,19 +102,76 @@ def scan_tree(root: Path, crop_size: int) -> tuple[list[str], dict[str, list[Pat
                 f"{where}: class folders differ between splits: train has {train_classes}, "
                 f"{split} has {classes_by_split[split]}; use the same two names in every split"
             )
+    all_files = [p for split in SPLITS for p in files[split]]
+    bad = check_images(all_files, crop_size, cache_dir)
+    if bad and on_bad_image == "error":
+        if len(bad) == 1:
+            path, why = bad[0]
+            raise UserError(f"{path}: {why}; fix or remove it, or set data.on_bad_image=skip")
+        listing = "\n".join(f"  {path}: {why}" for path, why in bad)
+        raise UserError(f"{where}: {len(bad)} bad images (fix or remove them, or set data.on_bad_image=skip):\n"
+                        f"{listing}")
+    skipped = {p for p, _ in bad}
     for split in SPLITS:
-        for path in files[split]:
+        files[split] = [p for p in files[split] if str(p) not in skipped]
+        for cls in train_classes:
+            if not any(p.parent.relative_to(root / split).parts[:1] == (cls,) for p in files[split]):
+                raise UserError(f"{where}: {root / split / cls} has no readable images left after skipping bad ones")
+    if bad:
+        log.warning("skipped %d bad image(s) (data.on_bad_image=skip): %s", len(bad),
+                    "; ".join(f"{p} ({w})" for p, w in bad))
+    return train_classes, files, bad
+
+
+def check_image(path: Path, crop_size: int) -> str | None:
+    """None if the file decodes fully to an image at least crop x crop, else why not."""
+    if path.stat().st_size == 0:
+        return "zero-byte file"
+    try:
+        image = load_rgb(path)
+    except Exception as e:
+        text = str(e).splitlines()[0] if str(e) else type(e).__name__
+        return f"cannot be read as an image ({text})"
+    w, h = image.size
+    if min(w, h) < crop_size:
+        return (f"image is {w}x{h}, smaller than the {crop_size}x{crop_size} crop; use larger tiles or a smaller "
+                "backbone.crop_size")
+    return None
+
+
+def check_images(paths: list[Path], crop_size: int, cache_dir=None) -> list[tuple[str, str]]:
+    """Decode every file once; results cached by (path, size, mtime) so later jobs and sweeps skip
+    the work. Returns [(path, reason)] of the bad ones, in order."""
+    cache_file = None
+    cache: dict = {}
+    if cache_dir is not None:
+        cache_file = Path(os.path.expanduser(str(cache_dir))) / "image-checks.json"
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        if cache_file.exists():
             try:
-                with Image.open(path) as im:
-                    w, h = im.size
-            except Exception as e:  # corrupt or not an image
-                raise UserError(f"{path}: cannot be read as an image ({e}); fix or remove it") from None
-            if min(w, h) < crop_size:
-                raise UserError(
-                    f"{path}: image is {w}x{h}, smaller than the {crop_size}x{crop_size} crop; "
-                    "use larger tiles or a backbone with a smaller backbone.crop_size"
-                )
-    return train_classes, files
+                cache = json.loads(cache_file.read_text())
+            except ValueError:
+                cache = {}
+    bad, changed = [], False
+    for path in paths:
+        st = path.stat()
+        key = f"{path.resolve()}|{crop_size}"
+        stamp = [st.st_size, st.st_mtime_ns]
+        entry = cache.get(key)
+        if entry is None or entry[0] != stamp:
+            entry = [stamp, check_image(path, crop_size)]
+            cache[key] = entry
+            changed = True
+        if entry[1] is not None:
+            bad.append((str(path), entry[1]))
+    if cache_file is not None and changed:
+        with FileLock(str(cache_file) + ".lock"):
+            merged = json.loads(cache_file.read_text()) if cache_file.exists() else {}
+            merged.update(cache)
+            tmp = cache_file.with_suffix(f".tmp{os.getpid()}")
+            tmp.write_text(json.dumps(merged))
+            os.replace(tmp, cache_file)
+    return bad
 
 
 def train_transform(crop: int, mean, std) -> transforms.Compose:
@@ -131,8 +187,19 @@ def eval_transform(crop: int, mean, std) -> transforms.Compose:
 
 
 def load_rgb(path) -> Image.Image:
+    """Any image as 8-bit RGB, upright: EXIF orientation applied; grey, palette, RGBA, CMYK and 16-bit
+    images converted (16-bit scaled to 8-bit, not clipped). Fully decoded, so truncation shows."""
     with Image.open(path) as im:
-        return im.convert("RGB")
+        im = ImageOps.exif_transpose(im)
+        if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+            arr = np.asarray(im, dtype=np.float64)
+            top = 65535.0 if im.mode.startswith("I;16") or arr.max() > 255 else 255.0
+            im = Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+        elif im.mode == "RGBA" or (im.mode == "P" and "transparency" in im.info):
+            im = im.convert("RGBA")
+        image = im.convert("RGB")
+        image.load()
+        return image
 
 
 def channel_stats(paths: list[Path]) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -177,7 +244,7 @@ def dataset_stats(train_files: list[Path], cache_dir) -> tuple[tuple[float, ...]
 
 def build(data_cfg, trainer_cfg, crop_size: int = 224, seed: int = 0) -> Splits:
     root = resolve_root(data_cfg)
-    classes, files = scan_tree(root, crop_size)
+    classes, files, skipped = scan_tree(root, crop_size, data_cfg.cache_dir, str(data_cfg.get("on_bad_image", "error")))
     if data_cfg.normalize == "imagenet":
         mean, std = IMAGENET_MEAN, IMAGENET_STD
     elif data_cfg.normalize == "dataset":
@@ -186,8 +253,9 @@ def build(data_cfg, trainer_cfg, crop_size: int = 224, seed: int = 0) -> Splits:
         raise UserError(f"data.normalize={data_cfg.normalize}: choose imagenet or dataset")
 
     def loader(split: str, transform, shuffle: bool) -> DataLoader:
+        good = {str(p) for p in files[split]}
         ds = datasets.ImageFolder(str(root / split), transform=transform, loader=load_rgb,
-                                  is_valid_file=lambda p: is_image(Path(p)))
+                                  is_valid_file=lambda p: p in good)
         generator = torch.Generator().manual_seed(seed)  # data order and crops follow the seed
         workers = int(trainer_cfg.num_workers)
         return DataLoader(
@@ -211,4 +279,5 @@ def build(data_cfg, trainer_cfg, crop_size: int = 224, seed: int = 0) -> Splits:
         mean=tuple(mean),
         std=tuple(std),
         crop_size=crop_size,
+        skipped=skipped,
     )

@@ -132,6 +132,12 @@ class JobLog:
     def epoch(self, epoch: int, metrics: dict) -> None:
         mlflow.log_metrics(metrics, step=epoch)
 
+    def skipped_images(self, skipped: list) -> None:
+        """data.on_bad_image=skip: how many files were left out, and which."""
+        mlflow.log_metric("data/skipped_images", len(skipped))
+        if skipped:
+            mlflow.log_dict({"skipped": [{"path": p, "reason": r} for p, r in skipped]}, "skipped_images.json")
+
     def ensure_logged(self, epochs: list[dict]) -> None:
         """After a resume: log the epochs the interrupted attempt saved but did not log."""
         logged = {m.step for m in MlflowClient().get_metric_history(self.run_id, "valid/loss")}

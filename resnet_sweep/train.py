@@ -29,7 +29,7 @@ def run(cfg) -> float:
         log.info("%s: %s", tracking.run_name(cfg), e)
         return hpo.PRUNED
     except (UserError, Diverged) as e:
-        reason = tracking.redact(tracking.failure_reason(e))
+        reason = tracking.redact(str(e).strip() or type(e).__name__)  # a UserError may list several lines
         if isinstance(e, Diverged):
             reason = f"{tracking.run_name(cfg)} failed: {reason}"
         if tracking.in_multirun():
@@ -79,6 +79,7 @@ def _train(cfg, resumer, state) -> tuple[float, str]:
         splits = data.build(cfg.data, cfg.trainer, crop_size=int(cfg.backbone.crop_size), seed=int(cfg.seed))
         built = models.build(cfg.backbone, cfg.head, seed=int(cfg.seed))
         job.tags(weights_source=built.weights_source, data_root=str(splits.root), device=str(device))
+        job.skipped_images(splits.skipped)
         report = hpo.reporter(cfg)  # None outside an Optuna sweep
 
         def on_epoch(epoch: int, metrics: dict) -> None:

@@ -65,7 +65,8 @@ def test_hidden_files_are_ignored(tmp_path):
     root = make_tree(tmp_path / "tiles")
     (root / "train" / "a_class" / ".DS_Store").write_bytes(b"\0\1junk")
     (root / "train" / "a_class" / "._img0.png").write_bytes(b"\0\1junk")
-    classes, files = data.scan_tree(root, 32)
+    classes, files, skipped = data.scan_tree(root, 32)
+    assert not skipped
     assert classes == ["a_class", "b_class"]
     assert len(files["train"]) == 12
 
@@ -92,7 +93,7 @@ def test_demo_data_is_deterministic_two_classes_and_grouped_by_slide(tmp_path):
     assert tree_digest(root) == tree_digest(again)
     assert tree_digest(root) != tree_digest(other_seed)
 
-    classes, files = data.scan_tree(root, 224)
+    classes, files, _ = data.scan_tree(root, 224)
     assert classes == ["differentiating", "poorly_differentiated"]
     assert [len(files[s]) for s in ("train", "valid", "test")] == [32, 8, 8]  # 2 tiles per slide
     with Image.open(files["train"][0]) as im:
@@ -120,3 +121,81 @@ def test_dataset_normalisation_is_computed_on_train_and_cached(tmp_path, tiny_tr
     assert list((tmp_path / "c" / "stats").glob("*.json"))
     x, _ = next(iter(splits.valid))
     assert abs(float(x.mean())) < 0.5
+
+
+def add_bad_and_convertible_images(root: Path) -> tuple[list[Path], list[Path]]:
+    """One file of each bad kind and of each convertible kind, in train/a_class."""
+    import io
+
+    import numpy as np
+
+    folder = root / "train" / "a_class"
+    good_png = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(good_png, "PNG")
+    bad = {
+        "corrupt.png": b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4,
+        "truncated.png": good_png.getvalue()[: len(good_png.getvalue()) // 2],
+        "empty.jpg": b"",
+        "notes.txt": b"not an image at all\n",
+    }
+    for name, content in bad.items():
+        (folder / name).write_bytes(content)
+    rgb = np.random.default_rng(1).integers(0, 255, (40, 48, 3), dtype=np.uint8)
+    Image.fromarray(rgb).convert("L").save(folder / "grey.png")
+    Image.fromarray(rgb).convert("P", palette=Image.ADAPTIVE).save(folder / "palette.png")
+    Image.fromarray(rgb).convert("RGBA").save(folder / "rgba.png")
+    Image.fromarray((np.random.default_rng(2).integers(0, 65535, (40, 48))).astype(np.uint16)).save(folder / "sixteen.png")
+    Image.fromarray(rgb).convert("CMYK").save(folder / "cmyk.jpg")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees when shown
+    Image.fromarray(rgb).save(folder / "rotated.jpg", exif=exif)
+    (folder / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+    (folder / "._grey.png").write_bytes(b"\0\5\26\7")
+    convertible = ["grey.png", "palette.png", "rgba.png", "sixteen.png", "cmyk.jpg", "rotated.jpg"]
+    return [folder / n for n in bad], [folder / n for n in convertible]
+
+
+def test_bad_images_are_listed_all_at_once(tmp_path):
+    root = make_tree(tmp_path / "tiles")
+    bad, _ = add_bad_and_convertible_images(root)
+    proc = run_train(tmp_path, *FAST, "data=imagefolder", f"data.root={root}", check=False)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "4 bad images (fix or remove them, or set data.on_bad_image=skip)" in proc.stderr
+    for path in bad:
+        assert str(path) in proc.stderr
+    assert "zero-byte file" in proc.stderr and ".DS_Store" not in proc.stderr and "._grey" not in proc.stderr
+
+
+def test_skip_leaves_bad_images_out_counts_them_and_convertible_kinds_train(tmp_path):
+    from conftest import mlflow_runs
+
+    root = make_tree(tmp_path / "tiles")
+    bad, convertible = add_bad_and_convertible_images(root)
+    run_train(tmp_path, *FAST, "data=imagefolder", f"data.root={root}", "data.on_bad_image=skip")
+    run = mlflow_runs(tmp_path).all[0]
+    assert run.info.status == "FINISHED"
+    assert run.data.metrics["data/skipped_images"] == 4
+    classes, files, skipped = data.scan_tree(root, 32, tmp_path / "c", "skip")
+    assert sorted(p for p, _ in skipped) == sorted(str(p) for p in bad)
+    assert set(convertible) <= set(files["train"])
+    for path in convertible:
+        image = data.load_rgb(path)
+        assert image.mode == "RGB"
+    assert data.load_rgb(convertible[-1]).size == (40, 48)  # EXIF orientation applied (was 48x40)
+    import numpy as np
+
+    sixteen = np.asarray(data.load_rgb(convertible[3]))
+    assert 100 < sixteen.mean() < 155  # scaled from 16 bits, not clipped to white
+
+
+def test_image_checks_are_cached_by_path_size_and_mtime(tmp_path, monkeypatch):
+    root = make_tree(tmp_path / "tiles")
+    files = sorted((root / "train").rglob("*.png"))
+    assert data.check_images(files, 32, tmp_path / "c") == []
+    calls = []
+    monkeypatch.setattr(data, "check_image", lambda p, c: calls.append(p))
+    assert data.check_images(files, 32, tmp_path / "c") == []
+    assert calls == []  # all cached
+    files[0].write_bytes(b"")
+    monkeypatch.undo()
+    assert data.check_images(files, 32, tmp_path / "c") == [(str(files[0]), "zero-byte file")]
