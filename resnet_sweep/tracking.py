@@ -38,12 +38,52 @@ log = logging.getLogger(__name__)
 
 PARENT_ENV = "RESNET_SWEEP_PARENT_RUN_ID"
 FAILURE_TAG = "failure_reason"
-_URL_PASSWORD = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.\-]*://)(?P<user>[^:/@\s]*):(?P<pw>[^@/\s]*)@")
+_URL_PASSWORD = re.compile(r"(?P<pre>[a-zA-Z][a-zA-Z0-9+.\-]*\\?://[^:/@\s\\]*\\?:)(?P<pw>[^@/\s]+)@")
 
 
 def redact(text: str) -> str:
     """``postgresql://user:secret@host/db`` -> ``postgresql://user:***@host/db``."""
-    return _URL_PASSWORD.sub(lambda m: f"{m['scheme']}{m['user']}:***@", str(text))
+    return _URL_PASSWORD.sub(lambda m: f"{m['pre']}***@", str(text))
+
+
+def _redacting_record_factory(factory):
+    """Every log record (Hydra's "#0 : overrides" lines included) goes out with passwords masked."""
+
+    def make(*args, **kwargs):
+        record = factory(*args, **kwargs)
+        if isinstance(record.msg, str) and "@" in record.msg:
+            record.msg = redact(record.msg)
+        if isinstance(record.args, tuple) and record.args:
+            record.args = tuple(redact(a) if isinstance(a, str) and "@" in a else a for a in record.args)
+        return record
+
+    make.redacting = True
+    return make
+
+
+if not getattr(logging.getLogRecordFactory(), "redacting", False):
+    logging.setLogRecordFactory(_redacting_record_factory(logging.getLogRecordFactory()))
+
+
+def redact_files(folder: Path) -> None:
+    """Hydra saves the composed config and the overrides as typed (.hydra/*.yaml, multirun.yaml):
+    mask passwords there too."""
+    for path in list(folder.glob("*.yaml")) + list(folder.glob(".hydra/*.yaml")):
+        with contextlib.suppress(OSError):
+            text = path.read_text()
+            masked = redact(text)
+            if masked != text:
+                path.write_text(masked)
+
+
+def check_writable(folder: Path, what: str) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test-{os.getpid()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"{what}={folder}: not writable ({e.strerror or e}); choose a folder you can write to") from None
 
 
 def flatten(d, prefix: str = "") -> dict[str, str]:
@@ -91,6 +131,9 @@ def connect(tracking_cfg) -> str:
     """Point MLflow at the store and experiment; fail in one line if unreachable. Returns the
     experiment id."""
     mlflow.set_tracking_uri(str(tracking_cfg.uri))
+    quick = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
+    saved = {k: os.environ.get(k) for k in quick}
+    os.environ.update({k: v for k, v in quick.items() if saved[k] is None})
     try:
         experiment = mlflow.set_experiment(str(tracking_cfg.experiment))
     except Exception as e:
@@ -99,6 +142,10 @@ def connect(tracking_cfg) -> str:
             f"tracking.uri={redact(tracking_cfg.uri)}: cannot reach the MLflow store ({reason}); "
             "check the URI or start the server"
         ) from None
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
     return experiment.experiment_id
 
 
@@ -285,7 +332,19 @@ class SweepCallback(Callback):
         self.parent_id: str | None = None
         self.client: MlflowClient | None = None
 
+    def on_run_start(self, config: DictConfig, **kwargs) -> None:
+        _fail_fast(config)
+
+    def on_job_start(self, config: DictConfig, **kwargs) -> None:
+        if HydraConfig.initialized():
+            hc = HydraConfig.get()
+            if hc.output_subdir:
+                redact_files(Path(hc.runtime.output_dir))
+            if hc.mode == RunMode.MULTIRUN:
+                redact_files(Path(hc.sweep.dir))
+
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        _fail_fast(config)
         if is_study(config):
             return  # the Optuna sweeper opens (or, on resume, reopens) the study's parent run
         experiment_id = connect(config.tracking)
@@ -313,6 +372,7 @@ class SweepCallback(Callback):
                 self.client.set_terminated(self.parent_id, "FAILED")
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        redact_files(Path(str(config.hydra.sweep.dir)))
         study = is_study(config)
         if study:
             self.parent_id = os.environ.get(PARENT_ENV)
@@ -397,6 +457,22 @@ def log_best_model(run) -> None:
         log_model(classifier, ckpt)
         mlflow.set_tag("model_logged", "best of sweep")
     log.info("logged the full model of the best run %s", run.info.run_name)
+
+
+def _fail_fast(config) -> None:
+    """Before any training: the MLflow store answers and the output folders are writable; else one
+    line and a non-zero exit."""
+    from .train import exit_with
+
+    try:
+        connect(config.tracking)
+        hc = config.hydra
+        check_writable(Path(str(hc.sweep.dir if hc.mode == RunMode.MULTIRUN else hc.run.dir)),
+                       "hydra.sweep.dir" if hc.mode == RunMode.MULTIRUN else "hydra.run.dir")
+        check_writable(Path(os.path.expanduser(str(config.trainer.resume_dir))), "trainer.resume_dir")
+        check_writable(Path(os.path.expanduser(str(config.data.cache_dir))), "data.cache_dir")
+    except UserError as e:
+        exit_with(str(e))
 
 
 def is_study(config) -> bool:
