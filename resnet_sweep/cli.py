@@ -46,7 +46,7 @@ def cmd_predict(args) -> None:
     from . import predict
 
     out, n, bad, run = predict.predict(args.images_dir, args.run, args.best, args.experiment, args.tracking_uri,
-                                       args.out, args.batch_size)
+                                       args.out, args.batch_size, args.logged_model)
     print(f"{n} predictions from run {run.info.run_name} ({run.info.run_id}) -> {out}")
     if bad:
         print(f"{len(bad)} file(s) could not be read and were skipped:", file=sys.stderr)
@@ -76,6 +76,9 @@ def main(argv: list[str] | None = None) -> int:
     tracking_args(p)
     p.add_argument("--out", default="predictions.csv", help="CSV path,probability,label (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--logged-model", action="store_true",
+                   help="unpickle the run's logged MLflow model instead of rebuilding it from the weights-only "
+                        "checkpoint (only for stores you trust)")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("stats", help="per-channel mean/std of ROOT/train (or ROOT), streamed")

@@ -36,9 +36,11 @@ def best_run(client: MlflowClient, experiment: str):
     return min(scored, key=lambda s: s[0])[1]
 
 
-def load(client: MlflowClient, run) -> tuple[torch.nn.Module, dict]:
-    """The run's model (its logged MLflow model if any, else rebuilt from its checkpoint) and the
-    checkpoint's metadata (classes, normalisation, crop)."""
+def load(client: MlflowClient, run, logged_model: bool = False) -> tuple[torch.nn.Module, dict]:
+    """The run's model and its checkpoint's metadata (classes, normalisation, crop). By default the
+    model is rebuilt from the run's checkpoint (``weights_only``, no pickled code; the frozen
+    backbone is verified by checksum); ``logged_model=True`` unpickles the run's logged MLflow model
+    instead (only for stores you trust)."""
     from .models import ProbabilityModel
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -47,18 +49,19 @@ def load(client: MlflowClient, run) -> tuple[torch.nn.Module, dict]:
                                                        dst_path=tmp)
         except Exception:
             raise UserError(f"run {run.info.run_id} ({run.info.run_name}) has no checkpoint/best.pt") from None
-        classifier, meta = models.load_checkpoint(path)
+        if not logged_model:
+            classifier, meta = models.load_checkpoint(path)
+            return ProbabilityModel(classifier).eval(), meta
+        meta = torch.load(path, map_location="cpu", weights_only=True)
     logged = mlflow.search_logged_models(experiment_ids=[run.info.experiment_id],
                                          filter_string=f"source_run_id = '{run.info.run_id}'", output_format="list")
-    if logged:
-        model = mlflow.pytorch.load_model(logged[0].model_uri, map_location="cpu")
-    else:
-        model = ProbabilityModel(classifier)
-    return model.eval(), meta
+    if not logged:
+        raise UserError(f"run {run.info.run_id} ({run.info.run_name}) has no logged model; drop --logged-model")
+    return mlflow.pytorch.load_model(logged[0].model_uri, map_location="cpu").eval(), meta
 
 
 def predict(images_dir: str, run_id: str | None, best: bool, experiment: str, tracking_uri: str,
-            out: str, batch_size: int = 32):
+            out: str, batch_size: int = 32, logged_model: bool = False):
     mlflow.set_tracking_uri(tracking_uri)
     client = MlflowClient()
     if best:
@@ -74,7 +77,7 @@ def predict(images_dir: str, run_id: str | None, best: bool, experiment: str, tr
     root = Path(images_dir)
     if not root.is_dir():
         raise UserError(f"{images_dir}: no such directory")
-    model, meta = load(client, run)
+    model, meta = load(client, run, logged_model)
     transform = data.eval_transform(int(meta["crop_size"]), meta["mean"], meta["std"])
     paths = sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith("."))
     bad: list[tuple[str, str]] = []
