@@ -7,7 +7,7 @@ and one centre crop per valid/test image. Epoch ``e`` trains the head on view ``
 image, in a shuffled order per run seed. ``V = max_epochs`` (+1 for epoch 0) gives fresh crops every
 epoch, exactly the naive protocol; a small ``V`` (default 8) extracts less and reuses crops.
 
-Stored fp16 and memory-mapped under ``<cache_dir>/features/<key>/``, keyed by everything that
+Stored fp16 (fp32 if features exceed fp16's range) and memory-mapped under ``<cache_dir>/features/<key>/``, keyed by everything that
 determines the features (backbone, weights source and checksum, data files with sizes and mtimes,
 crop and normalisation, V, crop seed). A file lock makes concurrent jobs build it once.
 """
@@ -155,6 +155,7 @@ def extract(backbone: nn.Module, files: dict[str, list[Path]], labels: dict[str,
     use_bf16 = fast and _bf16_ok(backbone, sample.contiguous(memory_format=torch.channels_last), device)
     precision = "bf16" if use_bf16 else "32"
     total, started = 0, time.perf_counter()  # extraction proper: decode, crop, forward, store
+    peak = [0.0]  # largest |feature|: fp16 holds up to 65504
     for split in data.SPLITS:
         paths = files[split]
         n_views = views if split == "train" else 1
@@ -168,11 +169,12 @@ def extract(backbone: nn.Module, files: dict[str, list[Path]], labels: dict[str,
                 return
             x = torch.stack(crops).to(device).contiguous(memory_format=torch.channels_last)
             with torch.inference_mode(), autocast(device, precision):
-                f = backbone(x).float().cpu().numpy().astype(np.float16)
+                f = backbone(x).float().cpu().numpy()
+            peak[0] = max(peak[0], float(np.abs(f).max()))
             if arr is None:
                 dim = f.shape[1]
                 shape = (n_views, len(paths), dim) if split == "train" else (len(paths), dim)
-                arr = np.lib.format.open_memmap(out / f"{split}.npy", mode="w+", dtype=np.float16, shape=shape)
+                arr = np.lib.format.open_memmap(out / f"{split}.f32.npy", mode="w+", dtype=np.float32, shape=shape)
             for (v, i), row in zip(where, f):
                 if split == "train":
                     arr[v, i] = row
@@ -196,10 +198,22 @@ def extract(backbone: nn.Module, files: dict[str, list[Path]], labels: dict[str,
                 flush()
         flush()
         arr.flush()
+        del arr
         np.save(out / f"{split}_labels.npy", np.asarray(labels[split], dtype=np.int64))
     seconds = time.perf_counter() - started
+    # fp16 on disk halves the bank; features beyond its range (e.g. a randomly initialised deep
+    # ResNet) stay fp32 rather than overflow to inf
+    dtype = np.float16 if peak[0] < 60000 else np.float32
+    if dtype is np.float32:
+        log.warning("features reach %.3g, beyond fp16: the bank is stored in fp32", peak[0])
+    for split in data.SPLITS:
+        full = np.load(out / f"{split}.f32.npy", mmap_mode="r")
+        np.save(out / f"{split}.npy", full.astype(dtype))
+        del full
+        (out / f"{split}.f32.npy").unlink()
     return {"dim": dim, "crops": total, "seconds": round(seconds, 3), "img_per_s": round(total / seconds, 1),
-            "precision": precision, "device": str(device)}
+            "precision": precision, "device": str(device), "dtype": np.dtype(dtype).name,
+            "max_abs": round(peak[0], 3)}
 
 
 def get(cfg, built, splits, device: torch.device) -> Bank:

@@ -344,10 +344,9 @@ class SweepCallback(Callback):
                 redact_files(Path(hc.sweep.dir))
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
-        _fail_fast(config)
+        experiment_id = _fail_fast(config)
         if is_study(config):
             return  # the Optuna sweeper opens (or, on resume, reopens) the study's parent run
-        experiment_id = connect(config.tracking)
         self.client = MlflowClient()
         sweep_dir = str(config.hydra.sweep.dir)
         overrides = " ".join(config.hydra.overrides.task)
@@ -358,9 +357,7 @@ class SweepCallback(Callback):
                   "objective": str(config.objective)},
         )
         self.parent_id = run.info.run_id
-        os.environ[PARENT_ENV] = self.parent_id
-        Path(sweep_dir).mkdir(parents=True, exist_ok=True)
-        (Path(sweep_dir) / "mlflow_parent_run_id").write_text(self.parent_id + "\n")
+        _write_parent_id(config, self.parent_id)
         atexit.register(self._abandon)
         log.info("MLflow parent run %s (%s)", self.parent_id, redact(config.tracking.uri))
 
@@ -459,13 +456,13 @@ def log_best_model(run) -> None:
     log.info("logged the full model of the best run %s", run.info.run_name)
 
 
-def _fail_fast(config) -> None:
+def _fail_fast(config) -> str:
     """Before any training: the MLflow store answers and the output folders are writable; else one
-    line and a non-zero exit."""
+    line and a non-zero exit. Returns the experiment id."""
     from .train import exit_with
 
     try:
-        connect(config.tracking)
+        experiment_id = connect(config.tracking)
         hc = config.hydra
         check_writable(Path(str(hc.sweep.dir if hc.mode == RunMode.MULTIRUN else hc.run.dir)),
                        "hydra.sweep.dir" if hc.mode == RunMode.MULTIRUN else "hydra.run.dir")
@@ -473,6 +470,7 @@ def _fail_fast(config) -> None:
         check_writable(Path(os.path.expanduser(str(config.data.cache_dir))), "data.cache_dir")
     except UserError as e:
         exit_with(str(e))
+    return experiment_id
 
 
 def is_study(config) -> bool:

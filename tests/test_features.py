@@ -13,7 +13,7 @@ from hydra import compose, initialize_config_dir
 from PIL import Image
 from torchvision.transforms import functional as TF
 
-from conftest import FAST, REPO, TRAIN_PY, client_for, mlflow_runs, run_train
+from conftest import FAST, REPO, TRAIN_PY, client_for, make_tree, mlflow_runs, run_train
 from resnet_sweep import data, features, models
 
 
@@ -110,3 +110,14 @@ def test_a_banked_run_logs_the_same_metrics_and_a_loadable_full_model(tmp_path, 
     assert sum(p.numel() for p in model.parameters()) > 11_000_000  # backbone + head, not the head alone
     probs = model(torch.zeros(2, 3, 32, 32))
     assert probs.shape == (2,) and torch.all((probs >= 0) & (probs <= 1))
+
+
+def test_bank_is_fp16_and_falls_back_to_fp32_when_features_overflow_it(tmp_path, tiny_tree):
+    small, _, _ = build_bank(cfg_for(tiny_tree, tmp_path / "cache"))
+    assert small.array("train").dtype == np.float16 and small.meta["dtype"] == "float16"
+    # a randomly initialised ResNet101 (BatchNorm at identity) on 224 crops gives features beyond 65504
+    big = make_tree(tmp_path / "big", per_class=(2, 1, 1), size=224)
+    deep, _, _ = build_bank(cfg_for(big, tmp_path / "cache", "backbone=resnet101", "backbone.weights=none",
+                                    "backbone.crop_size=224", "trainer.bank_views=1"))
+    assert deep.meta["max_abs"] > 65504 and deep.meta["dtype"] == "float32"
+    assert np.isfinite(np.asarray(deep.array("train"))).all()

@@ -115,8 +115,9 @@ def test_group_choices_produce_runs_with_both_optimizers(tmp_path, tiny_tree):
 
 
 def test_resume_after_sigkill_reaches_exactly_n_trials_under_one_study_run(tmp_path, tiny_tree):
-    args = optuna_args(tiny_tree, "hpo=lr_search", "hydra.sweeper.n_trials=4", "trainer.max_epochs=3",
-                       "hydra.sweeper.pruner=null")
+    # the naive loop and 4 epochs: trials slow enough to be caught running
+    args = optuna_args(tiny_tree, "hpo=lr_search", "hydra.sweeper.n_trials=4", "trainer.max_epochs=4",
+                       "trainer.feature_bank=off", "hydra.sweeper.pruner=null")
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.pop("HYDRA_FULL_ERROR", None)
     proc = subprocess.Popen([sys.executable, str(TRAIN_PY), *args], cwd=tmp_path, env=env,
@@ -125,16 +126,17 @@ def test_resume_after_sigkill_reaches_exactly_n_trials_under_one_study_run(tmp_p
     deadline = time.time() + 300
     try:
         while time.time() < deadline and proc.poll() is None:  # kill once a trial is COMPLETE, the next RUNNING
-            time.sleep(0.5)
+            time.sleep(0.1)
             if not db.exists():
                 continue
             try:
                 with sqlite3.connect(db) as con:
                     states = [s for (s,) in con.execute("select state from trials")]
+                with sqlite3.connect(tmp_path / "mlflow.db") as con:  # the study run + the trial's run
+                    running_runs = con.execute("select count(*) from runs where status = 'RUNNING'").fetchone()[0]
             except sqlite3.Error:
                 continue
-            if states.count("COMPLETE") >= 1 and "RUNNING" in states:
-                time.sleep(1.0)
+            if states.count("COMPLETE") >= 1 and "RUNNING" in states and running_runs >= 2:
                 break
         assert proc.poll() is None, "the sweep ended before it could be killed"
         os.killpg(proc.pid, signal.SIGKILL)
