@@ -36,7 +36,7 @@ from .engine import autocast, cpu_has_bf16
 
 log = logging.getLogger(__name__)
 
-BANK_VERSION = 1
+BANK_VERSION = 2  # 2: fp32 fallback when features exceed fp16
 
 
 def wanted(cfg) -> bool:
