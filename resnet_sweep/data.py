@@ -26,7 +26,6 @@ from .errors import UserError
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "valid", "test")
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp", ".ppm", ".pgm")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 

@@ -118,7 +118,7 @@ def key_of(cfg, built, files: dict[str, list[Path]], crop: int, mean, std) -> st
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def crop_offsets(n_images: int, views: int, size: tuple[int, int], crop: int, seed: int, index: int):
+def crop_offsets(views: int, size: tuple[int, int], crop: int, seed: int, index: int):
     """The V random crop offsets of image ``index``: a generator per (seed, image), so the bank
     does not depend on file order or batch composition."""
     g = torch.Generator().manual_seed(seed * 1_000_003 + index)
@@ -187,8 +187,7 @@ def extract(backbone: nn.Module, files: dict[str, list[Path]], labels: dict[str,
         for i, path in enumerate(paths):
             image = _decode(path, mean, std)
             if split == "train":
-                for v, (top, left) in enumerate(crop_offsets(len(paths), n_views, (image.shape[2], image.shape[1]),
-                                                             crop, seed, i)):
+                for v, (top, left) in enumerate(crop_offsets(n_views, (image.shape[2], image.shape[1]), crop, seed, i)):
                     crops.append(image[:, top:top + crop, left:left + crop])
                     where.append((v, i))
             else:

@@ -36,7 +36,7 @@ def test_bank_features_equal_a_direct_backbone_forward_on_the_same_crop(tmp_path
     files = [p for p, _ in splits.train.dataset.samples]
     image = data.load_rgb(files[4])
     tensor = TF.normalize(TF.to_tensor(image), splits.mean, splits.std)
-    for view, (top, left) in enumerate(features.crop_offsets(len(files), 3, image.size, 32, 0, 4)):
+    for view, (top, left) in enumerate(features.crop_offsets(3, image.size, 32, 0, 4)):
         crop = tensor[:, top:top + 32, left:left + 32].unsqueeze(0)
         with torch.inference_mode():
             direct = backbone(crop).float()[0]
