@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import math
-import tempfile
 from pathlib import Path
 
 import mlflow
@@ -43,12 +42,9 @@ def load(client: MlflowClient, run, logged_model: bool = False) -> tuple[torch.n
     instead (only for stores you trust)."""
     from .models import ProbabilityModel
 
-    with tempfile.TemporaryDirectory() as tmp:
-        try:
-            path = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="checkpoint/best.pt",
-                                                       dst_path=tmp)
-        except Exception:
-            raise UserError(f"run {run.info.run_id} ({run.info.run_name}) has no checkpoint/best.pt") from None
+    from .tracking import downloaded_checkpoint
+
+    with downloaded_checkpoint(run) as path:
         if not logged_model:
             classifier, meta = models.load_checkpoint(path)
             return ProbabilityModel(classifier).eval(), meta

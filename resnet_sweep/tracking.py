@@ -442,13 +442,23 @@ def logged_model_names(run) -> set[str]:
     return set()
 
 
+@contextlib.contextmanager
+def downloaded_checkpoint(run):
+    """The run's ``checkpoint/best.pt``, downloaded to a temporary file for the block's duration."""
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            path = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="checkpoint/best.pt",
+                                                       dst_path=tmp)
+        except Exception:
+            raise UserError(f"run {run.info.run_id} ({run.info.run_name}) has no checkpoint/best.pt") from None
+        yield path
+
+
 def log_best_model(run) -> None:
     """Rebuild the best child's model from its checkpoint and log it as an MLflow model there."""
     from .models import load_checkpoint
 
-    with tempfile.TemporaryDirectory() as tmp:
-        path = mlflow.artifacts.download_artifacts(run_id=run.info.run_id,
-                                                   artifact_path="checkpoint/best.pt", dst_path=tmp)
+    with downloaded_checkpoint(run) as path:
         classifier, ckpt = load_checkpoint(path)
     with mlflow.start_run(run_id=run.info.run_id):
         log_model(classifier, ckpt)

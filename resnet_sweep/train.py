@@ -63,7 +63,7 @@ def _run(cfg) -> float:
             return state["objective"]
         try:
             objective, run_id = _train(cfg, resumer, state)
-        except (Exception, Diverged):
+        except Exception:  # Diverged and Pruned included
             resumer.forget()  # a failed job starts afresh next time
             raise
         resumer.finished(run_id, objective)

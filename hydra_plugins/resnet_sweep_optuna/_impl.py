@@ -268,10 +268,6 @@ class OptunaSweeperImpl:
                       f"+hpo_trial.study='{study.study_name}'", f"+hpo_trial.report={report}"]
         return overrides
 
-    def _tell(self, study, trial, ret) -> str:
-        state = self._tell_state(study, trial, ret)
-        return state
-
     @staticmethod
     def _safe_tell(study, trial, *args, **kwargs) -> None:
         try:
@@ -280,7 +276,7 @@ class OptunaSweeperImpl:
             if "Study.stop" not in str(e):
                 raise
 
-    def _tell_state(self, study, trial, ret) -> str:
+    def _tell(self, study, trial, ret) -> str:
         if ret.status != JobStatus.COMPLETED:
             reason = tracking.failure_reason(ret._return_value) if ret._return_value else "job failed"
             log.warning("trial %d failed: %s", trial.number, tracking.redact(reason))
