@@ -17,8 +17,9 @@ import torch
 from filelock import FileLock
 import numpy as np
 from PIL import Image, ImageOps
-from torch.utils.data import DataLoader
-from torchvision import datasets, transforms
+from torch.utils.data import DataLoader, Dataset, Sampler
+from torchvision import transforms
+from torchvision.transforms import functional as TF
 
 from . import demo_data
 from .errors import UserError
@@ -41,9 +42,11 @@ class Splits:
     std: tuple[float, float, float]
     crop_size: int
     skipped: list = field(default_factory=list)  # [(path, reason)] left out by data.on_bad_image=skip
+    resize: int | None = None  # shorter side resized to this before cropping (None: tiles as they are)
+    crop_seed: int = 0
 
     def eval_transform(self) -> transforms.Compose:
-        return eval_transform(self.crop_size, self.mean, self.std)
+        return eval_transform(self.crop_size, self.mean, self.std, self.resize)
 
 
 def resolve_root(data_cfg) -> Path:
@@ -173,16 +176,79 @@ def check_images(paths: list[Path], crop_size: int, cache_dir=None) -> list[tupl
     return bad
 
 
-def train_transform(crop: int, mean, std) -> transforms.Compose:
-    return transforms.Compose(
-        [transforms.RandomCrop(crop), transforms.ToTensor(), transforms.Normalize(mean, std)]
-    )
+def eval_transform(crop: int, mean, std, resize: int | None = None) -> transforms.Compose:
+    steps = [transforms.Resize(resize)] if resize else []
+    return transforms.Compose(steps + [transforms.CenterCrop(crop), transforms.ToTensor(), transforms.Normalize(mean, std)])
 
 
-def eval_transform(crop: int, mean, std) -> transforms.Compose:
-    return transforms.Compose(
-        [transforms.CenterCrop(crop), transforms.ToTensor(), transforms.Normalize(mean, std)]
-    )
+# ---------------------------------------------------------------- the training crops, shared with the feature bank
+# A training image's random crop is a pure function of (crop seed, image index, view), and epoch e uses view
+# view_of(e); batches are shuffled by (run seed, epoch). The naive loop and the feature bank draw from the
+# same functions, so with trainer.bank_views >= max_epochs the bank reproduces the naive loop crop for crop,
+# and a resumed job draws exactly what an uninterrupted one would.
+
+
+def view_of(epoch: int) -> int:
+    """Epoch 0 (measuring the untrained model) uses view 0; training epoch e >= 1 uses view e - 1."""
+    return max(int(epoch) - 1, 0)
+
+
+def crop_offset(size: tuple[int, int], crop: int, seed: int, index: int, view: int) -> tuple[int, int]:
+    """(top, left) of the random ``crop`` x ``crop`` window of training image ``index`` (``size`` = (w, h))."""
+    w, h = size
+    rng = np.random.default_rng([int(seed), int(index), int(view)])
+    return int(rng.integers(0, h - crop + 1)), int(rng.integers(0, w - crop + 1))
+
+
+def shuffled(n: int, seed: int, epoch: int) -> np.ndarray:
+    """The training order of epoch ``epoch`` for run seed ``seed``."""
+    return np.random.default_rng([int(seed), int(epoch)]).permutation(n)
+
+
+def resized(image: Image.Image, resize: int | None) -> Image.Image:
+    return TF.resize(image, resize) if resize else image
+
+
+class Tiles(Dataset):
+    """(image, label) of one split. With ``crop_seed`` (training): the random crop of (image, epoch) from
+    crop_offset; without (evaluation): the centre crop. ``epoch`` is set by the loader's set_epoch."""
+
+    def __init__(self, samples: list[tuple[Path, int]], crop: int, mean, std, resize=None, crop_seed=None):
+        self.samples, self.crop, self.mean, self.std = samples, crop, mean, std
+        self.resize, self.crop_seed, self.epoch = resize, crop_seed, 0
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int):
+        path, label = self.samples[i]
+        image = resized(load_rgb(path), self.resize)
+        if self.crop_seed is None:
+            image = TF.center_crop(image, [self.crop, self.crop])
+        else:
+            top, left = crop_offset(image.size, self.crop, self.crop_seed, i, view_of(self.epoch))
+            image = TF.crop(image, top, left, self.crop, self.crop)
+        return TF.normalize(TF.to_tensor(image), self.mean, self.std), label
+
+
+class EpochShuffle(Sampler):
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        return iter(shuffled(self.n, self.seed, self.epoch).tolist())
+
+
+class Loader(DataLoader):
+    """A DataLoader whose crops and order follow ``set_epoch`` (called by the training loop)."""
+
+    def set_epoch(self, epoch: int) -> None:
+        self.dataset.epoch = epoch
+        if isinstance(self.sampler, EpochShuffle):
+            self.sampler.epoch = epoch
 
 
 def load_rgb(path) -> Image.Image:
@@ -241,9 +307,16 @@ def dataset_stats(train_files: list[Path], cache_dir) -> tuple[tuple[float, ...]
     return mean, std
 
 
-def build(data_cfg, trainer_cfg, crop_size: int = 224, seed: int = 0) -> Splits:
+def build(data_cfg, trainer_cfg, crop_size: int = 224, seed: int = 0, resize: int | None = None,
+          crop_seed: int = 0) -> Splits:
     root = resolve_root(data_cfg)
-    classes, files, skipped = scan_tree(root, crop_size, data_cfg.cache_dir, str(data_cfg.get("on_bad_image", "error")))
+    if resize is not None and (not isinstance(resize, int) or resize < crop_size):
+        raise UserError(f"backbone.resize={resize}: must be null or an integer >= backbone.crop_size ({crop_size})")
+    if not isinstance(crop_seed, int) or crop_seed < 0:
+        raise UserError(f"trainer.crop_seed={crop_seed}: must be an integer >= 0")
+    # with a resize, any image can be cropped; without one, images must be at least the crop
+    classes, files, skipped = scan_tree(root, crop_size if not resize else 1, data_cfg.cache_dir,
+                                        str(data_cfg.get("on_bad_image", "error")))
     if data_cfg.normalize == "imagenet":
         mean, std = IMAGENET_MEAN, IMAGENET_STD
     elif data_cfg.normalize == "dataset":
@@ -251,32 +324,30 @@ def build(data_cfg, trainer_cfg, crop_size: int = 224, seed: int = 0) -> Splits:
     else:
         raise UserError(f"data.normalize={data_cfg.normalize}: choose imagenet or dataset")
 
-    def loader(split: str, transform, shuffle: bool) -> DataLoader:
-        good = {str(p) for p in files[split]}
-        ds = datasets.ImageFolder(str(root / split), transform=transform, loader=load_rgb,
-                                  is_valid_file=lambda p: p in good)
-        generator = torch.Generator().manual_seed(seed)  # data order and crops follow the seed
+    def loader(split: str, train: bool) -> Loader:
+        samples = [(p, classes.index(p.relative_to(root / split).parts[0])) for p in files[split]]
+        ds = Tiles(samples, crop_size, mean, std, resize, crop_seed if train else None)
         workers = int(trainer_cfg.num_workers)
-        return DataLoader(
+        return Loader(
             ds,
             batch_size=int(trainer_cfg.batch_size),
-            shuffle=shuffle,
+            sampler=EpochShuffle(len(ds), seed) if train else None,
             num_workers=workers,
-            generator=generator,
-            # not persistent: workers are re-seeded from `generator` every epoch, so a resumed
-            # job draws the same crops as an uninterrupted one
+            # not persistent: each epoch's workers get the dataset with that epoch's crops
             persistent_workers=False,
             pin_memory=torch.cuda.is_available(),
         )
 
     return Splits(
-        train=loader("train", train_transform(crop_size, mean, std), shuffle=True),
-        valid=loader("valid", eval_transform(crop_size, mean, std), shuffle=False),
-        test=loader("test", eval_transform(crop_size, mean, std), shuffle=False),
+        train=loader("train", True),
+        valid=loader("valid", False),
+        test=loader("test", False),
         classes=classes,
         root=root,
         mean=tuple(mean),
         std=tuple(std),
         crop_size=crop_size,
         skipped=skipped,
+        resize=resize,
+        crop_seed=crop_seed,
     )

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 import torch
 import torchmetrics
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -141,49 +142,98 @@ def run_epoch(model, loader, device, precision, prefix, epoch, optimizer=None, d
 
 
 def make_optimizer(optimizer_cfg, model: nn.Module) -> torch.optim.Optimizer:
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
+    """The configured optimizer over what trains: one parameter group for the head at ``optimizer.lr``,
+    and, when part of the backbone trains, one for it at ``lr * optimizer.backbone_lr_scale``."""
+    cfg = OmegaConf.to_container(optimizer_cfg, resolve=True)
+    scale = cfg.pop("backbone_lr_scale", 1.0)
+    if not isinstance(scale, (int, float)) or scale <= 0:
+        raise UserError(f"optimizer.backbone_lr_scale={scale}: must be a number > 0 (1.0: the head's LR)")
+    head = [p for n, p in model.named_parameters() if p.requires_grad and n.startswith("head.")]
+    backbone = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("head.")]
+    if not head and not backbone:
         raise UserError("backbone.freeze and head leave nothing to train")
-    factory = instantiate(optimizer_cfg)
-    return factory(params)
+    groups = [{"params": head, "name": "head"}] if head else []
+    if backbone:
+        groups.append({"params": backbone, "name": "backbone", "lr": float(cfg["lr"]) * scale})
+    return instantiate(cfg)(groups)
+
+
+def make_scheduler(scheduler_cfg, optimizer):
+    """``scheduler`` config group: none (constant LR, the study's setting), cosine, step, plateau."""
+    if not scheduler_cfg or "_target_" not in scheduler_cfg:
+        return None
+    return instantiate(scheduler_cfg)(optimizer)
+
+
+def warmup_cosine(optimizer, warmup_epochs: int, start_factor: float, min_lr_scale: float, max_epochs: int):
+    """Linear warm-up over the first ``warmup_epochs`` epochs, then cosine annealing, ending just above
+    ``lr * min_lr_scale`` at the last epoch (stepped once per epoch)."""
+    from torch.optim import lr_scheduler
+
+    warmup_epochs = max(0, min(int(warmup_epochs), int(max_epochs) - 1))
+    floor = [g["lr"] * min_lr_scale for g in optimizer.param_groups]
+    cosine = lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, int(max_epochs) - warmup_epochs),
+                                            eta_min=min(floor))
+    if warmup_epochs == 0:
+        return cosine
+    warmup = lr_scheduler.LinearLR(optimizer, start_factor=start_factor, total_iters=warmup_epochs)
+    return lr_scheduler.SequentialLR(optimizer, [warmup, cosine], milestones=[warmup_epochs])
+
+
+def step_scheduler(scheduler, value: float) -> None:
+    if scheduler is None:
+        return
+    if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+        scheduler.step(value)  # on the objective
+    else:
+        scheduler.step()
+
+
+def learning_rates(optimizer) -> dict:
+    """``lr/head`` (and ``lr/backbone``): the LRs the next epoch trains with."""
+    return {f"lr/{g.get('name', i)}": g["lr"] for i, g in enumerate(optimizer.param_groups)}
 
 
 def fit(model, splits, optimizer_cfg, trainer_cfg, log_epoch, objective: str,
-        state_fn, device: torch.device, resume=None) -> History:
+        state_fn, device: torch.device, resume=None, scheduler_cfg=None) -> History:
     """Epoch 0 measures the untrained model; epochs 1..max_epochs train. The best epoch on the
     objective is kept (its trainable state via ``state_fn``); ``patience`` epochs without
     improvement stop early. Raises Diverged on a NaN/inf loss. ``resume`` (optional) restores a
-    previous attempt (``restore(model, optimizer, history, loaders) -> next epoch``) and saves
-    after every epoch (``save(epoch, model, optimizer, history, loaders)``)."""
+    previous attempt (``restore(model, optimizer, history) -> next epoch``) and saves
+    after every epoch (``save(epoch, model, optimizer, history)``)."""
     mode = direction(objective)
     history = History(objective, mode)
     model.to(device).to(memory_format=torch.channels_last)
     optimizer = make_optimizer(optimizer_cfg, model)
+    scheduler = make_scheduler(scheduler_cfg, optimizer)
     precision = trainer_cfg.precision
     patience = trainer_cfg.patience
     max_epochs = int(trainer_cfg.max_epochs)
-    start = resume.restore(model, optimizer, history, [splits.train]) if resume else 0
+    start = resume.restore(model, optimizer, scheduler, history) if resume else 0
     if start and patience is not None and start - 1 - history.best_epoch >= int(patience):
         history.stopped_early = True
         return history
     for epoch in range(start, max_epochs + 1):
-        if hasattr(splits.train, "set_epoch"):  # the feature bank serves view epoch mod V
-            splits.train.set_epoch(epoch)
+        splits.train.set_epoch(epoch)  # the epoch's crops (view) and order
         desc = f"epoch {epoch}/{max_epochs}"
+        lrs = learning_rates(optimizer)  # what this epoch trains with (epoch 0: the starting LR)
         if epoch == 0:
             metrics = run_epoch(model, splits.train, device, precision, "train", epoch, desc=desc + " train")
         else:
             metrics = run_epoch(model, splits.train, device, precision, "train", epoch, optimizer,
                                 desc=desc + " train")
         metrics.update(run_epoch(model, splits.valid, device, precision, "valid", epoch, desc=desc + " valid"))
+        metrics.update(lrs)
         history.epochs.append(metrics)
         value = metrics[objective]
+        if epoch > 0:
+            step_scheduler(scheduler, value)
         improved = epoch == 0 or better(value, history.best_value, mode)
         if improved:
             history.best_epoch, history.best_value = epoch, value
             history.best_state = state_fn()
         if resume:  # saved before logging: a resumed job re-logs what a kill kept from MLflow
-            resume.save(epoch, model, optimizer, history, [splits.train])
+            resume.save(epoch, model, optimizer, scheduler, history)
         log_epoch(epoch, metrics)
         log.info(
             "epoch %d: train loss %.4f acc %.4f | valid loss %.4f acc %.4f%s", epoch,

@@ -2,10 +2,11 @@
 
 With ``backbone.freeze=all`` the features of a given crop never change, so instead of re-running the
 backbone over every image at every epoch of every run, the bank stores, per training image, ``V``
-random crops (the train transform, offsets drawn from a generator seeded by ``trainer.bank_seed``)
-and one centre crop per valid/test image. Epoch ``e`` trains the head on view ``e mod V`` of each
-image, in a shuffled order per run seed. ``V = max_epochs`` (+1 for epoch 0) gives fresh crops every
-epoch, exactly the naive protocol; a small ``V`` (default 8) extracts less and reuses crops.
+random crops (views 0..V-1 of ``data.crop_offset``, seeded by ``trainer.crop_seed``) and one centre
+crop per valid/test image. Training epoch ``e`` uses view ``(e - 1) mod V`` of each image, in the
+order ``data.shuffled(run seed, e)``: the naive loop draws its crops and order from the same
+functions, so ``V >= max_epochs`` reproduces it crop for crop, and a small ``V`` (default 8)
+extracts less and reuses crops after epoch V.
 
 Stored fp16 (fp32 if features exceed fp16's range) and memory-mapped under ``<cache_dir>/features/<key>/``, keyed by everything that
 determines the features (backbone, weights source and checksum, data files with sizes and mtimes,
@@ -36,7 +37,7 @@ from .engine import autocast, cpu_has_bf16
 
 log = logging.getLogger(__name__)
 
-BANK_VERSION = 2  # 2: fp32 fallback when features exceed fp16
+BANK_VERSION = 3  # 2: fp32 fallback when features exceed fp16; 3: crops shared with the naive loop, resize
 
 
 def wanted(cfg) -> bool:
@@ -65,15 +66,15 @@ class Bank:
 
 
 class BankLoader:
-    """Batches of (features, labels) from the bank. The train loader serves view ``epoch mod V``
-    in a shuffled order drawn from the run's seed; eval loaders serve the centre crop in order."""
+    """Batches of (features, labels) from the bank. The train loader serves view ``view_of(epoch) mod V``
+    in the order ``data.shuffled(seed, epoch)``, as the naive loop does; eval loaders serve the centre
+    crop in order."""
 
     def __init__(self, bank: Bank, split: str, batch_size: int, shuffle: bool, seed: int):
         self.features = bank.array(split)
         self.targets = bank.labels(split)
         self.views = bank.views if split == "train" else 1
-        self.batch_size, self.shuffle = batch_size, shuffle
-        self.generator = torch.Generator().manual_seed(seed)
+        self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -83,11 +84,11 @@ class BankLoader:
         return (len(self.targets) + self.batch_size - 1) // self.batch_size
 
     def __iter__(self):
-        feats = self.features[self.epoch % self.views] if self.features.ndim == 3 else self.features
+        feats = self.features[data.view_of(self.epoch) % self.views] if self.features.ndim == 3 else self.features
         n = len(self.targets)
-        order = torch.randperm(n, generator=self.generator) if self.shuffle else torch.arange(n)
+        order = data.shuffled(n, self.seed, self.epoch) if self.shuffle else np.arange(n)
         for i in range(0, n, self.batch_size):
-            idx = order[i:i + self.batch_size].numpy()
+            idx = order[i:i + self.batch_size]
             x = torch.from_numpy(np.asarray(feats[np.sort(idx)], dtype=np.float32))
             # keep the shuffled order: rows were read sorted (fast on a memmap), put them back
             inverse = np.argsort(np.argsort(idx))
@@ -105,32 +106,22 @@ class HeadOnly(nn.Module):
         return self.head(features).squeeze(-1)
 
 
-def key_of(cfg, built, files: dict[str, list[Path]], crop: int, mean, std) -> str:
+def key_of(cfg, built, files: dict[str, list[Path]], crop: int, mean, std, resize=None) -> str:
     spec = {
         "version": BANK_VERSION,
         "backbone": str(cfg.backbone.name),
         "weights_source": built.weights_source,
         "frozen_checksum": built.frozen_checksum,
         "files": {s: data.fingerprint(files[s]) for s in data.SPLITS},
-        "crop": crop, "mean": list(mean), "std": list(std),
-        "views": int(cfg.trainer.bank_views), "crop_seed": int(cfg.trainer.bank_seed),
+        "crop": crop, "resize": resize, "mean": list(mean), "std": list(std),
+        "views": int(cfg.trainer.bank_views), "crop_seed": int(cfg.trainer.crop_seed),
     }
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def crop_offsets(views: int, size: tuple[int, int], crop: int, seed: int, index: int):
-    """The V random crop offsets of image ``index``: a generator per (seed, image), so the bank
-    does not depend on file order or batch composition."""
-    g = torch.Generator().manual_seed(seed * 1_000_003 + index)
-    w, h = size
-    tops = torch.randint(0, h - crop + 1, (views,), generator=g).tolist()
-    lefts = torch.randint(0, w - crop + 1, (views,), generator=g).tolist()
-    return list(zip(tops, lefts))
-
-
-def _decode(path: Path, mean, std) -> torch.Tensor:
-    """Decode once, normalise once; crops are then slices of this tensor."""
-    x = TF.to_tensor(data.load_rgb(path))
+def _decode(path: Path, mean, std, resize=None) -> torch.Tensor:
+    """Decode once (resized as the loaders do), normalise once; crops are then slices of this tensor."""
+    x = TF.to_tensor(data.resized(data.load_rgb(path), resize))
     return TF.normalize(x, mean, std)
 
 
@@ -146,12 +137,13 @@ def _bf16_ok(backbone: nn.Module, sample: torch.Tensor, device: torch.device) ->
 
 
 def extract(backbone: nn.Module, files: dict[str, list[Path]], labels: dict[str, list[int]], crop: int,
-            mean, std, views: int, seed: int, device: torch.device, out: Path, batch_size: int = 64) -> dict:
+            mean, std, views: int, seed: int, device: torch.device, out: Path, batch_size: int = 64,
+            resize=None) -> dict:
     """Run the frozen backbone once over every crop the bank holds; write fp16 arrays to ``out``."""
     backbone = backbone.to(device).eval().to(memory_format=torch.channels_last)
     fast = (device.type == "cuda") or cpu_has_bf16()
     dim = None
-    sample = torch.stack([_decode(p, mean, std)[:, :crop, :crop] for p in files["train"][:8]])
+    sample = torch.stack([_decode(p, mean, std, resize)[:, :crop, :crop] for p in files["train"][:8]])
     use_bf16 = fast and _bf16_ok(backbone, sample.contiguous(memory_format=torch.channels_last), device)
     precision = "bf16" if use_bf16 else "32"
     total, started = 0, time.perf_counter()  # extraction proper: decode, crop, forward, store
@@ -185,9 +177,10 @@ def extract(backbone: nn.Module, files: dict[str, list[Path]], labels: dict[str,
             where.clear()
 
         for i, path in enumerate(paths):
-            image = _decode(path, mean, std)
+            image = _decode(path, mean, std, resize)
             if split == "train":
-                for v, (top, left) in enumerate(crop_offsets(n_views, (image.shape[2], image.shape[1]), crop, seed, i)):
+                for v in range(n_views):
+                    top, left = data.crop_offset((image.shape[2], image.shape[1]), crop, seed, i, v)
                     crops.append(image[:, top:top + crop, left:left + crop])
                     where.append((v, i))
             else:
@@ -219,7 +212,7 @@ def get(cfg, built, splits, device: torch.device) -> Bank:
     """The bank for this job: reused when it exists, else built once under a file lock."""
     files = {s: [Path(p) for p, _ in getattr(splits, s).dataset.samples] for s in data.SPLITS}
     labels = {s: [y for _, y in getattr(splits, s).dataset.samples] for s in data.SPLITS}
-    key = key_of(cfg, built, files, splits.crop_size, splits.mean, splits.std)
+    key = key_of(cfg, built, files, splits.crop_size, splits.mean, splits.std, splits.resize)
     root = Path(os.path.expanduser(str(cfg.data.cache_dir))) / "features"
     path = root / key
     root.mkdir(parents=True, exist_ok=True)
@@ -231,7 +224,7 @@ def get(cfg, built, splits, device: torch.device) -> Bank:
                 tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=root))
                 try:
                     stats = extract(built.model.backbone, files, labels, splits.crop_size, splits.mean, splits.std,
-                                    views, int(cfg.trainer.bank_seed), device, tmp)
+                                    views, splits.crop_seed, device, tmp, resize=splits.resize)
                     meta = {"key": key, "views": views, "backbone": str(cfg.backbone.name),
                             "weights_source": built.weights_source, "n": {s: len(files[s]) for s in files},
                             **stats}

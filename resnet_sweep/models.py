@@ -57,9 +57,8 @@ class Classifier(nn.Module):
     def train(self, mode: bool = True):
         super().train(mode)
         for module in self.backbone.modules():
-            params = list(module.parameters(recurse=False))
-            if params and not any(p.requires_grad for p in params):
-                module.eval()
+            if not any(p.requires_grad for p in module.parameters()):
+                module.eval()  # nothing in it trains: BatchNorm statistics and dropout stay fixed
         return self
 
 
@@ -80,6 +79,8 @@ class Built:
     weights_source: str     # imagenet:<enum> | random | random (ImageNet weights unavailable) | file:<path>
     in_features: int
     frozen_checksum: str    # sha256 of everything that does not train: rebuilding must reproduce it
+    trainable_params: int   # head included
+    total_params: int
 
 
 def available_backbones() -> list[str]:
@@ -92,8 +93,9 @@ def load_backbone(cfg) -> tuple[nn.Module, str]:
     name, choice = str(cfg.name), str(cfg.weights)
     if name not in available_backbones():
         raise UserError(f"backbone.name={name}: not a torchvision classification model")
+    kwargs = OmegaConf.to_container(cfg.model_kwargs, resolve=True) if cfg.get("model_kwargs") else {}
     if choice == "none":
-        return tvm.get_model(name, weights=None), "random"
+        return tvm.get_model(name, weights=None, **kwargs), "random"
     if choice in ("auto", "imagenet"):
         try:
             enum = tvm.get_model_weights(name)[str(cfg.imagenet_weights)]
@@ -104,7 +106,7 @@ def load_backbone(cfg) -> tuple[nn.Module, str]:
                 f"choose one of {members}"
             ) from None
         try:
-            return tvm.get_model(name, weights=enum), f"imagenet:{enum}"
+            return tvm.get_model(name, weights=enum, **kwargs), f"imagenet:{enum}"
         except Exception as e:  # no network, no cache, corrupt file
             cache = Path(torch.hub.get_dir()) / "checkpoints" / Path(enum.url).name
             why = f"{type(e).__name__}: {e}".splitlines()[0]
@@ -120,14 +122,14 @@ def load_backbone(cfg) -> tuple[nn.Module, str]:
             )
             log.warning(msg)
             warnings.warn(msg, stacklevel=2)
-            return tvm.get_model(name, weights=None), "random (ImageNet weights unavailable)"
+            return tvm.get_model(name, weights=None, **kwargs), "random (ImageNet weights unavailable)"
     path = Path(os.path.expanduser(choice))
     if not path.is_file():
         raise UserError(
             f"backbone.weights={choice}: no such file; use auto, imagenet, none or a path to a "
             "state dict"
         )
-    model = tvm.get_model(name, weights=None)
+    model = tvm.get_model(name, weights=None, **kwargs)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
         if isinstance(state, dict) and "state_dict" in state:
@@ -147,21 +149,66 @@ def _file_sha256(path: Path) -> str:
 
 
 def strip_classifier(model: nn.Module) -> tuple[nn.Module, int]:
-    """Replace the torchvision classification layer by Identity; return its in_features."""
-    fc = getattr(model, "fc", None)
-    if isinstance(fc, nn.Linear):
-        model.fc = nn.Identity()
-        return model, fc.in_features
-    raise UserError(f"backbone {type(model).__name__}: no 'fc' classification layer to replace")
+    """Replace the model's ImageNet classification layer (its last ``nn.Linear``: ``fc`` of ResNet and
+    Inception, ``classifier[-1]`` of VGG, ConvNeXt and EfficientNet) by Identity; return its
+    in_features. Auxiliary classifiers (Inception's ``AuxLogits``) are removed: only the main output
+    feeds the head."""
+    if getattr(model, "aux_logits", False):
+        model.aux_logits = False
+        for aux in ("AuxLogits", "aux1", "aux2"):
+            if getattr(model, aux, None) is not None:
+                setattr(model, aux, None)
+    linears = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise UserError(f"backbone {type(model).__name__}: no Linear classification layer to replace")
+    name = linears[-1]
+    in_features = model.get_submodule(name).in_features
+    parent, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, attr, nn.Identity())
+    return model, in_features
 
 
-def apply_freeze(model: Classifier, freeze: str) -> None:
+def parameterised_layers(backbone: nn.Module) -> list[str]:
+    """Names of the modules that hold parameters of their own (Conv, BatchNorm, Linear, ...), input to
+    output in definition order: what ``backbone.unfreeze=N`` counts from the end."""
+    return [name for name, m in backbone.named_modules() if any(True for _ in m.parameters(recurse=False))]
+
+
+def apply_freeze(model: Classifier, backbone_cfg) -> None:
+    """``all``: head only; ``none``: everything; ``last_n``: the last ``backbone.unfreeze`` parameterised
+    layers; ``stages``: the named submodules in ``backbone.stages`` (e.g. ``[layer4]``)."""
+    freeze = str(backbone_cfg.freeze)
+    backbone = model.backbone
     if freeze == "all":
-        model.backbone.requires_grad_(False)
+        backbone.requires_grad_(False)
     elif freeze == "none":
-        model.backbone.requires_grad_(True)
+        backbone.requires_grad_(True)
+    elif freeze == "last_n":
+        n = backbone_cfg.get("unfreeze")
+        layers = parameterised_layers(backbone)
+        if not isinstance(n, int) or not 1 <= n <= len(layers):
+            raise UserError(f"backbone.unfreeze={n}: with backbone.freeze=last_n, give the number of parameterised "
+                            f"layers to train, counted from the output (1..{len(layers)} for {backbone_cfg.name})")
+        backbone.requires_grad_(False)
+        for name in layers[-n:]:
+            backbone.get_submodule(name).requires_grad_(True)
+    elif freeze == "stages":
+        stages = backbone_cfg.get("stages")
+        if not stages or isinstance(stages, str):
+            raise UserError("backbone.stages: with backbone.freeze=stages, give a list of submodule names, "
+                            "e.g. backbone.stages=[layer4]")
+        backbone.requires_grad_(False)
+        for stage in stages:
+            try:
+                module = backbone.get_submodule(str(stage))
+            except AttributeError:
+                top = ", ".join(n for n, m in backbone.named_children() if any(True for _ in m.parameters()))
+                raise UserError(f"backbone.stages={list(stages)}: {backbone_cfg.name} has no submodule '{stage}'; "
+                                f"its stages are {top} (nested names with dots, e.g. layer4.1)") from None
+            module.requires_grad_(True)
     else:
-        raise UserError(f"backbone.freeze={freeze}: choose all (train the head only) or none")
+        raise UserError(f"backbone.freeze={freeze}: choose all (train the head only), none (fine-tune everything), "
+                        "last_n (with backbone.unfreeze=N) or stages (with backbone.stages=[...])")
     model.train()
 
 
@@ -173,8 +220,10 @@ def build(backbone_cfg, head_cfg, seed: int = 0) -> Built:
         backbone, in_features = strip_classifier(backbone)
         head = instantiate(head_cfg, in_features=in_features)
     model = Classifier(backbone, head)
-    apply_freeze(model, str(backbone_cfg.freeze))
-    return Built(model, source, in_features, frozen_checksum(model))
+    apply_freeze(model, backbone_cfg)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return Built(model, source, in_features, frozen_checksum(model), trainable, total)
 
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -74,7 +74,7 @@ def predict(images_dir: str, run_id: str | None, best: bool, experiment: str, tr
     if not root.is_dir():
         raise UserError(f"{images_dir}: no such directory")
     model, meta = load(client, run, logged_model)
-    transform = data.eval_transform(int(meta["crop_size"]), meta["mean"], meta["std"])
+    transform = data.eval_transform(int(meta["crop_size"]), meta["mean"], meta["std"], meta.get("resize"))
     paths = sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith("."))
     bad: list[tuple[str, str]] = []
     rows: list[tuple[str, float, str]] = []

@@ -15,4 +15,12 @@ def epoch_budget(lr, table) -> int:
     return int(table[-1][1])
 
 
+def mode(objective) -> str:
+    """min for valid/loss, max for valid/acc (ReduceLROnPlateau's mode)."""
+    from .engine import direction
+
+    return "min" if direction(str(objective)) == "minimize" else "max"
+
+
 OmegaConf.register_new_resolver("rs.epoch_budget", epoch_budget, replace=True)
+OmegaConf.register_new_resolver("rs.mode", mode, replace=True)

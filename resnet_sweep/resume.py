@@ -114,7 +114,7 @@ class Resumer:
                          "objective": float(objective)})
 
     # ------------------------------------------------------------------ epoch level (engine.fit)
-    def save(self, run_id: str, epoch: int, model, optimizer, history, loaders) -> None:
+    def save(self, run_id: str, epoch: int, model, optimizer, scheduler, history) -> None:
         if not self.enabled:
             return
         from .models import trainable_state
@@ -122,21 +122,21 @@ class Resumer:
         self._write({
             "format": FORMAT, "key": self.key, "run_id": run_id, "epoch": epoch, "finished": False,
             "model": trainable_state(model), "optimizer": optimizer.state_dict(), "rng": _rng_state(),
-            "loaders": [loader.generator.get_state() for loader in loaders],
+            "scheduler": scheduler.state_dict() if scheduler is not None else None,
             "history": {"epochs": history.epochs, "best_epoch": history.best_epoch,
                         "best_value": history.best_value, "best_state": history.best_state},
         })
 
     @staticmethod
-    def restore(state: dict, model, optimizer, history, loaders) -> int:
+    def restore(state: dict, model, optimizer, scheduler, history) -> int:
         """Put the job back where its last completed epoch left it; return the next epoch."""
         if state is None or state.get("epoch", -1) < 0 or "model" not in state:
             return 0
         model.load_state_dict(state["model"], strict=False)
         optimizer.load_state_dict(state["optimizer"])
+        if scheduler is not None and state.get("scheduler") is not None:
+            scheduler.load_state_dict(state["scheduler"])
         _set_rng_state(state["rng"])
-        for loader, generator_state in zip(loaders, state["loaders"]):
-            loader.generator.set_state(generator_state)
         h = state["history"]
         history.epochs[:] = h["epochs"]
         history.best_epoch, history.best_value, history.best_state = h["best_epoch"], h["best_value"], h["best_state"]
@@ -149,13 +149,13 @@ class EpochHooks:
     def __init__(self, resumer: Resumer, state: dict | None, job):
         self.resumer, self.state, self.job = resumer, state, job
 
-    def restore(self, model, optimizer, history, loaders) -> int:
-        start = Resumer.restore(self.state, model, optimizer, history, loaders)
+    def restore(self, model, optimizer, scheduler, history) -> int:
+        start = Resumer.restore(self.state, model, optimizer, scheduler, history)
         if start:
             log.info("%s: resuming MLflow run %s at epoch %d", self.job.name, self.job.run_id, start)
             self.job.tags(resumed_at_epoch=start)
             self.job.ensure_logged(history.epochs)
         return start
 
-    def save(self, epoch, model, optimizer, history, loaders) -> None:
-        self.resumer.save(self.job.run_id, epoch, model, optimizer, history, loaders)
+    def save(self, epoch, model, optimizer, scheduler, history) -> None:
+        self.resumer.save(self.job.run_id, epoch, model, optimizer, scheduler, history)

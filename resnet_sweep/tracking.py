@@ -176,6 +176,9 @@ class JobLog:
     def tags(self, **tags) -> None:
         mlflow.set_tags({k: redact(v) for k, v in tags.items()})
 
+    def params(self, params: dict) -> None:
+        mlflow.log_params(params)
+
     def epoch(self, epoch: int, metrics: dict) -> None:
         mlflow.log_metrics(metrics, step=epoch)
 

@@ -76,9 +76,13 @@ def _train(cfg, resumer, state) -> tuple[float, str]:
         validate(cfg)
         seed_everything(cfg.seed)
         device = engine.resolve_device(cfg.trainer.device)
-        splits = data.build(cfg.data, cfg.trainer, crop_size=int(cfg.backbone.crop_size), seed=int(cfg.seed))
+        splits = data.build(cfg.data, cfg.trainer, crop_size=int(cfg.backbone.crop_size), seed=int(cfg.seed),
+                            resize=cfg.backbone.get("resize"), crop_seed=cfg.trainer.crop_seed)
         built = models.build(cfg.backbone, cfg.head, seed=int(cfg.seed))
         job.tags(weights_source=built.weights_source, data_root=str(splits.root), device=str(device))
+        job.params({"model.trainable_params": built.trainable_params, "model.total_params": built.total_params})
+        log.info("%s: %s of %s parameters train (backbone.freeze=%s)", job.name, f"{built.trainable_params:,}",
+                 f"{built.total_params:,}", cfg.backbone.freeze)
         job.skipped_images(splits.skipped)
         report = hpo.reporter(cfg)  # None outside an Optuna sweep
 
@@ -95,13 +99,13 @@ def _train(cfg, resumer, state) -> tuple[float, str]:
             inputs = features.splits_from(bank, splits, int(cfg.trainer.batch_size), int(cfg.seed))
         history = engine.fit(model, inputs, cfg.optimizer, cfg.trainer, on_epoch, cfg.objective,
                              state_fn=lambda: models.trainable_state(built.model), device=device,
-                             resume=resume.EpochHooks(resumer, state, job))
+                             resume=resume.EpochHooks(resumer, state, job), scheduler_cfg=cfg.get("scheduler"))
         job.history(history)
         built.model.load_state_dict(history.best_state, strict=False)
         job.test_metrics(engine.evaluate(model, inputs.test, device, cfg.trainer.precision), splits.classes)
         ckpt = models.checkpoint(built, history.best_state, cfg, {
             "epoch": history.best_epoch, "classes": splits.classes, "mean": list(splits.mean),
-            "std": list(splits.std), "crop_size": splits.crop_size,
+            "std": list(splits.std), "crop_size": splits.crop_size, "resize": splits.resize,
         })
         if cfg.tracking.log_checkpoint:
             job.checkpoint(ckpt)
