@@ -23,8 +23,12 @@ def cmd_stats(args) -> None:
     from . import data
 
     root = Path(args.root)
-    train = root / "train" if (root / "train").is_dir() else root
-    paths = sorted(p for p in train.rglob("*") if data.is_image(p))
+    if (root / "train").is_dir():   # the files training reads: ROOT/train/<class>/**
+        train = root / "train"
+        paths = [p for cls in data.class_folders(train) for p in data.class_images(train / cls)]
+    else:
+        train = root
+        paths = data.class_images(root)
     if not paths:
         raise UserError(f"{train}: no images found")
     mean, std = data.channel_stats(paths)
