@@ -23,14 +23,36 @@ def cmd_stats(args) -> None:
     from . import data
 
     root = Path(args.root)
-    train = root / "train" if (root / "train").is_dir() else root
-    paths = sorted(p for p in train.rglob("*") if data.is_image(p))
+    if (root / "train").is_dir():   # the files training reads: ROOT/train/<class>/**
+        train = root / "train"
+        paths = [p for cls in data.class_folders(train) for p in data.class_images(train / cls)]
+    else:
+        train = root
+        paths = data.class_images(root)
     if not paths:
         raise UserError(f"{train}: no images found")
     mean, std = data.channel_stats(paths)
     print(f"{len(paths)} images under {train}")
     print(f"mean: [{', '.join(f'{v:.4f}' for v in mean)}]")
     print(f"std:  [{', '.join(f'{v:.4f}' for v in std)}]")
+
+
+def cmd_split(args) -> None:
+    """SRC/<class>/* -> DST/{train,valid,test}/<class>/*, no group in two splits."""
+    from . import split
+
+    ratios = split.parse_ratios(args.ratios)
+    items = split.scan(Path(args.src), args.group)
+    assignment = split.assign(items, ratios, args.seed)
+    split.write(items, assignment, Path(args.src), Path(args.dst), copy=args.copy, force=args.force)
+    if args.group is None:
+        print("no --group: every file is its own group (give --group if files share a slide or patient)",
+              file=sys.stderr)
+    print(split.table(items, assignment, ratios))
+    for cls, group, where in assignment.forced:
+        print(f"note: group {group!r} went to {where} so that {where} holds class {cls!r}", file=sys.stderr)
+    print(f"{len(items)} files in {len(assignment.split_of_group)} groups "
+          f"{'copied' if args.copy else 'linked'} into {args.dst}/{{train,valid,test}}/; list in {args.dst}/split.csv")
 
 
 def cmd_report(args) -> None:
@@ -80,6 +102,20 @@ def main(argv: list[str] | None = None) -> int:
                    help="unpickle the run's logged MLflow model instead of rebuilding it from the weights-only "
                         "checkpoint (only for stores you trust)")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("split", help="SRC/<class>/* -> DST/{train,valid,test}/<class>/*, no group (slide) in two "
+                                     "splits")
+    p.add_argument("src", help="folder with one folder per class")
+    p.add_argument("dst", help="new or empty folder for train/, valid/, test/ and split.csv")
+    p.add_argument("--group", metavar="REGEX",
+                   help="the group of a file: the regex's first capture group (else the whole match), searched "
+                        "in the path below its class folder, e.g. 'slide(\\w+)_tile'; without it every file is "
+                        "its own group")
+    p.add_argument("--ratios", default="0.7,0.15,0.15", help="train,valid,test (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="breaks ties between equal groups (default: %(default)s)")
+    p.add_argument("--copy", action="store_true", help="copy the files (default: absolute symlinks)")
+    p.add_argument("--force", action="store_true", help="replace an earlier split in DST (one with split.csv)")
+    p.set_defaults(func=cmd_split)
 
     p = sub.add_parser("stats", help="per-channel mean/std of ROOT/train (or ROOT), streamed")
     p.add_argument("root")

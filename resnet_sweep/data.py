@@ -68,6 +68,16 @@ def is_image(path: Path) -> bool:
     return path.is_file() and not path.name.startswith(".")
 
 
+def class_folders(split_folder: Path) -> list[str]:
+    """The class folders of a split, sorted (hidden folders are not classes)."""
+    return sorted(p.name for p in split_folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def class_images(class_folder: Path) -> list[Path]:
+    """The images of a class folder, sorted (sub-folders included)."""
+    return sorted(p for p in class_folder.rglob("*") if is_image(p))
+
+
 def scan_tree(root: Path, crop_size: int, cache_dir=None, on_bad_image: str = "error"):
     """Check the tree; return (classes, good files per split, skipped [(path, reason)]).
     Raises UserError naming the path and what to do."""
@@ -83,7 +93,7 @@ def scan_tree(root: Path, crop_size: int, cache_dir=None, on_bad_image: str = "e
                 f"{where}: missing split folder '{split}' ({folder}); expected train/, valid/ and "
                 "test/, each with one folder per class"
             )
-        classes = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+        classes = class_folders(folder)
         if len(classes) != 2:
             shown = ", ".join(f"'{c}'" for c in classes) or "none"
             raise UserError(
@@ -93,7 +103,7 @@ def scan_tree(root: Path, crop_size: int, cache_dir=None, on_bad_image: str = "e
         classes_by_split[split] = classes
         files[split] = []
         for cls in classes:
-            images = sorted(p for p in (folder / cls).rglob("*") if is_image(p))
+            images = class_images(folder / cls)
             if not images:
                 raise UserError(f"{where}: {folder / cls} has no images; add images or remove the folder")
             files[split].extend(images)
@@ -268,13 +278,19 @@ def load_rgb(path) -> Image.Image:
 
 
 def channel_stats(paths: list[Path]) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Per-channel mean and std over all pixels of the images, streamed (any number of files)."""
+    """Per-channel mean and std over all pixels of the images, streamed (one image in memory at a
+    time; running sums in float64), so any number of files. `paths` may be any iterable."""
     total = torch.zeros(3, dtype=torch.float64)
     total_sq = torch.zeros(3, dtype=torch.float64)
     count = 0
     to_tensor = transforms.ToTensor()
     for path in paths:
-        x = to_tensor(load_rgb(path)).to(torch.float64).flatten(1)
+        try:
+            image = load_rgb(path)
+        except Exception as e:
+            why = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise UserError(f"{path}: cannot be read as an image ({why}); fix or remove it") from None
+        x = to_tensor(image).to(torch.float64).flatten(1)
         total += x.sum(1)
         total_sq += (x * x).sum(1)
         count += x.shape[1]

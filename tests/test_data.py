@@ -123,6 +123,29 @@ def test_dataset_normalisation_is_computed_on_train_and_cached(tmp_path, tiny_tr
     assert abs(float(x.mean())) < 0.5
 
 
+def test_stats_is_the_mean_and_std_of_every_training_pixel_as_dataset_normalisation_uses(tmp_path, capsys):
+    import numpy as np
+
+    from resnet_sweep import cli
+
+    root = make_tree(tmp_path / "tiles")
+    (root / "train" / ".trash").mkdir()   # not a class folder: training ignores it, so must stats
+    Image.new("RGB", (40, 40), "white").save(root / "train" / ".trash" / "old.png")
+    pixels = np.concatenate([np.asarray(Image.open(p).convert("RGB"), dtype=np.float64).reshape(-1, 3) / 255
+                             for p in sorted((root / "train").glob("*_class/*.png"))])
+    assert cli.main(["stats", str(root)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == f"12 images under {root / 'train'}"
+    assert out[1] == "mean: [" + ", ".join(f"{v:.4f}" for v in pixels.mean(0)) + "]"
+    assert out[2] == "std:  [" + ", ".join(f"{v:.4f}" for v in pixels.std(0)) + "]"
+
+    _, files, _ = data.scan_tree(root, 32)
+    mean, std = data.dataset_stats(files["train"], tmp_path / "c")   # what data.normalize=dataset uses
+    assert mean == pytest.approx(pixels.mean(0), abs=1e-6) and std == pytest.approx(pixels.std(0), abs=1e-6)
+    streamed = data.channel_stats(iter(files["train"]))   # any iterable: one image at a time
+    assert streamed == (mean, std)
+
+
 def add_bad_and_convertible_images(root: Path) -> tuple[list[Path], list[Path]]:
     """One file of each bad kind and of each convertible kind, in train/a_class."""
     import io
