@@ -42,6 +42,18 @@ class Row:
     test_acc: float | None
     weights: str
     imagenet_weights: str
+    trains: str = "head"         # what trained: head | all | last N layers | <stages>
+
+
+def trains_of(params: dict) -> str:
+    freeze = params.get("backbone.freeze", "all")
+    if freeze == "none":
+        return "all"
+    if freeze == "last_n":
+        return f"head + last {params.get('backbone.unfreeze')} layers"
+    if freeze == "stages":
+        return "head + " + params.get("backbone.stages", "?").strip("[]").replace("'", "")
+    return "head"
 
 
 def find_parent(client: MlflowClient, experiment: str | None, parent_id: str | None):
@@ -84,6 +96,7 @@ def to_row(run, objective: str) -> Row:
         batch_size=int(p.get("trainer.batch_size", 0)), seed=int(p.get("seed", 0)),
         objective=m.get(f"best/{objective}"), test_loss=m.get("test/loss"), test_acc=m.get("test/acc"),
         weights=t.get("weights_source", "?"), imagenet_weights=p.get("backbone.imagenet_weights", ""),
+        trains=trains_of(p),
     )
 
 
@@ -195,7 +208,8 @@ def best_learning_table(rows: list[Row], objective: str) -> str:
         best = _best(by_backbone[backbone], lambda r: r.objective, objective)
         if best is None:
             continue
-        out.append([backbone, best.head, best.optimizer, lr_text(best.lr), str(best.seed),
+        out.append([backbone, best.head if best.trains == "head" else f"{best.head} (trained: {best.trains})",
+                    best.optimizer, lr_text(best.lr), str(best.seed),
                     f"{best.max_epochs} ({best.best_epoch})", f"{best.objective:.4f}",
                     loss_text(best.test_loss), acc_text(best.test_acc)])
     return md_table(["Backbone", "Head", "Optimizer", "Learning rate", "Seed", "Epochs (best)",
@@ -214,10 +228,11 @@ def build(rows: list[Row], parent, objective: str) -> str:
         parts += [f"> Backbone weights: {', '.join(weights)}. Random weights are not transfer learning.", ""]
     groups: dict[tuple, list[Row]] = defaultdict(list)
     for r in rows:
-        groups[(r.backbone, r.head)].append(r)
-    for (backbone, head), group in sorted(groups.items()):
+        groups[(r.backbone, r.head, r.trains)].append(r)
+    for (backbone, head, trains), group in sorted(groups.items()):
         repeated = max(_seeds_per_point(group).values()) > 1
-        parts += [f"## {backbone}, {head} head", ""]
+        title = f"## {backbone}, {head} head" + ("" if trains == "head" else f" (trained: {trains})")
+        parts += [title, ""]
         parts += [seed_table(group, objective) if repeated else study_table(group, objective), ""]
     parts += ["## Best learning", "", best_learning_table(rows, objective), ""]
     parts += ["## Backbones on ImageNet (torchvision weights metadata)", "",

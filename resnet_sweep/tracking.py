@@ -119,8 +119,20 @@ def run_name(cfg) -> str:
         return str(cfg.run_name)
     return (
         f"{cfg.backbone.name}-{cfg.head.name}-{optimizer_name(cfg.optimizer)}"
-        f"-lr{lr_label(float(cfg.optimizer.lr))}-s{cfg.seed}"
+        f"-lr{lr_label(float(cfg.optimizer.lr))}{freeze_label(cfg.backbone)}-s{cfg.seed}"
     )
+
+
+def freeze_label(backbone_cfg) -> str:
+    """'' for the linear probe (freeze=all); what trains otherwise: -ft, -last2, -layer3+layer4."""
+    freeze = str(backbone_cfg.get("freeze", "all"))
+    if freeze == "none":
+        return "-ft"
+    if freeze == "last_n":
+        return f"-last{backbone_cfg.get('unfreeze')}"
+    if freeze == "stages":
+        return "-" + "+".join(str(s) for s in (backbone_cfg.get("stages") or []))
+    return ""
 
 
 def in_multirun() -> bool:
