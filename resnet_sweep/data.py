@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import multiprocessing
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -241,6 +242,14 @@ def dataset_stats(train_files: list[Path], cache_dir) -> tuple[tuple[float, ...]
     return mean, std
 
 
+def worker_context():
+    """How DataLoader workers start: the platform's standard method. Inside a joblib worker
+    (``hydra/launcher=joblib``) the default context is loky's, which cannot start them."""
+    method = multiprocessing.get_start_method(allow_none=True)
+    standard = multiprocessing.get_all_start_methods()
+    return None if method in standard else multiprocessing.get_context(standard[0])
+
+
 def build(data_cfg, trainer_cfg, crop_size: int = 224, seed: int = 0) -> Splits:
     root = resolve_root(data_cfg)
     classes, files, skipped = scan_tree(root, crop_size, data_cfg.cache_dir, str(data_cfg.get("on_bad_image", "error")))
@@ -267,6 +276,7 @@ def build(data_cfg, trainer_cfg, crop_size: int = 224, seed: int = 0) -> Splits:
             # job draws the same crops as an uninterrupted one
             persistent_workers=False,
             pin_memory=torch.cuda.is_available(),
+            multiprocessing_context=worker_context() if workers > 0 else None,
         )
 
     return Splits(
