@@ -521,11 +521,8 @@ def open_study_parent(config, study, storage_url: str | None, created: bool = Tr
         parent_id = _parent_of_new_study(study, wait_s)
     if parent_id:
         try:
-            if client.get_run(parent_id).info.status == "RUNNING":
-                client.set_tag(parent_id, "shared", "true")  # another sweep works on the study now
-            else:
-                client.update_run(parent_id, status="RUNNING")
-                client.set_tag(parent_id, "resumed", "true")
+            client.update_run(parent_id, status="RUNNING")
+            client.set_tag(parent_id, "resumed", "true")  # or joined by a sweep on another machine
         except Exception:
             parent_id = None  # another tracking store: start a new parent there
     if not parent_id:

@@ -249,6 +249,7 @@ def test_two_sweeps_share_one_optuna_study_in_postgresql_and_log_to_an_mlflow_se
     finished = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
     assert len(finished) == 6, [(t.number, t.state.name, t.system_attrs) for t in trials]
     assert len({t.number for t in trials}) == len(trials)
+    assert len({t.params["optimizer.lr"] for t in finished}) == 6, "the sweeps do not repeat each other's points"
     counted = [t for t in trials if not t.system_attrs.get("resnet_sweep:released")]
     assert len(counted) == 6
     owners = {t.system_attrs["resnet_sweep:owner"]["pid"] for t in finished}

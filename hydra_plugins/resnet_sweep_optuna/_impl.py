@@ -230,6 +230,9 @@ class OptunaSweeperImpl:
         except optuna.exceptions.DuplicatedStudyError:
             study = optuna.load_study(**common)
             self.created = False
+            # a seeded sampler would draw the same points as the sweep that created the study (or,
+            # on resume, as its own first run): reseed it from the system's entropy
+            study.sampler.reseed_rng()
         existing = study.direction.name.lower()
         if existing != self._direction():
             raise UserError(f"study '{study.study_name}' in {tracking.redact(self.storage_url)} was made to "
