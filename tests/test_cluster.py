@@ -55,18 +55,33 @@ def test_parallel_jobs_split_the_cores(launcher, sweeper, cores, threads):
     assert threads_per_job(launcher, sweeper, cores) == threads
 
 
-def test_launcher_presets_compose(tmp_path):
-    slurm = run_train(tmp_path, "hydra/launcher=slurm", "hydra.launcher.partition=gpu", "hydra.launcher.gpus_per_node=2",
-                      "--cfg", "hydra", "-p", "hydra.launcher").stdout
-    for line in ("partition: gpu", "gpus_per_node: 2", "timeout_min: 240", "array_parallelism: 16",
-                 "cpus_per_task: 8", "_target_: " + SUBMITIT_SLURM):
-        assert line in slurm
-    for name, target in (("submitit_slurm", SUBMITIT_SLURM), ("submitit_local", SUBMITIT_LOCAL), ("joblib", JOBLIB)):
-        out = run_train(tmp_path, f"hydra/launcher={name}", "--cfg", "hydra", "-p", "hydra.launcher")
-        assert f"_target_: {target}" in out.stdout and "deprecated" not in out.stderr
-    tracking = run_train(tmp_path, "tracking=server", "--cfg", "job", "-p", "tracking", "--resolve",
-                         env={"MLFLOW_TRACKING_URI": "http://mlflow.example:5000"}).stdout
-    assert "uri: http://mlflow.example:5000" in tracking
+def compose(*overrides: str):
+    from hydra import compose as hydra_compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        return hydra_compose("train", overrides=list(overrides), return_hydra_config=True)
+
+
+def test_launcher_presets_and_tracking_server_compose(monkeypatch):
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no deprecated schema matching for our presets
+        slurm = compose("hydra/launcher=slurm", "hydra.launcher.partition=gpu", "hydra.launcher.gpus_per_node=2")
+        plain = {name: compose(f"hydra/launcher={name}").hydra.launcher
+                 for name in ("submitit_slurm", "submitit_local", "joblib")}
+    launcher = slurm.hydra.launcher
+    assert launcher._target_ == SUBMITIT_SLURM
+    assert (launcher.partition, launcher.gpus_per_node, launcher.timeout_min, launcher.array_parallelism,
+            launcher.cpus_per_task) == ("gpu", 2, 240, 16, 8)
+    assert plain["submitit_slurm"]._target_ == SUBMITIT_SLURM and plain["submitit_slurm"].gpus_per_node is None
+    assert plain["submitit_local"]._target_ == SUBMITIT_LOCAL
+    assert plain["joblib"]._target_ == JOBLIB and plain["joblib"].n_jobs == -1
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.example:5000")
+    assert compose("tracking=server").tracking.uri == "http://mlflow.example:5000"
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    tracking = compose("tracking=server").tracking
+    assert tracking.uri == "http://127.0.0.1:5000" and tracking.experiment == "resnet-sweep"
 
 
 def test_make_server_uses_postgresql_when_given_else_sqlite():
