@@ -136,6 +136,7 @@ def connect(tracking_cfg) -> str:
     saved = {k: os.environ.get(k) for k in quick}
     os.environ.update({k: v for k, v in quick.items() if saved[k] is None})
     try:
+        _probe_database(str(tracking_cfg.uri))
         experiment = _set_experiment(str(tracking_cfg.experiment))
     except Exception as e:
         reason = redact(str(e).splitlines()[0] if str(e) else type(e).__name__)
@@ -148,6 +149,24 @@ def connect(tracking_cfg) -> str:
             if v is None:
                 os.environ.pop(k, None)
     return experiment.experiment_id
+
+
+def _probe_database(uri: str) -> None:
+    """A database URI (postgresql://, mysql://...) is tried once, quickly: MLflow itself retries an
+    unreachable database for about 100 s before giving up."""
+    scheme = uri.split(":", 1)[0].split("+", 1)[0].lower()
+    if scheme not in ("postgresql", "mysql", "mssql"):
+        return
+    import sqlalchemy
+    from sqlalchemy.pool import NullPool
+
+    connect_args = {"connect_timeout": 10} if scheme in ("postgresql", "mysql") else {}
+    engine = sqlalchemy.create_engine(uri, connect_args=connect_args, poolclass=NullPool)
+    try:
+        with engine.connect():
+            pass
+    finally:
+        engine.dispose()
 
 
 def _set_experiment(name: str):

@@ -289,6 +289,16 @@ def test_two_sweeps_share_one_optuna_study_in_postgresql_and_log_to_an_mlflow_se
         assert run.info.artifact_uri.startswith("mlflow-artifacts:/"), "artifacts go through the server"
     assert len(list(artifacts.rglob("best.pt"))) == 6
 
+    # the server's database as a direct tracking URI: reached at once, the password from PGPASSWORD
+    from resnet_sweep.tracking import connect
+
+    previous = mlflow.get_tracking_uri()
+    try:
+        assert connect(OmegaConf.create({"uri": postgres.url("mlflow"), "experiment": "resnet-sweep"})) \
+            == experiment.experiment_id
+    finally:
+        mlflow.set_tracking_uri(previous)
+
     # downloadable through the server
     done = next(r for r in children if r.info.status == "FINISHED")
     path = mlflow.artifacts.download_artifacts(run_id=done.info.run_id, artifact_path="checkpoint/best.pt",
