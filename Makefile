@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?= -m "not slow"
 
-.PHONY: setup demo test test-all ui bench clean
+.PHONY: setup demo test test-all ui server bench clean
 
 setup: $(STAMP)
 
@@ -29,6 +29,20 @@ test-all: setup
 # MLflow UI on the default store, bound to this machine only.
 ui: setup
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
+
+# MLflow tracking server for several sweeps or machines: PostgreSQL backend store when
+# MLFLOW_BACKEND_STORE_URI=postgresql://user@dbhost:5432/mlflow is set (password from PGPASSWORD or
+# ~/.pgpass, never in the URL), else sqlite:///mlflow.db. Artifacts go to ./mlartifacts (or
+# MLFLOW_ARTIFACTS_DESTINATION) and are uploaded and downloaded through the server.
+# HOST=0.0.0.0 to reach it from other machines (then also ALLOWED_HOSTS=name:port,...).
+HOST ?= 127.0.0.1
+PORT ?= 5000
+WORKERS ?= 2
+server: setup
+	$(BIN)/mlflow server --host $(HOST) --port $(PORT) --workers $(WORKERS) \
+		--backend-store-uri "$${MLFLOW_BACKEND_STORE_URI:-sqlite:///mlflow.db}" \
+		--serve-artifacts --artifacts-destination "$${MLFLOW_ARTIFACTS_DESTINATION:-./mlartifacts}" \
+		$(if $(ALLOWED_HOSTS),--allowed-hosts "$(ALLOWED_HOSTS)")
 
 # Naive loop vs feature bank on the study's ResNet18 perceptron grid (about 15 minutes on 2 cores).
 bench: setup

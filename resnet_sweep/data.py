@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import multiprocessing
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -323,6 +324,14 @@ def dataset_stats(train_files: list[Path], cache_dir) -> tuple[tuple[float, ...]
     return mean, std
 
 
+def worker_context():
+    """How DataLoader workers start: the platform's standard method. Inside a joblib worker
+    (``hydra/launcher=joblib``) the default context is loky's, which cannot start them."""
+    method = multiprocessing.get_start_method(allow_none=True)
+    standard = multiprocessing.get_all_start_methods()
+    return None if method in standard else multiprocessing.get_context(standard[0])
+
+
 def build(data_cfg, trainer_cfg, crop_size: int = 224, seed: int = 0, resize: int | None = None,
           crop_seed: int = 0) -> Splits:
     root = resolve_root(data_cfg)
@@ -352,6 +361,7 @@ def build(data_cfg, trainer_cfg, crop_size: int = 224, seed: int = 0, resize: in
             # not persistent: each epoch's workers get the dataset with that epoch's crops
             persistent_workers=False,
             pin_memory=torch.cuda.is_available(),
+            multiprocessing_context=worker_context() if workers > 0 else None,
         )
 
     return Splits(

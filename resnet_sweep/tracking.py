@@ -15,6 +15,7 @@ import os
 import re
 import subprocess
 import tempfile
+import time
 import warnings
 from pathlib import Path
 
@@ -147,7 +148,8 @@ def connect(tracking_cfg) -> str:
     saved = {k: os.environ.get(k) for k in quick}
     os.environ.update({k: v for k, v in quick.items() if saved[k] is None})
     try:
-        experiment = mlflow.set_experiment(str(tracking_cfg.experiment))
+        _probe_database(str(tracking_cfg.uri))
+        experiment = _set_experiment(str(tracking_cfg.experiment))
     except Exception as e:
         reason = redact(str(e).splitlines()[0] if str(e) else type(e).__name__)
         raise UserError(
@@ -159,6 +161,35 @@ def connect(tracking_cfg) -> str:
             if v is None:
                 os.environ.pop(k, None)
     return experiment.experiment_id
+
+
+def _probe_database(uri: str) -> None:
+    """A database URI (postgresql://, mysql://...) is tried once, quickly: MLflow itself retries an
+    unreachable database for about 100 s before giving up."""
+    scheme = uri.split(":", 1)[0].split("+", 1)[0].lower()
+    if scheme not in ("postgresql", "mysql", "mssql"):
+        return
+    import sqlalchemy
+    from sqlalchemy.pool import NullPool
+
+    connect_args = {"connect_timeout": 10} if scheme in ("postgresql", "mysql") else {}
+    engine = sqlalchemy.create_engine(uri, connect_args=connect_args, poolclass=NullPool)
+    try:
+        with engine.connect():
+            pass
+    finally:
+        engine.dispose()
+
+
+def _set_experiment(name: str):
+    """``mlflow.set_experiment``; when parallel jobs or sweeps create the experiment at the same
+    moment, the losers of the race use the winner's."""
+    try:
+        return mlflow.set_experiment(name)
+    except Exception as e:
+        if "already exist" not in str(e).lower() and "unique" not in str(e).lower():
+            raise
+        return mlflow.set_experiment(name)
 
 
 def _git_commit() -> str | None:
@@ -510,16 +541,22 @@ def _write_parent_id(config, parent_id: str) -> None:
     (sweep_dir / "mlflow_parent_run_id").write_text(parent_id + "\n")
 
 
-def open_study_parent(config, study, storage_url: str | None) -> str:
-    """The study's MLflow parent run: created once per study and reopened when a persistent study
-    is resumed, so all its trials stay under one run."""
+PARENT_ATTR = "mlflow_parent_run_id"
+
+
+def open_study_parent(config, study, storage_url: str | None, created: bool = True, wait_s: float = 60) -> str:
+    """The study's MLflow parent run: created once per study by the sweep that created the study,
+    joined by sweeps working on it at the same time and reopened when a persistent study is
+    resumed, so all its trials stay under one run."""
     experiment_id = connect(config.tracking)
     client = MlflowClient()
-    parent_id = study.user_attrs.get("mlflow_parent_run_id")
+    parent_id = study.user_attrs.get(PARENT_ATTR)
+    if not parent_id and not created:
+        parent_id = _parent_of_new_study(study, wait_s)
     if parent_id:
         try:
             client.update_run(parent_id, status="RUNNING")
-            client.set_tag(parent_id, "resumed", "true")
+            client.set_tag(parent_id, "resumed", "true")  # or joined by a sweep on another machine
         except Exception:
             parent_id = None  # another tracking store: start a new parent there
     if not parent_id:
@@ -527,11 +564,23 @@ def open_study_parent(config, study, storage_url: str | None) -> str:
             "sweep": "true", "optuna_study": study.study_name, "storage": redact(storage_url or "memory"),
             "objective": str(config.objective), "sweep_dir": str(config.hydra.sweep.dir)})
         parent_id = run.info.run_id
-        study.set_user_attr("mlflow_parent_run_id", parent_id)
+        study.set_user_attr(PARENT_ATTR, parent_id)
     client.set_tag(parent_id, "hydra_overrides", redact(" ".join(config.hydra.overrides.task)))
     _write_parent_id(config, parent_id)
     log.info("MLflow parent run %s for study '%s'", parent_id, study.study_name)
     return parent_id
+
+
+def _parent_of_new_study(study, wait_s: float) -> str | None:
+    """Another sweep created this study a moment ago and is opening its parent run: wait for it
+    (a study that already has trials but no parent run gets a new one)."""
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline and not study.get_trials(deepcopy=False):
+        parent_id = study.user_attrs.get(PARENT_ATTR)
+        if parent_id:
+            return parent_id
+        time.sleep(0.5)
+    return study.user_attrs.get(PARENT_ATTR)
 
 
 def mark_trial_runs_killed(parent_id: str, trial_number: int, reason: str) -> None:

@@ -141,16 +141,55 @@ def validate(cfg) -> None:
 
 
 def share_cores() -> None:
-    """Under a parallel launcher, each of its n_jobs jobs gets cores / n_jobs threads."""
+    """Jobs that run side by side share this machine's cores (see ``threads_per_job``)."""
     if not tracking.in_multirun():
         return
     from hydra.core.hydra_config import HydraConfig
 
-    n_jobs = HydraConfig.get().launcher.get("n_jobs")
-    if isinstance(n_jobs, int) and n_jobs > 1:
-        threads = max(1, (os.cpu_count() or 1) // n_jobs)
+    hc = HydraConfig.get()
+    threads = threads_per_job(hc.launcher, hc.sweeper, available_cores())
+    if threads:
         torch.set_num_threads(threads)
-        log.info("%d parallel jobs: %d torch thread(s) each", n_jobs, threads)
+        log.info("%d torch thread(s) for this job (hydra.launcher: %s)", threads,
+                 str(hc.launcher.get("_target_", "?")).rsplit(".", 1)[-1])
+
+
+def available_cores() -> int:
+    """Cores this process may run on (a SLURM allocation or taskset included)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def threads_per_job(launcher, sweeper, cores: int) -> int | None:
+    """Torch threads for one job, or None to keep torch's default (the job is alone).
+
+    - ``cpus_per_task`` set (submitit: SLURM or local): exactly that many; under SLURM without
+      it, the cores of the allocation;
+    - joblib: cores / jobs at once, where jobs at once = ``n_jobs`` (-1 = all cores, -2 = all
+      but one, as in joblib), capped by the Optuna sweeper's batch (``hydra.sweeper.n_jobs``);
+    - submitit_local without ``cpus_per_task``: every job of a batch starts at once, so
+      cores / the Optuna sweeper's batch (a grid's size is unknown here: set cpus_per_task).
+    """
+    target = str(launcher.get("_target_", ""))
+    cpus = launcher.get("cpus_per_task")
+    if isinstance(cpus, int) and cpus >= 1:
+        return cpus
+    if target.endswith("SlurmLauncher"):
+        return cores
+    optuna = str(sweeper.get("_target_", "")).startswith("hydra_plugins.resnet_sweep_optuna")
+    batch = sweeper.get("n_jobs") if optuna else None
+    batch = batch if isinstance(batch, int) and batch >= 1 else None
+    n_jobs = launcher.get("n_jobs")
+    if isinstance(n_jobs, int) and n_jobs != 0:  # joblib
+        at_once = n_jobs if n_jobs > 0 else max(1, cores + 1 + n_jobs)
+        at_once = min(at_once, batch) if batch else at_once
+    elif "submitit" in target:
+        at_once = batch or 1
+    else:
+        return None
+    return max(1, cores // at_once) if at_once > 1 else None
 
 
 def seed_everything(seed: int) -> None:
@@ -178,6 +217,8 @@ def check_group_choices(argv: list[str] | None = None) -> None:
     for o in overrides:
         group = o.key_or_group.lstrip("+~")
         if o.package or o.is_delete() or not (CONF_DIR / group).is_dir():
+            continue
+        if group.startswith("hydra/"):  # plugins add options (hydra/launcher=joblib): Hydra checks these
             continue
         if o.value_type == ValueType.ELEMENT:
             values = [o.value()]

@@ -97,15 +97,35 @@ def grid_choices(name: str, d: BaseDistribution) -> list:
     raise UserError(f"hydra.sweeper.params.{name}: the grid sampler needs choice(...) or range(...), not {d}")
 
 
-def _storage(url: str | None):
+def _storage(url: str | None, attempts: int = 5):
+    """The study's storage. Several sweeps opening a new database at the same moment race to
+    create its tables: the losers retry. An unreachable database is one line naming the key."""
     if url is None:
         return optuna.storages.InMemoryStorage()
-    engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
-    try:
-        return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
-    except Exception as e:
-        raise UserError(f"hydra.sweeper.storage={tracking.redact(url)}: cannot open the Optuna storage "
-                        f"({tracking.redact(str(e).splitlines()[0])})") from None
+    if url.startswith("sqlite"):
+        engine_kwargs = {"connect_args": {"timeout": 60}}
+    elif url.startswith("postgresql"):
+        engine_kwargs = {"pool_pre_ping": True, "connect_args": {"connect_timeout": 15}}
+    else:
+        engine_kwargs = {"pool_pre_ping": True}
+    for attempt in range(attempts):
+        try:
+            return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
+        except Exception as e:
+            from sqlalchemy.exc import IntegrityError, ProgrammingError
+
+            if isinstance(e, (IntegrityError, ProgrammingError)) and attempt + 1 < attempts:
+                time.sleep(1 + attempt)  # another sweep is creating the tables
+                continue
+            raise UserError(f"hydra.sweeper.storage={tracking.redact(url)}: cannot open the Optuna storage "
+                            f"({tracking.redact(_first_line(e))}); check the URL, that the database "
+                            "server runs and the credentials (PGPASSWORD or ~/.pgpass)") from None
+
+
+def _first_line(e: Exception) -> str:
+    e = getattr(e, "orig", None) or e  # SQLAlchemy's wrapper -> the driver's own message
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return lines[0] if lines else type(e).__name__
 
 
 def _alive(pid: int) -> bool:
@@ -202,9 +222,17 @@ class OptunaSweeperImpl:
             )
         self.storage = _storage(self.storage_url)
         pruner = self.pruner_cfg or optuna.pruners.NopPruner()  # instantiated by Hydra
-        study = optuna.create_study(study_name=self.study_name, storage=self.storage,
-                                    sampler=self._sampler(distributions), pruner=pruner,
-                                    direction=self._direction(), load_if_exists=True)
+        common = dict(study_name=self.study_name, storage=self.storage, sampler=self._sampler(distributions),
+                      pruner=pruner)
+        try:  # exactly one of several sweeps starting together creates the study
+            study = optuna.create_study(direction=self._direction(), **common)
+            self.created = True
+        except optuna.exceptions.DuplicatedStudyError:
+            study = optuna.load_study(**common)
+            self.created = False
+            # a seeded sampler would draw the same points as the sweep that created the study (or,
+            # on resume, as its own first run): reseed it from the system's entropy
+            study.sampler.reseed_rng()
         existing = study.direction.name.lower()
         if existing != self._direction():
             raise UserError(f"study '{study.study_name}' in {tracking.redact(self.storage_url)} was made to "
@@ -312,7 +340,7 @@ class OptunaSweeperImpl:
             raise UserError("the Optuna sweeper has nothing to search: give hydra.sweeper.params "
                             "(e.g. hpo=lr_search) or a sweep such as 'optimizer.lr=tag(log, interval(1e-6, 1e-2))'")
         study = self._study(distributions)
-        self.parent_id = tracking.open_study_parent(self.config, study, self.storage_url)
+        self.parent_id = tracking.open_study_parent(self.config, study, self.storage_url, self.created)
         log.info("Optuna study '%s' in %s: %s %s, %d trials, sampler %s, pruner %s", study.study_name,
                  tracking.redact(self.storage_url or "memory"), self._direction(), self.config.objective,
                  self.n_trials, type(study.sampler).__name__, type(study.pruner).__name__)

@@ -1,0 +1,306 @@
+"""Scale out: launchers, an MLflow server on PostgreSQL, one Optuna study shared by two sweeps.
+
+The integration test starts and stops its own PostgreSQL server (initdb in a temporary folder, a
+free loopback port, as the ``postgres`` user when run as root) and its own ``mlflow server``; it is
+skipped only when the PostgreSQL binaries are absent (``.ci/run`` installs them).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from conftest import FAST, REPO, TRAIN_PY, make_tree, run_train
+from resnet_sweep.train import threads_per_job
+
+JOBLIB = "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher"
+SUBMITIT_LOCAL = "hydra_plugins.hydra_submitit_launcher.submitit_launcher.LocalLauncher"
+SUBMITIT_SLURM = "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
+OPTUNA = "hydra_plugins.resnet_sweep_optuna.optuna_sweeper.OptunaSweeper"
+BASIC = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
+
+
+def node(target: str, **keys):
+    return OmegaConf.create({"_target_": target, **keys})
+
+
+@pytest.mark.parametrize("launcher, sweeper, cores, threads", [
+    (node(JOBLIB, n_jobs=2), node(BASIC), 2, 1),             # 2 jobs at once on 2 cores
+    (node(JOBLIB, n_jobs=4), node(BASIC), 16, 4),
+    (node(JOBLIB, n_jobs=-1), node(BASIC), 8, 1),            # joblib's -1: as many jobs as cores
+    (node(JOBLIB, n_jobs=-2), node(BASIC), 8, 1),
+    (node(JOBLIB, n_jobs=4), node(OPTUNA, n_jobs=1), 8, None),   # the sweeper hands out 1 trial at a time
+    (node(JOBLIB, n_jobs=4), node(OPTUNA, n_jobs=2), 8, 4),
+    (node(SUBMITIT_LOCAL, cpus_per_task=1), node(OPTUNA, n_jobs=1), 2, 1),
+    (node(SUBMITIT_LOCAL, cpus_per_task=None), node(OPTUNA, n_jobs=4), 8, 2),
+    (node(SUBMITIT_SLURM, cpus_per_task=8), node(BASIC), 64, 8),
+    (node(SUBMITIT_SLURM, cpus_per_task=None), node(BASIC), 4, 4),   # the allocation's cores
+    (node("hydra._internal.core_plugins.basic_launcher.BasicLauncher"), node(BASIC), 8, None),
+])
+def test_parallel_jobs_split_the_cores(launcher, sweeper, cores, threads):
+    assert threads_per_job(launcher, sweeper, cores) == threads
+
+
+def compose(*overrides: str):
+    from hydra import compose as hydra_compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        return hydra_compose("train", overrides=list(overrides), return_hydra_config=True)
+
+
+def test_launcher_presets_and_tracking_server_compose(monkeypatch):
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no deprecated schema matching for our presets
+        slurm = compose("hydra/launcher=slurm", "hydra.launcher.partition=gpu", "hydra.launcher.gpus_per_node=2")
+        plain = {name: compose(f"hydra/launcher={name}").hydra.launcher
+                 for name in ("submitit_slurm", "submitit_local", "joblib")}
+    launcher = slurm.hydra.launcher
+    assert launcher._target_ == SUBMITIT_SLURM
+    assert (launcher.partition, launcher.gpus_per_node, launcher.timeout_min, launcher.array_parallelism,
+            launcher.cpus_per_task) == ("gpu", 2, 240, 16, 8)
+    assert plain["submitit_slurm"]._target_ == SUBMITIT_SLURM and plain["submitit_slurm"].gpus_per_node is None
+    assert plain["submitit_local"]._target_ == SUBMITIT_LOCAL
+    assert plain["joblib"]._target_ == JOBLIB and plain["joblib"].n_jobs == -1
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.example:5000")
+    assert compose("tracking=server").tracking.uri == "http://mlflow.example:5000"
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    tracking = compose("tracking=server").tracking
+    assert tracking.uri == "http://127.0.0.1:5000" and tracking.experiment == "resnet-sweep"
+
+
+def test_make_server_uses_postgresql_when_given_else_sqlite():
+    def dry_run(**env):
+        out = subprocess.run(["make", "-n", "-s", "server", "PORT=5999"], cwd=REPO, capture_output=True, text=True,
+                             env={**os.environ, **env}, check=True).stdout
+        return subprocess.run(["bash", "-c", f"echo {out.split('mlflow server', 1)[1]}"], capture_output=True,
+                              text=True, env={**os.environ, **env}).stdout
+    assert "--backend-store-uri sqlite:///mlflow.db" in dry_run()
+    postgres = dry_run(MLFLOW_BACKEND_STORE_URI="postgresql://mlflow@db:5432/mlflow")
+    assert "--backend-store-uri postgresql://mlflow@db:5432/mlflow" in postgres
+    assert "--host 127.0.0.1 --port 5999" in postgres and "--serve-artifacts --artifacts-destination ./mlartifacts" in postgres
+
+
+def test_an_unreachable_optuna_storage_is_one_line_naming_the_key(tmp_path, tiny_tree):
+    proc = run_train(tmp_path, "-m", "hpo=lr_search", "hydra.sweeper.storage=postgresql://sweep:s3cret@127.0.0.1:9/optuna",
+                     *FAST, "data=imagefolder", f"data.root={tiny_tree}", check=False)
+    assert proc.returncode != 0
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("hydra.sweeper.storage=postgresql://sweep:***@127.0.0.1:9/optuna: cannot open the "
+                           "Optuna storage (connection"), proc.stderr
+    assert "s3cret" not in proc.stdout + proc.stderr and "Traceback" not in proc.stderr
+
+
+# ---------------------------------------------------------------- PostgreSQL + MLflow server
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def postgres_bin() -> Path | None:
+    candidates = [shutil.which("pg_ctl"), *sorted(glob.glob("/usr/lib/postgresql/*/bin/pg_ctl"), reverse=True)]
+    for pg_ctl in filter(None, candidates):
+        folder = Path(pg_ctl).resolve().parent
+        if (folder / "initdb").exists():
+            return folder
+    return None
+
+
+@dataclass
+class Postgres:
+    port: int
+    user: str
+    password: str
+
+    def url(self, database: str) -> str:
+        """No password in the URL: libpq reads PGPASSWORD."""
+        return f"postgresql://{self.user}@127.0.0.1:{self.port}/{database}"
+
+
+@pytest.fixture
+def postgres():
+    """A throw-away PostgreSQL server on a free loopback port, with a password (scram-sha-256)."""
+    bin_dir = postgres_bin()
+    if bin_dir is None:
+        pytest.skip("PostgreSQL binaries (initdb, pg_ctl) not found: apt-get install postgresql")
+    as_user: list[str] = []
+    folder = Path(tempfile.mkdtemp(prefix="resnet-sweep-pg-"))  # /tmp: reachable by the postgres user
+    if os.geteuid() == 0:  # PostgreSQL refuses to run as root
+        if shutil.which("runuser") is None:
+            pytest.skip("running as root without runuser: cannot start PostgreSQL as another user")
+        as_user = ["runuser", "-u", "postgres", "--"]
+        shutil.chown(folder, "postgres")
+    pg = Postgres(port=free_port(), user="sweep", password="pg-s3cret-pw")
+    pwfile = folder / "pw"
+    pwfile.write_text(pg.password + "\n")
+    if as_user:
+        shutil.chown(pwfile, "postgres")
+    data = folder / "data"
+
+    def run(*cmd):
+        subprocess.run([*as_user, *cmd], check=True, capture_output=True, text=True, timeout=120)
+
+    try:
+        run(str(bin_dir / "initdb"), "-D", str(data), "-U", pg.user, "--auth=scram-sha-256", f"--pwfile={pwfile}",
+            "-E", "UTF8", "--no-sync")
+        options = (f"-c listen_addresses=127.0.0.1 -p {pg.port} -k {folder} -c fsync=off "
+                   "-c synchronous_commit=off -c full_page_writes=off")
+        run(str(bin_dir / "pg_ctl"), "-D", str(data), "-o", options, "-l", str(folder / "log"), "-w", "-t", "60", "start")
+    except subprocess.CalledProcessError as e:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise AssertionError(f"PostgreSQL did not start: {e.stderr}") from None
+    try:
+        import psycopg
+
+        with psycopg.connect(host="127.0.0.1", port=pg.port, user=pg.user, password=pg.password, dbname="postgres",
+                             autocommit=True) as conn:
+            for database in ("mlflow", "optuna"):
+                conn.execute(f"CREATE DATABASE {database}")
+        yield pg
+    finally:
+        subprocess.run([*as_user, str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"],
+                       capture_output=True, timeout=60)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture
+def mlflow_server(postgres, tmp_path):
+    """``mlflow server`` as `make server` starts it: PostgreSQL backend store, artifacts served
+    through the server from a local folder."""
+    port = free_port()
+    folder = tmp_path / "server"
+    folder.mkdir()
+    env = {**os.environ, "PGPASSWORD": postgres.password}
+    log = open(folder / "server.log", "w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "2",
+         "--backend-store-uri", postgres.url("mlflow"), "--serve-artifacts",
+         "--artifacts-destination", str(folder / "mlartifacts")],
+        cwd=folder, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"{uri}/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.time() > deadline:
+                raise AssertionError(f"mlflow server did not start:\n{(folder / 'server.log').read_text()[-4000:]}")
+            time.sleep(0.5)
+        yield uri, folder / "mlartifacts"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log.close()
+
+
+def test_two_sweeps_share_one_optuna_study_in_postgresql_and_log_to_an_mlflow_server(
+        tmp_path, postgres, mlflow_server, monkeypatch):
+    import mlflow
+    import optuna
+    import torch
+    from mlflow.tracking import MlflowClient
+    from optuna.trial import TrialState
+
+    uri, artifacts = mlflow_server
+    tree = make_tree(tmp_path / "tiles")
+    args = ["-m", "hpo=lr_search", "hydra/launcher=submitit_local", "hydra.launcher.cpus_per_task=1",
+            f"hydra.sweeper.storage={postgres.url('optuna')}", "hydra.sweeper.study_name=shared",
+            "hydra.sweeper.n_trials=6", "tracking=server", f"tracking.uri={uri}",
+            *FAST, "data=imagefolder", f"data.root={tree}"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PGPASSWORD": postgres.password}
+    env.pop("HYDRA_FULL_ERROR", None)
+    sweeps = []
+    for machine in ("machine_a", "machine_b"):  # two machines: separate working folders
+        cwd = tmp_path / machine
+        cwd.mkdir()
+        out = open(cwd / "sweep.log", "w")
+        sweeps.append((cwd, out, subprocess.Popen([sys.executable, str(TRAIN_PY), *args], cwd=cwd, env=env,
+                                                  stdout=out, stderr=subprocess.STDOUT)))
+    try:
+        for cwd, out, proc in sweeps:
+            proc.wait(timeout=400)
+    finally:
+        for cwd, out, proc in sweeps:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            out.close()
+    logs = [(cwd / "sweep.log").read_text() for cwd, _, _ in sweeps]
+    for (cwd, _, proc), text in zip(sweeps, logs):
+        assert proc.returncode == 0, f"{cwd.name} exited {proc.returncode}:\n{text[-6000:]}"
+        assert postgres.password not in text
+
+    # the study: 6 finished trials, each number once, taken by both sweeps
+    monkeypatch.setenv("PGPASSWORD", postgres.password)
+    study = optuna.load_study(study_name="shared", storage=postgres.url("optuna"))
+    trials = study.get_trials(deepcopy=False)
+    finished = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    assert len(finished) == 6, [(t.number, t.state.name, t.system_attrs) for t in trials]
+    assert len({t.number for t in trials}) == len(trials)
+    assert len({t.params["optimizer.lr"] for t in finished}) == 6, "the sweeps do not repeat each other's points"
+    counted = [t for t in trials if not t.system_attrs.get("resnet_sweep:released")]
+    assert len(counted) == 6
+    owners = {t.system_attrs["resnet_sweep:owner"]["pid"] for t in finished}
+    assert len(owners) == 2, "both sweeps took trials"
+
+    # MLflow on the server: one parent run for the study, 6 children with metrics and checkpoints
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.get_experiment_by_name("resnet-sweep")
+    runs = client.search_runs([experiment.experiment_id], max_results=100)
+    parents = [r for r in runs if r.data.tags.get("sweep") == "true"]
+    assert len(parents) == 1 and parents[0].info.run_name == "study-shared"
+    complete = sum(t.state == TrialState.COMPLETE for t in finished)
+    assert parents[0].info.status == "FINISHED"
+    assert parents[0].data.tags["summary"] == f"{complete} COMPLETE, {6 - complete} PRUNED, 0 FAIL"
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+    assert len(children) == 6 and len(runs) == 7
+    assert sorted(int(r.data.tags["optuna_trial"]) for r in children) == sorted(t.number for t in finished)
+    for run in children:
+        assert run.info.status in ("FINISHED", "KILLED")  # KILLED = pruned
+        assert {"valid/loss", "train/loss"} <= set(run.data.metrics)
+        assert [f.path for f in client.list_artifacts(run.info.run_id, "checkpoint")] == ["checkpoint/best.pt"]
+        assert run.info.artifact_uri.startswith("mlflow-artifacts:/"), "artifacts go through the server"
+    assert len(list(artifacts.rglob("best.pt"))) == 6
+
+    # the server's database as a direct tracking URI: reached at once, the password from PGPASSWORD
+    from resnet_sweep.tracking import connect
+
+    previous = mlflow.get_tracking_uri()
+    try:
+        assert connect(OmegaConf.create({"uri": postgres.url("mlflow"), "experiment": "resnet-sweep"})) \
+            == experiment.experiment_id
+    finally:
+        mlflow.set_tracking_uri(previous)
+
+    # downloadable through the server
+    done = next(r for r in children if r.info.status == "FINISHED")
+    path = mlflow.artifacts.download_artifacts(run_id=done.info.run_id, artifact_path="checkpoint/best.pt",
+                                               dst_path=str(tmp_path / "download"), tracking_uri=uri)
+    assert torch.load(path, weights_only=True)["backbone"]
