@@ -108,7 +108,7 @@ def main() -> None:
     print(f"mean |test acc difference| over paired runs: {sum(diffs) / len(diffs):.2f} points "
           f"(max {max(diffs):.2f})")
     print(f"extraction throughput: {meta['img_per_s']:.1f} img/s; plain bf16/channels_last ResNet18 "
-          f"inference: {plain:.1f} img/s ({100 * meta['img_per_s'] / plain:.0f}%)")
+          f"inference: {plain:.1f} img/s ({100 * meta['img_per_s'] / plain:.1f}%)")
     for k in pairs:
         print(f"  {k:34s} naive {100 * naive_acc[k]:6.2f}%  bank {100 * bank_acc[k]:6.2f}%")
 

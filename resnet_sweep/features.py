@@ -22,6 +22,8 @@ import os
 import shutil
 import tempfile
 import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,7 +32,6 @@ import torch
 import torch.nn.functional as F
 from filelock import FileLock
 from torch import nn
-from torchvision.transforms import functional as TF
 
 from . import data
 from .engine import autocast, cpu_has_bf16
@@ -119,10 +120,31 @@ def key_of(cfg, built, files: dict[str, list[Path]], crop: int, mean, std, resiz
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _decode(path: Path, mean, std, resize=None) -> torch.Tensor:
-    """Decode once (resized as the loaders do), normalise once; crops are then slices of this tensor."""
-    x = TF.to_tensor(data.resized(data.load_rgb(path), resize))
-    return TF.normalize(x, mean, std)
+def _decode(path: Path, resize=None) -> torch.Tensor:
+    """Decode once (resized as the loaders do) to an HxWx3 uint8 tensor; crops are slices of it."""
+    return torch.from_numpy(np.array(data.resized(data.load_rgb(path), resize)))
+
+
+def _decoded(paths: list[Path], resize, workers: int, ahead: int = 16):
+    """The decoded images in order, decoded by ``workers`` threads up to ``ahead`` images ahead of
+    the backbone (PIL releases the GIL while decoding)."""
+    with ThreadPoolExecutor(workers) as pool:
+        pending: deque = deque()
+        for path in paths:
+            pending.append(pool.submit(_decode, path, resize))
+            if len(pending) > ahead:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
+def _batch(crops: list[torch.Tensor], mean, std, device: torch.device) -> torch.Tensor:
+    """uint8 HxWx3 crops -> one normalised float batch, channels_last (NHWC memory, as stacked):
+    the same arithmetic as the loaders' to_tensor + normalize, done once per batch."""
+    x = torch.stack(crops).to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255)
+    m = torch.as_tensor(mean, dtype=x.dtype, device=device).view(1, 3, 1, 1)
+    sd = torch.as_tensor(std, dtype=x.dtype, device=device).view(1, 3, 1, 1)
+    return x.sub_(m).div_(sd)
 
 
 def _bf16_ok(backbone: nn.Module, sample: torch.Tensor, device: torch.device) -> bool:
@@ -143,8 +165,8 @@ def extract(backbone: nn.Module, files: dict[str, list[Path]], labels: dict[str,
     backbone = backbone.to(device).eval().to(memory_format=torch.channels_last)
     fast = (device.type == "cuda") or cpu_has_bf16()
     dim = None
-    sample = torch.stack([_decode(p, mean, std, resize)[:, :crop, :crop] for p in files["train"][:8]])
-    use_bf16 = fast and _bf16_ok(backbone, sample.contiguous(memory_format=torch.channels_last), device)
+    sample = _batch([_decode(p, resize)[:crop, :crop] for p in files["train"][:8]], mean, std, device)
+    use_bf16 = fast and _bf16_ok(backbone, sample, device)
     precision = "bf16" if use_bf16 else "32"
     total, started = 0, time.perf_counter()  # extraction proper: decode, crop, forward, store
     peak = [0.0]  # largest |feature|: fp16 holds up to 65504
@@ -159,7 +181,7 @@ def extract(backbone: nn.Module, files: dict[str, list[Path]], labels: dict[str,
             nonlocal arr, dim, total
             if not crops:
                 return
-            x = torch.stack(crops).to(device).contiguous(memory_format=torch.channels_last)
+            x = _batch(crops, mean, std, device)
             with torch.inference_mode(), autocast(device, precision):
                 f = backbone(x).float().cpu().numpy()
             peak[0] = max(peak[0], float(np.abs(f).max()))
@@ -176,15 +198,17 @@ def extract(backbone: nn.Module, files: dict[str, list[Path]], labels: dict[str,
             crops.clear()
             where.clear()
 
-        for i, path in enumerate(paths):
-            image = _decode(path, mean, std, resize)
+        # on a GPU the backbone waits for the CPU: decode with every spare core
+        workers = max(1, (os.cpu_count() or 2) - 1) if device.type == "cuda" else 1
+        for i, image in enumerate(_decoded(paths, resize, workers)):
             if split == "train":
                 for v in range(n_views):
-                    top, left = data.crop_offset((image.shape[2], image.shape[1]), crop, seed, i, v)
-                    crops.append(image[:, top:top + crop, left:left + crop])
+                    top, left = data.crop_offset((image.shape[1], image.shape[0]), crop, seed, i, v)
+                    crops.append(image[top:top + crop, left:left + crop])
                     where.append((v, i))
             else:
-                crops.append(TF.center_crop(image, [crop, crop]))
+                top, left = int(round((image.shape[0] - crop) / 2.0)), int(round((image.shape[1] - crop) / 2.0))
+                crops.append(image[top:top + crop, left:left + crop])  # as TF.center_crop
                 where.append((0, i))
             if len(crops) >= batch_size:
                 flush()
