@@ -211,6 +211,13 @@ def crop_offset(size: tuple[int, int], crop: int, seed: int, index: int, view: i
     return int(rng.integers(0, h - crop + 1)), int(rng.integers(0, w - crop + 1))
 
 
+def centre_offset(size: tuple[int, int], crop: int) -> tuple[int, int]:
+    """(top, left) of the centre ``crop`` x ``crop`` window (``size`` = (w, h)), rounded as torchvision's
+    center_crop rounds."""
+    w, h = size
+    return int(round((h - crop) / 2.0)), int(round((w - crop) / 2.0))
+
+
 def shuffled(n: int, seed: int, epoch: int) -> np.ndarray:
     """The training order of epoch ``epoch`` for run seed ``seed``."""
     return np.random.default_rng([int(seed), int(epoch)]).permutation(n)
@@ -235,10 +242,10 @@ class Tiles(Dataset):
         path, label = self.samples[i]
         image = resized(load_rgb(path), self.resize)
         if self.crop_seed is None:
-            image = TF.center_crop(image, [self.crop, self.crop])
+            top, left = centre_offset(image.size, self.crop)
         else:
             top, left = crop_offset(image.size, self.crop, self.crop_seed, i, view_of(self.epoch))
-            image = TF.crop(image, top, left, self.crop, self.crop)
+        image = TF.crop(image, top, left, self.crop, self.crop)
         return TF.normalize(TF.to_tensor(image), self.mean, self.std), label
 
 

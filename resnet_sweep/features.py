@@ -107,15 +107,15 @@ class HeadOnly(nn.Module):
         return self.head(features).squeeze(-1)
 
 
-def key_of(cfg, built, files: dict[str, list[Path]], crop: int, mean, std, resize=None) -> str:
+def key_of(cfg, built, files: dict[str, list[Path]], splits) -> str:
     spec = {
         "version": BANK_VERSION,
         "backbone": str(cfg.backbone.name),
         "weights_source": built.weights_source,
         "frozen_checksum": built.frozen_checksum,
         "files": {s: data.fingerprint(files[s]) for s in data.SPLITS},
-        "crop": crop, "resize": resize, "mean": list(mean), "std": list(std),
-        "views": int(cfg.trainer.bank_views), "crop_seed": int(cfg.trainer.crop_seed),
+        "crop": splits.crop_size, "resize": splits.resize, "mean": list(splits.mean), "std": list(splits.std),
+        "views": int(cfg.trainer.bank_views), "crop_seed": splits.crop_seed,
     }
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -207,8 +207,8 @@ def extract(backbone: nn.Module, files: dict[str, list[Path]], labels: dict[str,
                     crops.append(image[top:top + crop, left:left + crop])
                     where.append((v, i))
             else:
-                top, left = int(round((image.shape[0] - crop) / 2.0)), int(round((image.shape[1] - crop) / 2.0))
-                crops.append(image[top:top + crop, left:left + crop])  # as TF.center_crop
+                top, left = data.centre_offset((image.shape[1], image.shape[0]), crop)
+                crops.append(image[top:top + crop, left:left + crop])
                 where.append((0, i))
             if len(crops) >= batch_size:
                 flush()
@@ -236,7 +236,7 @@ def get(cfg, built, splits, device: torch.device) -> Bank:
     """The bank for this job: reused when it exists, else built once under a file lock."""
     files = {s: [Path(p) for p, _ in getattr(splits, s).dataset.samples] for s in data.SPLITS}
     labels = {s: [y for _, y in getattr(splits, s).dataset.samples] for s in data.SPLITS}
-    key = key_of(cfg, built, files, splits.crop_size, splits.mean, splits.std, splits.resize)
+    key = key_of(cfg, built, files, splits)
     root = Path(os.path.expanduser(str(cfg.data.cache_dir))) / "features"
     path = root / key
     root.mkdir(parents=True, exist_ok=True)
