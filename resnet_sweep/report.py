@@ -42,18 +42,7 @@ class Row:
     test_acc: float | None
     weights: str
     imagenet_weights: str
-    trains: str = "head"         # what trained: head | all | last N layers | <stages>
-
-
-def trains_of(params: dict) -> str:
-    freeze = params.get("backbone.freeze", "all")
-    if freeze == "none":
-        return "all"
-    if freeze == "last_n":
-        return f"head + last {params.get('backbone.unfreeze')} layers"
-    if freeze == "stages":
-        return "head + " + params.get("backbone.stages", "?").strip("[]").replace("'", "")
-    return "head"
+    trains: str = "head"         # the run's `trains` tag (tracking.what_trains): head | all | head + ...
 
 
 def find_parent(client: MlflowClient, experiment: str | None, parent_id: str | None):
@@ -96,7 +85,7 @@ def to_row(run, objective: str) -> Row:
         batch_size=int(p.get("trainer.batch_size", 0)), seed=int(p.get("seed", 0)),
         objective=m.get(f"best/{objective}"), test_loss=m.get("test/loss"), test_acc=m.get("test/acc"),
         weights=t.get("weights_source", "?"), imagenet_weights=p.get("backbone.imagenet_weights", ""),
-        trains=trains_of(p),
+        trains=t.get("trains", "head"),
     )
 
 

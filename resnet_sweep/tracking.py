@@ -120,20 +120,24 @@ def run_name(cfg) -> str:
         return str(cfg.run_name)
     return (
         f"{cfg.backbone.name}-{cfg.head.name}-{optimizer_name(cfg.optimizer)}"
-        f"-lr{lr_label(float(cfg.optimizer.lr))}{freeze_label(cfg.backbone)}-s{cfg.seed}"
+        f"-lr{lr_label(float(cfg.optimizer.lr))}{what_trains(cfg.backbone)[0]}-s{cfg.seed}"
     )
 
 
-def freeze_label(backbone_cfg) -> str:
-    """'' for the linear probe (freeze=all); what trains otherwise: -ft, -last2, -layer3+layer4."""
+def what_trains(backbone_cfg) -> tuple[str, str]:
+    """What ``backbone.freeze`` leaves trainable: (run-name suffix, description for the ``trains`` tag).
+    ('', 'head') for the linear probe; ('-ft', 'all'); ('-last2', 'head + last 2 layers');
+    ('-layer3+layer4', 'head + layer3, layer4')."""
     freeze = str(backbone_cfg.get("freeze", "all"))
     if freeze == "none":
-        return "-ft"
+        return "-ft", "all"
     if freeze == "last_n":
-        return f"-last{backbone_cfg.get('unfreeze')}"
+        n = backbone_cfg.get("unfreeze")
+        return f"-last{n}", f"head + last {n} layers"
     if freeze == "stages":
-        return "-" + "+".join(str(s) for s in (backbone_cfg.get("stages") or []))
-    return ""
+        stages = [str(s) for s in (backbone_cfg.get("stages") or [])]
+        return "-" + "+".join(stages), "head + " + ", ".join(stages)
+    return "", "head"
 
 
 def in_multirun() -> bool:
@@ -326,6 +330,7 @@ def job_run(cfg, resume_run_id: str | None = None):
         "backbone": cfg.backbone.name,
         "head": cfg.head.name,
         "optimizer": optimizer_name(cfg.optimizer),
+        "trains": what_trains(cfg.backbone)[1],
         "objective": cfg.objective,
         "hydra_overrides": redact(_hydra_overrides()),
     }
