@@ -65,8 +65,9 @@ def cmd_report(args) -> None:
 
 
 def cmd_predict(args) -> None:
-    from . import predict
+    from . import engine, predict
 
+    engine.keep_freed_memory()  # as training jobs do: a forward's activations are reused, not page-faulted again
     out, n, bad, run = predict.predict(args.images_dir, args.run, args.best, args.experiment, args.tracking_uri,
                                        args.out, args.batch_size, args.logged_model)
     print(f"{n} predictions from run {run.info.run_name} ({run.info.run_id}) -> {out}")

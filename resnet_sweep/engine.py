@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
 import math
+import os
+import platform
 from dataclasses import dataclass, field
 
 import torch
@@ -46,6 +49,29 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"trainer.device={name}: CUDA is not available here; use auto or cpu")
     return device
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's malloc.h
+
+
+def keep_freed_memory() -> bool:
+    """Let glibc's malloc reuse freed memory instead of handing it back to the kernel.
+
+    By default glibc serves every allocation above its mmap threshold (at most 32 MB) with fresh
+    pages from the kernel and unmaps them on free, and trims the heap's free top. A ResNet forward
+    allocates such activations at every layer (batch 64 at 224 px: 100 MB after the first conv),
+    so every batch page-faults and zero-fills them again. On the 2-core CI machine that was a third
+    of the time of a bf16 ResNet18 forward: 153 img/s at batch 64 by default, 230 img/s with this
+    (kernel time 19 s -> 0.7 s over the same work), and the peak resident memory grew by 0.3 GB.
+    The process keeps its peak heap until it exits. ``RESNET_SWEEP_MALLOC=default`` keeps glibc's
+    defaults. Returns whether the setting was applied (glibc only; elsewhere a no-op)."""
+    if os.environ.get("RESNET_SWEEP_MALLOC", "").lower() == "default" or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(_M_MMAP_THRESHOLD, 1 << 30) and libc.mallopt(_M_TRIM_THRESHOLD, 1 << 31))
+    except (OSError, AttributeError):
+        return False
 
 
 def cpu_has_bf16() -> bool:

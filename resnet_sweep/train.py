@@ -53,6 +53,7 @@ def exit_with(message: str, code: int = 1):
 
 def _run(cfg) -> float:
     share_cores()
+    engine.keep_freed_memory()
     resumer = resume.Resumer(cfg.trainer.resume_dir, tracking.app_config(cfg), enabled=bool(cfg.trainer.resume))
     with resumer:
         state = resumer.load()
