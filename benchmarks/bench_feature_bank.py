@@ -5,6 +5,12 @@ epochs, same seeds): with `trainer.feature_bank=off` (the backbone runs over eve
 epoch) and with the bank (features extracted once, from an empty bank cache so extraction is timed).
 Prints both wall times, their ratio, the mean |test accuracy difference| between paired runs, and
 the bank's extraction throughput beside plain bf16/channels_last ResNet18 inference measured here.
+
+The plain figure is measured as the bank extracts: same batch size, as many images, and right
+before and right after the banked sweep (this 2-core VM's throughput drifts by up to 10% over tens
+of seconds, so a figure taken minutes away from the extraction is not comparable). Then
+``--rounds`` extractions of the same bank in this process, each followed by a plain measurement,
+give the ratio again with the drift averaged out.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import json
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -25,11 +32,12 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from resnet_sweep.engine import autocast, cpu_has_bf16  # noqa: E402
+from resnet_sweep.engine import autocast, cpu_has_bf16, keep_freed_memory  # noqa: E402
 
 
-def plain_inference_img_per_s(batch: int, batches: int, device: torch.device) -> float:
-    """ResNet18 backbone forward on random images: bf16 autocast (where supported), channels_last."""
+def plain_inference_img_per_s(images: int, batch: int, device: torch.device) -> float:
+    """ResNet18 backbone forward on random images, ``images`` of them in batches of ``batch`` (as the
+    bank extracts): bf16 autocast (where supported), channels_last, features copied back to the CPU."""
     from torchvision.models import resnet18
 
     model = resnet18()
@@ -39,11 +47,36 @@ def plain_inference_img_per_s(batch: int, batches: int, device: torch.device) ->
     precision = "bf16" if (device.type == "cuda" or cpu_has_bf16()) else "32"
     with torch.inference_mode(), autocast(device, precision):
         model(x)  # warm-up
-        start = time.perf_counter()
-        for _ in range(batches):
-            model(x).float().cpu()
+        done, start = 0, time.perf_counter()
+        while done < images:
+            n = min(batch, images - done)
+            model(x[:n]).float().cpu()
+            done += n
         seconds = time.perf_counter() - start
-    return batch * batches / seconds
+    return images / seconds
+
+
+def interleaved(cfg, rounds: int, images: int, batch: int, device: torch.device,
+                plain_before: float) -> list[tuple[float, float]]:
+    """``rounds`` x (extract the sweep's bank in this process, then plain inference): (extraction
+    img/s, plain img/s averaged over the measurements just before and just after it)."""
+    from resnet_sweep import data, features, models
+
+    splits = data.build(cfg.data, cfg.trainer, crop_size=int(cfg.backbone.crop_size), seed=int(cfg.seed),
+                        resize=cfg.backbone.get("resize"), crop_seed=cfg.trainer.crop_seed)
+    backbone = models.build(cfg.backbone, cfg.head, seed=int(cfg.seed)).model.backbone
+    files = {s: [Path(p) for p, _ in getattr(splits, s).dataset.samples] for s in data.SPLITS}
+    labels = {s: [y for _, y in getattr(splits, s).dataset.samples] for s in data.SPLITS}
+    out, before = [], plain_before
+    for _ in range(rounds):
+        with tempfile.TemporaryDirectory() as tmp:
+            stats = features.extract(backbone, files, labels, splits.crop_size, splits.mean, splits.std,
+                                     int(cfg.trainer.bank_views), splits.crop_seed, device, Path(tmp),
+                                     batch_size=batch, resize=splits.resize)
+        after = plain_inference_img_per_s(images, batch, device)
+        out.append((stats["img_per_s"], (before + after) / 2))
+        before = after
+    return out
 
 
 def sweep(workdir: Path, bank: str, extra: list[str]) -> float:
@@ -69,6 +102,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", default=None, help="where the two sweeps write (default: a temp dir)")
     parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--rounds", type=int, default=3, help="in-process extraction / plain inference rounds")
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for both sweeps")
     args = parser.parse_args()
 
@@ -81,24 +115,38 @@ def main() -> None:
     # untimed: the demo data exists before either sweep starts
     from hydra import compose, initialize_config_dir
 
-    from resnet_sweep import demo_data
+    from resnet_sweep import demo_data, features
 
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        demo_data.ensure(compose("train").data)
+        cfg = compose("train", overrides=["experiment=bench/resnet18_perceptron", *extra])
+    demo_data.ensure(cfg.data)
+    batch = features.extract_batch(cfg)
+    images = _bank_images(cfg)
+    # for reference: plain inference with glibc's default malloc; then the setting every job uses
+    # (engine.keep_freed_memory), under which every later figure here is measured
+    untuned = plain_inference_img_per_s(images, batch, device)
+    tuned = keep_freed_memory()
 
-    plain = plain_inference_img_per_s(64, 12, device)
     naive_s = sweep(root / "naive", "off", extra)
     shutil.rmtree(cache / "features", ignore_errors=True)
+    # the plain figure over as many images as the bank extracts, just before and just after it
+    meta_images = images
+    before = plain_inference_img_per_s(meta_images, batch, device)
     bank_s = sweep(root / "bank", "auto", extra)
+    after = plain_inference_img_per_s(meta_images, batch, device)
+    rounds = interleaved(cfg, args.rounds, meta_images, batch, device, after) if args.rounds else []
 
     naive_acc, bank_acc = test_accuracies(root / "naive"), test_accuracies(root / "bank")
     pairs = sorted(set(naive_acc) & set(bank_acc))
     diffs = [abs(naive_acc[k] - bank_acc[k]) * 100 for k in pairs]
     meta = json.loads(next((cache / "features").glob("*/meta.json")).read_text())
+    assert meta["crops"] == meta_images and meta["batch"] == batch, (meta, meta_images, batch)
+    plain = (before + after) / 2
 
     cpu = platform.processor() or platform.machine()
     print(f"machine: {cpu}, {os.cpu_count()} cores, torch {torch.__version__}, device {device}, "
-          f"threads {torch.get_num_threads()}")
+          f"threads {torch.get_num_threads()}, malloc keeps freed memory: {'yes' if tuned else 'no'} "
+          f"(plain inference with glibc's defaults: {untuned:.1f} img/s)")
     print(f"grid: {len(pairs)} paired runs (resnet18 perceptron, Adam x 7 + SGD x 6 LRs), "
           f"{args.epochs} epochs, demo data {meta['n']}")
     print(f"naive grid (feature_bank=off): {naive_s:8.1f} s")
@@ -107,10 +155,29 @@ def main() -> None:
     print(f"speed-up: {naive_s / bank_s:.1f}x")
     print(f"mean |test acc difference| over paired runs: {sum(diffs) / len(diffs):.2f} points "
           f"(max {max(diffs):.2f})")
-    print(f"extraction throughput: {meta['img_per_s']:.1f} img/s; plain bf16/channels_last ResNet18 "
-          f"inference: {plain:.1f} img/s ({100 * meta['img_per_s'] / plain:.1f}%)")
+    print(f"extraction throughput: {meta['img_per_s']:.1f} img/s ({meta['crops']} crops, batches of "
+          f"{batch}); plain bf16/channels_last ResNet18 inference, same images and batch, "
+          f"just before / after the banked sweep: {before:.1f} / {after:.1f} img/s, mean {plain:.1f} "
+          f"({100 * meta['img_per_s'] / plain:.1f}%)")
+    if rounds:
+        ratios = sorted(e / p for e, p in rounds)
+        median = statistics.median(ratios)
+        print(f"in this process, {len(rounds)} rounds of extraction then plain inference: extraction "
+              + " / ".join(f"{e:.1f}" for e, _ in rounds) + " img/s, plain "
+              + " / ".join(f"{p:.1f}" for _, p in rounds) + " img/s (each the mean of the plain figures "
+              f"around it): median {100 * median:.1f}% "
+              f"(min {100 * ratios[0]:.1f}%, max {100 * ratios[-1]:.1f}%)")
     for k in pairs:
         print(f"  {k:34s} naive {100 * naive_acc[k]:6.2f}%  bank {100 * bank_acc[k]:6.2f}%")
+
+
+def _bank_images(cfg) -> int:
+    """Crops the bank of this config holds: bank_views per training image, one per valid/test image."""
+    from resnet_sweep import data
+
+    splits = data.build(cfg.data, cfg.trainer, crop_size=int(cfg.backbone.crop_size), seed=int(cfg.seed))
+    return (int(cfg.trainer.bank_views) * len(splits.train.dataset)
+            + len(splits.valid.dataset) + len(splits.test.dataset))
 
 
 if __name__ == "__main__":

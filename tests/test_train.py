@@ -16,6 +16,8 @@ from test_data import assert_one_line_error
     (["optimizer.lr=0"], ["optimizer.lr=0: the learning rate must be a number > 0"]),
     (["optimizer.lr=-1e-3"], ["optimizer.lr=-0.001: the learning rate must be a number > 0"]),
     (["trainer.max_epochs=0"], ["trainer.max_epochs=0: must be an integer >= 1"]),
+    (["trainer.bank_views=0"], ["trainer.bank_views=0: must be an integer >= 1"]),
+    (["trainer.bank_batch_size=0"], ["trainer.bank_batch_size=0: must be an integer >= 1, or null"]),
     (["data=imagefolder", "data.root=/no/such/tiles"], ["data.root=/no/such/tiles: no such directory"]),
 ])
 def test_bad_config_gives_a_one_line_error(tmp_path, args, fragments):
