@@ -160,7 +160,7 @@ class _Batcher:
 
     On the CPU the float batch is a preallocated buffer too, filled in two passes (converting copy,
     then one fused multiply-add): a fresh 38 MB tensor per batch costs more in page faults than the
-    arithmetic (about 19 ms against 4 ms per 64 crops of 224 px on the 2-core CI machine). On CUDA
+    arithmetic (about 17 ms against 4 ms per 64 crops of 224 px on the 2-core CI machine). On CUDA
     the caching allocator already reuses memory, and the arithmetic runs on the device."""
 
     def __init__(self, size: int, crop: int, mean, std, device: torch.device):
