@@ -56,17 +56,14 @@ def plain_inference_img_per_s(images: int, batch: int, device: torch.device) -> 
     return images / seconds
 
 
-def interleaved(cfg, rounds: int, images: int, batch: int, device: torch.device,
+def interleaved(cfg, splits, rounds: int, images: int, batch: int, device: torch.device,
                 plain_before: float) -> list[tuple[float, float]]:
     """``rounds`` x (extract the sweep's bank in this process, then plain inference): (extraction
     img/s, plain img/s averaged over the measurements just before and just after it)."""
-    from resnet_sweep import data, features, models
+    from resnet_sweep import features, models
 
-    splits = data.build(cfg.data, cfg.trainer, crop_size=int(cfg.backbone.crop_size), seed=int(cfg.seed),
-                        resize=cfg.backbone.get("resize"), crop_seed=cfg.trainer.crop_seed)
     backbone = models.build(cfg.backbone, cfg.head, seed=int(cfg.seed)).model.backbone
-    files = {s: [Path(p) for p, _ in getattr(splits, s).dataset.samples] for s in data.SPLITS}
-    labels = {s: [y for _, y in getattr(splits, s).dataset.samples] for s in data.SPLITS}
+    files, labels = features.samples_of(splits)
     out, before = [], plain_before
     for _ in range(rounds):
         with tempfile.TemporaryDirectory() as tmp:
@@ -115,13 +112,16 @@ def main() -> None:
     # untimed: the demo data exists before either sweep starts
     from hydra import compose, initialize_config_dir
 
-    from resnet_sweep import demo_data, features
+    from resnet_sweep import data, features
 
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         cfg = compose("train", overrides=["experiment=bench/resnet18_perceptron", *extra])
-    demo_data.ensure(cfg.data)
+    splits = data.build(cfg.data, cfg.trainer, crop_size=int(cfg.backbone.crop_size), seed=int(cfg.seed),
+                        resize=cfg.backbone.get("resize"), crop_seed=cfg.trainer.crop_seed)  # makes the demo data
     batch = features.extract_batch(cfg)
-    images = _bank_images(cfg)
+    # crops the bank holds: bank_views per training image, one per valid/test image
+    images = (int(cfg.trainer.bank_views) * len(splits.train.dataset)
+              + len(splits.valid.dataset) + len(splits.test.dataset))
     # for reference: plain inference with glibc's default malloc; then the setting every job uses
     # (engine.keep_freed_memory), under which every later figure here is measured
     untuned = plain_inference_img_per_s(images, batch, device)
@@ -130,17 +130,16 @@ def main() -> None:
     naive_s = sweep(root / "naive", "off", extra)
     shutil.rmtree(cache / "features", ignore_errors=True)
     # the plain figure over as many images as the bank extracts, just before and just after it
-    meta_images = images
-    before = plain_inference_img_per_s(meta_images, batch, device)
+    before = plain_inference_img_per_s(images, batch, device)
     bank_s = sweep(root / "bank", "auto", extra)
-    after = plain_inference_img_per_s(meta_images, batch, device)
-    rounds = interleaved(cfg, args.rounds, meta_images, batch, device, after) if args.rounds else []
+    after = plain_inference_img_per_s(images, batch, device)
+    rounds = interleaved(cfg, splits, args.rounds, images, batch, device, after) if args.rounds else []
 
     naive_acc, bank_acc = test_accuracies(root / "naive"), test_accuracies(root / "bank")
     pairs = sorted(set(naive_acc) & set(bank_acc))
     diffs = [abs(naive_acc[k] - bank_acc[k]) * 100 for k in pairs]
     meta = json.loads(next((cache / "features").glob("*/meta.json")).read_text())
-    assert meta["crops"] == meta_images and meta["batch"] == batch, (meta, meta_images, batch)
+    assert meta["crops"] == images and meta["batch"] == batch, (meta, images, batch)
     plain = (before + after) / 2
 
     cpu = platform.processor() or platform.machine()
@@ -169,15 +168,6 @@ def main() -> None:
               f"(min {100 * ratios[0]:.1f}%, max {100 * ratios[-1]:.1f}%)")
     for k in pairs:
         print(f"  {k:34s} naive {100 * naive_acc[k]:6.2f}%  bank {100 * bank_acc[k]:6.2f}%")
-
-
-def _bank_images(cfg) -> int:
-    """Crops the bank of this config holds: bank_views per training image, one per valid/test image."""
-    from resnet_sweep import data
-
-    splits = data.build(cfg.data, cfg.trainer, crop_size=int(cfg.backbone.crop_size), seed=int(cfg.seed))
-    return (int(cfg.trainer.bank_views) * len(splits.train.dataset)
-            + len(splits.valid.dataset) + len(splits.test.dataset))
 
 
 if __name__ == "__main__":

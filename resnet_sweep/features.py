@@ -111,15 +111,16 @@ class HeadOnly(nn.Module):
 
 
 def extract_batch(cfg) -> int:
-    """``trainer.bank_batch_size``, or ``EXTRACT_BATCH`` when it is null."""
+    """``trainer.bank_batch_size`` (checked by ``train.validate``), or ``EXTRACT_BATCH`` when it is null."""
     value = cfg.trainer.get("bank_batch_size")
-    if value is None:
-        return EXTRACT_BATCH
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        from .errors import UserError
+    return EXTRACT_BATCH if value is None else int(value)
 
-        raise UserError(f"trainer.bank_batch_size={value}: must be an integer >= 1, or null for {EXTRACT_BATCH}")
-    return value
+
+def samples_of(splits) -> tuple[dict[str, list[Path]], dict[str, list[int]]]:
+    """The files and labels of each split, in the loaders' order: what the bank extracts."""
+    samples = {s: getattr(splits, s).dataset.samples for s in data.SPLITS}
+    return ({s: [Path(p) for p, _ in samples[s]] for s in data.SPLITS},
+            {s: [y for _, y in samples[s]] for s in data.SPLITS})
 
 
 def key_of(cfg, built, files: dict[str, list[Path]], splits) -> str:
@@ -288,14 +289,8 @@ def extract(backbone: nn.Module, files: dict[str, list[Path]], labels: dict[str,
 
 def get(cfg, built, splits, device: torch.device) -> Bank:
     """The bank for this job: reused when it exists, else built once under a file lock."""
-    views = cfg.trainer.bank_views
-    if isinstance(views, bool) or not isinstance(views, int) or views < 1:
-        from .errors import UserError
-
-        raise UserError(f"trainer.bank_views={views}: must be an integer >= 1 (random crops per training image)")
-    batch = extract_batch(cfg)
-    files = {s: [Path(p) for p, _ in getattr(splits, s).dataset.samples] for s in data.SPLITS}
-    labels = {s: [y for _, y in getattr(splits, s).dataset.samples] for s in data.SPLITS}
+    views, batch = int(cfg.trainer.bank_views), extract_batch(cfg)
+    files, labels = samples_of(splits)
     key = key_of(cfg, built, files, splits)
     root = Path(os.path.expanduser(str(cfg.data.cache_dir))) / "features"
     path = root / key

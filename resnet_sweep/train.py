@@ -137,6 +137,12 @@ def validate(cfg) -> None:
         raise UserError(f"trainer.patience={patience}: must be an integer >= 1, or null to never stop early")
     if not isinstance(cfg.trainer.batch_size, int) or cfg.trainer.batch_size < 1:
         raise UserError(f"trainer.batch_size={cfg.trainer.batch_size}: must be an integer >= 1")
+    views, bank_batch = cfg.trainer.bank_views, cfg.trainer.get("bank_batch_size")
+    if isinstance(views, bool) or not isinstance(views, int) or views < 1:
+        raise UserError(f"trainer.bank_views={views}: must be an integer >= 1 (random crops per training image)")
+    if bank_batch is not None and (isinstance(bank_batch, bool) or not isinstance(bank_batch, int) or bank_batch < 1):
+        raise UserError(f"trainer.bank_batch_size={bank_batch}: must be an integer >= 1, or null for "
+                        f"{features.EXTRACT_BATCH}")
     engine.direction(str(cfg.objective))
     should_log_model(cfg)
 

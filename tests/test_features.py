@@ -61,8 +61,7 @@ def test_the_bank_does_not_depend_on_how_crops_are_batched(tmp_path, tiny_tree):
     """Batches of 5 split an image's 3 views across batches; the stored features are the same."""
     cfg = cfg_for(tiny_tree, tmp_path / "cache")
     bank, built, splits = build_bank(cfg)
-    files = {s: [p for p, _ in getattr(splits, s).dataset.samples] for s in data.SPLITS}
-    labels = {s: [y for _, y in getattr(splits, s).dataset.samples] for s in data.SPLITS}
+    files, labels = features.samples_of(splits)
     out = tmp_path / "batches-of-5"
     out.mkdir()
     stats = features.extract(built.model.backbone, files, labels, splits.crop_size, splits.mean, splits.std, 3,
