@@ -18,6 +18,7 @@ import torch
 from filelock import FileLock
 import numpy as np
 from PIL import Image, ImageOps
+from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import transforms
 from torchvision.transforms import functional as TF
@@ -53,7 +54,13 @@ class Splits:
 def resolve_root(data_cfg) -> Path:
     """The ImageFolder root of ``data``: generated for the demo, checked for a user's folder."""
     if data_cfg.kind == "demo":
+        if data_cfg.get("root") is not None:
+            raise UserError(f"data.root={data_cfg.root} is set, but data=demo trains on the embedded demo data; "
+                            "add data=imagefolder to train on your folder")
         return demo_data.ensure(data_cfg)
+    if OmegaConf.is_missing(data_cfg, "root") or data_cfg.get("root") is None:
+        raise UserError("data=imagefolder needs data.root: add data.root=/path/to/tiles (a folder holding "
+                        "train/, valid/ and test/, each with one folder per class)")
     root = Path(os.path.expanduser(str(data_cfg.root)))
     if not root.is_dir():
         raise UserError(
@@ -314,6 +321,19 @@ def fingerprint(paths: list[Path]) -> str:
         st = p.stat()
         h.update(f"{p.resolve()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     return h.hexdigest()[:16]
+
+
+def tree_files(root: Path) -> list[Path]:
+    """Every image file of the three splits' class folders (as training reads them), unchecked."""
+    return [p for split in SPLITS if (root / split).is_dir()
+            for cls in class_folders(root / split) for p in class_images(root / split / cls)]
+
+
+def data_fingerprint(data_cfg) -> str:
+    """What identifies the data a job trains on: the root's files (paths, sizes, mtimes). Part of
+    the resume key, the auto-named Optuna study and the feature bank's key, so adding, removing or
+    changing an image is a different job, never a reuse of the old data's results."""
+    return fingerprint(tree_files(resolve_root(data_cfg)))
 
 
 def dataset_stats(train_files: list[Path], cache_dir) -> tuple[tuple[float, ...], tuple[float, ...]]:
