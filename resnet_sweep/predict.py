@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import math
+import os
+import secrets
 from pathlib import Path
 
 import mlflow
@@ -58,6 +60,13 @@ def load(client: MlflowClient, run, logged_model: bool = False) -> tuple[torch.n
 
 def predict(images_dir: str, run_id: str | None, best: bool, experiment: str, tracking_uri: str,
             out: str, batch_size: int = 32, logged_model: bool = False):
+    root = Path(images_dir)
+    if not root.is_dir():
+        raise UserError(f"{images_dir}: no such directory")
+    paths = sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith("."))
+    if not paths:
+        raise UserError(f"{images_dir}: no images in this folder (hidden files are ignored); give the folder "
+                        f"holding the images to predict; {out} was not written")
     mlflow.set_tracking_uri(tracking_uri)
     client = MlflowClient()
     if best:
@@ -70,12 +79,8 @@ def predict(images_dir: str, run_id: str | None, best: bool, experiment: str, tr
     else:
         parent = find_parent(client, experiment, None)
         run = client.get_run(parent.data.tags["best_run_id"])
-    root = Path(images_dir)
-    if not root.is_dir():
-        raise UserError(f"{images_dir}: no such directory")
     model, meta = load(client, run, logged_model)
     transform = data.eval_transform(int(meta["crop_size"]), meta["mean"], meta["std"], meta.get("resize"))
-    paths = sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith("."))
     bad: list[tuple[str, str]] = []
     rows: list[tuple[str, float, str]] = []
     batch: list[tuple[Path, torch.Tensor]] = []
@@ -92,7 +97,7 @@ def predict(images_dir: str, run_id: str | None, best: bool, experiment: str, tr
     for p in paths:
         try:
             image = data.load_rgb(p)
-            if min(image.size) < int(meta["crop_size"]):
+            if not meta.get("resize") and min(image.size) < int(meta["crop_size"]):  # resized: any size crops
                 raise ValueError(f"{image.size[0]}x{image.size[1]} is smaller than the {meta['crop_size']} crop")
             batch.append((p, transform(image)))
         except Exception as e:
@@ -101,11 +106,35 @@ def predict(images_dir: str, run_id: str | None, best: bool, experiment: str, tr
         if len(batch) >= batch_size:
             flush()
     flush()
+    if not rows:
+        path, why = bad[0]
+        raise UserError(f"{images_dir}: none of its {len(bad)} file(s) could be read as an image (e.g. {path}: "
+                        f"{why}); fix them or give the folder holding the images to predict; {out} was not written")
     out_path = Path(out)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(out_path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["path", "probability", "label"])
-        for path, prob, label in rows:
-            writer.writerow([path, f"{prob:.6f}", label])
+    write_csv(out_path, rows)
     return out_path, len(rows), bad, run
+
+
+def write_csv(out_path: Path, rows: list[tuple[str, float, str]]) -> None:
+    """path,probability,label to ``out_path``, whole or not at all: written beside it under a temporary
+    name and renamed over it, so an interrupted or failed write leaves the earlier file as it was. The
+    new file gets the ordinary mode (0666 less the umask)."""
+    tmp = out_path.parent / f".{out_path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+    try:
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["path", "probability", "label"])
+            for path, prob, label in rows:
+                writer.writerow([path, f"{prob:.6f}", label])
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, out_path)
+    except OSError as e:
+        raise UserError(f"--out {out_path}: cannot write it ({e.strerror or e}); {out_path} is left as it was; "
+                        "choose another --out or free some space") from None
+    finally:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass

@@ -39,7 +39,9 @@ import math
 import os
 import random
 import re
+import secrets
 import shutil
+import stat
 import tempfile
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
@@ -234,11 +236,13 @@ def write(items: Sequence[Item], assignment: Assignment, src: Path, dst: Path, c
     """Link (absolute symlinks) or copy every file to ``DST/<split>/<file>`` and write
     ``DST/split.csv`` (file, class, group, split). Built beside DST and moved into place, so DST is
     either the old split or the new one. DST must be empty or absent; ``force`` replaces an earlier
-    split made by this command (one holding split.csv) and nothing else."""
+    split made by this command (one holding split.csv) and nothing else. Folders and files get the
+    ordinary modes, as mkdir and cp give them (the umask applies; a setgid parent's group is kept);
+    a DST that existed empty keeps its own mode and group."""
     src, dst = Path(os.path.abspath(src)), Path(os.path.abspath(dst))
     if dst == src or src in dst.parents or dst in src.parents:
         raise UserError(f"{dst}: DST must be outside SRC ({src}) and not contain it")
-    old = None
+    old = empty = None
     if dst.exists():
         if not dst.is_dir():
             raise UserError(f"{dst}: exists and is not a folder; choose a new DST")
@@ -250,9 +254,19 @@ def write(items: Sequence[Item], assignment: Assignment, src: Path, dst: Path, c
                 raise UserError(f"{dst}: not empty and holds no split.csv, so it is not a split made by "
                                 "`resnet-sweep split`; --force replaces only those; choose a new DST")
             old = dst
+        else:
+            empty = dst.stat()
     dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
+    tmp = dst.parent / f".{dst.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+    tmp.mkdir()   # not mkdtemp: its 0700 would make DST private; mkdir's mode follows the umask
+    umask = current_umask()
     try:
+        if empty is not None:   # the user's own empty DST (perhaps group-shared): keep its mode and group
+            try:
+                os.chown(tmp, -1, empty.st_gid)
+            except OSError:
+                pass
+            os.chmod(tmp, stat.S_IMODE(empty.st_mode))
         for s in SPLITS:
             (tmp / s).mkdir()
         for it in items:
@@ -260,6 +274,7 @@ def write(items: Sequence[Item], assignment: Assignment, src: Path, dst: Path, c
             out.parent.mkdir(parents=True, exist_ok=True)
             if copy:
                 shutil.copy2(src / it.file, out)
+                os.chmod(out, stat.S_IMODE(os.stat(out).st_mode) & ~umask)   # cp's mode: the source's, less the umask
             else:
                 out.symlink_to(src / it.file)
         with open(tmp / "split.csv", "w", newline="") as f:
@@ -278,3 +293,17 @@ def write(items: Sequence[Item], assignment: Assignment, src: Path, dst: Path, c
             os.replace(tmp, dst)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def current_umask() -> int:
+    """The process's umask: from /proc on Linux, else by setting it and putting it back at once."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask

@@ -243,3 +243,32 @@ def test_an_already_split_tree_is_refused(tmp_path, capsys):
     make_src(src / "train")
     rc, _, err = run_split(capsys, src, tmp_path / "dst", "--group", "slide(\\d+)")
     assert rc == 1 and "looks split already" in err
+
+
+def test_dst_gets_the_ordinary_modes_not_private_ones(tmp_path, capsys):
+    """Tiles are shared with a group: DST, its folders and copies get mkdir's and cp's modes (the umask
+    applies), not mkdtemp's 0700; a DST the user made (say group-shared) keeps its own mode."""
+    import stat
+
+    src = make_src(tmp_path / "src")
+    for p in src.rglob("*.png"):
+        p.chmod(0o664)
+    mode = lambda p: stat.S_IMODE(os.lstat(p).st_mode)   # noqa: E731
+    old = os.umask(0o027)
+    try:
+        assert run_split(capsys, src, tmp_path / "copied", "--copy")[0] == 0
+        assert run_split(capsys, src, tmp_path / "linked")[0] == 0
+        shared = tmp_path / "shared"
+        shared.mkdir()
+        shared.chmod(0o2775)
+        assert run_split(capsys, src, shared)[0] == 0
+    finally:
+        os.umask(old)
+    copied = tmp_path / "copied"
+    assert mode(copied) == 0o750
+    assert {mode(p) for p in copied.rglob("*") if p.is_dir()} == {0o750}
+    assert {mode(p) for p in copied.rglob("*") if p.is_file()} == {0o640}   # cp: 0664 less the umask
+    linked = tmp_path / "linked"
+    assert mode(linked) == 0o750 and {mode(p) for p in linked.rglob("*") if p.is_dir()} == {0o750}
+    assert mode(linked / "split.csv") == 0o640
+    assert mode(shared) == 0o2775 and (shared / "split.csv").is_file()
