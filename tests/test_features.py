@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -147,6 +148,98 @@ def test_bank_is_fp16_and_falls_back_to_fp32_when_features_overflow_it(tmp_path,
                                     "backbone.crop_size=224", "trainer.bank_views=1"))
     assert deep.meta["max_abs"] > 65504 and deep.meta["dtype"] == "float32"
     assert np.isfinite(np.asarray(deep.array("train"))).all()
+
+
+def bank_folder(cache):
+    banks = [d for d in (cache / "features").iterdir() if d.is_dir() and not d.name.startswith(".")]
+    assert len(banks) == 1, banks
+    return banks[0]
+
+
+def metrics_on_test_split(cwd):
+    runs = sorted(mlflow_runs(cwd).all, key=lambda r: r.info.start_time)
+    assert all(r.info.status == "FINISHED" for r in runs)
+    return [{k: v for k, v in r.data.metrics.items() if k.startswith("test/")} for r in runs]
+
+
+def damage_lines(proc):
+    return [line for line in (proc.stdout + proc.stderr).splitlines() if "is damaged" in line]
+
+
+def test_a_bank_changed_in_place_is_reported_in_one_line_and_rebuilt_not_read(tmp_path, tiny_tree):
+    """Same size, other bytes (the issue: test acc 0.70 instead of 0.925, FINISHED): the next job
+    says so in one warning line, rebuilds the bank and gets the undamaged bank's test metrics."""
+    args = [*FAST, "data=imagefolder", f"data.root={tiny_tree}", f"data.cache_dir={tmp_path / 'cache'}",
+            "trainer.resume=false"]  # the same job again, not skipped as finished
+    run_train(tmp_path, *args)
+    target = bank_folder(tmp_path / "cache") / "test.npy"
+    original, size = target.read_bytes(), target.stat().st_size
+    with open(target, "r+b") as f:  # fp16 0x7b7b = 61280: features no backbone gave
+        f.seek(size // 2)
+        f.write(b"\x7b" * 512)
+    assert target.stat().st_size == size
+    proc = run_train(tmp_path, *args)
+    lines = damage_lines(proc)
+    assert len(lines) == 1 and "WARNING" in lines[0], proc.stdout + proc.stderr
+    assert str(target.parent) in lines[0] and "test.npy has changed bytes" in lines[0], lines[0]
+    assert proc.stdout.count("building the feature bank") == 1
+    assert target.read_bytes() == original  # rebuilt, the same features
+    first, second = metrics_on_test_split(tmp_path)
+    assert first and second == first
+
+
+def test_a_truncated_bank_is_rebuilt_and_the_jobs_after_it_work(tmp_path, tiny_tree):
+    """Truncated (an interrupted copy, a full disk): not 'mmap length is greater than file size' in
+    every later job until the cache folder is deleted by hand, but one warning and one rebuild."""
+    args = [*FAST, "data=imagefolder", f"data.root={tiny_tree}", f"data.cache_dir={tmp_path / 'cache'}",
+            "trainer.resume=false"]  # the same job again, not skipped as finished
+    run_train(tmp_path, *args)
+    target = bank_folder(tmp_path / "cache") / "train.npy"
+    size = target.stat().st_size
+    os.truncate(target, size // 2)
+    proc = run_train(tmp_path, *args)
+    lines = damage_lines(proc)
+    assert len(lines) == 1 and "WARNING" in lines[0], proc.stdout + proc.stderr
+    assert f"train.npy is {size // 2:,} bytes, not {size:,} (truncated)" in lines[0], lines[0]
+    assert target.stat().st_size == size
+    after = run_train(tmp_path, *args)  # the bank is whole again: used as is
+    assert not damage_lines(after) and "building the feature bank" not in after.stdout + after.stderr
+    first, rebuilt, later = metrics_on_test_split(tmp_path)
+    assert first and rebuilt == first and later == first
+
+
+def _stray(folder):
+    (folder / "train.f32.npy").write_bytes(b"left over")
+
+
+@pytest.mark.parametrize("damage, says", [
+    (lambda folder: os.truncate(folder / "valid.npy", 100), "valid.npy is 100 bytes, not "),
+    (lambda folder: (folder / "test_labels.npy").unlink(), "test_labels.npy is missing"),
+    (_stray, "train.f32.npy is not part of it"),
+    (lambda folder: (folder / "meta.json").write_text('{"key": "x", "vie'), "meta.json is unreadable"),
+    (lambda folder: (folder / "meta.json").unlink(), "meta.json is missing"),
+    (lambda folder: (folder / "meta.json").write_text((folder / "meta.json").read_text().replace(
+        '"views": 3', '"views": 2')), "meta.json does not match its checksum"),
+], ids=["truncated", "missing", "extra", "meta-unreadable", "meta-missing", "meta-changed"])
+def test_any_damage_to_a_bank_is_one_warning_and_a_rebuild(tmp_path, tiny_tree, caplog, damage, says):
+    cfg = cfg_for(tiny_tree, tmp_path / "cache")
+    first, _, _ = build_bank(cfg)
+    before = {s: (np.array(first.array(s)), first.labels(s).numpy()) for s in data.SPLITS}
+    damage(first.path)
+    caplog.set_level(logging.INFO, logger="resnet_sweep.features")
+    rebuilt, _, _ = build_bank(cfg)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and "\n" not in warnings[0], warnings
+    assert str(first.path) in warnings[0] and says in warnings[0], warnings[0]
+    assert "building the feature bank" in caplog.text
+    assert rebuilt.path == first.path and rebuilt.views == 3
+    for s in data.SPLITS:
+        assert np.array_equal(np.asarray(rebuilt.array(s)), before[s][0]), s
+        assert np.array_equal(rebuilt.labels(s).numpy(), before[s][1]), s
+    caplog.clear()
+    again, _, _ = build_bank(cfg)  # whole again: reused, silently
+    assert not caplog.records or all(r.levelno < logging.WARNING for r in caplog.records)
+    assert "building" not in caplog.text and again.meta["seconds"] == rebuilt.meta["seconds"]
 
 
 FAULTS = """
