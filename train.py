@@ -1,3 +1,5 @@
+import sys
+
 import hydra
 
 from resnet_sweep.train import check_group_choices, run
@@ -10,4 +12,11 @@ def main(cfg) -> float:
 
 if __name__ == "__main__":
     check_group_choices()
-    main()
+    try:
+        main()
+    except KeyboardInterrupt as e:  # SIGINT or SIGTERM (resnet_sweep.faults): runs are marked KILLED
+        from resnet_sweep import faults
+
+        print(f"{e or 'interrupted'}: the running job kept its finished epochs; re-run the same command "
+              "to resume", file=sys.stderr, flush=True)
+        sys.exit(faults.exit_code())

@@ -21,16 +21,17 @@ from .errors import Diverged, UserError
 
 log = logging.getLogger(__name__)
 
-MAXIMIZE = ("acc", "auroc", "f1", "balanced_acc")
+PER_EPOCH = ("loss", "acc")  # the validation metrics measured at every epoch
 
 
 def direction(objective: str) -> str:
-    """valid/loss -> minimize; valid/acc (auroc, f1, balanced_acc) -> maximize."""
+    """valid/loss -> minimize; valid/acc -> maximize. Other metrics (auroc, f1, balanced_acc) are
+    measured on the test split only, so they cannot pick an epoch: refused in one line."""
     split, _, metric = objective.partition("/")
-    if split != "valid" or metric not in ("loss", *MAXIMIZE):
+    if split != "valid" or metric not in PER_EPOCH:
         raise UserError(
-            f"objective={objective}: the sweep objective is a validation metric: valid/loss "
-            "(minimised) or valid/acc (maximised)"
+            f"objective={objective}: the sweep objective is a validation metric measured every epoch: "
+            "valid/loss (minimised) or valid/acc (maximised)"
         )
     return "minimize" if metric == "loss" else "maximize"
 

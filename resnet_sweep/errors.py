@@ -8,3 +8,7 @@ class UserError(CompactHydraException):
 
 class Diverged(RuntimeError):
     """The loss became NaN or infinite: the run is stopped and marked failed."""
+
+
+class Locked(UserError):
+    """Another process is running this very job right now."""

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from filelock import FileLock, Timeout
 
-from .errors import UserError
+from .errors import Locked
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ class Resumer:
         try:
             self._lock.acquire(timeout=0)
         except Timeout:
-            raise UserError(f"this job ({self.key}) is running in another process right now "
+            raise Locked(f"this job ({self.key}) is running in another process right now "
                             f"(lock {self._lock.lock_file}); wait for it or set trainer.resume=false") from None
         if not self.enabled and self.path.exists():
             self.path.unlink()  # trainer.resume=false: start fresh

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import json
 import logging
 import math
 import os
@@ -30,7 +31,7 @@ from mlflow.entities import RunStatus
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
-from . import plots
+from . import faults, plots
 from .engine import direction
 from .hpo import Pruned
 from .errors import UserError
@@ -144,6 +145,10 @@ def in_multirun() -> bool:
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
+class StoreUnreachable(UserError):
+    """The MLflow store did not answer: an infrastructure fault, not a mistake in the job."""
+
+
 def connect(tracking_cfg) -> str:
     """Point MLflow at the store and experiment; fail in one line if unreachable. Returns the
     experiment id."""
@@ -153,10 +158,11 @@ def connect(tracking_cfg) -> str:
     os.environ.update({k: v for k, v in quick.items() if saved[k] is None})
     try:
         _probe_database(str(tracking_cfg.uri))
-        experiment = _set_experiment(str(tracking_cfg.experiment))
+        with _creation_lock(str(tracking_cfg.uri)):
+            experiment = _set_experiment(str(tracking_cfg.experiment))
     except Exception as e:
         reason = redact(str(e).splitlines()[0] if str(e) else type(e).__name__)
-        raise UserError(
+        raise StoreUnreachable(
             f"tracking.uri={redact(tracking_cfg.uri)}: cannot reach the MLflow store ({reason}); "
             "check the URI or start the server"
         ) from None
@@ -165,6 +171,19 @@ def connect(tracking_cfg) -> str:
             if v is None:
                 os.environ.pop(k, None)
     return experiment.experiment_id
+
+
+def _creation_lock(uri: str):
+    """A SQLite store is created (tables, migrations) by the first process that opens it: two sweeps
+    started at once in a new folder raced there ("Online migration expected to match one row").
+    A file lock beside the database file makes the creation one process's job."""
+    if not uri.startswith("sqlite:///"):
+        return contextlib.nullcontext()
+    from filelock import FileLock
+
+    path = Path(os.path.expanduser(uri[len("sqlite:///"):]))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return FileLock(str(path) + ".lock", timeout=300)
 
 
 def _probe_database(uri: str) -> None:
@@ -196,10 +215,13 @@ def _set_experiment(name: str):
         return mlflow.set_experiment(name)
 
 
+PROJECT_DIR = Path(__file__).resolve().parent.parent
+
+
 def _git_commit() -> str | None:
-    cwd = HydraConfig.get().runtime.cwd if HydraConfig.initialized() else os.getcwd()
+    """The commit of the resnet-sweep code that ran (not of the folder the user runs from)."""
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True,
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=PROJECT_DIR, capture_output=True,
                              text=True, timeout=5)
     except (OSError, subprocess.TimeoutExpired):
         return None
@@ -213,61 +235,76 @@ def _hydra_overrides() -> str:
 
 
 class JobLog:
-    """What a job writes to its MLflow run."""
+    """What a job writes to its MLflow run. Every call is retried for ``tracking.retry_s`` seconds
+    when the store does not answer (a restarting server or database), then raises."""
 
     def __init__(self, cfg, run_id: str):
         self.cfg = cfg
         self.run_id = run_id
         self.name = run_name(cfg)
+        self.retry_s = float(cfg.tracking.get("retry_s", 300))
+
+    def _call(self, what: str, fn, *args, **kwargs):
+        return faults.retrying(lambda: fn(*args, **kwargs), self.retry_s, f"MLflow {what} ({self.name})")
 
     def tags(self, **tags) -> None:
-        mlflow.set_tags({k: redact(v) for k, v in tags.items()})
+        self._call("set_tags", mlflow.set_tags, {k: redact(v) for k, v in tags.items()})
 
     def params(self, params: dict) -> None:
-        mlflow.log_params(params)
+        self._call("log_params", mlflow.log_params, params)
 
     def epoch(self, epoch: int, metrics: dict) -> None:
-        mlflow.log_metrics(metrics, step=epoch)
+        self._call("log_metrics", mlflow.log_metrics, metrics, step=epoch)
 
     def skipped_images(self, skipped: list) -> None:
         """data.on_bad_image=skip: how many files were left out, and which."""
-        mlflow.log_metric("data/skipped_images", len(skipped))
+        self._call("log_metric", mlflow.log_metric, "data/skipped_images", len(skipped))
         if skipped:
-            mlflow.log_dict({"skipped": [{"path": p, "reason": r} for p, r in skipped]}, "skipped_images.json")
+            self._call("log_dict", mlflow.log_dict, {"skipped": [{"path": p, "reason": r} for p, r in skipped]},
+                       "skipped_images.json")
 
     def ensure_logged(self, epochs: list[dict]) -> None:
         """After a resume: log the epochs the interrupted attempt saved but did not log."""
-        logged = {m.step for m in MlflowClient().get_metric_history(self.run_id, "valid/loss")}
+        logged = {m.step for m in self._call("get_metric_history", MlflowClient().get_metric_history,
+                                             self.run_id, "valid/loss")}
         for epoch, metrics in enumerate(epochs):
             if epoch not in logged:
                 self.epoch(epoch, metrics)
 
     def history(self, history) -> None:
         best = history.best_metrics()
-        mlflow.log_metrics({"best_epoch": history.best_epoch, "epochs_run": len(history.epochs) - 1,
-                            **{f"best/{k}": v for k, v in best.items()}})
-        mlflow.set_tag("stopped_early", str(history.stopped_early).lower())
+        self._call("log_metrics", mlflow.log_metrics, {
+            "best_epoch": history.best_epoch, "epochs_run": len(history.epochs) - 1,
+            **{f"best/{k}": v for k, v in best.items()}})
+        never = history.best_epoch == 0 and len(history.epochs) > 1
+        self.tags(stopped_early=str(history.stopped_early).lower(), never_improved=str(never).lower())
+        if never:
+            log.warning("%s never improved on its untrained epoch 0 (%s); its test figures are the untrained "
+                        "head's: flagged never_improved=true, left out of the sweep's best run",
+                        self.name, history.objective_name)
         fig = plots.learning_curves(history.epochs, history.best_epoch, self.name)
-        mlflow.log_figure(fig, "plots/learning_curves.png")
+        self._call("log_figure", mlflow.log_figure, fig, "plots/learning_curves.png")
         plots.close(fig)
 
-    def test_metrics(self, metrics: dict, classes: list[str]) -> None:
+    def test_metrics(self, metrics: dict, classes: list[str]) -> dict:
+        metrics = dict(metrics)
         matrix = metrics.pop("confusion_matrix")
-        mlflow.log_metrics(metrics)
-        mlflow.log_dict({"classes": classes, "matrix (rows: true, cols: predicted)": matrix},
-                        "confusion_matrix.json")
+        self._call("log_metrics", mlflow.log_metrics, metrics)
+        self._call("log_dict", mlflow.log_dict, {"classes": classes, "matrix (rows: true, cols: predicted)": matrix},
+                   "confusion_matrix.json")
         fig = plots.confusion_matrix(matrix, classes, f"{self.name}: test")
-        mlflow.log_figure(fig, "plots/confusion_matrix.png")
+        self._call("log_figure", mlflow.log_figure, fig, "plots/confusion_matrix.png")
         plots.close(fig)
+        return metrics
 
     def checkpoint(self, ckpt: dict) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "best.pt"
             torch.save(ckpt, path)
-            mlflow.log_artifact(str(path), "checkpoint")
+            self._call("log_artifact", mlflow.log_artifact, str(path), "checkpoint")
 
     def model(self, classifier, ckpt: dict) -> None:
-        log_model(classifier, ckpt)
+        self._call("log_model", log_model, classifier, ckpt)
 
 
 def log_model(classifier, ckpt: dict) -> None:
@@ -304,7 +341,8 @@ def _existing_run(run_id: str | None):
 
 
 def adopt_run(run_id: str) -> None:
-    """In a sweep, make an earlier run of the same job a child of this sweep's parent run."""
+    """In a sweep, make the run of an unfinished earlier attempt of this job (which this sweep now
+    continues) a child of this sweep's parent run; the old parent is kept in a tag."""
     parent = os.environ.get(PARENT_ENV) if in_multirun() else None
     run = _existing_run(run_id)
     if parent and run is not None and run.data.tags.get("mlflow.parentRunId") != parent:
@@ -314,14 +352,22 @@ def adopt_run(run_id: str) -> None:
         client.set_tag(run_id, "mlflow.parentRunId", parent)
 
 
+def reused_run(run_id: str):
+    """A finished run that this job would repeat: it stays under the sweep that made it (the sweep
+    that reuses it records so at its end). Returns the run, or None where the store lost it."""
+    return _existing_run(run_id)
+
+
 @contextlib.contextmanager
 def job_run(cfg, resume_run_id: str | None = None):
     """One MLflow run for this job, a child of the sweep's parent run in ``-m`` mode; with
-    ``resume_run_id``, the run of an interrupted attempt, continued. A failure inside marks the run
-    FAILED with the reason as a tag, then propagates."""
+    ``resume_run_id``, the run of an earlier attempt, continued (its failure tag cleared). A failure
+    inside marks the run FAILED with the reason as a tag; an interruption (signal, store or disk
+    fault, see ``faults``) marks it KILLED with the reason; then the exception propagates."""
     connect(cfg.tracking)
     parent = os.environ.get(PARENT_ENV) if in_multirun() else None
-    if _existing_run(resume_run_id) is None:
+    previous = _existing_run(resume_run_id)
+    if previous is None:
         resume_run_id = None
     else:
         adopt_run(resume_run_id)
@@ -347,25 +393,28 @@ def job_run(cfg, resume_run_id: str | None = None):
     with mlflow.start_run(**start) as run:
         job = JobLog(cfg, run.info.run_id)
         try:
+            if previous is not None and FAILURE_TAG in previous.data.tags:
+                job._call("delete_tag", mlflow.delete_tag, FAILURE_TAG)
             config = app_config(cfg)
-            mlflow.log_params(flatten(config))
-            mlflow.log_text(redact(yaml.safe_dump(config, sort_keys=False)), "config.yaml")
+            job.params(flatten(config))
+            job._call("log_text", mlflow.log_text, redact(yaml.safe_dump(config, sort_keys=False)), "config.yaml")
             yield job
             if trial:
-                mlflow.set_tag("optuna_state", "COMPLETE")
+                job.tags(optuna_state="COMPLETE")
         except Pruned as e:
             mlflow.set_tags({"optuna_state": "PRUNED", "pruned_at_epoch": str(e.epoch)})
             mlflow.end_run(RunStatus.to_string(RunStatus.KILLED))
             raise
-        except KeyboardInterrupt:
-            mlflow.set_tag(FAILURE_TAG, "interrupted")
-            mlflow.end_run(RunStatus.to_string(RunStatus.KILLED))
-            raise
         except BaseException as e:
-            mlflow.set_tag(FAILURE_TAG, redact(failure_reason(e)))
-            if trial:
-                mlflow.set_tag("optuna_state", "FAIL")
-            mlflow.end_run(RunStatus.to_string(RunStatus.FAILED))
+            interrupted = isinstance(e, KeyboardInterrupt) or faults.is_infrastructure(e)
+            reason = redact(failure_reason(e))
+            with contextlib.suppress(Exception):  # the store may be the fault: best effort
+                tags = {FAILURE_TAG: f"interrupted: {reason}" if interrupted else reason}
+                if trial:
+                    tags["optuna_state"] = "INTERRUPTED" if interrupted else "FAIL"
+                mlflow.set_tags(tags)
+            with contextlib.suppress(Exception):
+                mlflow.end_run(RunStatus.to_string(RunStatus.KILLED if interrupted else RunStatus.FAILED))
             raise
 
 
@@ -374,16 +423,79 @@ def failure_reason(e: BaseException) -> str:
     return text[0] if text else type(e).__name__
 
 
+STATUS_FILE = "job_status.json"
+
+
+def write_job_status(status: str, name: str, run_id: str | None = None, reason: str | None = None) -> None:
+    """What became of this job (finished, reused, failed, interrupted, skipped), in its Hydra output
+    folder: the sweep's summary counts these, so a job that never reached MLflow (locked by another
+    sweep, a config error) is counted too."""
+    if not (HydraConfig.initialized() and in_multirun()):
+        return
+    folder = Path(HydraConfig.get().runtime.output_dir)
+    with contextlib.suppress(OSError):
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = folder / f".{STATUS_FILE}.tmp"
+        tmp.write_text(json.dumps({"status": status, "name": name, "run_id": run_id, "reason": reason}))
+        os.replace(tmp, folder / STATUS_FILE)
+
+
+def read_job_statuses(sweep_dir: Path) -> list[dict]:
+    """One record per job folder of the sweep (a folder Hydra made, ``.hydra/`` inside); a job that
+    left no record ended without a word (killed) and counts as failed."""
+    records = []
+    for hydra_dir in sorted(sweep_dir.rglob(".hydra")):
+        folder = hydra_dir.parent
+        try:
+            records.append(json.loads((folder / STATUS_FILE).read_text()))
+        except (OSError, ValueError):
+            records.append({"status": "failed", "name": folder.name, "run_id": None,
+                            "reason": "ended without a result (killed?)"})
+    return records
+
+
+def claim_sweep_dir(config) -> None:
+    """Two sweeps started in the same second resolve the same ``hydra.sweep.dir``: the second one moves
+    to ``<dir>-2`` (``-3`` ...), for itself and its jobs. A sweep holds its folder's lock until it exits."""
+    from filelock import FileLock, Timeout
+    from omegaconf import open_dict, read_write
+
+    base = Path(str(config.hydra.sweep.dir))
+    for n in range(1, 1000):
+        folder = base if n == 1 else base.with_name(f"{base.name}-{n}")
+        folder.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(folder / ".sweep.lock"))
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            continue
+        _HELD_LOCKS.append(lock)
+        break
+    if folder != base:
+        log.info("hydra.sweep.dir %s is in use by another sweep: this sweep writes to %s", base, folder)
+        with read_write(config.hydra), open_dict(config.hydra):
+            config.hydra.sweep.dir = str(folder)
+            config.hydra.overrides.hydra.append(f"hydra.sweep.dir={folder}")
+    for old in folder.rglob(STATUS_FILE):  # a re-used folder: records of an earlier sweep
+        with contextlib.suppress(OSError):
+            old.unlink()
+
+
+_HELD_LOCKS: list = []
+
+
 class SweepCallback(Callback):
-    """In ``-m`` mode: one MLflow parent run for the sweep (every job is its child); at the end,
-    the full model of the best child (``tracking.log_model=best``), a summary line, and a
-    non-zero exit if any job failed."""
+    """In ``-m`` mode: one MLflow parent run for the sweep (every job is its child; a finished job
+    reused from an earlier sweep stays under that sweep's run and is recorded here); at the end, the
+    full model of the best run (``tracking.log_model=best``), a summary line, and a non-zero exit if
+    any job did not finish here."""
 
     def __init__(self) -> None:
         self.parent_id: str | None = None
         self.client: MlflowClient | None = None
 
     def on_run_start(self, config: DictConfig, **kwargs) -> None:
+        _preflight(config)
         _fail_fast(config)
 
     def on_job_start(self, config: DictConfig, **kwargs) -> None:
@@ -395,7 +507,10 @@ class SweepCallback(Callback):
                 redact_files(Path(hc.sweep.dir))
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        _preflight(config, sweep=True)
+        claim_sweep_dir(config)
         experiment_id = _fail_fast(config)
+        faults.install_handlers()
         if is_study(config):
             return  # the Optuna sweeper opens (or, on resume, reopens) the study's parent run
         self.client = MlflowClient()
@@ -413,57 +528,94 @@ class SweepCallback(Callback):
         log.info("MLflow parent run %s (%s)", self.parent_id, redact(config.tracking.uri))
 
     def _abandon(self) -> None:
-        """The sweep died before on_multirun_end: do not leave the parent RUNNING."""
+        """The sweep stopped before on_multirun_end (a signal, a crash): do not leave the parent RUNNING."""
         if self.parent_id and self.client:
+            stopped = faults.stop_signal()
             with contextlib.suppress(Exception):
-                self.client.set_tag(self.parent_id, FAILURE_TAG, "sweep ended before all jobs returned")
-                self.client.set_terminated(self.parent_id, "FAILED")
+                reason = (f"interrupted by {stopped}: re-run the same command to resume" if stopped
+                          else "sweep ended before all jobs returned")
+                self.client.set_tag(self.parent_id, FAILURE_TAG, reason)
+                self.client.set_terminated(self.parent_id, "KILLED" if stopped else "FAILED")
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
-        redact_files(Path(str(config.hydra.sweep.dir)))
+        sweep_dir = Path(str(config.hydra.sweep.dir))
+        redact_files(sweep_dir)
         study = is_study(config)
         if study:
             self.parent_id = os.environ.get(PARENT_ENV)
             self.client = MlflowClient()
         if not self.parent_id:
             return
-        children = self.children()
-        finished = [r for r in children if r.info.status == "FINISHED"]
-        failed = [r for r in children if r.info.status in ("FAILED", "KILLED")]
-        objective = str(config.objective)
-        best = best_run(finished, objective)
         client = self.client
-        if best is not None:
-            client.set_tag(self.parent_id, "best_run_id", best.info.run_id)
-            client.set_tag(self.parent_id, "best_run_name", best.info.run_name)
-            client.log_metric(self.parent_id, f"best/{objective}", best.data.metrics[f"best/{objective}"])
-            for key in ("test/acc", "test/loss"):
-                if key in best.data.metrics:
-                    client.log_metric(self.parent_id, f"best_run/{key}", best.data.metrics[key])
-            if str(config.tracking.log_model) == "best" and "model" not in logged_model_names(best):
-                log_best_model(best)
-        os.environ.pop(PARENT_ENV, None)
+        objective = str(config.objective)
         if study:  # FAIL and PRUNED trials are part of a study: counted by the sweeper, no error
+            best = best_run([r for r in self.children() if r.info.status == "FINISHED"], objective)
+            self._record_best(config, best, objective)
+            os.environ.pop(PARENT_ENV, None)
             client.set_terminated(self.parent_id, "FINISHED")
             return
-        client.log_metric(self.parent_id, "runs_finished", len(finished))
-        client.log_metric(self.parent_id, "runs_failed", len(failed))
-        summary = f"{len(finished)} finished, {len(failed)} failed"
-        if failed:
+        jobs = read_job_statuses(sweep_dir)
+        by_status: dict[str, list[dict]] = {}
+        for job in jobs:
+            by_status.setdefault(job["status"], []).append(job)
+        reused_ids = [j["run_id"] for j in by_status.get("reused", []) if j.get("run_id")]
+        if reused_ids:
+            client.set_tag(self.parent_id, "reused_run_ids", ",".join(reused_ids))
+        runs = {r.info.run_id: r for r in self.children()}
+        for run_id in reused_ids:
+            if run_id not in runs and (run := _existing_run(run_id)) is not None:
+                runs[run_id] = run
+        finished = [r for r in runs.values() if r.info.status == "FINISHED"]
+        never = [r for r in finished if r.data.tags.get("never_improved") == "true"]
+        incomplete = {k: v for k, v in by_status.items() if k not in ("finished", "reused")}
+        best = best_run(finished, objective)
+        self._record_best(config, best, objective, log_it=not incomplete)
+        counts = {s: len(by_status.get(s, [])) for s in ("finished", "failed", "interrupted", "skipped", "reused")}
+        for key, n in counts.items():
+            client.log_metric(self.parent_id, f"runs_{key}", n)
+        summary = (f"{counts['finished']} finished, {counts['failed']} failed"
+                   + (f", {counts['interrupted']} interrupted" if counts["interrupted"] else "")
+                   + (f", {counts['skipped']} skipped (running elsewhere)" if counts["skipped"] else "")
+                   + (f", {counts['reused']} reused" if counts["reused"] else ""))
+        if never:
+            summary += f"; {len(never)} never improved on epoch 0 ({', '.join(r.info.run_name for r in never)})"
+        problems = [j for s in ("failed", "interrupted", "skipped") for j in by_status.get(s, [])]
+        if problems:
             summary += ": " + "; ".join(
-                f"{r.info.run_name} ({r.data.tags.get(FAILURE_TAG, r.info.status.lower())})" for r in failed
-            )
-        client.set_tag(self.parent_id, "summary", summary)
-        client.set_terminated(self.parent_id, "FAILED" if failed else "FINISHED")
+                f"{j['name']} ({j.get('reason') or '?'})" if j["status"] == "failed"
+                else f"{j['name']} ({j['status']}: {j.get('reason') or '?'})" for j in problems)
+        client.set_tag(self.parent_id, "summary", redact(summary))
+        client.set_terminated(self.parent_id, "FAILED" if problems else "FINISHED")
         atexit.unregister(self._abandon)
+        os.environ.pop(PARENT_ENV, None)
         if best is not None:
             log.info("best run: %s (%s = %.4f)", best.info.run_name, objective,
                      best.data.metrics[f"best/{objective}"])
-        print(summary, flush=True)
-        if failed:
+        print(redact(summary), flush=True)
+        if problems:
             from .train import exit_with
 
-            exit_with(summary)
+            hint = ("; re-run the same command to resume" if "interrupted" in incomplete or "skipped" in incomplete
+                    else "")
+            exit_with(redact(summary) + hint)
+
+    def _record_best(self, config, best, objective: str, log_it: bool = True) -> None:
+        client = self.client
+        if best is None:
+            return
+        client.set_tag(self.parent_id, "best_run_id", best.info.run_id)
+        client.set_tag(self.parent_id, "best_run_name", best.info.run_name)
+        client.log_metric(self.parent_id, f"best/{objective}", best.data.metrics[f"best/{objective}"])
+        for key in ("test/acc", "test/loss"):
+            if key in best.data.metrics:
+                client.log_metric(self.parent_id, f"best_run/{key}", best.data.metrics[key])
+        if str(config.tracking.log_model) != "best":
+            return
+        if not log_it:
+            log.warning("best model not logged: not every job of this sweep finished here; re-run the same "
+                        "command once they have, and the best run's model is logged then")
+        elif "model" not in logged_model_names(best):
+            log_best_model(best)
 
     def children(self):
         return self.client.search_runs(
@@ -474,8 +626,11 @@ class SweepCallback(Callback):
 
 
 def best_run(runs, objective: str):
+    """The run with the best ``best/<objective>``; runs that never improved on their untrained epoch 0
+    are left out (their figures are the untrained head's)."""
     key = f"best/{objective}"
-    scored = [r for r in runs if key in r.data.metrics and math.isfinite(r.data.metrics[key])]
+    scored = [r for r in runs if key in r.data.metrics and math.isfinite(r.data.metrics[key])
+              and r.data.tags.get("never_improved") != "true"]
     if not scored:
         return None
     sign = 1 if direction(objective) == "minimize" else -1
@@ -515,6 +670,42 @@ def log_best_model(run) -> None:
         log_model(classifier, ckpt)
         mlflow.set_tag("model_logged", "best of sweep")
     log.info("logged the full model of the best run %s", run.info.run_name)
+
+
+def _preflight(config, sweep: bool = False) -> None:
+    """Config mistakes, found before anything is created (no mlflow.db, no run): one line, exit 2.
+    In a sweep, every value of every swept key is checked (each composed with the others' first)."""
+    from .train import check_config, exit_with
+
+    try:
+        if sweep and not is_study(config):
+            for job_overrides in sweep_points(config):
+                check_config(_compose_job(config, job_overrides))
+        else:
+            check_config(config)
+    except UserError as e:
+        exit_with(str(e), code=2)
+
+
+def sweep_points(config) -> list[list[str]]:
+    """Job override lists that together try every value of every swept key once."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    overrides = OverridesParser.create().parse_overrides(list(config.hydra.overrides.task))
+    fixed = [o.input_line for o in overrides if not o.is_sweep_override()]
+    swept = [(o.get_key_element(), list(o.sweep_string_iterator())) for o in overrides if o.is_sweep_override()]
+    first = [f"{k}={v[0]}" for k, v in swept if v]
+    points = [fixed + first]
+    for i, (key, values) in enumerate(swept):
+        for value in values[1:]:
+            points.append(fixed + first[:i] + [f"{key}={value}"] + first[i + 1:])
+    return points
+
+
+def _compose_job(config, job_overrides: list[str]):
+    from hydra.core.global_hydra import GlobalHydra
+
+    return GlobalHydra.instance().config_loader().load_sweep_config(config, job_overrides)
 
 
 def _fail_fast(config) -> str:

@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import data, engine, features, hpo, models, resume, tracking
-from .errors import Diverged, UserError
+from . import data, engine, faults, features, hpo, models, resume, tracking
+from .errors import Diverged, Locked, UserError
 
 log = logging.getLogger(__name__)
 
@@ -21,26 +21,60 @@ CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 
 def run(cfg) -> float:
-    """Train one configuration; return the sweep objective (best validation metric), or NaN when
-    the job failed inside a multirun (the failure is on its MLflow run; the sweep goes on)."""
+    """Train one configuration; return the sweep objective (best validation metric). Inside a
+    multirun, a job that failed returns NaN (the failure is on its MLflow run; the sweep goes on), a
+    job stopped by the infrastructure returns ``hpo.INTERRUPTED`` (its epochs are kept; the sweeper
+    re-runs it), and a signal stops the whole sweep."""
+    faults.install_handlers()
+    name = safe_run_name(cfg)
     try:
-        return _run(cfg)
+        check_config(cfg)
+        objective, status, run_id = _run(cfg)
+        tracking.write_job_status(status, name, run_id)
+        return objective
     except hpo.Pruned as e:
-        log.info("%s: %s", tracking.run_name(cfg), e)
+        tracking.write_job_status("finished", name, reason="pruned")
+        log.info("%s: %s", name, e)
         return hpo.PRUNED
-    except (UserError, Diverged) as e:
-        reason = tracking.redact(str(e).strip() or type(e).__name__)  # a UserError may list several lines
-        if isinstance(e, Diverged):
-            reason = f"{tracking.run_name(cfg)} failed: {reason}"
+    except KeyboardInterrupt as e:  # SIGTERM / SIGINT (faults.Interrupted): the sweep stops too
+        tracking.write_job_status("interrupted", name, reason=str(e) or "interrupted")
+        raise
+    except Locked as e:
+        tracking.write_job_status("skipped", name, reason="running in another process")
         if tracking.in_multirun():
-            log.error("%s", reason)
+            log.warning("%s: %s", name, e)
             return math.nan
-        exit_with(reason)
+        exit_with(str(e))
     except Exception as e:
+        reason = tracking.redact(tracking.failure_reason(e))
+        if faults.is_infrastructure(e) or faults.stop_signal():
+            tracking.write_job_status("interrupted", name, reason=reason)
+            message = (f"{name} interrupted: {reason}; its finished epochs are saved: "
+                       "re-run the same command to resume")
+            if tracking.in_multirun():
+                log.error("%s", message)
+                return hpo.INTERRUPTED
+            exit_with(message, code=75)  # EX_TEMPFAIL: try again later
+        tracking.write_job_status("failed", name, reason=reason)
+        if isinstance(e, (UserError, Diverged)):
+            reason = tracking.redact(str(e).strip() or type(e).__name__)  # a UserError may list several lines
+            if isinstance(e, Diverged):
+                reason = f"{name} failed: {reason}"
+            if tracking.in_multirun():
+                log.error("%s", reason)
+                return math.nan
+            exit_with(reason)
         if not tracking.in_multirun():
             raise
-        log.exception("%s failed: %s", tracking.run_name(cfg), tracking.redact(tracking.failure_reason(e)))
+        log.exception("%s failed: %s", name, tracking.redact(tracking.failure_reason(e)))
         return math.nan
+
+
+def safe_run_name(cfg) -> str:
+    try:
+        return tracking.run_name(cfg)
+    except Exception:  # a config error (optimizer.lr=abc): check_config says which
+        return str(cfg.get("run_name") or "job")
 
 
 def exit_with(message: str, code: int = 1):
@@ -51,30 +85,31 @@ def exit_with(message: str, code: int = 1):
     sys.exit(code)
 
 
-def _run(cfg) -> float:
+def _run(cfg) -> tuple[float, str, str]:
+    """-> (objective, finished | reused, MLflow run id)."""
     share_cores()
     engine.keep_freed_memory()
-    resumer = resume.Resumer(cfg.trainer.resume_dir, tracking.app_config(cfg), enabled=bool(cfg.trainer.resume))
+    identity = {**tracking.app_config(cfg), "data_fingerprint": data.data_fingerprint(cfg.data)}
+    resumer = resume.Resumer(cfg.trainer.resume_dir, identity, enabled=bool(cfg.trainer.resume))
     with resumer:
         state = resumer.load()
         if state and state["finished"]:
-            tracking.adopt_run(state["run_id"])
-            log.info("%s: already finished (MLflow run %s), skipped; trainer.resume=false runs it again",
-                     tracking.run_name(cfg), state["run_id"])
-            return state["objective"]
-        try:
-            objective, run_id = _train(cfg, resumer, state)
-        except Exception:  # Diverged and Pruned included
-            resumer.forget()  # a failed job starts afresh next time
-            raise
+            tracking.connect(cfg.tracking)
+            if tracking.reused_run(state["run_id"]) is not None:
+                log.info("%s: already finished (MLflow run %s), reused; trainer.resume=false runs it again",
+                         tracking.run_name(cfg), state["run_id"])
+                return state["objective"], "reused", state["run_id"]
+            log.warning("%s: finished before, but its MLflow run %s is not in tracking.uri=%s: running it again",
+                        tracking.run_name(cfg), state["run_id"], tracking.redact(cfg.tracking.uri))
+            state = None
+        objective, run_id = _train(cfg, resumer, state)
         resumer.finished(run_id, objective)
-    return objective
+    return objective, "finished", run_id
 
 
 def _train(cfg, resumer, state) -> tuple[float, str]:
     with tracking.job_run(cfg, resume_run_id=state["run_id"] if state else None) as job:
         resumer.started(job.run_id)
-        validate(cfg)
         seed_everything(cfg.seed)
         device = engine.resolve_device(cfg.trainer.device)
         splits = data.build(cfg.data, cfg.trainer, crop_size=int(cfg.backbone.crop_size), seed=int(cfg.seed),
@@ -103,7 +138,7 @@ def _train(cfg, resumer, state) -> tuple[float, str]:
                              resume=resume.EpochHooks(resumer, state, job), scheduler_cfg=cfg.get("scheduler"))
         job.history(history)
         built.model.load_state_dict(history.best_state, strict=False)
-        job.test_metrics(engine.evaluate(model, inputs.test, device, cfg.trainer.precision), splits.classes)
+        test = job.test_metrics(engine.evaluate(model, inputs.test, device, cfg.trainer.precision), splits.classes)
         ckpt = models.checkpoint(built, history.best_state, cfg, {
             "epoch": history.best_epoch, "classes": splits.classes, "mean": list(splits.mean),
             "std": list(splits.std), "crop_size": splits.crop_size, "resize": splits.resize,
@@ -112,7 +147,9 @@ def _train(cfg, resumer, state) -> tuple[float, str]:
             job.checkpoint(ckpt)
         if should_log_model(cfg):
             job.model(built.model, ckpt)
-    log.info("%s: best epoch %d, %s = %.4f", job.name, history.best_epoch, cfg.objective, history.objective)
+    log.info("%s: best epoch %d, %s = %.4f; test loss %.4f, test acc %.2f%% (MLflow run %s)", job.name,
+             history.best_epoch, cfg.objective, history.objective, test["test/loss"], 100 * test["test/acc"],
+             job.run_id)
     return history.objective, job.run_id
 
 
@@ -125,26 +162,71 @@ def should_log_model(cfg) -> bool:
     return choice == "all" or (choice == "best" and not tracking.in_multirun())
 
 
-def validate(cfg) -> None:
-    """Config values that would otherwise fail late or silently."""
+def check_config(cfg) -> None:
+    """Every config value that would otherwise fail late, with a traceback, or silently: one line
+    naming the key. Cheap (no data is read, nothing is created): run before anything else, for
+    every point of a sweep (``tracking._preflight``) and again by each job."""
     lr = cfg.optimizer.lr
-    if not isinstance(lr, (int, float)) or lr <= 0:
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or lr <= 0:
         raise UserError(f"optimizer.lr={lr}: the learning rate must be a number > 0")
-    if not isinstance(cfg.trainer.max_epochs, int) or cfg.trainer.max_epochs < 1:
-        raise UserError(f"trainer.max_epochs={cfg.trainer.max_epochs}: must be an integer >= 1")
+    for key in ("max_epochs", "batch_size", "num_workers", "bank_views"):
+        value = cfg.trainer.get(key)
+        low = 0 if key == "num_workers" else 1
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise UserError(f"trainer.{key}={value}: must be an integer >= {low}")
     patience = cfg.trainer.patience
-    if patience is not None and (not isinstance(patience, int) or patience < 1):
+    if patience is not None and (isinstance(patience, bool) or not isinstance(patience, int) or patience < 1):
         raise UserError(f"trainer.patience={patience}: must be an integer >= 1, or null to never stop early")
-    if not isinstance(cfg.trainer.batch_size, int) or cfg.trainer.batch_size < 1:
-        raise UserError(f"trainer.batch_size={cfg.trainer.batch_size}: must be an integer >= 1")
-    views, bank_batch = cfg.trainer.bank_views, cfg.trainer.get("bank_batch_size")
-    if isinstance(views, bool) or not isinstance(views, int) or views < 1:
-        raise UserError(f"trainer.bank_views={views}: must be an integer >= 1 (random crops per training image)")
+    bank_batch = cfg.trainer.get("bank_batch_size")
     if bank_batch is not None and (isinstance(bank_batch, bool) or not isinstance(bank_batch, int) or bank_batch < 1):
         raise UserError(f"trainer.bank_batch_size={bank_batch}: must be an integer >= 1, or null for "
                         f"{features.EXTRACT_BATCH}")
+    if not isinstance(cfg.seed, int) or isinstance(cfg.seed, bool):
+        raise UserError(f"seed={cfg.seed}: must be an integer")
     engine.direction(str(cfg.objective))
+    engine.autocast(torch.device("cpu"), cfg.trainer.precision)  # checks the choice
+    features.wanted(cfg)  # checks trainer.feature_bank
     should_log_model(cfg)
+    check_optimizer(cfg)
+    check_data(cfg.data)
+
+
+def check_optimizer(cfg) -> None:
+    """Build the configured optimizer (and scheduler) over one dummy parameter: a value of the wrong
+    type (``optimizer.momentum=abc``) or out of range is named here, not in a traceback mid-job."""
+    probe = torch.nn.Linear(1, 1)
+    probe.head = torch.nn.Linear(1, 1)
+    try:
+        optimizer = engine.make_optimizer(cfg.optimizer, probe)
+    except UserError:
+        raise
+    except Exception as e:
+        wrong = [f"optimizer.{k}={v}" for k, v in cfg.optimizer.items()
+                 if isinstance(v, str) and not k.startswith("_")]
+        where = wrong[0] if wrong else f"optimizer={tracking.optimizer_name(cfg.optimizer)}"
+        raise UserError(f"{where}: {tracking.failure_reason(e)}; check the optimizer.* values") from None
+    try:
+        engine.make_scheduler(cfg.get("scheduler"), optimizer)
+    except UserError:
+        raise
+    except Exception as e:
+        raise UserError(f"scheduler: {tracking.failure_reason(e)}; check the scheduler.* values") from None
+
+
+def check_data(data_cfg) -> None:
+    """The data keys, without reading the data: a user's root must exist; the demo takes no root."""
+    from omegaconf import OmegaConf
+
+    if str(data_cfg.get("kind")) == "demo":
+        if data_cfg.get("root") is not None:
+            data.resolve_root(data_cfg)  # the one-line "add data=imagefolder" error
+    elif OmegaConf.is_missing(data_cfg, "root") or data_cfg.get("root") is None \
+            or not Path(os.path.expanduser(str(data_cfg.root))).is_dir():
+        data.resolve_root(data_cfg)
+    if str(data_cfg.get("on_bad_image", "error")) not in ("error", "skip"):
+        raise UserError(f"data.on_bad_image={data_cfg.on_bad_image}: choose error or skip")
+    if str(data_cfg.get("normalize")) not in ("imagenet", "dataset"):
+        raise UserError(f"data.normalize={data_cfg.get('normalize')}: choose imagenet or dataset")
 
 
 def share_cores() -> None:

@@ -49,7 +49,7 @@ def break_empty_class(root: Path):
 def break_small_image(root: Path):
     small = root / "valid" / "a_class" / "img1.png"
     Image.new("RGB", (20, 30)).save(small)
-    return [str(small), "is 20x30, smaller than the 32x32 crop"]
+    return [str(small), "is 20x30, smaller than the 32x32 crop; set backbone.crop_size<=20 or backbone.resize=32"]
 
 
 @pytest.mark.parametrize("breaker", [break_missing_split, break_one_class, break_class_names,
@@ -178,15 +178,40 @@ def add_bad_and_convertible_images(root: Path) -> tuple[list[Path], list[Path]]:
     return [folder / n for n in bad], [folder / n for n in convertible]
 
 
-def test_bad_images_are_listed_all_at_once(tmp_path):
+def test_bad_images_are_named_all_at_once_on_one_line_grouped_by_reason(tmp_path):
     root = make_tree(tmp_path / "tiles")
     bad, _ = add_bad_and_convertible_images(root)
     proc = run_train(tmp_path, *FAST, "data=imagefolder", f"data.root={root}", check=False)
-    assert proc.returncode != 0 and "Traceback" not in proc.stderr
-    assert "4 bad images (fix or remove them, or set data.on_bad_image=skip)" in proc.stderr
+    last = assert_one_line_error(
+        proc, f"data.root={root}: 4 bad images: 3 files cannot be read as images (train/a_class/corrupt.png (",
+        "): fix or remove them; 1 file is empty (zero bytes: train/a_class/empty.jpg): remove it; "
+        "or set data.on_bad_image=skip to leave them all out")
     for path in bad:
-        assert str(path) in proc.stderr
-    assert "zero-byte file" in proc.stderr and ".DS_Store" not in proc.stderr and "._grey" not in proc.stderr
+        assert path.relative_to(root).as_posix() in last
+    assert sum(str(root) in line for line in proc.stderr.splitlines()) == 1   # not one line per file
+    assert ".DS_Store" not in proc.stderr and "._grey" not in proc.stderr
+
+
+def test_images_smaller_than_the_crop_are_one_line_with_count_examples_and_both_fixes(tmp_path):
+    root = make_tree(tmp_path / "tiles")   # 24 tiles of 40x40
+    cache = tmp_path / "cache"
+    fast = [a for a in FAST if not a.startswith("backbone.crop_size=")]
+    proc = run_train(tmp_path, *fast, "backbone.crop_size=64", "data=imagefolder", f"data.root={root}",
+                     f"data.cache_dir={cache}", check=False)
+    last = assert_one_line_error(
+        proc, f"data.root={root}: 24 images are smaller than the 64x64 crop (e.g. train/a_class/img0.png 40x40, "
+        "train/a_class/img1.png 40x40, train/a_class/img2.png 40x40, ...); set backbone.crop_size<=40 or "
+        "backbone.resize=64, or set data.on_bad_image=skip (all 24 listed in ")
+    assert sum(str(root) in line for line in proc.stderr.splitlines()) == 1   # not 24 more
+    listed = Path(re.search(r"all 24 listed in (\S+)\)$", last)[1])
+    assert sorted(line.split("\t")[0] for line in listed.read_text().splitlines()) == sorted(
+        str(p) for p in root.rglob("*.png"))
+    # either fix the line gives works
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=[*fast, "data=imagefolder", f"data.root={root}", f"data.cache_dir={cache}"])
+    resized = data.build(cfg.data, cfg.trainer, crop_size=64, resize=64)
+    assert next(iter(resized.valid))[0].shape[-2:] == (64, 64)
+    assert not data.build(cfg.data, cfg.trainer, crop_size=40).skipped
 
 
 def test_skip_leaves_bad_images_out_counts_them_and_convertible_kinds_train(tmp_path):

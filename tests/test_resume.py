@@ -81,13 +81,18 @@ def test_a_finished_job_is_skipped_and_resume_false_starts_fresh(tmp_path, tiny_
     assert len(mlflow_runs(tmp_path).all) == 2
 
 
-def test_rerunning_a_grid_resumes_by_config_not_by_output_folder(tmp_path, tiny_tree):
+def test_rerunning_a_grid_reuses_by_config_and_leaves_the_runs_with_their_sweep(tmp_path, tiny_tree):
     args = ["-m", *FAST, "data=imagefolder", f"data.root={tiny_tree}", "optimizer.lr=1e-3,1e-2"]
     run_train(tmp_path, *args)
+    first = mlflow_runs(tmp_path).parents[0]
     out = run_train(tmp_path, *args)  # a new time-stamped sweep folder, the same jobs
     assert (out.stdout + out.stderr).count("already finished") == 2
+    assert "0 finished, 0 failed, 2 reused" in out.stdout
     runs = mlflow_runs(tmp_path)
     assert len(runs.children) == 2 and len(runs.parents) == 2
+    # the earlier sweep's record is not rewritten: its runs stay its children
+    assert all(r.data.tags["mlflow.parentRunId"] == first.info.run_id for r in runs.children)
     newest = max(runs.parents, key=lambda r: r.info.start_time)
-    assert all(r.data.tags["mlflow.parentRunId"] == newest.info.run_id for r in runs.children)
-    assert newest.data.tags["summary"] == "2 finished, 0 failed"
+    assert sorted(newest.data.tags["reused_run_ids"].split(",")) == sorted(r.info.run_id for r in runs.children)
+    assert newest.data.tags["summary"] == "0 finished, 0 failed, 2 reused"
+    assert newest.data.tags["best_run_id"] == first.data.tags["best_run_id"]
