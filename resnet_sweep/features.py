@@ -123,7 +123,7 @@ class HeadOnly(nn.Module):
 
 
 def extract_batch(cfg) -> int:
-    """``trainer.bank_batch_size`` (checked by ``train.validate``), or ``EXTRACT_BATCH`` when it is null."""
+    """``trainer.bank_batch_size`` (checked by ``train.check_config``), or ``EXTRACT_BATCH`` when it is null."""
     value = cfg.trainer.get("bank_batch_size")
     return EXTRACT_BATCH if value is None else int(value)
 

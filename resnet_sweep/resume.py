@@ -104,10 +104,6 @@ class Resumer:
         if self.enabled and not self.path.exists():
             self._write({"format": FORMAT, "key": self.key, "run_id": run_id, "epoch": -1, "finished": False})
 
-    def forget(self) -> None:
-        if self.path.exists():
-            self.path.unlink()
-
     def finished(self, run_id: str, objective: float) -> None:
         if self.enabled:
             self._write({"format": FORMAT, "key": self.key, "run_id": run_id, "epoch": None, "finished": True,

@@ -331,12 +331,16 @@ def log_model(classifier, ckpt: dict) -> None:
     )
 
 
-def _existing_run(run_id: str | None):
+def existing_run(run_id: str | None):
+    """The run, or None where this store does not have it (another store, deleted). A store that does
+    not answer raises: a blip must not start a second run of the same job."""
     if not run_id:
         return None
     try:
         return MlflowClient().get_run(run_id)
-    except Exception:
+    except Exception as e:
+        if faults.is_infrastructure(e):
+            raise
         return None
 
 
@@ -344,18 +348,12 @@ def adopt_run(run_id: str) -> None:
     """In a sweep, make the run of an unfinished earlier attempt of this job (which this sweep now
     continues) a child of this sweep's parent run; the old parent is kept in a tag."""
     parent = os.environ.get(PARENT_ENV) if in_multirun() else None
-    run = _existing_run(run_id)
+    run = existing_run(run_id)
     if parent and run is not None and run.data.tags.get("mlflow.parentRunId") != parent:
         client = MlflowClient()
         if "mlflow.parentRunId" in run.data.tags:
             client.set_tag(run_id, "previous_parent_run_id", run.data.tags["mlflow.parentRunId"])
         client.set_tag(run_id, "mlflow.parentRunId", parent)
-
-
-def reused_run(run_id: str):
-    """A finished run that this job would repeat: it stays under the sweep that made it (the sweep
-    that reuses it records so at its end). Returns the run, or None where the store lost it."""
-    return _existing_run(run_id)
 
 
 @contextlib.contextmanager
@@ -366,7 +364,7 @@ def job_run(cfg, resume_run_id: str | None = None):
     fault, see ``faults``) marks it KILLED with the reason; then the exception propagates."""
     connect(cfg.tracking)
     parent = os.environ.get(PARENT_ENV) if in_multirun() else None
-    previous = _existing_run(resume_run_id)
+    previous = existing_run(resume_run_id)
     if previous is None:
         resume_run_id = None
     else:
@@ -563,7 +561,7 @@ class SweepCallback(Callback):
             client.set_tag(self.parent_id, "reused_run_ids", ",".join(reused_ids))
         runs = {r.info.run_id: r for r in self.children()}
         for run_id in reused_ids:
-            if run_id not in runs and (run := _existing_run(run_id)) is not None:
+            if run_id not in runs and (run := existing_run(run_id)) is not None:
                 runs[run_id] = run
         finished = [r for r in runs.values() if r.info.status == "FINISHED"]
         never = [r for r in finished if r.data.tags.get("never_improved") == "true"]

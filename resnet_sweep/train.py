@@ -95,7 +95,7 @@ def _run(cfg) -> tuple[float, str, str]:
         state = resumer.load()
         if state and state["finished"]:
             tracking.connect(cfg.tracking)
-            if tracking.reused_run(state["run_id"]) is not None:
+            if tracking.existing_run(state["run_id"]) is not None:
                 log.info("%s: already finished (MLflow run %s), reused; trainer.resume=false runs it again",
                          tracking.run_name(cfg), state["run_id"])
                 return state["objective"], "reused", state["run_id"]

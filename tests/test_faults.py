@@ -110,6 +110,7 @@ def test_two_sweeps_at_once_in_a_new_folder_share_the_store_and_say_what_ran_els
     outs = [p.communicate(timeout=600) for p in (first, second)]
     texts = [o + e for o, e in outs]
     assert not any("Online migration" in t or "cannot reach the MLflow store" in t for t in texts), texts
+    assert any("skipped (running elsewhere)" in t for t in texts), "the sweeps met on a job"
     assert sorted(p.name for p in (tmp_path / "multirun").iterdir()) == ["same", "same-2"]
     runs = mlflow_runs(tmp_path)
     assert len(runs.parents) == 2
