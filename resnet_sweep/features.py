@@ -24,8 +24,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
-import tempfile
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -35,10 +33,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from filelock import FileLock
 from torch import nn
 
-from . import data
+from . import data, sealed
 from .engine import autocast, cpu_has_bf16
 
 log = logging.getLogger(__name__)
@@ -47,13 +44,6 @@ log = logging.getLogger(__name__)
 EXTRACT_BATCH = 64
 BANK_VERSION = 4  # 2: fp32 fallback when features exceed fp16; 3: crops shared with the naive loop, resize;
 # 4: meta.json records each file's size and checksum
-# SHA-256: 1.5 GB/s on one core with the CPU's SHA extensions (AMD Zen, Intel Ice Lake and later, ARMv8),
-# about 0.5 GB/s without them (blake2b: 0.9 GB/s either way)
-DIGEST = "sha256"
-
-# bank folder -> (the (name, size, mtime, inode) of its files when it was verified, its meta):
-# hashed once per process, again only if a file visibly changed (see ``check``)
-_verified: dict[str, tuple[tuple, dict]] = {}
 
 
 def wanted(cfg) -> bool:
@@ -299,87 +289,19 @@ def extract(backbone: nn.Module, files: dict[str, list[Path]], labels: dict[str,
             "max_abs": round(peak[0], 3)}
 
 
-def digest(path: Path, chunk: int = 1 << 20) -> str:
-    """The file's ``DIGEST``, read in 1 MiB chunks (hashlib releases the GIL while hashing)."""
-    h = hashlib.new(DIGEST)
-    buf = bytearray(chunk)
-    view = memoryview(buf)
-    with open(path, "rb", buffering=0) as f:
-        while n := f.readinto(buf):
-            h.update(view[:n])
-    return h.hexdigest()
-
-
-def _meta_checksum(meta: dict) -> str:
-    body = {k: v for k, v in meta.items() if k != "checksum"}
-    return hashlib.new(DIGEST, json.dumps(body, sort_keys=True).encode()).hexdigest()
-
-
-def _seal(folder: Path, meta: dict) -> dict:
-    """Record every file of the bank in ``folder`` (size and digest) and meta's own checksum."""
-    meta = {**meta, "digest": DIGEST,
-            "files": {f.name: {"size": f.stat().st_size, DIGEST: digest(f)}
-                      for f in sorted(folder.iterdir()) if f.name != "meta.json"}}
-    meta["checksum"] = _meta_checksum(meta)
-    (folder / "meta.json").write_text(json.dumps(meta, indent=2))
-    return meta
-
-
-def _listing(path: Path) -> tuple:
-    """(name, size, mtime, inode) of each file in the folder, sorted: what ``check`` remembers."""
-    listing = []
-    for entry in os.scandir(path):
-        st = entry.stat()
-        listing.append((entry.name, st.st_size, st.st_mtime_ns, st.st_ino))
-    return tuple(sorted(listing))
+def _bank_fields(meta: dict) -> None:
+    int(meta["views"]), int(meta["dim"])
 
 
 def check(path: Path) -> tuple[dict | None, str | None]:
     """``(meta, None)`` when the bank in ``path`` is whole, ``(None, None)`` when there is none,
-    ``(None, what is wrong)`` when it is damaged: meta.json missing, unreadable or changed, a file
-    missing, extra, of another size, or whose bytes no longer match their recorded digest.
+    ``(None, what is wrong)`` when it is damaged (``sealed.check``).
 
     Hashing a 50,000-image, 8-view ResNet18 bank (430 MB) takes 0.3 s (0.6 s on a busy 2-core
     machine), a few percent of a job that trains a head on it, and it reads the pages the job then
     reads anyway. It is done once per process and bank, and again only when a file's size, mtime
-    or inode changed since: the jobs a launcher runs one after another in one process pay it once."""
-    try:
-        listing = _listing(path)
-    except FileNotFoundError as e:
-        return (None, None) if not path.exists() else (None, f"cannot list it ({e.strerror or e})")
-    except OSError as e:
-        return None, f"cannot list it ({e.strerror or e})"
-    known = _verified.get(str(path))
-    if known and known[0] == listing:
-        return known[1], None
-    sizes = {name: size for name, size, _, _ in listing}
-    if "meta.json" not in sizes:
-        return None, "meta.json is missing"
-    try:
-        meta = json.loads((path / "meta.json").read_text())
-        recorded = {name: (int(f["size"]), str(f[DIGEST])) for name, f in meta["files"].items()}
-        int(meta["views"]), int(meta["dim"])
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-        return None, f"meta.json is unreadable ({type(e).__name__}: {e})"
-    if meta.get("checksum") != _meta_checksum(meta):
-        return None, "meta.json does not match its checksum"
-    problems = [f"{name} is missing" for name in sorted(set(recorded) - set(sizes))]
-    problems += [f"{name} is not part of it" for name in sorted(set(sizes) - set(recorded) - {"meta.json"})]
-    for name in sorted(set(recorded) & set(sizes)):
-        if sizes[name] != recorded[name][0]:
-            problems.append(f"{name} is {sizes[name]:,} bytes, not {recorded[name][0]:,}"
-                            + (" (truncated)" if sizes[name] < recorded[name][0] else ""))
-    if not problems:  # hash only what has the right size
-        for name in sorted(recorded):
-            try:
-                if digest(path / name) != recorded[name][1]:
-                    problems.append(f"{name} has changed bytes (its {DIGEST} differs from the recorded one)")
-            except OSError as e:
-                problems.append(f"{name} is unreadable ({e.strerror or e})")
-    if problems:
-        return None, "; ".join(problems)
-    _verified[str(path)] = (listing, meta)
-    return meta, None
+    or inode changed since."""
+    return sealed.check(path, _bank_fields)
 
 
 def get(cfg, built, splits, device: torch.device) -> Bank:
@@ -390,34 +312,17 @@ def get(cfg, built, splits, device: torch.device) -> Bank:
     key = key_of(cfg, built, files, splits)
     root = Path(os.path.expanduser(str(cfg.data.cache_dir))) / "features"
     path = root / key
-    root.mkdir(parents=True, exist_ok=True)
-    meta, _ = check(path)
-    if meta is None:
-        with FileLock(str(root / f"{key}.lock")):
-            meta, problem = check(path)  # again: another job may have (re)built it meanwhile
-            if meta is None:
-                if problem:
-                    log.warning("feature bank %s is damaged: %s; rebuilding it", path, problem)
-                log.info("building the feature bank %s (%d views per training image)", key, views)
-                tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=root))
-                old = None
-                try:
-                    stats = extract(built.model.backbone, files, labels, splits.crop_size, splits.mean, splits.std,
-                                    views, splits.crop_seed, device, tmp, batch_size=batch, resize=splits.resize)
-                    meta = _seal(tmp, {"key": key, "views": views, "backbone": str(cfg.backbone.name),
-                                       "weights_source": built.weights_source, "n": {s: len(files[s]) for s in files},
-                                       **stats})
-                    if path.exists():  # the damaged bank: moved aside in one rename, then deleted
-                        old = Path(tempfile.mkdtemp(prefix=f".{key}-damaged-", dir=root))
-                        path.rename(old / key)
-                    tmp.rename(path)
-                finally:
-                    shutil.rmtree(tmp, ignore_errors=True)
-                    if old is not None:
-                        shutil.rmtree(old, ignore_errors=True)
-                _verified[str(path)] = (_listing(path), meta)
-                log.info("feature bank %s: %d crops in %.1f s (%.1f img/s, %s)", key, meta["crops"],
-                         meta["seconds"], meta["img_per_s"], meta["precision"])
+
+    def make(tmp: Path) -> dict:
+        log.info("building the feature bank %s (%d views per training image)", key, views)
+        stats = extract(built.model.backbone, files, labels, splits.crop_size, splits.mean, splits.std,
+                        views, splits.crop_seed, device, tmp, batch_size=batch, resize=splits.resize)
+        log.info("feature bank %s: %d crops in %.1f s (%.1f img/s, %s)", key, stats["crops"],
+                 stats["seconds"], stats["img_per_s"], stats["precision"])
+        return {"key": key, "views": views, "backbone": str(cfg.backbone.name),
+                "weights_source": built.weights_source, "n": {s: len(files[s]) for s in files}, **stats}
+
+    meta = sealed.build_once(root, key, make, what="feature bank", log=log, validate=_bank_fields)
     return Bank(key=key, path=path, views=int(meta["views"]), dim=int(meta["dim"]), meta=meta)
 
 

@@ -1,0 +1,291 @@
+"""The decoded tile store: every image of a data set decoded once, memory-mapped by every later epoch,
+run and sweep.
+
+The first job that needs a data set decodes every image of its splits with every core (a thread
+pool: PIL releases the GIL while decoding), through exactly the loaders' decode rules
+(``data.resized(data.load_rgb(path), resize)``: RGB, EXIF orientation, 16-bit scaled), into
+``<data.cache_dir>/tiles/<key>/``:
+
+- ``<split>.u8``: the split's images, HxWx3 uint8 each, one after another;
+- ``<split>.index.npy``: (N, 3) int64, the offset, height and width of each image, so mixed sizes
+  work; when all sizes are equal the file is an (N, H, W, 3) array, served as a memmap view;
+- ``meta.json``: every file's size and SHA-256 (``sealed``).
+
+Keyed by the files (paths in the loaders' order, sizes, mtimes), ``resize``, the decode rules
+(``TILES_VERSION``) and the PIL and torchvision versions that decode and resize. Built under a file
+lock by one job while concurrent jobs wait, in a temp folder renamed into place, and verified once
+per process when opened: a truncated or damaged store is one warning line and a rebuild, never read.
+
+``data.tile_store``: auto | off. With auto, a store whose size (sum of h*w*3, from the image headers
+after the resize rule, without decoding) would exceed ``data.tile_store_max_gb`` or the free disk
+of the cache folder is not built: one log line says so and the caller decodes with PIL as before.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import PIL
+import torchvision
+from PIL import Image
+from tqdm import tqdm
+
+from . import data, sealed
+from .errors import UserError
+
+log = logging.getLogger(__name__)
+
+TILES_VERSION = 1  # the decode rules: data.resized(data.load_rgb(path), resize), HxWx3 uint8
+GB = 1e9
+
+# key -> bytes of its decoded images, from the headers: read once per process (the jobs a launcher runs
+# one after another in one process, on data too large for a store, read the headers once)
+_needed: dict[str, int] = {}
+
+
+def cores() -> int:
+    """The cores this process may run on."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def decode(path: Path, resize: int | None) -> np.ndarray:
+    """The image as the loaders see it, HxWx3 uint8."""
+    return np.asarray(data.resized(data.load_rgb(path), resize))
+
+
+def stored_size(path: Path, resize: int | None) -> tuple[int, int]:
+    """(width, height) of the decoded image, up to EXIF orientation (which swaps them), from its
+    header alone: torchvision's rule for ``resize`` (shorter side to ``resize``, longer side scaled
+    and truncated). Enough for the store's size in bytes."""
+    with Image.open(path) as im:
+        w, h = im.size
+    if resize and min(w, h) != resize:
+        if w <= h:
+            w, h = resize, int(resize * h / w)
+        else:
+            w, h = int(resize * w / h), resize
+    return w, h
+
+
+def key_of(files: dict[str, list[Path]], resize: int | None) -> str:
+    spec = {
+        "version": TILES_VERSION,
+        "pil": PIL.__version__,
+        "torchvision": torchvision.__version__,
+        "resize": resize,
+        # the files with sizes and mtimes, and their order (image i of a split is files[split][i])
+        "files": {s: data.fingerprint(files[s]) for s in files},
+        "order": {s: hashlib.sha256("\n".join(str(p.resolve()) for p in files[s]).encode()).hexdigest()
+                  for s in files},
+    }
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class SplitImages:
+    """The decoded images of one split, memory-mapped: views into the store, never copies.
+    Pickles without its memory map (reopened on first use), so it can go to worker processes."""
+
+    def __init__(self, path: Path, index: np.ndarray):
+        self.path = Path(path)
+        self._rows = [tuple(int(v) for v in row) for row in index]  # (offset, height, width)
+        self._data = None
+        self._uniform = None
+
+    def __getstate__(self):
+        return {**self.__dict__, "_data": None, "_uniform": None}
+
+    def _bytes(self) -> np.ndarray:
+        if self._data is None:
+            if not self._rows:
+                self._data = np.zeros(0, dtype=np.uint8)
+            else:
+                off, h, w = self._rows[-1]
+                self._data = np.memmap(self.path, dtype=np.uint8, mode="r", shape=(off + h * w * 3,))
+        return self._data
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def size(self, i: int) -> tuple[int, int]:
+        """(width, height), as PIL's ``Image.size``."""
+        _, h, w = self._rows[i]
+        return w, h
+
+    def uniform(self) -> np.ndarray | None:
+        """The (N, H, W, 3) uint8 memmap view when every image has the same size, else None."""
+        if self._uniform is None and self._rows:
+            sizes = {(h, w) for _, h, w in self._rows}
+            if len(sizes) == 1:
+                (h, w), = sizes
+                self._uniform = self._bytes().reshape(len(self._rows), h, w, 3)
+        return self._uniform
+
+    def image(self, i: int) -> np.ndarray:
+        """(H, W, 3) uint8 view of image ``i``."""
+        off, h, w = self._rows[i]
+        return self._bytes()[off:off + h * w * 3].reshape(h, w, 3)
+
+    def crop(self, i: int, left: int, top: int, size: int) -> np.ndarray:
+        """(size, size, 3) view of image ``i`` from (left, top); a window outside the image raises."""
+        _, h, w = self._rows[i]
+        if left < 0 or top < 0 or left + size > w or top + size > h:
+            raise ValueError(f"crop ({left}, {top}, {size}x{size}) is outside image {i} of {self.path} ({w}x{h})")
+        return self.image(i)[top:top + size, left:left + size]
+
+
+class Store:
+    """A whole, verified tile store: ``images(split)`` for each split it was built with."""
+
+    def __init__(self, key: str, path: Path, meta: dict):
+        self.key, self.path, self.meta = key, Path(path), meta
+        self._splits: dict[str, SplitImages] = {}
+
+    def images(self, split: str) -> SplitImages:
+        if split not in self._splits:
+            if split not in self.meta["splits"]:
+                raise KeyError(f"tile store {self.path} has no split {split!r} (it has {list(self.meta['splits'])})")
+            self._splits[split] = SplitImages(self.path / f"{split}.u8", np.load(self.path / f"{split}.index.npy"))
+        return self._splits[split]
+
+
+def _fields(meta: dict) -> None:
+    for n in meta["splits"].values():
+        int(n)
+
+
+def _ordered(pool: ThreadPoolExecutor, paths: list[Path], resize, ahead: int):
+    """(path, future of its decoded image) in order, decoded by the pool up to ``ahead`` images ahead."""
+    pending: deque = deque()
+    for path in paths:
+        pending.append((path, pool.submit(decode, path, resize)))
+        if len(pending) > ahead:
+            yield pending.popleft()
+    while pending:
+        yield pending.popleft()
+
+
+def build(files: dict[str, list[Path]], resize: int | None, out: Path, workers: int | None = None,
+          progress: bool | None = None) -> dict:
+    """Decode every image of ``files`` into ``out`` (``<split>.u8`` and ``<split>.index.npy``) with
+    ``workers`` threads (None: every core); return the stats for meta.json. ``progress``: tqdm's
+    ``disable`` negated (None: a bar when stderr is a terminal)."""
+    workers = workers or cores()
+    total = sum(len(p) for p in files.values())
+    stream = [p for s in files for p in files[s]]  # one stream: the next split's images decode early too
+    nbytes: dict[str, int] = {}
+    started = time.perf_counter()
+    with ThreadPoolExecutor(workers, thread_name_prefix="tile-decode") as pool, \
+            tqdm(total=total, unit="img", desc="decoding tiles", disable=None if progress is None else not progress,
+                 leave=False) as bar:
+        images = _ordered(pool, stream, resize, ahead=4 * workers)
+        try:
+            for split, paths in files.items():
+                index = np.zeros((len(paths), 3), dtype=np.int64)
+                offset = 0
+                with open(out / f"{split}.u8", "wb") as f:
+                    for i in range(len(paths)):
+                        path, done = next(images)
+                        try:
+                            image = done.result()
+                        except Exception as e:
+                            why = str(e).splitlines()[0] if str(e) else type(e).__name__
+                            raise UserError(f"{path}: cannot be read as an image ({why}) while building the tile "
+                                            "store; fix or remove it, or set data.tile_store=off") from None
+                        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+                            raise ValueError(f"{path} decoded to {image.dtype} {image.shape}, not HxWx3 uint8")
+                        h, w = image.shape[:2]
+                        index[i] = offset, h, w
+                        f.write(np.ascontiguousarray(image).data)
+                        offset += image.nbytes
+                        bar.update()
+                np.save(out / f"{split}.index.npy", index)
+                nbytes[split] = offset
+        finally:
+            images.close()
+            pool.shutdown(wait=True, cancel_futures=True)
+    seconds = time.perf_counter() - started
+    return {"splits": {s: len(files[s]) for s in files}, "bytes": nbytes, "images": total,
+            "seconds": round(seconds, 3), "img_per_s": round(total / max(seconds, 1e-9), 1), "workers": workers}
+
+
+def _header_bytes(paths: list[Path], resize, workers: int) -> int:
+    """Sum of h*w*3 of the decoded images, from their headers (read by ``workers`` threads)."""
+    with ThreadPoolExecutor(workers) as pool:
+        return sum(w * h * 3 for w, h in pool.map(lambda p: stored_size(p, resize), paths, chunksize=64))
+
+
+def _max_gb(data_cfg) -> float:
+    value = data_cfg.get("tile_store_max_gb", 20)
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        value = -1.0
+    if not value >= 0:
+        raise UserError(f"data.tile_store_max_gb={data_cfg.get('tile_store_max_gb')}: must be a number of GB >= 0")
+    return value
+
+
+def _amount(n: float) -> str:
+    return f"{n / GB:.2f} GB" if n >= 0.1 * GB else f"{n / 1e6:.1f} MB"
+
+
+def root_of(data_cfg) -> Path:
+    return Path(os.path.expanduser(str(data_cfg.cache_dir))) / "tiles"
+
+
+def get(data_cfg, files: dict[str, list[Path]], resize: int | None) -> Store | None:
+    """The tile store of ``files`` (split -> image paths in the loaders' order, bad images already
+    left out) decoded with ``resize``: reused when whole, else built (or rebuilt, with one warning
+    line, when damaged) once under a file lock. None when ``data.tile_store=off``, or when it would
+    exceed ``data.tile_store_max_gb`` or the free disk (one log line says so)."""
+    choice = str(data_cfg.get("tile_store", "auto"))
+    if choice not in ("auto", "off"):
+        raise UserError(f"data.tile_store={choice}: choose auto or off")
+    if choice == "off":
+        return None
+    max_gb = _max_gb(data_cfg)
+    files = {str(s): [Path(p) for p in paths] for s, paths in files.items()}
+    key = key_of(files, resize)
+    root = root_of(data_cfg)
+    path = root / key
+    meta, _ = sealed.check(path, _fields)
+    if meta is None:
+        workers = cores()
+        n = sum(len(p) for p in files.values())
+        if key not in _needed:
+            _needed[key] = _header_bytes([p for s in files for p in files[s]], resize, workers)
+        need = _needed[key]
+        if need > max_gb * GB:
+            log.info("tile store not built: the %d decoded images would take %s, over data.tile_store_max_gb=%g; "
+                     "decoding them with PIL at every epoch instead", n, _amount(need), max_gb)
+            return None
+        root.mkdir(parents=True, exist_ok=True)
+        free = shutil.disk_usage(root).free
+        if need > free:
+            log.warning("tile store not built: the %d decoded images would take %s, but %s has %s free; "
+                        "decoding them with PIL at every epoch instead", n, _amount(need), root, _amount(free))
+            return None
+
+        def make(tmp: Path) -> dict:
+            log.info("building the tile store %s: decoding %d images (%s) with %d threads",
+                     key, n, _amount(need), workers)
+            stats = build(files, resize, tmp, workers)
+            log.info("tile store %s: %d images in %.1f s (%.1f img/s), %s", key, stats["images"],
+                     stats["seconds"], stats["img_per_s"], _amount(sum(stats["bytes"].values())))
+            return {"key": key, "version": TILES_VERSION, "resize": resize, **stats}
+
+        meta = sealed.build_once(root, key, make, what="tile store", log=log, validate=_fields,
+                                  checked=True)
+    return Store(key, path, meta)
