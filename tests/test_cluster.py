@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import glob
 import os
+import re
 import shutil
 import signal
 import socket
@@ -24,7 +25,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from conftest import FAST, REPO, TRAIN_PY, make_tree, run_train
+from conftest import FAST, REPO, TRAIN_PY, make_tree, mlflow_runs, run_train
 from resnet_sweep.train import threads_per_job
 
 JOBLIB = "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher"
@@ -129,10 +130,22 @@ class Postgres:
     port: int
     user: str
     password: str
+    ctl: list | None = None   # pg_ctl -D <data>, as the postgres user when run as root
 
     def url(self, database: str) -> str:
         """No password in the URL: libpq reads PGPASSWORD."""
         return f"postgresql://{self.user}@127.0.0.1:{self.port}/{database}"
+
+    def pg_ctl(self, *args: str) -> None:
+        """``pg_ctl restart -m fast``, ``stop -m fast``, ``start``: the server's own start and stop."""
+        subprocess.run([*self.ctl, "-w", "-t", "60", *args], check=True, capture_output=True, timeout=90)
+
+    def query(self, sql: str, database: str = "optuna") -> list:
+        import psycopg
+
+        with psycopg.connect(host="127.0.0.1", port=self.port, user=self.user, password=self.password,
+                             dbname=database, connect_timeout=5) as conn:
+            return conn.execute(sql).fetchall()
 
 
 @pytest.fixture
@@ -164,6 +177,7 @@ def postgres():
         options = (f"-c listen_addresses=127.0.0.1 -p {pg.port} -k {folder} -c fsync=off "
                    "-c synchronous_commit=off -c full_page_writes=off")
         run(str(bin_dir / "pg_ctl"), "-D", str(data), "-o", options, "-l", str(folder / "log"), "-w", "-t", "60", "start")
+        pg.ctl = [*as_user, str(bin_dir / "pg_ctl"), "-D", str(data), "-o", options, "-l", str(folder / "log")]
     except subprocess.CalledProcessError as e:
         shutil.rmtree(folder, ignore_errors=True)
         raise AssertionError(f"PostgreSQL did not start: {e.stderr}") from None
@@ -304,3 +318,125 @@ def test_two_sweeps_share_one_optuna_study_in_postgresql_and_log_to_an_mlflow_se
     path = mlflow.artifacts.download_artifacts(run_id=done.info.run_id, artifact_path="checkpoint/best.pt",
                                                dst_path=str(tmp_path / "download"), tracking_uri=uri)
     assert torch.load(path, weights_only=True)["backbone"]
+
+
+# ---------------------------------------------------------------- the Optuna database goes away mid-sweep
+
+
+def outage_args(postgres, tree, *more):
+    # the naive loop on 56-px crops, 2 epochs (after epoch 0, the untrained model): trials slow
+    # enough to be caught training, each reporting epochs 0, 1, 2 to its trial
+    return ["-m", "hpo=lr_search", f"hydra.sweeper.storage={postgres.url('optuna')}", "hydra.sweeper.study_name=outage",
+            "hydra.sweeper.n_trials=2", "hydra.sweeper.pruner=null", *FAST, "data=imagefolder", f"data.root={tree}",
+            "backbone.crop_size=56", "trainer.max_epochs=2", "trainer.patience=null", "trainer.feature_bank=off", *more]
+
+
+def outage_tree(tmp_path):
+    return make_tree(tmp_path / "tiles", per_class=(12, 4, 4), size=64)
+
+
+@dataclass
+class Sweep:
+    proc: subprocess.Popen
+    cwd: Path
+
+    @property
+    def log(self) -> str:
+        return (self.cwd / "stdout.log").read_text() + (self.cwd / "stderr.log").read_text()
+
+    @property
+    def stderr(self) -> str:
+        return (self.cwd / "stderr.log").read_text()
+
+
+@contextlib.contextmanager
+def sweep_in_background(cwd: Path, postgres: Postgres, args: list[str]):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PGPASSWORD": postgres.password}
+    env.pop("HYDRA_FULL_ERROR", None)
+    with open(cwd / "stdout.log", "w") as out, open(cwd / "stderr.log", "w") as err:
+        proc = subprocess.Popen([sys.executable, str(TRAIN_PY), *args], cwd=cwd, env=env, stdout=out, stderr=err,
+                                start_new_session=True)
+        try:
+            yield Sweep(proc, cwd)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def epochs_reported(postgres: Postgres, trial_number: int) -> int:
+    try:
+        return postgres.query("select count(*) from trials t join trial_intermediate_values v on v.trial_id = t.trial_id"
+                              f" where t.number = {trial_number}")[0][0]
+    except Exception:  # the tables do not exist yet
+        return 0
+
+
+def wait_for(sweep: Sweep, condition, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while not condition():
+        assert sweep.proc.poll() is None, f"the sweep ended before the fault:\n{sweep.log[-4000:]}"
+        assert time.time() < deadline, f"timed out:\n{sweep.log[-4000:]}"
+        time.sleep(0.1)
+
+
+def optuna_study(postgres: Postgres, monkeypatch, name: str = "outage"):
+    import optuna
+
+    monkeypatch.setenv("PGPASSWORD", postgres.password)
+    return optuna.load_study(study_name=name, storage=postgres.url("optuna"))
+
+
+def test_a_database_restart_and_a_12s_outage_mid_trial_cost_no_trial(tmp_path, postgres, monkeypatch):
+    args = outage_args(postgres, outage_tree(tmp_path), "hydra.sweeper.storage_retry_s=60")
+    with sweep_in_background(tmp_path, postgres, args) as sweep:
+        wait_for(sweep, lambda: epochs_reported(postgres, 0) >= 1)
+        postgres.pg_ctl("restart", "-m", "fast")         # trial 0 is training
+        wait_for(sweep, lambda: epochs_reported(postgres, 1) >= 1)
+        postgres.pg_ctl("stop", "-m", "fast")            # trial 1 is training
+        time.sleep(12)
+        postgres.pg_ctl("start")
+        sweep.proc.wait(timeout=400)
+    log = sweep.log
+    assert sweep.proc.returncode == 0, log[-6000:]
+    assert "2 finished trials (2 COMPLETE, 0 PRUNED, 0 FAIL)" in log
+    assert "Traceback" not in log and "exceeding max length" not in log
+    warnings = [line for line in log.splitlines() if "is unreachable" in line]
+    assert 1 <= len(warnings) <= 2, warnings  # one line per outage (the restart may go unnoticed)
+    trials = optuna_study(postgres, monkeypatch).trials
+    assert [t.state.name for t in trials] == ["COMPLETE"] * 2, [(t.number, t.state.name, t.system_attrs) for t in trials]
+    assert all(sorted(t.intermediate_values) == [0, 1, 2] for t in trials), "every epoch reached its trial"
+
+
+def test_a_database_down_past_the_retry_time_stops_the_sweep_in_one_line_and_the_same_command_resumes(
+        tmp_path, postgres, monkeypatch):
+    args = outage_args(postgres, outage_tree(tmp_path), "hydra.sweeper.storage_retry_s=3")
+    with sweep_in_background(tmp_path, postgres, args) as sweep:
+        wait_for(sweep, lambda: epochs_reported(postgres, 0) >= 1)
+        postgres.pg_ctl("stop", "-m", "fast")            # trial 0 is training; the database stays down
+        stopped = time.monotonic()
+        sweep.proc.wait(timeout=120)
+        waited = time.monotonic() - stopped
+    assert sweep.proc.returncode != 0
+    stderr = sweep.stderr
+    last = stderr.strip().splitlines()[-1]
+    assert re.fullmatch(
+        rf"hydra\.sweeper\.storage=postgresql://sweep@127\.0\.0\.1:{postgres.port}/optuna: the Optuna storage is "
+        r"unreachable for 3 s \(.+\); the study and its finished trials are kept: once the database is back, "
+        r"re-run the same command to resume \(hydra\.sweeper\.storage_retry_s=3 is how long a sweep waits\)",
+        last), stderr[-4000:]
+    assert "Traceback" not in sweep.log
+    assert waited < 60, waited
+    [parent] = mlflow_runs(tmp_path).parents
+    assert parent.info.status == "FAILED" and "unreachable" in parent.data.tags["failure_reason"]
+
+    postgres.pg_ctl("start")
+    out = run_train(tmp_path, *args, env={"PGPASSWORD": postgres.password}).stdout
+    assert "2 finished trials (2 COMPLETE, 0 PRUNED, 0 FAIL)" in out
+    trials = optuna_study(postgres, monkeypatch).trials
+    released = [t for t in trials if t.system_attrs.get("resnet_sweep:released")]
+    counted = [t for t in trials if not t.system_attrs.get("resnet_sweep:released")]
+    assert [(t.number, t.state.name) for t in released] == [(0, "FAIL")]
+    assert [t.state.name for t in counted] == ["COMPLETE", "COMPLETE"]
+    retry = next(t for t in counted if t.system_attrs.get("failed_trial") == 0)
+    assert retry.params == released[0].params, "the interrupted point runs again"

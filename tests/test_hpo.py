@@ -15,7 +15,7 @@ import pytest
 import yaml
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
-from conftest import FAST, TRAIN_PY, mlflow_runs, run_train
+from conftest import FAST, REPO, TRAIN_PY, make_tree, mlflow_runs, run_train
 from hydra_plugins.resnet_sweep_optuna._impl import search_space
 
 
@@ -48,6 +48,15 @@ def optuna_args(tree, *more):
 
 def study(tmp_path, name):
     return optuna.load_study(study_name=name, storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+
+
+def study_names(tmp_path):
+    return sorted(optuna.get_all_study_names(storage=f"sqlite:///{tmp_path / 'optuna.db'}"))
+
+
+def this_run(tmp_path):
+    """Each sweep's optimization_results.yaml 'this_run' (trials it told), oldest first."""
+    return [yaml.safe_load(p.read_text())["this_run"] for p in sorted(tmp_path.glob("multirun/*/*/optimization_results.yaml"))]
 
 
 def test_a_nan_trial_is_fail_and_the_study_still_reaches_n_trials(tmp_path, tiny_tree):
@@ -143,9 +152,11 @@ def test_resume_after_sigkill_reaches_exactly_n_trials_under_one_study_run(tmp_p
     finally:
         proc.wait()
 
-    name = "lr_search-resnet18-linear-imagefolder"
+    [name] = study_names(tmp_path)
+    assert re.fullmatch(r"lr_search-resnet18-linear-imagefolder-[0-9a-f]{8}", name)
     assert any(t.state.name == "RUNNING" for t in study(tmp_path, name).trials)
     out = run_train(tmp_path, *args).stdout
+    assert study_names(tmp_path) == [name], "the same command resumes the same auto-named study"
     trials = study(tmp_path, name).trials
     released = [t for t in trials if t.system_attrs.get("resnet_sweep:released")]
     counted = [t for t in trials if not t.system_attrs.get("resnet_sweep:released")]
@@ -170,3 +181,78 @@ def mlflow_runs_client(tmp_path):
     from conftest import client_for
 
     return client_for(tmp_path)
+
+
+# ---------------------------------------------------------------- one study, one data set and config
+
+LR_ONLY = ["hydra.sweeper.n_trials=1", "hydra.sweeper.pruner=null"]
+
+
+def test_each_data_set_gets_its_own_auto_named_study(tmp_path):
+    first, second = make_tree(tmp_path / "first", seed=0), make_tree(tmp_path / "second", seed=1)
+    for tree in (first, second):
+        run_train(tmp_path, *optuna_args(tree, "hpo=lr_search", *LR_ONLY))
+    names = study_names(tmp_path)
+    assert len(names) == 2, names
+    assert all(re.fullmatch(r"lr_search-resnet18-linear-imagefolder-[0-9a-f]{8}", n) for n in names), names
+    assert this_run(tmp_path) == [{"COMPLETE": 1}, {"COMPLETE": 1}], "each sweep ran its own trial"
+    studies = [study(tmp_path, n) for n in names]
+    assert all([t.state.name for t in s.trials] == ["COMPLETE"] for s in studies)
+    assert len({s.user_attrs["data_fingerprint"] for s in studies}) == 2
+    assert all(s.user_attrs["searched_params"] == ["optimizer.lr"] for s in studies)
+    assert all("optimizer.lr" not in s.user_attrs["fixed_config"] for s in studies)
+    assert len(mlflow_runs(tmp_path).parents) == 2
+
+
+def test_a_named_study_refuses_other_data_or_settings_in_one_line(tmp_path):
+    first, second = make_tree(tmp_path / "first", seed=0), make_tree(tmp_path / "second", seed=1)
+    named = ["hydra.sweeper.storage=sqlite:///optuna.db", "hydra.sweeper.study_name=mine", *LR_ONLY,
+             "optimizer.lr=tag(log, interval(1e-4, 1e-2))"]
+    run_train(tmp_path, *optuna_args(first, *named))
+    assert study_names(tmp_path) == ["mine"], "an explicit name is used as given"
+    proc = run_train(tmp_path, *optuna_args(second, *named, "optimizer.momentum=0.5"), check=False)
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert re.fullmatch(r"hydra.sweeper.study_name=mine: the study was made on other data \(fingerprint "
+                        r"[0-9a-f]{8} -> [0-9a-f]{8}\) / with optimizer.momentum=0.9, now 0.5; "
+                        r"use another study_name", last), proc.stderr[-3000:]
+    assert len(study(tmp_path, "mine").trials) == 1
+    assert this_run(tmp_path) == [{"COMPLETE": 1}]
+
+
+def test_an_interrupted_trial_is_released_and_its_params_run_again(tmp_path, tiny_tree):
+    # the job of the first trial returns hpo.INTERRUPTED, as train.run does for an infrastructure stop
+    app = tmp_path / "app.py"
+    app.write_text(f"""
+from pathlib import Path
+import hydra
+from resnet_sweep import hpo
+from resnet_sweep.train import run
+
+@hydra.main(version_base="1.3", config_path={str(REPO / 'conf')!r}, config_name="train")
+def main(cfg):
+    marker = Path("interrupted-once")
+    if not marker.exists():
+        marker.touch()
+        return hpo.INTERRUPTED
+    return run(cfg)
+
+main()
+""")
+    args = optuna_args(tiny_tree, "hydra.sweeper.storage=sqlite:///optuna.db", "hydra.sweeper.study_name=infra",
+                       "hydra.sweeper.n_trials=2", "optimizer.lr=tag(log, interval(1e-4, 1e-2))")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO)}
+    env.pop("HYDRA_FULL_ERROR", None)
+    proc = subprocess.run([sys.executable, str(app), *args], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "2 finished trials (2 COMPLETE, 0 PRUNED, 0 FAIL)" in proc.stdout
+    trials = study(tmp_path, "infra").trials
+    released = [t for t in trials if t.system_attrs.get("resnet_sweep:released")]
+    counted = [t for t in trials if not t.system_attrs.get("resnet_sweep:released")]
+    assert [(t.number, t.state.name) for t in released] == [(0, "FAIL")]
+    assert [t.state.name for t in counted] == ["COMPLETE", "COMPLETE"]
+    retry = next(t for t in counted if t.system_attrs.get("failed_trial") == 0)
+    assert retry.params == released[0].params, "the interrupted point runs again"
+    assert this_run(tmp_path) == [{"INTERRUPTED": 1, "COMPLETE": 2}]

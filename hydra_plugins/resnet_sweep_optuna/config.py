@@ -1,7 +1,9 @@
 """Structured configs: ``hydra/sweeper=optuna`` and ``hydra/sweeper/sampler=tpe|random|cmaes|grid|qmc``.
 
 The keys are hydra-optuna-sweeper's (sampler, direction, storage, study_name, n_trials, n_jobs,
-max_failure_rate, params, custom_search_space) plus ``pruner``.
+max_failure_rate, params, custom_search_space) plus ``pruner``, ``heartbeat_s``, ``grace_s`` and
+``storage_retry_s``. ``study_name`` may hold ``%id%``: an 8-hex digest of the data (its files'
+fingerprint) and the fixed config, so that other data or settings make another study.
 """
 
 from dataclasses import dataclass, field
@@ -58,7 +60,7 @@ class OptunaSweeperConf:
     # minimize | maximize; null: follows the app's `objective` (valid/loss -> minimize, valid/acc -> maximize)
     direction: Optional[str] = None
     storage: Optional[str] = None          # null: in memory; sqlite:///optuna.db, postgresql://...
-    study_name: Optional[str] = None
+    study_name: Optional[str] = None       # %id% in it: digest of the data and the fixed config (hpo= presets)
     n_trials: int = 20                     # finished trials the study holds in the end (resume included)
     n_jobs: int = 1                        # trials per batch handed to the launcher
     max_failure_rate: float = 0.0          # abort when FAIL / finished exceeds this (1.0: never)
@@ -67,6 +69,9 @@ class OptunaSweeperConf:
     pruner: Any = None                     # an instantiable optuna.pruners.* config; null: no pruning
     heartbeat_s: int = 20                  # a running trial's heartbeat in a database storage
     grace_s: int = 120                     # RUNNING without heartbeat this long: interrupted -> FAIL
+    # a database outage: the sweeper and the jobs' per-epoch reports wait this long for the storage,
+    # then a job returns interrupted (its trial is re-run) and the sweep stops (re-run to resume)
+    storage_retry_s: float = 120.0
 
 
 cs = ConfigStore.instance()

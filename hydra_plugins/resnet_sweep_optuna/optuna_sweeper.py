@@ -14,12 +14,12 @@ class OptunaSweeper(Sweeper):
     def __init__(self, sampler: Any, direction: Optional[str], storage: Optional[str],
                  study_name: Optional[str], n_trials: int, n_jobs: int, max_failure_rate: float,
                  params: Optional[DictConfig], custom_search_space: Optional[str], pruner: Any,
-                 heartbeat_s: int, grace_s: int) -> None:
+                 heartbeat_s: int, grace_s: int, storage_retry_s: float = 120.0) -> None:
         from ._impl import OptunaSweeperImpl
 
         self.sweeper = OptunaSweeperImpl(
             sampler, direction, storage, study_name, n_trials, n_jobs, max_failure_rate, params,
-            custom_search_space, pruner, heartbeat_s, grace_s,
+            custom_search_space, pruner, heartbeat_s, grace_s, storage_retry_s,
         )
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
