@@ -57,8 +57,8 @@ def _set_rng_state(state: dict) -> None:
 class Resumer:
     """Saves and restores one job's state; holds a lock so one job key runs in one process."""
 
-    def __init__(self, folder: str | os.PathLike, app_config: dict, enabled: bool = True):
-        self.enabled = enabled
+    def __init__(self, folder: str | os.PathLike, app_config: dict, enabled: bool = True, wait: bool = False):
+        self.enabled, self.wait = enabled, wait
         self.key = job_key(app_config)
         self.folder = Path(os.path.expanduser(str(folder)))
         self.path = self.folder / f"{self.key}.pt"
@@ -71,8 +71,15 @@ class Resumer:
         try:
             self._lock.acquire(timeout=0)
         except Timeout:
+            if self.wait:
+                log.info("another process runs this very job (%s): waiting for it, then using its result", self.key)
+                self._lock.acquire()
+                return self._fresh_if_disabled()
             raise Locked(f"this job ({self.key}) is running in another process right now "
                             f"(lock {self._lock.lock_file}); wait for it or set trainer.resume=false") from None
+        return self._fresh_if_disabled()
+
+    def _fresh_if_disabled(self):
         if not self.enabled and self.path.exists():
             self.path.unlink()  # trainer.resume=false: start fresh
         return self

@@ -393,6 +393,8 @@ def job_run(cfg, resume_run_id: str | None = None):
         try:
             if previous is not None and FAILURE_TAG in previous.data.tags:
                 job._call("delete_tag", mlflow.delete_tag, FAILURE_TAG)
+            if previous is not None and trial:  # an interrupted trial's point, continued by its replacement
+                job.tags(optuna_trial=str(trial.number), optuna_state="RUNNING")
             config = app_config(cfg)
             job.params(flatten(config))
             job._call("log_text", mlflow.log_text, redact(yaml.safe_dump(config, sort_keys=False)), "config.yaml")
@@ -789,13 +791,14 @@ def mark_trial_runs_killed(parent_id: str, trial_number: int, reason: str) -> No
 
 
 def close_study_parent(parent_id, study, results, failed: str | None = None, distributions=None,
-                       results_file=None) -> None:
+                       results_file=None, killed: bool = False) -> None:
     """Study results onto the parent run: best params/value, counts, the results file and Optuna's
-    matplotlib plots. On failure, mark the parent FAILED with the reason."""
+    matplotlib plots. On failure, mark the parent FAILED with the reason (``killed``: KILLED, for a
+    sweep stopped by a signal, which the same command resumes)."""
     client = MlflowClient()
     if failed is not None:
-        client.set_tag(parent_id, FAILURE_TAG, redact(failed))
-        client.set_terminated(parent_id, "FAILED")
+        client.set_tag(parent_id, FAILURE_TAG, redact(failed + (": re-run the same command to resume" if killed else "")))
+        client.set_terminated(parent_id, "KILLED" if killed else "FAILED")
         os.environ.pop(PARENT_ENV, None)
         return
     objective = results["objective"]

@@ -89,8 +89,11 @@ def _run(cfg) -> tuple[float, str, str]:
     """-> (objective, finished | reused, MLflow run id)."""
     share_cores()
     engine.keep_freed_memory()
-    identity = {**tracking.app_config(cfg), "data_fingerprint": data.data_fingerprint(cfg.data)}
-    resumer = resume.Resumer(cfg.trainer.resume_dir, identity, enabled=bool(cfg.trainer.resume))
+    identity = job_identity(cfg)
+    # two trials at the same point (a categorical search, sweeps sharing a study): the second waits
+    # for the first and reuses its result; a grid's job held by another sweep is skipped and counted
+    resumer = resume.Resumer(cfg.trainer.resume_dir, identity, enabled=bool(cfg.trainer.resume),
+                             wait=bool(cfg.get("hpo_trial")))
     with resumer:
         state = resumer.load()
         if state and state["finished"]:
@@ -107,13 +110,23 @@ def _run(cfg) -> tuple[float, str, str]:
     return objective, "finished", run_id
 
 
+def job_identity(cfg) -> dict:
+    """What makes two jobs the same job (the resume key): the resolved config and the data's files.
+    An Optuna trial counts by its study and its point, not its number: the trial that replaces an
+    interrupted one at the same point continues that one's epochs and MLflow run."""
+    identity = {**tracking.app_config(cfg), "data_fingerprint": data.data_fingerprint(cfg.data)}
+    if identity.get("hpo_trial"):
+        identity["hpo_trial"] = {"study": identity["hpo_trial"].get("study")}
+    return identity
+
+
 def _train(cfg, resumer, state) -> tuple[float, str]:
     with tracking.job_run(cfg, resume_run_id=state["run_id"] if state else None) as job:
         resumer.started(job.run_id)
         seed_everything(cfg.seed)
         device = engine.resolve_device(cfg.trainer.device)
         splits = data.build(cfg.data, cfg.trainer, crop_size=int(cfg.backbone.crop_size), seed=int(cfg.seed),
-                            resize=cfg.backbone.get("resize"), crop_seed=cfg.trainer.crop_seed)
+                            resize=cfg.backbone.get("resize"), crop_seed=cfg.trainer.crop_seed, device=device)
         built = models.build(cfg.backbone, cfg.head, seed=int(cfg.seed))
         job.tags(weights_source=built.weights_source, data_root=str(splits.root), device=str(device))
         job.params({"model.trainable_params": built.trainable_params, "model.total_params": built.total_params})
@@ -227,6 +240,7 @@ def check_data(data_cfg) -> None:
         raise UserError(f"data.on_bad_image={data_cfg.on_bad_image}: choose error or skip")
     if str(data_cfg.get("normalize")) not in ("imagenet", "dataset"):
         raise UserError(f"data.normalize={data_cfg.get('normalize')}: choose imagenet or dataset")
+    data.check_augment(data_cfg.get("augment"))
 
 
 def share_cores() -> None:

@@ -570,7 +570,8 @@ class OptunaSweeperImpl:
             self._results(study, distributions, told)
         except BaseException as e:
             try:
-                tracking.close_study_parent(self.parent_id, study, None, failed=tracking.failure_reason(e))
+                tracking.close_study_parent(self.parent_id, study, None, failed=tracking.failure_reason(e),
+                                            killed=isinstance(e, KeyboardInterrupt))
             except Exception as close_error:  # the tracking store is down too: the reason goes to the log
                 log.warning("could not mark the study's MLflow run %s failed: %s", self.parent_id,
                             tracking.redact(tracking.failure_reason(close_error)))
