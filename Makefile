@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-fast ui server bench clean
+.PHONY: setup demo test test-fast ui server bench bench-data clean
 
 setup: $(STAMP)
 
@@ -46,9 +46,14 @@ server: setup
 		--serve-artifacts --artifacts-destination "$${MLFLOW_ARTIFACTS_DESTINATION:-./mlartifacts}" \
 		$(if $(ALLOWED_HOSTS),--allowed-hosts "$(ALLOWED_HOSTS)")
 
-# Naive loop vs feature bank on the study's ResNet18 perceptron grid (about 15 minutes on 2 cores).
+# Naive loop vs feature bank on the study's ResNet18 perceptron grid (about 15 minutes on 2 cores),
+# then the data path: tile store vs PIL decoding beside the model's own limit (about 4 minutes).
 bench: setup
 	$(BIN)/python benchmarks/bench_feature_bank.py
+	$(BIN)/python benchmarks/bench_data_path.py
+
+bench-data: setup
+	$(BIN)/python benchmarks/bench_data_path.py
 
 clean:
 	rm -rf outputs multirun .pytest_cache

@@ -1,6 +1,11 @@
-"""CUDA check of the training paths, without MLflow: run it on a GPU machine.
+"""CUDA check of the training paths, without MLflow: run it on a GPU machine (under 5 minutes).
 
     python benchmarks/cuda_check.py [--tiles-per-slide 25]
+    python benchmarks/cuda_check.py --cpu --smoke     # the same script, tiny, on the CPU (the test suite)
+
+0. the data path (benchmarks/bench_data_path.py on the GPU): pipeline-only crops/s from the decoded tile
+   store and from PIL; fine-tuning from the store as a percentage of the synthetic-batch step
+   (target >= 70%); the bank's extraction as a percentage of plain bf16 inference (target >= 80%);
 
 1. the feature bank built on the GPU (AMP bf16 after the cosine check), its throughput, and its
    features against the same crops through the backbone on the CPU in fp32;
@@ -66,7 +71,10 @@ def main() -> None:
     parser.add_argument("--tiles-per-slide", type=int, default=25)
     parser.add_argument("--plain-batches", type=int, default=20)
     parser.add_argument("--cpu", action="store_true", help="dry run of this script on the CPU")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes: seconds, for the test suite")
     args = parser.parse_args()
+    if args.smoke:
+        args.tiles_per_slide, args.plain_batches = 2, 1
     device = engine.resolve_device("cpu" if args.cpu else "auto")
     if not args.cpu:
         assert device.type == "cuda", "no CUDA device"
@@ -74,11 +82,19 @@ def main() -> None:
               f"bf16 supported: {torch.cuda.is_bf16_supported()}")
     cache = tempfile.mkdtemp(prefix="rs-cuda-")
 
+    # 0. the data path: store against PIL, beside the model's own limit
+    import bench_data_path
+
+    ratios = bench_data_path.main(["--device", str(device), "--rounds", "1" if args.smoke else "2"]
+                                  + (["--smoke"] if args.smoke else ["--tiles-per-slide", str(args.tiles_per_slide)]))
+    print(f"0. data path: fine-tuning {100 * ratios['finetune_store']:.1f}% of the synthetic step (target >= 70% on "
+          f"a GPU), extraction {100 * ratios['extract_ratio']:.1f}% of plain inference (target >= 80%)")
+
     # 1. the bank on the GPU
     cfg = config(cache, args.tiles_per_slide, "trainer.max_epochs=5", "optimizer.lr=1e-3")
-    splits = data.build(cfg.data, cfg.trainer, crop_size=224, seed=0)
+    splits = data.build(cfg.data, cfg.trainer, crop_size=224, seed=0, device=device)
     print(f"demo data: {[len(getattr(splits, s).dataset) for s in data.SPLITS]} train/valid/test tiles; "
-          f"loader pin_memory={splits.train.pin_memory}")
+          f"loaders: {type(splits.train.loader()).__name__} (tile store {'on' if splits.store.get() else 'off'})")
     built = models.build(cfg.backbone, cfg.head)
     start = time.perf_counter()
     bank = features.get(cfg, built, splits, device)
@@ -113,8 +129,8 @@ def main() -> None:
     history, seconds = fit(built3.model, splits, cfg3, built3, device)
     n = 3 * len(splits.train.dataset) + 3 * len(splits.valid.dataset)
     test = engine.evaluate(built3.model, splits.test, device, cfg3.trainer.precision)
-    print(f"3. naive loop, freeze=last_n unfreeze=2 ({built3.trainable_params:,} trainable), bf16 autocast: "
-          f"{seconds:.1f} s for epochs 0-2 ({n / seconds:.0f} img/s incl. decoding), test acc "
+    print(f"3. fine-tuning loop, freeze=last_n unfreeze=2 ({built3.trainable_params:,} trainable), bf16 autocast, "
+          f"from the tile store: {seconds:.1f} s for epochs 0-2 ({n / seconds:.0f} img/s), test acc "
           f"{100 * test['test/acc']:.2f}%")
 
     # 4. plain inference

@@ -36,9 +36,9 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 @dataclass
 class Splits:
-    train: DataLoader
-    valid: DataLoader
-    test: DataLoader
+    train: "ImageLoader"
+    valid: "ImageLoader"
+    test: "ImageLoader"
     classes: list[str]
     root: Path
     mean: tuple[float, float, float]
@@ -47,6 +47,8 @@ class Splits:
     skipped: list = field(default_factory=list)  # [(path, reason)] left out by data.on_bad_image=skip
     resize: int | None = None  # shorter side resized to this before cropping (None: tiles as they are)
     crop_seed: int = 0
+    augment: tuple = ()  # data.augment: flips / quarter turns of the training crops
+    store: "TileStore | None" = None
 
     def eval_transform(self) -> transforms.Compose:
         return eval_transform(self.crop_size, self.mean, self.std, self.resize)
@@ -312,6 +314,50 @@ def centre_offset(size: tuple[int, int], crop: int) -> tuple[int, int]:
     return int(round((h - crop) / 2.0)), int(round((w - crop) / 2.0))
 
 
+AUGMENTS = ("hflip", "vflip", "rot90")
+
+
+def augment_ops(augment, seed: int, index: int, view: int) -> tuple:
+    """The flips and rotation (``data.augment``) of training image ``index`` at ``view``: a pure
+    function of (crop seed, image, view), like its crop, drawn from a stream of its own.
+    Returns ``(hflip, vflip, quarter turns)``, or ``()`` when ``augment`` is empty."""
+    if not augment:
+        return ()
+    rng = np.random.default_rng([int(seed), int(index), int(view), 1])
+    hflip, vflip, turns = bool(rng.integers(2)), bool(rng.integers(2)), int(rng.integers(4))
+    return ("hflip" in augment and hflip, "vflip" in augment and vflip, turns if "rot90" in augment else 0)
+
+
+def apply_augment(crop: np.ndarray, ops: tuple) -> np.ndarray:
+    """``ops`` (augment_ops) on an HxWx3 crop: horizontal flip, vertical flip, then quarter turns
+    counter-clockwise. Views where possible; the batcher copies them."""
+    hflip, vflip, turns = ops
+    if hflip:
+        crop = crop[:, ::-1]
+    if vflip:
+        crop = crop[::-1]
+    return np.rot90(crop, turns, axes=(0, 1)) if turns else crop
+
+
+def apply_augment_tensor(crop: torch.Tensor, ops: tuple) -> torch.Tensor:
+    """``apply_augment`` on an HxWx3 tensor (on any device)."""
+    hflip, vflip, turns = ops
+    if hflip:
+        crop = crop.flip(1)
+    if vflip:
+        crop = crop.flip(0)
+    return torch.rot90(crop, turns, dims=(0, 1)) if turns else crop
+
+
+def check_augment(augment) -> tuple:
+    augment = tuple(str(a) for a in (augment or ()))
+    unknown = [a for a in augment if a not in AUGMENTS]
+    if unknown:
+        raise UserError(f"data.augment={list(augment)}: unknown {unknown[0]}; choose from {', '.join(AUGMENTS)} "
+                        "(e.g. data.augment=[hflip,vflip,rot90]), or [] for none")
+    return augment
+
+
 def shuffled(n: int, seed: int, epoch: int) -> np.ndarray:
     """The training order of epoch ``epoch`` for run seed ``seed``."""
     return np.random.default_rng([int(seed), int(epoch)]).permutation(n)
@@ -325,9 +371,10 @@ class Tiles(Dataset):
     """(image, label) of one split. With ``crop_seed`` (training): the random crop of (image, epoch) from
     crop_offset; without (evaluation): the centre crop. ``epoch`` is set by the loader's set_epoch."""
 
-    def __init__(self, samples: list[tuple[Path, int]], crop: int, mean, std, resize=None, crop_seed=None):
+    def __init__(self, samples: list[tuple[Path, int]], crop: int, mean, std, resize=None, crop_seed=None,
+                 augment=()):
         self.samples, self.crop, self.mean, self.std = samples, crop, mean, std
-        self.resize, self.crop_seed, self.epoch = resize, crop_seed, 0
+        self.resize, self.crop_seed, self.epoch, self.augment = resize, crop_seed, 0, tuple(augment or ())
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -335,11 +382,15 @@ class Tiles(Dataset):
     def __getitem__(self, i: int):
         path, label = self.samples[i]
         image = resized(load_rgb(path), self.resize)
+        ops = ()
         if self.crop_seed is None:
             top, left = centre_offset(image.size, self.crop)
         else:
             top, left = crop_offset(image.size, self.crop, self.crop_seed, i, view_of(self.epoch))
+            ops = augment_ops(self.augment, self.crop_seed, i, view_of(self.epoch))
         image = TF.crop(image, top, left, self.crop, self.crop)
+        if ops:
+            image = apply_augment(np.asarray(image), ops).copy()  # contiguous and writable, as to_tensor wants
         return TF.normalize(TF.to_tensor(image), self.mean, self.std), label
 
 
@@ -446,13 +497,45 @@ def worker_context():
     return None if method in standard else multiprocessing.get_context(standard[0])
 
 
+class ImageLoader:
+    """One split's batches: from the decoded tile store where there is one (``batches.StoreLoader``:
+    no decoding, batches built on the device), else decoded by PIL in a DataLoader (``pil``). The
+    choice is made at first use, so a job that trains on the feature bank never builds the store.
+    ``dataset`` is the PIL dataset either way (its ``samples`` are the split's files and labels)."""
+
+    def __init__(self, pil: Loader, from_store):
+        self.pil, self._from_store, self._loader, self.epoch = pil, from_store, None, 0
+
+    @property
+    def dataset(self) -> Tiles:
+        return self.pil.dataset
+
+    def loader(self):
+        if self._loader is None:
+            self._loader = self._from_store() or self.pil
+        return self._loader
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.pil.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.loader())
+
+    def __iter__(self):
+        loader = self.loader()
+        loader.set_epoch(self.epoch)
+        return iter(loader)
+
+
 def build(data_cfg, trainer_cfg, crop_size: int = 224, seed: int = 0, resize: int | None = None,
-          crop_seed: int = 0) -> Splits:
+          crop_seed: int = 0, device: torch.device | None = None) -> Splits:
     root = resolve_root(data_cfg)
     if resize is not None and (not isinstance(resize, int) or resize < crop_size):
         raise UserError(f"backbone.resize={resize}: must be null or an integer >= backbone.crop_size ({crop_size})")
     if not isinstance(crop_seed, int) or crop_seed < 0:
         raise UserError(f"trainer.crop_seed={crop_seed}: must be an integer >= 0")
+    augment = check_augment(data_cfg.get("augment"))
     # with a resize, any image can be cropped; without one, images must be at least the crop
     classes, files, skipped = scan_tree(root, crop_size if not resize else 1, data_cfg.cache_dir,
                                         str(data_cfg.get("on_bad_image", "error")))
@@ -462,12 +545,14 @@ def build(data_cfg, trainer_cfg, crop_size: int = 224, seed: int = 0, resize: in
         mean, std = dataset_stats(files["train"], data_cfg.cache_dir)
     else:
         raise UserError(f"data.normalize={data_cfg.normalize}: choose imagenet or dataset")
+    device = device or torch.device("cpu")
+    store = TileStore(data_cfg, files, resize, device)
 
-    def loader(split: str, train: bool) -> Loader:
+    def loader(split: str, train: bool) -> ImageLoader:
         samples = [(p, classes.index(p.relative_to(root / split).parts[0])) for p in files[split]]
-        ds = Tiles(samples, crop_size, mean, std, resize, crop_seed if train else None)
+        ds = Tiles(samples, crop_size, mean, std, resize, crop_seed if train else None, augment if train else ())
         workers = int(trainer_cfg.num_workers)
-        return Loader(
+        pil = Loader(
             ds,
             batch_size=int(trainer_cfg.batch_size),
             sampler=EpochShuffle(len(ds), seed) if train else None,
@@ -478,6 +563,18 @@ def build(data_cfg, trainer_cfg, crop_size: int = 224, seed: int = 0, resize: in
             multiprocessing_context=worker_context() if workers > 0 else None,
             worker_init_fn=faults.ignore_in_worker if workers > 0 else None,
         )
+
+        def from_store():
+            images = store.images(split)
+            if images is None:
+                return None
+            from .batches import StoreLoader
+
+            return StoreLoader(images, [y for _, y in samples], crop_size, mean, std, int(trainer_cfg.batch_size),
+                               device, seed=seed if train else None, crop_seed=crop_seed if train else None,
+                               augment=augment if train else (), resident=store.resident(split))
+
+        return ImageLoader(pil, from_store)
 
     return Splits(
         train=loader("train", True),
@@ -491,4 +588,44 @@ def build(data_cfg, trainer_cfg, crop_size: int = 224, seed: int = 0, resize: in
         skipped=skipped,
         resize=resize,
         crop_seed=crop_seed,
+        augment=augment,
+        store=store,
     )
+
+
+class TileStore:
+    """The data set's decoded tile store (``tiles.get``), opened at first use and shared by the
+    three splits' loaders and the feature bank's extraction; ``None`` images where there is none
+    (``data.tile_store=off``, or too large: ``tiles`` says why in one line)."""
+
+    def __init__(self, data_cfg, files: dict[str, list[Path]], resize, device: torch.device):
+        self.data_cfg, self.files, self.resize, self.device = data_cfg, files, resize, device
+        self._store, self._opened = None, False
+
+    def get(self):
+        if not self._opened:
+            from . import tiles
+
+            self._store, self._opened = tiles.get(self.data_cfg, self.files, self.resize), True
+        return self._store
+
+    def images(self, split: str):
+        store = self.get()
+        return store.images(split) if store is not None else None
+
+    def resident(self, split: str) -> bool:
+        """Keep the split on the device (``data.tile_store_device``): ``on``; ``auto``: on CUDA when
+        its pixels take under a quarter of the free device memory; ``off``."""
+        choice = str(self.data_cfg.get("tile_store_device", "auto"))
+        if choice not in ("auto", "on", "off"):
+            raise UserError(f"data.tile_store_device={choice}: choose auto, on or off")
+        images = self.images(split)
+        uniform = images.uniform() if images is not None else None
+        if choice == "off" or uniform is None:
+            return False
+        if choice == "on":
+            return True
+        if self.device.type != "cuda":
+            return False
+        free, _ = torch.cuda.mem_get_info(self.device)
+        return uniform.nbytes < free / 4

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import data, sealed
+from .batches import Batcher
 from .engine import autocast, cpu_has_bf16
 
 log = logging.getLogger(__name__)
@@ -135,6 +136,8 @@ def key_of(cfg, built, files: dict[str, list[Path]], splits) -> str:
         "crop": splits.crop_size, "resize": splits.resize, "mean": list(splits.mean), "std": list(splits.std),
         "views": int(cfg.trainer.bank_views), "crop_seed": splits.crop_seed,
     }
+    if splits.augment:  # (absent when empty: the keys of banks without augmentation stay as they were)
+        spec["augment"] = list(splits.augment)
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -156,46 +159,8 @@ def _decoded(paths: list[Path], resize, workers: int, ahead: int):
             yield pending.popleft().result()
 
 
-class _Batcher:
-    """uint8 HxWx3 crops, copied into a preallocated NHWC buffer, become one normalised float batch,
-    channels_last: ``u8 * 1/(255 std) - mean/std``, the loaders' to_tensor + normalize
-    ``(u8/255 - mean)/std`` up to fp32 rounding.
-
-    On the CPU the float batch is a preallocated buffer too, filled in two passes (converting copy,
-    then one fused multiply-add): a fresh 38 MB tensor per batch costs more in page faults than the
-    arithmetic (about 17 ms against 4 ms per 64 crops of 224 px on the 2-core CI machine). On CUDA
-    the caching allocator already reuses memory, and the arithmetic runs on the device."""
-
-    def __init__(self, size: int, crop: int, mean, std, device: torch.device):
-        cuda = device.type == "cuda"
-        self.buf = torch.empty((size, crop, crop, 3), dtype=torch.uint8, pin_memory=cuda)
-        self.slots = self.buf.numpy()  # the same memory: a numpy copy per crop is the cheapest
-        self.out = None if cuda else torch.empty((size, crop, crop, 3), dtype=torch.float32)
-        mean, std = torch.as_tensor(mean, dtype=torch.float64), torch.as_tensor(std, dtype=torch.float64)
-        self.scale = (1 / (255 * std)).float().to(device)
-        self.bias = (-mean / std).float().to(device)
-        self.device, self.n = device, 0
-
-    def add(self, crop: np.ndarray) -> None:
-        self.slots[self.n] = crop
-        self.n += 1
-
-    def take(self) -> torch.Tensor:
-        """The batch so far (N, 3, H, W) in NHWC memory. It is a view of a reused buffer: use it
-        before the next ``take`` (the caller's ``.cpu()`` on the features also waits for the copy
-        to the device, so the uint8 buffer can be refilled)."""
-        n, self.n = self.n, 0
-        if self.out is None:
-            x = self.buf[:n].to(self.device, non_blocking=True).float()
-        else:
-            x = self.out[:n]
-            x.copy_(self.buf[:n])
-        torch.addcmul(self.bias, x, self.scale, out=x)  # NHWC: scale and bias broadcast over the last dim
-        return x.permute(0, 3, 1, 2)
-
-
 def _batch(crops: list[np.ndarray], mean, std, device: torch.device) -> torch.Tensor:
-    batcher = _Batcher(len(crops), crops[0].shape[0], mean, std, device)
+    batcher = Batcher(len(crops), crops[0].shape[0], mean, std, device)
     for c in crops:
         batcher.add(c)
     return batcher.take()
@@ -214,24 +179,31 @@ def _bf16_ok(backbone: nn.Module, sample: torch.Tensor, device: torch.device) ->
 
 def extract(backbone: nn.Module, files: dict[str, list[Path]], labels: dict[str, list[int]], crop: int,
             mean, std, views: int, seed: int, device: torch.device, out: Path, batch_size: int | None = None,
-            resize=None) -> dict:
+            resize=None, store=None, augment=()) -> dict:
     """Run the frozen backbone once over every crop the bank holds; write fp16 arrays to ``out``.
-    ``batch_size`` crops per forward (None: ``EXTRACT_BATCH``)."""
+    ``batch_size`` crops per forward (None: ``EXTRACT_BATCH``). ``store`` (a ``tiles.Store`` of
+    these files): crops are copied from its decoded pixels instead of decoding every image.
+    ``augment``: each training view's flips/turns, as the training loops draw them."""
     batch_size = batch_size or EXTRACT_BATCH
     backbone = backbone.to(device).eval().to(memory_format=torch.channels_last)
     fast = (device.type == "cuda") or cpu_has_bf16()
     dim = None
-    sample = _batch([_decode(p, resize)[:crop, :crop] for p in files["train"][:8]], mean, std, device)
+    first = ([store.images("train").image(i) for i in range(min(8, len(files["train"])))] if store is not None
+             else [_decode(p, resize) for p in files["train"][:8]])
+    sample = _batch([image[:crop, :crop] for image in first], mean, std, device)
     use_bf16 = fast and _bf16_ok(backbone, sample, device)
     precision = "bf16" if use_bf16 else "32"
-    batcher = _Batcher(batch_size, crop, mean, std, device)
+    batcher = Batcher(batch_size, crop, mean, std, device)
     total, started = 0, time.perf_counter()  # extraction proper: decode, crop, forward, store
     peak = [0.0]  # largest |feature|: fp16 holds up to 65504
     # one stream over every split, decoded a batch of images ahead of the backbone (so the next
     # split's first images are ready too); on a GPU the backbone waits for the CPU, so decode with
     # every spare core
     workers = max(1, (os.cpu_count() or 2) - 1) if device.type == "cuda" else 1
-    stream = _decoded([p for s in data.SPLITS for p in files[s]], resize, workers, ahead=batch_size)
+    if store is not None:  # decoded once already: views of the memory map
+        stream = (store.images(s).image(i) for s in data.SPLITS for i in range(len(files[s])))
+    else:
+        stream = _decoded([p for s in data.SPLITS for p in files[s]], resize, workers, ahead=batch_size)
     with contextlib.closing(stream) as images:
         for split in data.SPLITS:
             paths = files[split]
@@ -265,7 +237,9 @@ def extract(backbone: nn.Module, files: dict[str, list[Path]], labels: dict[str,
                 for v in range(n_views):
                     top, left = (data.crop_offset(size, crop, seed, i, v) if split == "train"
                                  else data.centre_offset(size, crop))
-                    batcher.add(image[top:top + crop, left:left + crop])
+                    window = image[top:top + crop, left:left + crop]
+                    ops = data.augment_ops(augment, seed, i, v) if split == "train" else ()
+                    batcher.add(data.apply_augment(window, ops) if ops else window)
                     where.append((v, i))
                     if len(where) == batch_size:
                         flush()
@@ -316,7 +290,8 @@ def get(cfg, built, splits, device: torch.device) -> Bank:
     def make(tmp: Path) -> dict:
         log.info("building the feature bank %s (%d views per training image)", key, views)
         stats = extract(built.model.backbone, files, labels, splits.crop_size, splits.mean, splits.std,
-                        views, splits.crop_seed, device, tmp, batch_size=batch, resize=splits.resize)
+                        views, splits.crop_seed, device, tmp, batch_size=batch, resize=splits.resize,
+                        store=splits.store.get() if splits.store is not None else None, augment=splits.augment)
         log.info("feature bank %s: %d crops in %.1f s (%.1f img/s, %s)", key, stats["crops"],
                  stats["seconds"], stats["img_per_s"], stats["precision"])
         return {"key": key, "views": views, "backbone": str(cfg.backbone.name),

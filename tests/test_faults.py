@@ -151,10 +151,12 @@ def test_a_run_that_never_improves_on_epoch_0_is_flagged(tmp_path, tiny_tree):
 # ---------------------------------------------------------------------------------------------- 9
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_a_signal_stops_the_sweep_cleanly_and_the_rerun_resumes(tmp_path, sig):
+@pytest.mark.parametrize("sig, loader", [(signal.SIGTERM, ["data.tile_store=auto"]),
+                                         (signal.SIGINT, ["data.tile_store=off", "trainer.num_workers=2"])])
+def test_a_signal_stops_the_sweep_cleanly_and_the_rerun_resumes(tmp_path, sig, loader):
+    """SIGTERM while reading the tile store (its gather thread); Ctrl-C with PIL DataLoader workers."""
     tree = make_tree(tmp_path / "tiles", per_class=(24, 6, 6), size=64)
-    args = ["-m", *slow_args(tree, "trainer.num_workers=2"), "optimizer.lr=1e-3,1e-2"]
+    args = ["-m", *slow_args(tree, *loader), "optimizer.lr=1e-3,1e-2"]
     proc = start(tmp_path, *args)
     wait_for_epoch(tmp_path, proc, 1)
     os.killpg(proc.pid, sig)  # as SLURM (SIGTERM) or a terminal (SIGINT) does: the whole group
