@@ -396,7 +396,9 @@ def job_run(cfg, resume_run_id: str | None = None):
             if previous is not None and trial:  # an interrupted trial's point, continued by its replacement
                 job.tags(optuna_trial=str(trial.number), optuna_state="RUNNING")
             config = app_config(cfg)
-            job.params(flatten(config))
+            # the trial's number and id are tags (optuna_trial): a params value cannot change, and the
+            # trial that replaces an interrupted one continues its run
+            job.params({k: v for k, v in flatten(config).items() if not k.startswith("hpo_trial.")})
             job._call("log_text", mlflow.log_text, redact(yaml.safe_dump(config, sort_keys=False)), "config.yaml")
             yield job
             if trial:
