@@ -12,6 +12,8 @@ gather on the device.
 from __future__ import annotations
 
 import logging
+import queue
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -173,3 +175,46 @@ class StoreLoader:
         if any(w[2] for w in windows):
             x = torch.stack([data.apply_augment_tensor(x[k], w[2]) if w[2] else x[k] for k, w in enumerate(windows)])
         return self.normalise(x.float()).permute(0, 3, 1, 2)
+
+
+def prefetched(items, depth: int = 1):
+    """The items of the iterator ``items``, produced one ``depth`` ahead in a background thread (torch
+    and numpy release the GIL while they copy and compute). Closing the generator, or an exception
+    (Ctrl-C included) in the consumer, stops the producer at its next item; its errors re-raise here."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    end = object()
+
+    def produce():
+        try:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        q.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            q.put(end)
+        except BaseException as e:  # handed to the consumer
+            q.put(e)
+
+    thread = threading.Thread(target=produce, name="prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = q.get()
+            if item is end:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        while thread.is_alive():  # unblock a producer waiting to put
+            try:
+                q.get(timeout=0.1)
+            except queue.Empty:
+                pass
+        thread.join()

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import data, sealed
-from .batches import Batcher
+from .batches import Batcher, prefetched
 from .engine import autocast, cpu_has_bf16
 
 log = logging.getLogger(__name__)
@@ -177,6 +177,34 @@ def _bf16_ok(backbone: nn.Module, sample: torch.Tensor, device: torch.device) ->
     return cosine >= 0.999
 
 
+def _crop_batches(images, files, views: int, crop: int, seed: int, augment, batchers: list, batch_size: int):
+    """``(split, normalised batch, [(view, image)...])`` for every batch of the bank, in order: every
+    training image's ``views`` crops (and flips/turns), every valid/test image's centre crop. The
+    batchers are used in rotation, so a batch stays intact while the next two are made."""
+    k = 0
+    for split in data.SPLITS:
+        n_views = views if split == "train" else 1
+        batcher, where = batchers[k % len(batchers)], []
+        batcher.ready()
+        batcher.n = 0
+        for i in range(len(files[split])):
+            image = next(images)
+            size = (image.shape[1], image.shape[0])
+            for v in range(n_views):
+                top, left = (data.crop_offset(size, crop, seed, i, v) if split == "train"
+                             else data.centre_offset(size, crop))
+                window = image[top:top + crop, left:left + crop]
+                ops = data.augment_ops(augment, seed, i, v) if split == "train" else ()
+                batcher.add(data.apply_augment(window, ops) if ops else window)
+                where.append((v, i))
+                if len(where) == batch_size or (i == len(files[split]) - 1 and v == n_views - 1):
+                    yield split, batcher.take(), where
+                    k += 1
+                    batcher, where = batchers[k % len(batchers)], []
+                    batcher.ready()
+                    batcher.n = 0
+
+
 def extract(backbone: nn.Module, files: dict[str, list[Path]], labels: dict[str, list[int]], crop: int,
             mean, std, views: int, seed: int, device: torch.device, out: Path, batch_size: int | None = None,
             resize=None, store=None, augment=()) -> dict:
@@ -204,49 +232,29 @@ def extract(backbone: nn.Module, files: dict[str, list[Path]], labels: dict[str,
         stream = (store.images(s).image(i) for s in data.SPLITS for i in range(len(files[s])))
     else:
         stream = _decoded([p for s in data.SPLITS for p in files[s]], resize, workers, ahead=batch_size)
-    with contextlib.closing(stream) as images:
-        for split in data.SPLITS:
-            paths = files[split]
-            n_views = views if split == "train" else 1
-            where: list[tuple[int, int]] = []  # (view, image) of each crop in the pending batch
-            arr = None
-
-            def flush():
-                nonlocal arr, dim, total
-                if not where:
-                    return
-                x = batcher.take()
-                with torch.inference_mode(), autocast(device, precision):
-                    f = backbone(x).float().cpu().numpy()
-                peak[0] = max(peak[0], float(np.abs(f).max()))
-                if arr is None:
-                    dim = f.shape[1]
-                    shape = (n_views, len(paths), dim) if split == "train" else (len(paths), dim)
-                    arr = np.lib.format.open_memmap(out / f"{split}.f32.npy", mode="w+", dtype=np.float32, shape=shape)
-                v, i = np.asarray(where).T
-                if split == "train":
-                    arr[v, i] = f
-                else:
-                    arr[i] = f
-                total += len(where)
-                where.clear()
-
-            for i in range(len(paths)):
-                image = next(images)
-                size = (image.shape[1], image.shape[0])
-                for v in range(n_views):
-                    top, left = (data.crop_offset(size, crop, seed, i, v) if split == "train"
-                                 else data.centre_offset(size, crop))
-                    window = image[top:top + crop, left:left + crop]
-                    ops = data.augment_ops(augment, seed, i, v) if split == "train" else ()
-                    batcher.add(data.apply_augment(window, ops) if ops else window)
-                    where.append((v, i))
-                    if len(where) == batch_size:
-                        flush()
-            flush()
-            arr.flush()
-            del arr
-            np.save(out / f"{split}_labels.npy", np.asarray(labels[split], dtype=np.int64))
+    batchers = [batcher] + [Batcher(batch_size, crop, mean, std, device) for _ in range(2)]
+    produced = _crop_batches(stream, files, views, crop, seed, augment, batchers, batch_size)
+    arrays: dict[str, np.ndarray] = {}
+    with contextlib.closing(stream), contextlib.closing(prefetched(produced)) as batches:
+        for split, x, where in batches:  # the next batch is cropped and normalised while this one runs
+            with torch.inference_mode(), autocast(device, precision):
+                f = backbone(x).float().cpu().numpy()
+            peak[0] = max(peak[0], float(np.abs(f).max()))
+            if split not in arrays:
+                dim = f.shape[1]
+                n = len(files[split])
+                shape = (views, n, dim) if split == "train" else (n, dim)
+                arrays[split] = np.lib.format.open_memmap(out / f"{split}.f32.npy", mode="w+", dtype=np.float32,
+                                                          shape=shape)
+            v, i = np.asarray(where).T
+            if split == "train":
+                arrays[split][v, i] = f
+            else:
+                arrays[split][i] = f
+            total += len(where)
+    for split in data.SPLITS:
+        arrays.pop(split).flush()
+        np.save(out / f"{split}_labels.npy", np.asarray(labels[split], dtype=np.int64))
     seconds = time.perf_counter() - started
     # fp16 on disk halves the bank; features beyond its range (e.g. a randomly initialised deep
     # ResNet) stay fp32 rather than overflow to inf

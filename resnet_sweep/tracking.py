@@ -357,9 +357,10 @@ def adopt_run(run_id: str) -> None:
 
 
 @contextlib.contextmanager
-def job_run(cfg, resume_run_id: str | None = None):
+def job_run(cfg, resume_run_id: str | None = None, on_start=None):
     """One MLflow run for this job, a child of the sweep's parent run in ``-m`` mode; with
-    ``resume_run_id``, the run of an earlier attempt, continued (its failure tag cleared). A failure
+    ``resume_run_id``, the run of an earlier attempt, continued (its failure tag cleared);
+    ``on_start(run_id)`` is called as soon as the run exists. A failure
     inside marks the run FAILED with the reason as a tag; an interruption (signal, store or disk
     fault, see ``faults``) marks it KILLED with the reason; then the exception propagates."""
     connect(cfg.tracking)
@@ -390,6 +391,8 @@ def job_run(cfg, resume_run_id: str | None = None):
              else dict(run_name=name, parent_run_id=parent, tags=tags))
     with mlflow.start_run(**start) as run:
         job = JobLog(cfg, run.info.run_id)
+        if on_start:  # first of all (the resume state): a kill from here on continues this run
+            on_start(run.info.run_id)
         try:
             if previous is not None and FAILURE_TAG in previous.data.tags:
                 job._call("delete_tag", mlflow.delete_tag, FAILURE_TAG)

@@ -121,8 +121,7 @@ def job_identity(cfg) -> dict:
 
 
 def _train(cfg, resumer, state) -> tuple[float, str]:
-    with tracking.job_run(cfg, resume_run_id=state["run_id"] if state else None) as job:
-        resumer.started(job.run_id)
+    with tracking.job_run(cfg, resume_run_id=state["run_id"] if state else None, on_start=resumer.started) as job:
         seed_everything(cfg.seed)
         device = engine.resolve_device(cfg.trainer.device)
         splits = data.build(cfg.data, cfg.trainer, crop_size=int(cfg.backbone.crop_size), seed=int(cfg.seed),

@@ -123,6 +123,20 @@ def test_group_choices_produce_runs_with_both_optimizers(tmp_path, tiny_tree):
         "torch.optim.Adam", "torch.optim.SGD"]
 
 
+def mid_trial(cwd) -> bool:
+    """A trial's job has saved an epoch and not finished."""
+    import torch
+
+    for path in (cwd / ".resnet-sweep" / "resume").glob("*.pt"):
+        try:
+            state = torch.load(path, weights_only=True)
+        except Exception:  # being replaced right now
+            continue
+        if not state.get("finished") and (state.get("epoch") or -1) >= 1:
+            return True
+    return False
+
+
 def test_resume_after_sigkill_reaches_exactly_n_trials_under_one_study_run(tmp_path, tiny_tree):
     # the naive loop and 4 epochs: trials slow enough to be caught running
     args = optuna_args(tiny_tree, "hpo=lr_search", "hydra.sweeper.n_trials=4", "trainer.max_epochs=4",
@@ -145,7 +159,7 @@ def test_resume_after_sigkill_reaches_exactly_n_trials_under_one_study_run(tmp_p
                     running_runs = con.execute("select count(*) from runs where status = 'RUNNING'").fetchone()[0]
             except sqlite3.Error:
                 continue
-            if states.count("COMPLETE") >= 1 and "RUNNING" in states and running_runs >= 2:
+            if states.count("COMPLETE") >= 1 and "RUNNING" in states and running_runs >= 2 and mid_trial(tmp_path):
                 break
         assert proc.poll() is None, "the sweep ended before it could be killed"
         os.killpg(proc.pid, signal.SIGKILL)
@@ -155,6 +169,7 @@ def test_resume_after_sigkill_reaches_exactly_n_trials_under_one_study_run(tmp_p
     [name] = study_names(tmp_path)
     assert re.fullmatch(r"lr_search-resnet18-linear-imagefolder-[0-9a-f]{8}", name)
     assert any(t.state.name == "RUNNING" for t in study(tmp_path, name).trials)
+    [killed_run] = [r for r in mlflow_runs(tmp_path).children if r.info.status == "RUNNING"]
     out = run_train(tmp_path, *args).stdout
     assert study_names(tmp_path) == [name], "the same command resumes the same auto-named study"
     trials = study(tmp_path, name).trials
@@ -171,8 +186,14 @@ def test_resume_after_sigkill_reaches_exactly_n_trials_under_one_study_run(tmp_p
     assert parent.info.status == "FINISHED" and parent.data.tags["resumed"] == "true"
     assert len([r for r in runs.children if r.info.status == "FINISHED"]) == sum(
         t.state.name == "COMPLETE" for t in counted)
-    killed = [r for r in runs.children if r.info.status == "KILLED"]
-    assert [r.data.tags["optuna_trial"] for r in killed] == [str(released[0].number)]
+    # the killed trial's point runs again, and its replacement continues the killed trial's MLflow run
+    # (and its saved epochs): no run is left behind RUNNING or KILLED
+    retry = next(t for t in counted if t.system_attrs.get("failed_trial") == released[0].number)
+    assert retry.params == released[0].params
+    continued = next(r for r in runs.children if r.info.run_id == killed_run.info.run_id)
+    assert continued.info.status == "FINISHED" and continued.data.tags["optuna_trial"] == str(retry.number)
+    assert int(continued.data.tags["resumed_at_epoch"]) >= 2, "the killed trial's epochs were kept"
+    assert all(r.info.status == "FINISHED" for r in runs.children)
     assert "plots/optimization_history.png" in {
         a.path for a in mlflow_runs_client(tmp_path).list_artifacts(parent.info.run_id, "plots")}
 
