@@ -11,7 +11,8 @@ Printed, in one run, on the demo data (250x250 PNG tiles, 224-px crops):
    training images/s reading from the store and from PIL, as a percentage of the same training step
    on one synthetic batch already on the device (the limit: no data path at all);
 3. the feature bank's extraction from the store, as a percentage of plain inference (the same
-   frozen backbone, batch, precision and features copied back) on a pre-made device batch;
+   frozen backbone, batch, precision and features copied back) on a pre-made device batch, measured
+   right before and right after each extraction;
 4. the store's build: images/s with every core, size on disk.
 Each ratio is measured in interleaved rounds (this 2-core VM drifts by up to 10% within a minute):
 the two sides of a ratio alternate, and the median over rounds is printed.
@@ -213,12 +214,15 @@ def main(argv=None) -> dict:
     pre = torch.randn(batch, 3, 224, 224, device=device).contiguous(memory_format=torch.channels_last)
     plain_rate(backbone, pre, batch, device, precision)  # warm-up
     pairs = []
-    for _ in range(args.rounds):
+    bank_precision = precision
+    for _ in range(args.rounds):  # plain inference right before and right after each extraction
+        before = plain_rate(backbone, pre, bank_crops, device, bank_precision)
         with tempfile.TemporaryDirectory(dir=cache) as tmp:
             stats = features.extract(backbone, files, labels, 224, store_splits.mean, store_splits.std, views, 0,
                                      device, Path(tmp), batch_size=batch, store=store)
-        plain = plain_rate(backbone, pre, bank_crops, device, stats["precision"])
-        pairs.append((stats["img_per_s"], plain))
+        bank_precision = stats["precision"]
+        after = plain_rate(backbone, pre, bank_crops, device, bank_precision)
+        pairs.append((stats["img_per_s"], (before + after) / 2))
     ex = median_ratio(pairs)
     out.update(extract_ratio=ex[0])
     print(f"3. feature bank extraction from the store ({bank_crops} crops, batch {batch}, {stats['precision']}): "
