@@ -525,7 +525,15 @@ class ImageLoader:
     def __iter__(self):
         loader = self.loader()
         loader.set_epoch(self.epoch)
-        return iter(loader)
+        with faults.deferred():  # DataLoader workers start and stop whole, even under Ctrl-C / SIGTERM
+            batches = iter(loader)
+        try:
+            yield from batches
+        finally:
+            with faults.deferred(stop_after=False):
+                shutdown = getattr(batches, "_shutdown_workers", None)
+                if shutdown is not None:
+                    shutdown()
 
 
 def build(data_cfg, trainer_cfg, crop_size: int = 224, seed: int = 0, resize: int | None = None,

@@ -17,6 +17,7 @@ from omegaconf import OmegaConf
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import faults
 from .errors import Diverged, UserError
 
 log = logging.getLogger(__name__)
@@ -154,6 +155,7 @@ def run_epoch(model, loader, device, precision, prefix, epoch, optimizer=None, d
     grad = contextlib.nullcontext() if training else torch.inference_mode()
     with grad:
         for x, y in tqdm(loader, desc=desc, leave=False, disable=None):
+            faults.check()
             x = _to_device(x, device)
             y = y.to(device, non_blocking=True)
             with autocast(device, precision):
@@ -241,6 +243,7 @@ def fit(model, splits, optimizer_cfg, trainer_cfg, log_epoch, objective: str,
         history.stopped_early = True
         return history
     for epoch in range(start, max_epochs + 1):
+        faults.check()
         splits.train.set_epoch(epoch)  # the epoch's crops (view) and order
         desc = f"epoch {epoch}/{max_epochs}"
         lrs = learning_rates(optimizer)  # what this epoch trains with (epoch 0: the starting LR)

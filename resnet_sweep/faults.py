@@ -8,6 +8,7 @@ so a store that restarts (a server, a database) costs nothing.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import signal
@@ -16,7 +17,7 @@ import time
 
 log = logging.getLogger(__name__)
 
-_stop: dict[str, str | None] = {"signal": None}
+_stop: dict = {"signal": None, "deferred": 0}
 
 
 class Interrupted(KeyboardInterrupt):
@@ -36,7 +37,8 @@ def _on_signal(signum, frame) -> None:
         return  # already stopping: let the clean-up finish
     _stop["signal"] = name
     log.warning("%s received: saving and stopping", name)
-    raise Interrupted(name)
+    if not _stop["deferred"]:
+        raise Interrupted(name)
 
 
 def install_handlers() -> None:
@@ -53,6 +55,30 @@ def ignore_in_worker(_worker_id: int = 0) -> None:
     that died of Ctrl-C first used to fail the job with "DataLoader worker exited unexpectedly"."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+@contextlib.contextmanager
+def deferred(stop_after: bool = True):
+    """A signal arriving inside this block stops the process at its end instead of in the middle
+    (where torch would print a traceback for a DataLoader iterator half built or half shut down).
+    ``stop_after=False`` in clean-up code (a ``finally``), which must not raise: the next
+    ``check`` stops the process."""
+    _stop["deferred"] += 1
+    try:
+        yield
+    finally:
+        _stop["deferred"] -= 1
+    if stop_after:
+        check()
+
+
+def check() -> None:
+    """Raise ``Interrupted`` if a signal has asked this process to stop. The handler raises at once,
+    but where it lands inside code that swallows exceptions (a ``__del__``: a DataLoader iterator
+    shutting its workers down at the end of an epoch) the stop would be lost; the training loop calls
+    this at every batch and every job start, so a stop is never lost."""
+    if _stop["signal"] is not None:
+        raise Interrupted(_stop["signal"])
 
 
 def stop_signal() -> str | None:

@@ -411,8 +411,9 @@ def job_run(cfg, resume_run_id: str | None = None, on_start=None):
             mlflow.end_run(RunStatus.to_string(RunStatus.KILLED))
             raise
         except BaseException as e:
-            interrupted = isinstance(e, KeyboardInterrupt) or faults.is_infrastructure(e)
-            reason = redact(failure_reason(e))
+            stopped = faults.stop_signal()  # whatever this raised, a signal is stopping the process
+            interrupted = isinstance(e, KeyboardInterrupt) or stopped is not None or faults.is_infrastructure(e)
+            reason = f"interrupted by {stopped}" if stopped else redact(failure_reason(e))
             with contextlib.suppress(Exception):  # the store may be the fault: best effort
                 tags = {FAILURE_TAG: f"interrupted: {reason}" if interrupted else reason}
                 if trial:

@@ -28,6 +28,7 @@ def run(cfg) -> float:
     faults.install_handlers()
     name = safe_run_name(cfg)
     try:
+        faults.check()  # a stop that landed where it was swallowed (between jobs) ends the sweep here
         check_config(cfg)
         objective, status, run_id = _run(cfg)
         tracking.write_job_status(status, name, run_id)
@@ -47,7 +48,10 @@ def run(cfg) -> float:
         exit_with(str(e))
     except Exception as e:
         reason = tracking.redact(tracking.failure_reason(e))
-        if faults.is_infrastructure(e) or faults.stop_signal():
+        if faults.stop_signal():  # e.g. "DataLoader worker exited unexpectedly": a consequence of the signal
+            tracking.write_job_status("interrupted", name, reason=f"interrupted by {faults.stop_signal()}")
+            raise faults.Interrupted(faults.stop_signal()) from None
+        if faults.is_infrastructure(e):
             tracking.write_job_status("interrupted", name, reason=reason)
             message = (f"{name} interrupted: {reason}; its finished epochs are saved: "
                        "re-run the same command to resume")

@@ -161,7 +161,7 @@ def test_a_signal_stops_the_sweep_cleanly_and_the_rerun_resumes(tmp_path, sig, l
     wait_for_epoch(tmp_path, proc, 1)
     os.killpg(proc.pid, sig)  # as SLURM (SIGTERM) or a terminal (SIGINT) does: the whole group
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 128 + sig
+    assert proc.returncode == 128 + sig, err[-5000:]
     assert "Traceback" not in err and "DataLoader worker" not in err, err[-3000:]
     assert f"interrupted by {sig.name}" in err.strip().splitlines()[-1]
     assert "re-run the same command to resume" in err.strip().splitlines()[-1]
