@@ -91,3 +91,31 @@ def client_for(cwd: Path):
     import mlflow
 
     return mlflow.MlflowClient(tracking_uri=f"sqlite:///{cwd / 'mlflow.db'}")
+
+
+def wait_until_healthy(uri: str, proc, log_path: Path, timeout: float = 120) -> None:
+    """Until ``uri``/health answers 200 (an ``mlflow server`` starting), or fail with its log."""
+    import time
+    import urllib.request
+
+    deadline = time.time() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(f"{uri}/health", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        if proc.poll() is not None or time.time() > deadline:
+            raise AssertionError(f"mlflow server did not start:\n{log_path.read_text()[-4000:]}")
+        time.sleep(0.3)
+
+
+def assert_interrupted_point_ran_again(trials) -> None:
+    """Trial 0 was interrupted: released (FAIL, not counted), and its point ran again in a counted trial."""
+    released = [t for t in trials if t.system_attrs.get("resnet_sweep:released")]
+    counted = [t for t in trials if not t.system_attrs.get("resnet_sweep:released")]
+    assert [(t.number, t.state.name) for t in released] == [(0, "FAIL")]
+    assert [t.state.name for t in counted] == ["COMPLETE", "COMPLETE"]
+    retry = next(t for t in counted if t.system_attrs.get("failed_trial") == 0)
+    assert retry.params == released[0].params, "the interrupted point runs again"

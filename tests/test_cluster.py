@@ -18,14 +18,14 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
 
-from conftest import FAST, REPO, TRAIN_PY, make_tree, mlflow_runs, run_train
+from conftest import (FAST, REPO, TRAIN_PY, assert_interrupted_point_ran_again, make_tree, mlflow_runs, run_train,
+                      wait_until_healthy)
 from resnet_sweep.train import threads_per_job
 
 JOBLIB = "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher"
@@ -211,17 +211,7 @@ def mlflow_server(postgres, tmp_path):
         cwd=folder, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     uri = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"{uri}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.time() > deadline:
-                raise AssertionError(f"mlflow server did not start:\n{(folder / 'server.log').read_text()[-4000:]}")
-            time.sleep(0.5)
+        wait_until_healthy(uri, proc, folder / "server.log")
         yield uri, folder / "mlartifacts"
     finally:
         with contextlib.suppress(ProcessLookupError):
@@ -433,10 +423,4 @@ def test_a_database_down_past_the_retry_time_stops_the_sweep_in_one_line_and_the
     postgres.pg_ctl("start")
     out = run_train(tmp_path, *args, env={"PGPASSWORD": postgres.password}).stdout
     assert "2 finished trials (2 COMPLETE, 0 PRUNED, 0 FAIL)" in out
-    trials = optuna_study(postgres, monkeypatch).trials
-    released = [t for t in trials if t.system_attrs.get("resnet_sweep:released")]
-    counted = [t for t in trials if not t.system_attrs.get("resnet_sweep:released")]
-    assert [(t.number, t.state.name) for t in released] == [(0, "FAIL")]
-    assert [t.state.name for t in counted] == ["COMPLETE", "COMPLETE"]
-    retry = next(t for t in counted if t.system_attrs.get("failed_trial") == 0)
-    assert retry.params == released[0].params, "the interrupted point runs again"
+    assert_interrupted_point_ran_again(optuna_study(postgres, monkeypatch).trials)

@@ -10,13 +10,12 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import FAST, REPO, TRAIN_PY, client_for, make_tree, mlflow_runs, run_train
+from conftest import FAST, REPO, TRAIN_PY, client_for, make_tree, mlflow_runs, run_train, wait_until_healthy
 
 
 def data_args(tree, *more):
@@ -245,16 +244,7 @@ class Server:
              "--workers", "1", "--backend-store-uri", "sqlite:///mlflow.db", "--serve-artifacts",
              "--artifacts-destination", str(self.folder / "mlartifacts")],
             cwd=self.folder, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.time() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"{self.uri}/health", timeout=2) as r:
-                    if r.status == 200:
-                        return
-            except OSError:
-                pass
-            assert self.proc.poll() is None and time.time() < deadline, (self.folder / "server.log").read_text()[-3000:]
-            time.sleep(0.3)
+        wait_until_healthy(self.uri, self.proc, self.folder / "server.log")
 
     def kill(self):
         if self.proc and self.proc.poll() is None:

@@ -15,7 +15,7 @@ import pytest
 import yaml
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
-from conftest import FAST, REPO, TRAIN_PY, make_tree, mlflow_runs, run_train
+from conftest import FAST, REPO, TRAIN_PY, assert_interrupted_point_ran_again, make_tree, mlflow_runs, run_train
 from hydra_plugins.resnet_sweep_optuna._impl import search_space
 
 
@@ -269,11 +269,5 @@ main()
                           timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "2 finished trials (2 COMPLETE, 0 PRUNED, 0 FAIL)" in proc.stdout
-    trials = study(tmp_path, "infra").trials
-    released = [t for t in trials if t.system_attrs.get("resnet_sweep:released")]
-    counted = [t for t in trials if not t.system_attrs.get("resnet_sweep:released")]
-    assert [(t.number, t.state.name) for t in released] == [(0, "FAIL")]
-    assert [t.state.name for t in counted] == ["COMPLETE", "COMPLETE"]
-    retry = next(t for t in counted if t.system_attrs.get("failed_trial") == 0)
-    assert retry.params == released[0].params, "the interrupted point runs again"
+    assert_interrupted_point_ran_again(study(tmp_path, "infra").trials)
     assert this_run(tmp_path) == [{"INTERRUPTED": 1, "COMPLETE": 2}]
