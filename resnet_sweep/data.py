@@ -54,13 +54,14 @@ class Splits:
         return eval_transform(self.crop_size, self.mean, self.std, self.resize)
 
 
-def resolve_root(data_cfg) -> Path:
-    """The ImageFolder root of ``data``: generated for the demo, checked for a user's folder."""
+def check_root(data_cfg) -> Path | None:
+    """The root keys, without generating or reading anything: the demo takes no ``data.root``; a
+    user's folder must be given and exist. Returns that folder (None for the demo)."""
     if data_cfg.kind == "demo":
         if data_cfg.get("root") is not None:
             raise UserError(f"data.root={data_cfg.root} is set, but data=demo trains on the embedded demo data; "
                             "add data=imagefolder to train on your folder")
-        return demo_data.ensure(data_cfg)
+        return None
     if OmegaConf.is_missing(data_cfg, "root") or data_cfg.get("root") is None:
         raise UserError("data=imagefolder needs data.root: add data.root=/path/to/tiles (a folder holding "
                         "train/, valid/ and test/, each with one folder per class)")
@@ -71,6 +72,11 @@ def resolve_root(data_cfg) -> Path:
             "train/, valid/ and test/, each with one folder per class"
         )
     return root
+
+
+def resolve_root(data_cfg) -> Path:
+    """The ImageFolder root of ``data``: generated for the demo, checked for a user's folder."""
+    return check_root(data_cfg) or demo_data.ensure(data_cfg)
 
 
 def is_image(path: Path) -> bool:

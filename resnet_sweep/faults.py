@@ -128,8 +128,8 @@ def is_infrastructure(e: BaseException) -> bool:
 
 
 def is_disk_full(e: BaseException) -> bool:
-    return any(isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT) for err in _chain(e)) or \
-        any("no space left on device" in str(err).lower() for err in _chain(e))
+    return any((isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT))
+               or "no space left on device" in str(err).lower() for err in _chain(e))
 
 
 def retrying(fn, seconds: float, what: str):

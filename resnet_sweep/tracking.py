@@ -344,16 +344,15 @@ def existing_run(run_id: str | None):
         return None
 
 
-def adopt_run(run_id: str) -> None:
+def adopt_run(run) -> None:
     """In a sweep, make the run of an unfinished earlier attempt of this job (which this sweep now
     continues) a child of this sweep's parent run; the old parent is kept in a tag."""
     parent = os.environ.get(PARENT_ENV) if in_multirun() else None
-    run = existing_run(run_id)
-    if parent and run is not None and run.data.tags.get("mlflow.parentRunId") != parent:
+    if parent and run.data.tags.get("mlflow.parentRunId") != parent:
         client = MlflowClient()
         if "mlflow.parentRunId" in run.data.tags:
-            client.set_tag(run_id, "previous_parent_run_id", run.data.tags["mlflow.parentRunId"])
-        client.set_tag(run_id, "mlflow.parentRunId", parent)
+            client.set_tag(run.info.run_id, "previous_parent_run_id", run.data.tags["mlflow.parentRunId"])
+        client.set_tag(run.info.run_id, "mlflow.parentRunId", parent)
 
 
 @contextlib.contextmanager
@@ -369,7 +368,7 @@ def job_run(cfg, resume_run_id: str | None = None, on_start=None):
     if previous is None:
         resume_run_id = None
     else:
-        adopt_run(resume_run_id)
+        adopt_run(previous)
     name = run_name(cfg)
     tags = {
         "backbone": cfg.backbone.name,

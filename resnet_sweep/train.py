@@ -231,14 +231,7 @@ def check_optimizer(cfg) -> None:
 
 def check_data(data_cfg) -> None:
     """The data keys, without reading the data: a user's root must exist; the demo takes no root."""
-    from omegaconf import OmegaConf
-
-    if str(data_cfg.get("kind")) == "demo":
-        if data_cfg.get("root") is not None:
-            data.resolve_root(data_cfg)  # the one-line "add data=imagefolder" error
-    elif OmegaConf.is_missing(data_cfg, "root") or data_cfg.get("root") is None \
-            or not Path(os.path.expanduser(str(data_cfg.root))).is_dir():
-        data.resolve_root(data_cfg)
+    data.check_root(data_cfg)
     if str(data_cfg.get("on_bad_image", "error")) not in ("error", "skip"):
         raise UserError(f"data.on_bad_image={data_cfg.on_bad_image}: choose error or skip")
     if str(data_cfg.get("normalize")) not in ("imagenet", "dataset"):
