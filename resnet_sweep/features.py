@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import data, sealed
+from . import data, sealed, tiles
 from .batches import Batcher, prefetched
 from .engine import autocast, cpu_has_bf16
 
@@ -141,18 +141,13 @@ def key_of(cfg, built, files: dict[str, list[Path]], splits) -> str:
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _decode(path: Path, resize=None) -> np.ndarray:
-    """Decode once (resized as the loaders do) to an HxWx3 uint8 array; crops are slices of it."""
-    return np.asarray(data.resized(data.load_rgb(path), resize))
-
-
 def _decoded(paths: list[Path], resize, workers: int, ahead: int):
     """The decoded images in order, decoded by ``workers`` threads up to ``ahead`` images ahead of
     the backbone (PIL releases the GIL while decoding)."""
     with ThreadPoolExecutor(workers) as pool:
         pending: deque = deque()
         for path in paths:
-            pending.append(pool.submit(_decode, path, resize))
+            pending.append(pool.submit(tiles.decode, path, resize))
             if len(pending) > ahead:
                 yield pending.popleft().result()
         while pending:
@@ -217,7 +212,7 @@ def extract(backbone: nn.Module, files: dict[str, list[Path]], labels: dict[str,
     fast = (device.type == "cuda") or cpu_has_bf16()
     dim = None
     first = ([store.images("train").image(i) for i in range(min(8, len(files["train"])))] if store is not None
-             else [_decode(p, resize) for p in files["train"][:8]])
+             else [tiles.decode(p, resize) for p in files["train"][:8]])
     sample = _batch([image[:crop, :crop] for image in first], mean, std, device)
     use_bf16 = fast and _bf16_ok(backbone, sample, device)
     precision = "bf16" if use_bf16 else "32"
