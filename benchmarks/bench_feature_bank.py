@@ -118,7 +118,7 @@ def main() -> None:
         cfg = compose("train", overrides=["experiment=bench/resnet18_perceptron", *extra])
     splits = data.build(cfg.data, cfg.trainer, crop_size=int(cfg.backbone.crop_size), seed=int(cfg.seed),
                         resize=cfg.backbone.get("resize"), crop_seed=cfg.trainer.crop_seed)  # makes the demo data
-    batch = features.extract_batch(cfg)
+    batch = features.extract_batch(cfg, device)
     # crops the bank holds: bank_views per training image, one per valid/test image
     images = (int(cfg.trainer.bank_views) * len(splits.train.dataset)
               + len(splits.valid.dataset) + len(splits.test.dataset))

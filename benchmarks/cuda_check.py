@@ -137,8 +137,12 @@ def main() -> None:
     for name in ("resnet18", "resnet50"):
         print(f"4. plain {name} bf16 channels_last inference, batch 256: "
               f"{plain(name, device, batches=args.plain_batches):.0f} img/s")
-    print("CUDA CHECK OK")
+    print("CUDA CHECK OK", flush=True)
 
 
 if __name__ == "__main__":
     main()
+    # a process that does not end within 30 s of its work prints every thread's stack and exits
+    import faulthandler
+
+    faulthandler.dump_traceback_later(30, exit=True)

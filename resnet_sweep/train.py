@@ -196,7 +196,7 @@ def check_config(cfg) -> None:
     bank_batch = cfg.trainer.get("bank_batch_size")
     if bank_batch is not None and (isinstance(bank_batch, bool) or not isinstance(bank_batch, int) or bank_batch < 1):
         raise UserError(f"trainer.bank_batch_size={bank_batch}: must be an integer >= 1, or null for "
-                        f"{features.EXTRACT_BATCH}")
+                        f"{features.EXTRACT_BATCH['cpu']} on a CPU, {features.EXTRACT_BATCH['cuda']} on a GPU")
     if not isinstance(cfg.seed, int) or isinstance(cfg.seed, bool):
         raise UserError(f"seed={cfg.seed}: must be an integer")
     engine.direction(str(cfg.objective))

@@ -135,6 +135,28 @@ def test_the_bank_extracted_from_the_store_equals_the_decoded_one(tmp_path):
         np.testing.assert_allclose(arrays[0][split], arrays[1][split], rtol=1e-3, atol=1e-3)
 
 
+@pytest.mark.parametrize("batch", [5, 64])
+def test_the_bank_cut_from_whole_images_on_the_device_equals_the_per_crop_path(tmp_path, batch):
+    """The GPU's extraction path (whole images sent, crops cut and flipped there), run on the CPU:
+    the same features as cropping image by image, also when a batch splits an image's views."""
+    tree = make_tree(tmp_path / "tiles", per_class=(4, 2, 2), size=40)
+    cfg = config(tree, "backbone.crop_size=32", "trainer.precision=32", "data.augment=[hflip,vflip,rot90]")
+    splits = build(cfg)
+    backbone = models.build(cfg.backbone, cfg.head, seed=0).model.backbone
+    files, labels = features.samples_of(splits)
+    out = {}
+    for device_crops in (False, True):
+        out[device_crops] = tmp_path / str(device_crops)
+        out[device_crops].mkdir()
+        stats = features.extract(backbone, files, labels, 32, splits.mean, splits.std, 3, splits.crop_seed,
+                                 torch.device("cpu"), out[device_crops], batch_size=batch, store=splits.store.get(),
+                                 augment=splits.augment, device_crops=device_crops)
+        assert stats["crops"] == 3 * 8 + 4 + 4
+    for split in data.SPLITS:
+        np.testing.assert_allclose(np.load(out[True] / f"{split}.npy"), np.load(out[False] / f"{split}.npy"),
+                                   rtol=1e-6, atol=1e-6)
+
+
 def test_augmentation_reaches_the_bank_views_and_its_key(tmp_path):
     tree = make_tree(tmp_path / "tiles", per_class=(4, 2, 2), size=40)
     keys, trains = [], []
