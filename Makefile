@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-fast ui server bench bench-data clean
+.PHONY: setup demo test test-fast lint format ui server bench bench-data clean
 
 setup: $(STAMP)
 
@@ -23,6 +23,15 @@ demo: setup
 # The whole suite (what CI runs: about 11 minutes on 2 cores, PostgreSQL test included).
 test: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# ruff (lint + format check) and the import layers (import-linter, contracts in pyproject.toml).
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: setup
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
 
 # Without the tests marked slow (the VGG16, ConvNeXt and Inception runs).
 test-fast: setup

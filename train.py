@@ -17,6 +17,9 @@ if __name__ == "__main__":
     except KeyboardInterrupt as e:  # SIGINT or SIGTERM (resnet_sweep.faults): runs are marked KILLED
         from resnet_sweep import faults
 
-        print(f"{e or 'interrupted'}: the running job kept its finished epochs; re-run the same command "
-              "to resume", file=sys.stderr, flush=True)
+        print(
+            f"{e or 'interrupted'}: the running job kept its finished epochs; re-run the same command to resume",
+            file=sys.stderr,
+            flush=True,
+        )
         sys.exit(faults.exit_code())

@@ -42,9 +42,16 @@ def config(cache: str, tiles_per_slide: int, *more: str):
     from hydra import compose, initialize_config_dir
 
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        return compose("train", overrides=["backbone.weights=none", f"data.cache_dir={cache}",
-                                           f"data.tiles_per_slide={tiles_per_slide}", "trainer.num_workers=0",
-                                           *more])
+        return compose(
+            "train",
+            overrides=[
+                "backbone.weights=none",
+                f"data.cache_dir={cache}",
+                f"data.tiles_per_slide={tiles_per_slide}",
+                "trainer.num_workers=0",
+                *more,
+            ],
+        )
 
 
 class Limited:
@@ -89,6 +96,7 @@ def timed(fn, device) -> tuple[float, float]:
 
 def pipeline(loader, crops: int, device) -> tuple[float, float]:
     """(crops/s, crops per CPU-second) of iterating ``loader`` with nothing consuming its batches."""
+
     def drain():
         done = 0
         for epoch in itertools.count(1):
@@ -97,14 +105,16 @@ def pipeline(loader, crops: int, device) -> tuple[float, float]:
                 done += len(x)
                 if done >= crops:
                     return
+
     wall, cpu = timed(drain, device)
     return crops / wall, crops / max(cpu, 1e-9)
 
 
 def train_rate(model, loader, optimizer, device, precision: str, n: int) -> float:
     """Training images/s over ``n`` batches through engine.run_epoch (the product's own step)."""
-    wall, _ = timed(lambda: engine.run_epoch(model, Limited(loader, n), device, precision, "train", 1, optimizer),
-                    device)
+    wall, _ = timed(
+        lambda: engine.run_epoch(model, Limited(loader, n), device, precision, "train", 1, optimizer), device
+    )
     return n * loader_batch(loader) / wall
 
 
@@ -114,6 +124,7 @@ def loader_batch(loader) -> int:
 
 def plain_rate(backbone, x: torch.Tensor, crops: int, device, precision: str) -> float:
     """Frozen-backbone inference on a pre-made device batch, features copied back, as extraction does."""
+
     def run():
         with torch.inference_mode(), engine.autocast(device, precision):
             done = 0
@@ -121,6 +132,7 @@ def plain_rate(backbone, x: torch.Tensor, crops: int, device, precision: str) ->
                 n = min(len(x), crops - done)
                 backbone(x[:n]).float().cpu()
                 done += n
+
     wall, _ = timed(run, device)
     return crops / wall
 
@@ -145,8 +157,10 @@ def main(argv=None) -> dict:
     precision = "bf16" if (device.type == "cuda" or engine.cpu_has_bf16()) else "32"
     cache = tempfile.mkdtemp(prefix="rs-datapath-")
     cfg = config(cache, args.tiles_per_slide, "backbone.freeze=none", "trainer.batch_size=32")
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, device {device}, "
-          f"{torch.get_num_threads()} torch threads, precision {precision}, load average {os.getloadavg()[0]:.2f}")
+    print(
+        f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, device {device}, "
+        f"{torch.get_num_threads()} torch threads, precision {precision}, load average {os.getloadavg()[0]:.2f}"
+    )
 
     # 4 first: the store every other measurement reads
     store_splits = data.build(cfg.data, cfg.trainer, crop_size=224, seed=0, crop_seed=0, device=device)
@@ -158,9 +172,11 @@ def main(argv=None) -> dict:
     store = store_splits.store.get()
     size = sum(f.stat().st_size for f in store.path.iterdir())
     out = {"build_img_per_s": n_images / wall, "store_mb": size / 1e6}
-    print(f"data: demo, {', '.join(f'{len(files[s])} {s}' for s in data.SPLITS)} tiles; store built in {wall:.2f} s "
-          f"({n_images / wall:.0f} img/s with {tiles.cores()} threads, decode + write + sha256), "
-          f"{size / 1e6:.1f} MB on disk")
+    print(
+        f"data: demo, {', '.join(f'{len(files[s])} {s}' for s in data.SPLITS)} tiles; store built in {wall:.2f} s "
+        f"({n_images / wall:.0f} img/s with {tiles.cores()} threads, decode + write + sha256), "
+        f"{size / 1e6:.1f} MB on disk"
+    )
 
     # 1. pipeline only, one torch thread
     threads = torch.get_num_threads()
@@ -178,9 +194,11 @@ def main(argv=None) -> dict:
     st_wall = statistics.median(r[0] for r in store_rates)
     st_cpu = statistics.median(r[1] for r in store_rates)
     out.update(pipeline_pil=pil_cpu, pipeline_store=st_cpu)
-    print(f"1. pipeline only (crop {224}, batch 32, normalised, channels_last, on {device}): PIL decode "
-          f"{pil_wall:.0f} crops/s ({pil_cpu:.0f} per CPU-second); store {st_wall:.0f} crops/s ({st_cpu:.0f} per "
-          f"CPU-second): {st_cpu / pil_cpu:.1f}x per core")
+    print(
+        f"1. pipeline only (crop {224}, batch 32, normalised, channels_last, on {device}): PIL decode "
+        f"{pil_wall:.0f} crops/s ({pil_cpu:.0f} per CPU-second); store {st_wall:.0f} crops/s ({st_cpu:.0f} per "
+        f"CPU-second): {st_cpu / pil_cpu:.1f}x per core"
+    )
 
     # 2. fine-tuning against the synthetic-batch step
     built = models.build(cfg.backbone, cfg.head, seed=0)
@@ -199,10 +217,12 @@ def main(argv=None) -> dict:
         pairs_pil.append((from_pil, limit2))
     ft_store, ft_pil = median_ratio(pairs_store), median_ratio(pairs_pil)
     out.update(finetune_store=ft_store[0], finetune_pil=ft_pil[0])
-    print(f"2. fine-tuning resnet18 (freeze=none, batch 32, {precision}): synthetic-batch step "
-          f"{statistics.median(p[1] for p in pairs_store):.1f} img/s; store {statistics.median(p[0] for p in pairs_store):.1f} "
-          f"img/s = {100 * ft_store[0]:.1f}% (rounds {100 * ft_store[1]:.1f}-{100 * ft_store[2]:.1f}%); PIL "
-          f"{statistics.median(p[0] for p in pairs_pil):.1f} img/s = {100 * ft_pil[0]:.1f}%")
+    print(
+        f"2. fine-tuning resnet18 (freeze=none, batch 32, {precision}): synthetic-batch step "
+        f"{statistics.median(p[1] for p in pairs_store):.1f} img/s; store {statistics.median(p[0] for p in pairs_store):.1f} "
+        f"img/s = {100 * ft_store[0]:.1f}% (rounds {100 * ft_store[1]:.1f}-{100 * ft_store[2]:.1f}%); PIL "
+        f"{statistics.median(p[0] for p in pairs_pil):.1f} img/s = {100 * ft_pil[0]:.1f}%"
+    )
 
     # 3. bank extraction from the store against plain inference on a pre-made device batch
     bank_cfg = config(cache, args.tiles_per_slide)
@@ -220,18 +240,32 @@ def main(argv=None) -> dict:
         for _ in range(args.rounds):  # plain inference right before and right after each extraction
             before = plain_rate(backbone, pre, bank_crops, device, bank_precision)
             with tempfile.TemporaryDirectory(dir=cache) as tmp:
-                stats = features.extract(backbone, files, labels, 224, store_splits.mean, store_splits.std, views, 0,
-                                         device, Path(tmp), batch_size=batch, store=store)
+                stats = features.extract(
+                    backbone,
+                    files,
+                    labels,
+                    224,
+                    store_splits.mean,
+                    store_splits.std,
+                    views,
+                    0,
+                    device,
+                    Path(tmp),
+                    batch_size=batch,
+                    store=store,
+                )
             bank_precision = stats["precision"]
             after = plain_rate(backbone, pre, bank_crops, device, bank_precision)
             pairs.append((stats["img_per_s"], (before + after) / 2))
         ex = median_ratio(pairs)
         if batch == features.default_extract_batch(device):
             out.update(extract_ratio=ex[0])
-        print(f"3. feature bank extraction from the store ({bank_crops} crops, batch {batch}, {stats['precision']}): "
-              f"{statistics.median(p[0] for p in pairs):.1f} img/s; plain inference on a device batch "
-              f"{statistics.median(p[1] for p in pairs):.1f} img/s: {100 * ex[0]:.1f}% (rounds {100 * ex[1]:.1f}-"
-              f"{100 * ex[2]:.1f}%)")
+        print(
+            f"3. feature bank extraction from the store ({bank_crops} crops, batch {batch}, {stats['precision']}): "
+            f"{statistics.median(p[0] for p in pairs):.1f} img/s; plain inference on a device batch "
+            f"{statistics.median(p[1] for p in pairs):.1f} img/s: {100 * ex[0]:.1f}% (rounds {100 * ex[1]:.1f}-"
+            f"{100 * ex[2]:.1f}%)"
+        )
     print(f"4. store build: {out['build_img_per_s']:.0f} img/s with {tiles.cores()} threads, {out['store_mb']:.1f} MB")
     return out
 

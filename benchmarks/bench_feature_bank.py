@@ -56,8 +56,9 @@ def plain_inference_img_per_s(images: int, batch: int, device: torch.device) -> 
     return images / seconds
 
 
-def interleaved(cfg, splits, rounds: int, images: int, batch: int, device: torch.device,
-                plain_before: float) -> list[tuple[float, float]]:
+def interleaved(
+    cfg, splits, rounds: int, images: int, batch: int, device: torch.device, plain_before: float
+) -> list[tuple[float, float]]:
     """``rounds`` x (extract the sweep's bank in this process, then plain inference): (extraction
     img/s, plain img/s averaged over the measurements just before and just after it)."""
     from resnet_sweep import features, models
@@ -67,9 +68,20 @@ def interleaved(cfg, splits, rounds: int, images: int, batch: int, device: torch
     out, before = [], plain_before
     for _ in range(rounds):
         with tempfile.TemporaryDirectory() as tmp:
-            stats = features.extract(backbone, files, labels, splits.crop_size, splits.mean, splits.std,
-                                     int(cfg.trainer.bank_views), splits.crop_seed, device, Path(tmp),
-                                     batch_size=batch, resize=splits.resize)
+            stats = features.extract(
+                backbone,
+                files,
+                labels,
+                splits.crop_size,
+                splits.mean,
+                splits.std,
+                int(cfg.trainer.bank_views),
+                splits.crop_seed,
+                device,
+                Path(tmp),
+                batch_size=batch,
+                resize=splits.resize,
+            )
         after = plain_inference_img_per_s(images, batch, device)
         out.append((stats["img_per_s"], (before + after) / 2))
         before = after
@@ -78,8 +90,15 @@ def interleaved(cfg, splits, rounds: int, images: int, batch: int, device: torch
 
 def sweep(workdir: Path, bank: str, extra: list[str]) -> float:
     workdir.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, str(REPO / "train.py"), "-m", "experiment=bench/resnet18_perceptron",
-           f"trainer.feature_bank={bank}", "tracking.log_model=none", *extra]
+    cmd = [
+        sys.executable,
+        str(REPO / "train.py"),
+        "-m",
+        "experiment=bench/resnet18_perceptron",
+        f"trainer.feature_bank={bank}",
+        "tracking.log_model=none",
+        *extra,
+    ]
     start = time.perf_counter()
     subprocess.run(cmd, cwd=workdir, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return time.perf_counter() - start
@@ -91,8 +110,11 @@ def test_accuracies(workdir: Path) -> dict[str, float]:
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{workdir / 'mlflow.db'}")
     exp = client.get_experiment_by_name("bench")
     runs = client.search_runs([exp.experiment_id], max_results=1000)
-    return {r.info.run_name: r.data.metrics["test/acc"] for r in runs
-            if r.data.tags.get("sweep") != "true" and "test/acc" in r.data.metrics}
+    return {
+        r.info.run_name: r.data.metrics["test/acc"]
+        for r in runs
+        if r.data.tags.get("sweep") != "true" and "test/acc" in r.data.metrics
+    }
 
 
 def main() -> None:
@@ -116,12 +138,19 @@ def main() -> None:
 
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         cfg = compose("train", overrides=["experiment=bench/resnet18_perceptron", *extra])
-    splits = data.build(cfg.data, cfg.trainer, crop_size=int(cfg.backbone.crop_size), seed=int(cfg.seed),
-                        resize=cfg.backbone.get("resize"), crop_seed=cfg.trainer.crop_seed)  # makes the demo data
+    splits = data.build(
+        cfg.data,
+        cfg.trainer,
+        crop_size=int(cfg.backbone.crop_size),
+        seed=int(cfg.seed),
+        resize=cfg.backbone.get("resize"),
+        crop_seed=cfg.trainer.crop_seed,
+    )  # makes the demo data
     batch = features.extract_batch(cfg, device)
     # crops the bank holds: bank_views per training image, one per valid/test image
-    images = (int(cfg.trainer.bank_views) * len(splits.train.dataset)
-              + len(splits.valid.dataset) + len(splits.test.dataset))
+    images = (
+        int(cfg.trainer.bank_views) * len(splits.train.dataset) + len(splits.valid.dataset) + len(splits.test.dataset)
+    )
     # for reference: plain inference with glibc's default malloc; then the setting every job uses
     # (engine.keep_freed_memory), under which every later figure here is measured
     untuned = plain_inference_img_per_s(images, batch, device)
@@ -143,29 +172,40 @@ def main() -> None:
     plain = (before + after) / 2
 
     cpu = platform.processor() or platform.machine()
-    print(f"machine: {cpu}, {os.cpu_count()} cores, torch {torch.__version__}, device {device}, "
-          f"threads {torch.get_num_threads()}, malloc keeps freed memory: {'yes' if tuned else 'no'} "
-          f"(plain inference with glibc's defaults: {untuned:.1f} img/s)")
-    print(f"grid: {len(pairs)} paired runs (resnet18 perceptron, Adam x 7 + SGD x 6 LRs), "
-          f"{args.epochs} epochs, demo data {meta['n']}")
+    print(
+        f"machine: {cpu}, {os.cpu_count()} cores, torch {torch.__version__}, device {device}, "
+        f"threads {torch.get_num_threads()}, malloc keeps freed memory: {'yes' if tuned else 'no'} "
+        f"(plain inference with glibc's defaults: {untuned:.1f} img/s)"
+    )
+    print(
+        f"grid: {len(pairs)} paired runs (resnet18 perceptron, Adam x 7 + SGD x 6 LRs), "
+        f"{args.epochs} epochs, demo data {meta['n']}"
+    )
     print(f"naive grid (feature_bank=off): {naive_s:8.1f} s")
-    print(f"banked grid (feature_bank=auto): {bank_s:8.1f} s  (extraction {meta['seconds']:.1f} s of it, "
-          f"{meta['views']} views, {meta['precision']})")
+    print(
+        f"banked grid (feature_bank=auto): {bank_s:8.1f} s  (extraction {meta['seconds']:.1f} s of it, "
+        f"{meta['views']} views, {meta['precision']})"
+    )
     print(f"speed-up: {naive_s / bank_s:.1f}x")
-    print(f"mean |test acc difference| over paired runs: {sum(diffs) / len(diffs):.2f} points "
-          f"(max {max(diffs):.2f})")
-    print(f"extraction throughput: {meta['img_per_s']:.1f} img/s ({meta['crops']} crops, batches of "
-          f"{batch}); plain bf16/channels_last ResNet18 inference, same images and batch, "
-          f"just before / after the banked sweep: {before:.1f} / {after:.1f} img/s, mean {plain:.1f} "
-          f"({100 * meta['img_per_s'] / plain:.1f}%)")
+    print(f"mean |test acc difference| over paired runs: {sum(diffs) / len(diffs):.2f} points (max {max(diffs):.2f})")
+    print(
+        f"extraction throughput: {meta['img_per_s']:.1f} img/s ({meta['crops']} crops, batches of "
+        f"{batch}); plain bf16/channels_last ResNet18 inference, same images and batch, "
+        f"just before / after the banked sweep: {before:.1f} / {after:.1f} img/s, mean {plain:.1f} "
+        f"({100 * meta['img_per_s'] / plain:.1f}%)"
+    )
     if rounds:
         ratios = sorted(e / p for e, p in rounds)
         median = statistics.median(ratios)
-        print(f"in this process, {len(rounds)} rounds of extraction then plain inference: extraction "
-              + " / ".join(f"{e:.1f}" for e, _ in rounds) + " img/s, plain "
-              + " / ".join(f"{p:.1f}" for _, p in rounds) + " img/s (each the mean of the plain figures "
-              f"around it): median {100 * median:.1f}% "
-              f"(min {100 * ratios[0]:.1f}%, max {100 * ratios[-1]:.1f}%)")
+        print(
+            f"in this process, {len(rounds)} rounds of extraction then plain inference: extraction "
+            + " / ".join(f"{e:.1f}" for e, _ in rounds)
+            + " img/s, plain "
+            + " / ".join(f"{p:.1f}" for _, p in rounds)
+            + " img/s (each the mean of the plain figures "
+            f"around it): median {100 * median:.1f}% "
+            f"(min {100 * ratios[0]:.1f}%, max {100 * ratios[-1]:.1f}%)"
+        )
     for k in pairs:
         print(f"  {k:34s} naive {100 * naive_acc[k]:6.2f}%  bank {100 * bank_acc[k]:6.2f}%")
 

@@ -50,8 +50,10 @@ def main(argv=None) -> None:
     _, files, _ = data.scan_tree(root, args.crop, cfg.data.cache_dir)
     n = sum(len(v) for v in files.values())
     workers = tiles.cores()
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cores ({workers} usable), "
-          f"python {platform.python_version()}, load average {os.getloadavg()[0]:.2f}")
+    print(
+        f"machine: {platform.machine()}, {os.cpu_count()} cores ({workers} usable), "
+        f"python {platform.python_version()}, load average {os.getloadavg()[0]:.2f}"
+    )
     print(f"data: {root} ({', '.join(f'{len(files[s])} {s}' for s in data.SPLITS)}), resize={args.resize}")
     for path in (p for s in files for p in files[s]):  # into the page cache, as after a first epoch
         path.read_bytes()
@@ -68,8 +70,10 @@ def main(argv=None) -> None:
         print(f"round {r + 1}: build {every:.0f} img/s with {workers} threads, {one:.0f} img/s with 1")
     every = statistics.median(r[0] for r in rows)
     one = statistics.median(r[1] for r in rows)
-    print(f"build (decode + write), median of {args.rounds}: {every:.0f} img/s with {workers} threads, "
-          f"{one:.0f} img/s with 1 ({every / one:.2f}x)")
+    print(
+        f"build (decode + write), median of {args.rounds}: {every:.0f} img/s with {workers} threads, "
+        f"{one:.0f} img/s with 1 ({every / one:.2f}x)"
+    )
 
     with tempfile.TemporaryDirectory(dir=cfg.data.cache_dir) as cache:
         store_cfg = OmegaConf.merge(cfg.data, {"cache_dir": cache})
@@ -83,10 +87,14 @@ def main(argv=None) -> None:
         assert again.key == store.key
         size = du(store.path)
         pixels = sum(store.meta["bytes"].values())
-        print(f"tiles.get, first job: {whole:.2f} s for {n} images ({n / whole:.0f} img/s: header pass, build, "
-              f"sha256 seal, rename); a later process opening it (key + sha256 verification): {verify:.2f} s")
-        print(f"store on disk: {size / 1e6:.1f} MB ({pixels / 1e6:.1f} MB of pixels + index and meta.json); "
-              f"the PNG files: {sum(p.stat().st_size for s in files for p in files[s]) / 1e6:.1f} MB")
+        print(
+            f"tiles.get, first job: {whole:.2f} s for {n} images ({n / whole:.0f} img/s: header pass, build, "
+            f"sha256 seal, rename); a later process opening it (key + sha256 verification): {verify:.2f} s"
+        )
+        print(
+            f"store on disk: {size / 1e6:.1f} MB ({pixels / 1e6:.1f} MB of pixels + index and meta.json); "
+            f"the PNG files: {sum(p.stat().st_size for s in files for p in files[s]) / 1e6:.1f} MB"
+        )
 
         # one epoch of training crops: from the store (views, as batches.py copies them) vs PIL decode
         train = store.images("train")
@@ -102,8 +110,10 @@ def main(argv=None) -> None:
             top, left = data.crop_offset(image.size, crop, 0, i, 0)
             image.crop((left, top, left + crop, top + crop)).tobytes()
         from_pil = time.perf_counter() - start
-        print(f"one epoch of {len(train)} training crops ({crop}px), one thread: store {len(train) / from_store:.0f} "
-              f"img/s, PIL decode {len(train) / from_pil:.0f} img/s")
+        print(
+            f"one epoch of {len(train)} training crops ({crop}px), one thread: store {len(train) / from_store:.0f} "
+            f"img/s, PIL decode {len(train) / from_pil:.0f} img/s"
+        )
 
 
 if __name__ == "__main__":

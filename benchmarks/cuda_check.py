@@ -36,16 +36,31 @@ from resnet_sweep import data, engine, features, models  # noqa: E402
 
 def config(cache: str, tiles: int, *more: str):
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        return compose("train", overrides=["backbone.weights=none", f"data.cache_dir={cache}",
-                                           f"data.tiles_per_slide={tiles}", "trainer.num_workers=8", *more])
+        return compose(
+            "train",
+            overrides=[
+                "backbone.weights=none",
+                f"data.cache_dir={cache}",
+                f"data.tiles_per_slide={tiles}",
+                "trainer.num_workers=8",
+                *more,
+            ],
+        )
 
 
 def fit(model, inputs, cfg, built, device):
     start = time.perf_counter()
-    history = engine.fit(model, inputs, cfg.optimizer, cfg.trainer,
-                         lambda e, m: print(f"    epoch {e}: " + ", ".join(f"{k} {v:.4g}" for k, v in m.items())),
-                         cfg.objective, state_fn=lambda: models.trainable_state(built.model), device=device,
-                         scheduler_cfg=cfg.get("scheduler"))
+    history = engine.fit(
+        model,
+        inputs,
+        cfg.optimizer,
+        cfg.trainer,
+        lambda e, m: print(f"    epoch {e}: " + ", ".join(f"{k} {v:.4g}" for k, v in m.items())),
+        cfg.objective,
+        state_fn=lambda: models.trainable_state(built.model),
+        device=device,
+        scheduler_cfg=cfg.get("scheduler"),
+    )
     return history, time.perf_counter() - start
 
 
@@ -78,29 +93,39 @@ def main() -> None:
     device = engine.resolve_device("cpu" if args.cpu else "auto")
     if not args.cpu:
         assert device.type == "cuda", "no CUDA device"
-        print(f"torch {torch.__version__}, {torch.cuda.get_device_name(device)}, device auto -> {device}, "
-              f"bf16 supported: {torch.cuda.is_bf16_supported()}")
+        print(
+            f"torch {torch.__version__}, {torch.cuda.get_device_name(device)}, device auto -> {device}, "
+            f"bf16 supported: {torch.cuda.is_bf16_supported()}"
+        )
     cache = tempfile.mkdtemp(prefix="rs-cuda-")
 
     # 0. the data path: store against PIL, beside the model's own limit
     import bench_data_path
 
-    ratios = bench_data_path.main(["--device", str(device), "--rounds", "1" if args.smoke else "2"]
-                                  + (["--smoke"] if args.smoke else ["--tiles-per-slide", str(args.tiles_per_slide)]))
-    print(f"0. data path: fine-tuning {100 * ratios['finetune_store']:.1f}% of the synthetic step (target >= 70% on "
-          f"a GPU), extraction {100 * ratios['extract_ratio']:.1f}% of plain inference (target >= 80%)")
+    ratios = bench_data_path.main(
+        ["--device", str(device), "--rounds", "1" if args.smoke else "2"]
+        + (["--smoke"] if args.smoke else ["--tiles-per-slide", str(args.tiles_per_slide)])
+    )
+    print(
+        f"0. data path: fine-tuning {100 * ratios['finetune_store']:.1f}% of the synthetic step (target >= 70% on "
+        f"a GPU), extraction {100 * ratios['extract_ratio']:.1f}% of plain inference (target >= 80%)"
+    )
 
     # 1. the bank on the GPU
     cfg = config(cache, args.tiles_per_slide, "trainer.max_epochs=5", "optimizer.lr=1e-3")
     splits = data.build(cfg.data, cfg.trainer, crop_size=224, seed=0, device=device)
-    print(f"demo data: {[len(getattr(splits, s).dataset) for s in data.SPLITS]} train/valid/test tiles; "
-          f"loaders: {type(splits.train.loader()).__name__} (tile store {'on' if splits.store.get() else 'off'})")
+    print(
+        f"demo data: {[len(getattr(splits, s).dataset) for s in data.SPLITS]} train/valid/test tiles; "
+        f"loaders: {type(splits.train.loader()).__name__} (tile store {'on' if splits.store.get() else 'off'})"
+    )
     built = models.build(cfg.backbone, cfg.head)
     start = time.perf_counter()
     bank = features.get(cfg, built, splits, device)
     meta = bank.meta
-    print(f"1. bank: {meta['crops']} crops in {meta['seconds']:.2f} s = {meta['img_per_s']:.0f} img/s "
-          f"({meta['precision']}, {meta['device']}, stored {meta['dtype']}); get() {time.perf_counter() - start:.1f} s")
+    print(
+        f"1. bank: {meta['crops']} crops in {meta['seconds']:.2f} s = {meta['img_per_s']:.0f} img/s "
+        f"({meta['precision']}, {meta['device']}, stored {meta['dtype']}); get() {time.perf_counter() - start:.1f} s"
+    )
     backbone_cpu = models.build(cfg.backbone, cfg.head).model.backbone.eval()
     cos = []
     for epoch in (1, 2, 3):
@@ -110,8 +135,10 @@ def main() -> None:
             ref = backbone_cpu(crop.unsqueeze(0)).float()[0]
         got = torch.from_numpy(np.asarray(bank.array("train")[epoch - 1, 7], dtype=np.float32))
         cos.append(torch.nn.functional.cosine_similarity(ref, got, dim=0).item())
-    print(f"   GPU-bf16 bank vs CPU-fp32 backbone on the naive loop's crops (epochs 1-3): cosine "
-          f"{', '.join(f'{c:.5f}' for c in cos)}")
+    print(
+        f"   GPU-bf16 bank vs CPU-fp32 backbone on the naive loop's crops (epochs 1-3): cosine "
+        f"{', '.join(f'{c:.5f}' for c in cos)}"
+    )
 
     # 2. the head on the bank, on the GPU
     head_model = features.HeadOnly(built.model.head)
@@ -119,24 +146,38 @@ def main() -> None:
     history, seconds = fit(head_model, inputs, cfg, built, device)
     built.model.load_state_dict(history.best_state, strict=False)
     test = engine.evaluate(head_model, inputs.test, device, cfg.trainer.precision)
-    print(f"2. head on the bank: {len(history.epochs) - 1} epochs in {seconds:.2f} s, best epoch "
-          f"{history.best_epoch}, test acc {100 * test['test/acc']:.2f}%, loss {test['test/loss']:.3f}")
+    print(
+        f"2. head on the bank: {len(history.epochs) - 1} epochs in {seconds:.2f} s, best epoch "
+        f"{history.best_epoch}, test acc {100 * test['test/acc']:.2f}%, loss {test['test/loss']:.3f}"
+    )
 
     # 3. naive loop, part of the backbone training
-    cfg3 = config(cache, args.tiles_per_slide, "backbone.freeze=last_n", "backbone.unfreeze=2",
-                  "trainer.max_epochs=2", "optimizer.lr=1e-3", "optimizer.backbone_lr_scale=0.1", "scheduler=cosine")
+    cfg3 = config(
+        cache,
+        args.tiles_per_slide,
+        "backbone.freeze=last_n",
+        "backbone.unfreeze=2",
+        "trainer.max_epochs=2",
+        "optimizer.lr=1e-3",
+        "optimizer.backbone_lr_scale=0.1",
+        "scheduler=cosine",
+    )
     built3 = models.build(cfg3.backbone, cfg3.head)
     history, seconds = fit(built3.model, splits, cfg3, built3, device)
     n = 3 * len(splits.train.dataset) + 3 * len(splits.valid.dataset)
     test = engine.evaluate(built3.model, splits.test, device, cfg3.trainer.precision)
-    print(f"3. fine-tuning loop, freeze=last_n unfreeze=2 ({built3.trainable_params:,} trainable), bf16 autocast, "
-          f"from the tile store: {seconds:.1f} s for epochs 0-2 ({n / seconds:.0f} img/s), test acc "
-          f"{100 * test['test/acc']:.2f}%")
+    print(
+        f"3. fine-tuning loop, freeze=last_n unfreeze=2 ({built3.trainable_params:,} trainable), bf16 autocast, "
+        f"from the tile store: {seconds:.1f} s for epochs 0-2 ({n / seconds:.0f} img/s), test acc "
+        f"{100 * test['test/acc']:.2f}%"
+    )
 
     # 4. plain inference
     for name in ("resnet18", "resnet50"):
-        print(f"4. plain {name} bf16 channels_last inference, batch 256: "
-              f"{plain(name, device, batches=args.plain_batches):.0f} img/s")
+        print(
+            f"4. plain {name} bf16 channels_last inference, batch 256: "
+            f"{plain(name, device, batches=args.plain_batches):.0f} img/s"
+        )
     print("CUDA CHECK OK", flush=True)
 
 

@@ -94,8 +94,20 @@ class StoreLoader:
     ``data.shuffled(seed, epoch)`` and crops by ``data.crop_offset``; evaluation takes the centre
     crop in order. ``resident``: the split's (N, H, W, 3) array lives on the device."""
 
-    def __init__(self, images, labels, crop: int, mean, std, batch_size: int, device: torch.device,
-                 seed: int | None = None, crop_seed: int | None = None, augment=(), resident: bool = False):
+    def __init__(
+        self,
+        images,
+        labels,
+        crop: int,
+        mean,
+        std,
+        batch_size: int,
+        device: torch.device,
+        seed: int | None = None,
+        crop_seed: int | None = None,
+        augment=(),
+        resident: bool = False,
+    ):
         self.images, self.crop, self.mean, self.std = images, int(crop), mean, std
         self.labels = torch.as_tensor(np.asarray(labels, dtype=np.int64))
         self.batch_size, self.device = int(batch_size), device
@@ -144,15 +156,14 @@ class StoreLoader:
 
     def __iter__(self):
         order = self._order()
-        batches = [order[k:k + self.batch_size] for k in range(0, len(order), self.batch_size)]
+        batches = [order[k : k + self.batch_size] for k in range(0, len(order), self.batch_size)]
         if self.on_device is not None:
             for idx in batches:
                 yield self._gather_on_device(idx), self.labels[idx]
             return
         # two buffers of this pass's own (an abandoned pass may still be closing): one trains while the
         # other is filled
-        buffers = [Batcher(self.batch_size, self.crop, self.mean, self.std, self.device, exact=True)
-                   for _ in range(2)]
+        buffers = [Batcher(self.batch_size, self.crop, self.mean, self.std, self.device, exact=True) for _ in range(2)]
         pool = ThreadPoolExecutor(1, thread_name_prefix="tile-store")
         try:
             pending = pool.submit(self._fill, buffers[0], batches[0]) if batches else None
@@ -194,8 +205,7 @@ class RowBatches:
 
     def __init__(self, images: int, height: int, width: int, device: torch.device, depth: int = 3):
         cuda = device.type == "cuda"
-        self.bufs = [torch.empty((images, height, width, 3), dtype=torch.uint8, pin_memory=cuda)
-                     for _ in range(depth)]
+        self.bufs = [torch.empty((images, height, width, 3), dtype=torch.uint8, pin_memory=cuda) for _ in range(depth)]
         self.copied = [torch.cuda.Event() if cuda else None for _ in range(depth)]
         self.device, self.k = device, 0
 
@@ -204,7 +214,7 @@ class RowBatches:
         j, self.k = self.k % len(self.bufs), self.k + 1
         if self.copied[j] is not None:
             self.copied[j].synchronize()
-        buf = self.bufs[j][:len(rows)]
+        buf = self.bufs[j][: len(rows)]
         buf.numpy()[...] = rows
         if self.copied[j] is None:
             return buf

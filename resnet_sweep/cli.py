@@ -12,10 +12,12 @@ from .errors import UserError
 def check_store(uri: str | None) -> None:
     """A sqlite store that does not exist is a mistake here, not a new empty store to create."""
     if uri and uri.startswith("sqlite:///"):
-        path = Path(uri[len("sqlite:///"):])
+        path = Path(uri[len("sqlite:///") :])
         if not path.exists():
-            raise UserError(f"--tracking-uri {uri}: no MLflow store at {path.resolve()}; run a sweep here first "
-                            "or point --tracking-uri at your store")
+            raise UserError(
+                f"--tracking-uri {uri}: no MLflow store at {path.resolve()}; run a sweep here first "
+                "or point --tracking-uri at your store"
+            )
 
 
 def cmd_stats(args) -> None:
@@ -23,7 +25,7 @@ def cmd_stats(args) -> None:
     from . import data
 
     root = Path(args.root)
-    if (root / "train").is_dir():   # the files training reads: ROOT/train/<class>/**
+    if (root / "train").is_dir():  # the files training reads: ROOT/train/<class>/**
         train = root / "train"
         paths = [p for cls in data.class_folders(train) for p in data.class_images(train / cls)]
     else:
@@ -46,13 +48,16 @@ def cmd_split(args) -> None:
     assignment = split.assign(items, ratios, args.seed)
     split.write(items, assignment, Path(args.src), Path(args.dst), copy=args.copy, force=args.force)
     if args.group is None:
-        print("no --group: every file is its own group (give --group if files share a slide or patient)",
-              file=sys.stderr)
+        print(
+            "no --group: every file is its own group (give --group if files share a slide or patient)", file=sys.stderr
+        )
     print(split.table(items, assignment, ratios))
     for cls, group, where in assignment.forced:
         print(f"note: group {group!r} went to {where} so that {where} holds class {cls!r}", file=sys.stderr)
-    print(f"{len(items)} files in {len(assignment.split_of_group)} groups "
-          f"{'copied' if args.copy else 'linked'} into {args.dst}/{{train,valid,test}}/; list in {args.dst}/split.csv")
+    print(
+        f"{len(items)} files in {len(assignment.split_of_group)} groups "
+        f"{'copied' if args.copy else 'linked'} into {args.dst}/{{train,valid,test}}/; list in {args.dst}/split.csv"
+    )
 
 
 def cmd_report(args) -> None:
@@ -60,16 +65,27 @@ def cmd_report(args) -> None:
 
     markdown, folder = report.write(args.tracking_uri, args.experiment, args.parent, args.out)
     print(markdown)
-    print(f"report written to {folder}/ (report.md, runs.csv, test_acc_vs_lr.png, learning_curves.png) "
-          "and logged to the sweep's parent run under report/", file=sys.stderr)
+    print(
+        f"report written to {folder}/ (report.md, runs.csv, test_acc_vs_lr.png, learning_curves.png) "
+        "and logged to the sweep's parent run under report/",
+        file=sys.stderr,
+    )
 
 
 def cmd_predict(args) -> None:
     from . import engine, predict
 
     engine.keep_freed_memory()  # as training jobs do: a forward's activations are reused, not page-faulted again
-    out, n, bad, run = predict.predict(args.images_dir, args.run, args.best, args.experiment, args.tracking_uri,
-                                       args.out, args.batch_size, args.logged_model)
+    out, n, bad, run = predict.predict(
+        args.images_dir,
+        args.run,
+        args.best,
+        args.experiment,
+        args.tracking_uri,
+        args.out,
+        args.batch_size,
+        args.logged_model,
+    )
     print(f"{n} predictions from run {run.info.run_name} ({run.info.run_id}) -> {out}")
     if bad:
         print(f"{len(bad)} file(s) could not be read and were skipped:", file=sys.stderr)
@@ -99,19 +115,26 @@ def main(argv: list[str] | None = None) -> int:
     tracking_args(p)
     p.add_argument("--out", default="predictions.csv", help="CSV path,probability,label (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--logged-model", action="store_true",
-                   help="unpickle the run's logged MLflow model instead of rebuilding it from the weights-only "
-                        "checkpoint (only for stores you trust)")
+    p.add_argument(
+        "--logged-model",
+        action="store_true",
+        help="unpickle the run's logged MLflow model instead of rebuilding it from the weights-only "
+        "checkpoint (only for stores you trust)",
+    )
     p.set_defaults(func=cmd_predict)
 
-    p = sub.add_parser("split", help="SRC/<class>/* -> DST/{train,valid,test}/<class>/*, no group (slide) in two "
-                                     "splits")
+    p = sub.add_parser(
+        "split", help="SRC/<class>/* -> DST/{train,valid,test}/<class>/*, no group (slide) in two splits"
+    )
     p.add_argument("src", help="folder with one folder per class")
     p.add_argument("dst", help="new or empty folder for train/, valid/, test/ and split.csv")
-    p.add_argument("--group", metavar="REGEX",
-                   help="the group of a file: the regex's first capture group (else the whole match), searched "
-                        "in the path below its class folder, e.g. 'slide(\\w+)_tile'; without it every file is "
-                        "its own group")
+    p.add_argument(
+        "--group",
+        metavar="REGEX",
+        help="the group of a file: the regex's first capture group (else the whole match), searched "
+        "in the path below its class folder, e.g. 'slide(\\w+)_tile'; without it every file is "
+        "its own group",
+    )
     p.add_argument("--ratios", default="0.7,0.15,0.15", help="train,valid,test (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="breaks ties between equal groups (default: %(default)s)")
     p.add_argument("--copy", action="store_true", help="copy the files (default: absolute symlinks)")

@@ -15,11 +15,11 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from filelock import FileLock
-import numpy as np
-from PIL import Image, ImageOps
 from omegaconf import OmegaConf
+from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import transforms
 from torchvision.transforms import functional as TF
@@ -36,9 +36,9 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 @dataclass
 class Splits:
-    train: "ImageLoader"
-    valid: "ImageLoader"
-    test: "ImageLoader"
+    train: ImageLoader
+    valid: ImageLoader
+    test: ImageLoader
     classes: list[str]
     root: Path
     mean: tuple[float, float, float]
@@ -48,7 +48,7 @@ class Splits:
     resize: int | None = None  # shorter side resized to this before cropping (None: tiles as they are)
     crop_seed: int = 0
     augment: tuple = ()  # data.augment: flips / quarter turns of the training crops
-    store: "TileStore | None" = None
+    store: TileStore | None = None
 
     def eval_transform(self) -> transforms.Compose:
         return eval_transform(self.crop_size, self.mean, self.std, self.resize)
@@ -59,12 +59,16 @@ def check_root(data_cfg) -> Path | None:
     user's folder must be given and exist. Returns that folder (None for the demo)."""
     if data_cfg.kind == "demo":
         if data_cfg.get("root") is not None:
-            raise UserError(f"data.root={data_cfg.root} is set, but data=demo trains on the embedded demo data; "
-                            "add data=imagefolder to train on your folder")
+            raise UserError(
+                f"data.root={data_cfg.root} is set, but data=demo trains on the embedded demo data; "
+                "add data=imagefolder to train on your folder"
+            )
         return None
     if OmegaConf.is_missing(data_cfg, "root") or data_cfg.get("root") is None:
-        raise UserError("data=imagefolder needs data.root: add data.root=/path/to/tiles (a folder holding "
-                        "train/, valid/ and test/, each with one folder per class)")
+        raise UserError(
+            "data=imagefolder needs data.root: add data.root=/path/to/tiles (a folder holding "
+            "train/, valid/ and test/, each with one folder per class)"
+        )
     root = Path(os.path.expanduser(str(data_cfg.root)))
     if not root.is_dir():
         raise UserError(
@@ -142,8 +146,9 @@ def scan_tree(root: Path, crop_size: int, cache_dir=None, on_bad_image: str = "e
             if not any(p.parent.relative_to(root / split).parts[:1] == (cls,) for p in files[split]):
                 raise UserError(f"{where}: {root / split / cls} has no readable images left after skipping bad ones")
     if bad:
-        log.warning("skipped %d bad image(s) (data.on_bad_image=skip): %s", len(bad),
-                    "; ".join(f"{p} ({w})" for p, w in bad))
+        log.warning(
+            "skipped %d bad image(s) (data.on_bad_image=skip): %s", len(bad), "; ".join(f"{p} ({w})" for p, w in bad)
+        )
     return train_classes, files, bad
 
 
@@ -176,8 +181,10 @@ def bad_images_message(root: Path, bad: list[tuple[str, str]], crop_size: int, c
         m = _SMALL.match(why)
         if m:
             side = min(int(m[1]), int(m[2]))
-            return (f"{path}: {why}; set backbone.crop_size<={side} or backbone.resize={crop_size}, remove it, "
-                    "or set data.on_bad_image=skip")
+            return (
+                f"{path}: {why}; set backbone.crop_size<={side} or backbone.resize={crop_size}, remove it, "
+                "or set data.on_bad_image=skip"
+            )
         return f"{path}: {why}; fix or remove it, or set data.on_bad_image=skip"
 
     def rel(path: str) -> str:
@@ -191,7 +198,7 @@ def bad_images_message(root: Path, bad: list[tuple[str, str]], crop_size: int, c
         if m := _SMALL.match(why):
             small.append((path, f"{rel(path)} {m[1]}x{m[2]}", min(int(m[1]), int(m[2]))))
         elif m := _UNREADABLE.match(why):
-            text = m[1].replace(f" '{path}'", "").replace(f" {path}", "")   # PIL repeats the full path
+            text = m[1].replace(f" '{path}'", "").replace(f" {path}", "")  # PIL repeats the full path
             unreadable.append((path, f"{rel(path)} ({text})"))
         elif why == "zero-byte file":
             empty.append((path, rel(path)))
@@ -212,26 +219,51 @@ def bad_images_message(root: Path, bad: list[tuple[str, str]], crop_size: int, c
     groups = []
     if small:
         fix = f"set backbone.crop_size<={min(g[2] for g in small)} or backbone.resize={crop_size}"
-        groups.append((len(small), f"{plural(len(small), 'image is', 'images are')} smaller than the "
-                                   f"{crop_size}x{crop_size} crop ({examples(small)})", fix))
+        groups.append(
+            (
+                len(small),
+                f"{plural(len(small), 'image is', 'images are')} smaller than the "
+                f"{crop_size}x{crop_size} crop ({examples(small)})",
+                fix,
+            )
+        )
     if unreadable:
-        groups.append((len(unreadable), f"{plural(len(unreadable), 'file', 'files')} cannot be read as "
-                                        f"{'an image' if len(unreadable) == 1 else 'images'} "
-                                        f"({examples(unreadable)})", f"fix or remove {them(unreadable)}"))
+        groups.append(
+            (
+                len(unreadable),
+                f"{plural(len(unreadable), 'file', 'files')} cannot be read as "
+                f"{'an image' if len(unreadable) == 1 else 'images'} "
+                f"({examples(unreadable)})",
+                f"fix or remove {them(unreadable)}",
+            )
+        )
     if empty:
-        groups.append((len(empty), f"{plural(len(empty), 'file is', 'files are')} empty (zero bytes: "
-                                   f"{examples(empty)})", f"remove {them(empty)}"))
+        groups.append(
+            (
+                len(empty),
+                f"{plural(len(empty), 'file is', 'files are')} empty (zero bytes: {examples(empty)})",
+                f"remove {them(empty)}",
+            )
+        )
     if other:
-        groups.append((len(other), f"{plural(len(other), 'file', 'files')} cannot be used "
-                                   f"({examples(other)})", f"fix or remove {them(other)}"))
+        groups.append(
+            (
+                len(other),
+                f"{plural(len(other), 'file', 'files')} cannot be used ({examples(other)})",
+                f"fix or remove {them(other)}",
+            )
+        )
     groups.sort(key=lambda g: -g[0])
     where = f"data.root={root}"
     if len(groups) == 1:
         _, what, fix = groups[0]
         message = f"{where}: {what}; {fix}, or set data.on_bad_image=skip"
     else:
-        message = (f"{where}: {len(bad)} bad images: " + "; ".join(f"{what}: {fix}" for _, what, fix in groups)
-                   + "; or set data.on_bad_image=skip to leave them all out")
+        message = (
+            f"{where}: {len(bad)} bad images: "
+            + "; ".join(f"{what}: {fix}" for _, what, fix in groups)
+            + "; or set data.on_bad_image=skip to leave them all out"
+        )
     unnamed = any(len(g) > EXAMPLES for g in (small, unreadable, empty, other))
     listed = bad_images_file(root, bad, cache_dir) if unnamed else None
     return f"{message} (all {len(bad)} listed in {listed})" if listed else message
@@ -270,7 +302,7 @@ def check_images(paths: list[Path], crop_size: int, cache_dir=None) -> list[tupl
     bad, changed = [], False
     for path in paths:
         st = path.stat()
-        key = f"{path.resolve()}|{crop_size}|2"   # 2: reasons without advice (scan_tree adds it)
+        key = f"{path.resolve()}|{crop_size}|2"  # 2: reasons without advice (scan_tree adds it)
         stamp = [st.st_size, st.st_mtime_ns]
         entry = cache.get(key)
         if entry is None or entry[0] != stamp:
@@ -291,7 +323,9 @@ def check_images(paths: list[Path], crop_size: int, cache_dir=None) -> list[tupl
 
 def eval_transform(crop: int, mean, std, resize: int | None = None) -> transforms.Compose:
     steps = [transforms.Resize(resize)] if resize else []
-    return transforms.Compose(steps + [transforms.CenterCrop(crop), transforms.ToTensor(), transforms.Normalize(mean, std)])
+    return transforms.Compose(
+        steps + [transforms.CenterCrop(crop), transforms.ToTensor(), transforms.Normalize(mean, std)]
+    )
 
 
 # ---------------------------------------------------------------- the training crops, shared with the feature bank
@@ -317,7 +351,7 @@ def centre_offset(size: tuple[int, int], crop: int) -> tuple[int, int]:
     """(top, left) of the centre ``crop`` x ``crop`` window (``size`` = (w, h)), rounded as torchvision's
     center_crop rounds."""
     w, h = size
-    return int(round((h - crop) / 2.0)), int(round((w - crop) / 2.0))
+    return round((h - crop) / 2.0), round((w - crop) / 2.0)
 
 
 AUGMENTS = ("hflip", "vflip", "rot90")
@@ -359,8 +393,10 @@ def check_augment(augment) -> tuple:
     augment = tuple(str(a) for a in (augment or ()))
     unknown = [a for a in augment if a not in AUGMENTS]
     if unknown:
-        raise UserError(f"data.augment={list(augment)}: unknown {unknown[0]}; choose from {', '.join(AUGMENTS)} "
-                        "(e.g. data.augment=[hflip,vflip,rot90]), or [] for none")
+        raise UserError(
+            f"data.augment={list(augment)}: unknown {unknown[0]}; choose from {', '.join(AUGMENTS)} "
+            "(e.g. data.augment=[hflip,vflip,rot90]), or [] for none"
+        )
     return augment
 
 
@@ -377,8 +413,7 @@ class Tiles(Dataset):
     """(image, label) of one split. With ``crop_seed`` (training): the random crop of (image, epoch) from
     crop_offset; without (evaluation): the centre crop. ``epoch`` is set by the loader's set_epoch."""
 
-    def __init__(self, samples: list[tuple[Path, int]], crop: int, mean, std, resize=None, crop_seed=None,
-                 augment=()):
+    def __init__(self, samples: list[tuple[Path, int]], crop: int, mean, std, resize=None, crop_seed=None, augment=()):
         self.samples, self.crop, self.mean, self.std = samples, crop, mean, std
         self.resize, self.crop_seed, self.epoch, self.augment = resize, crop_seed, 0, tuple(augment or ())
 
@@ -469,8 +504,13 @@ def fingerprint(paths: list[Path]) -> str:
 
 def tree_files(root: Path) -> list[Path]:
     """Every image file of the three splits' class folders (as training reads them), unchecked."""
-    return [p for split in SPLITS if (root / split).is_dir()
-            for cls in class_folders(root / split) for p in class_images(root / split / cls)]
+    return [
+        p
+        for split in SPLITS
+        if (root / split).is_dir()
+        for cls in class_folders(root / split)
+        for p in class_images(root / split / cls)
+    ]
 
 
 def data_fingerprint(data_cfg) -> str:
@@ -542,8 +582,15 @@ class ImageLoader:
                     shutdown()
 
 
-def build(data_cfg, trainer_cfg, crop_size: int = 224, seed: int = 0, resize: int | None = None,
-          crop_seed: int = 0, device: torch.device | None = None) -> Splits:
+def build(
+    data_cfg,
+    trainer_cfg,
+    crop_size: int = 224,
+    seed: int = 0,
+    resize: int | None = None,
+    crop_seed: int = 0,
+    device: torch.device | None = None,
+) -> Splits:
     root = resolve_root(data_cfg)
     if resize is not None and (not isinstance(resize, int) or resize < crop_size):
         raise UserError(f"backbone.resize={resize}: must be null or an integer >= backbone.crop_size ({crop_size})")
@@ -551,8 +598,9 @@ def build(data_cfg, trainer_cfg, crop_size: int = 224, seed: int = 0, resize: in
         raise UserError(f"trainer.crop_seed={crop_seed}: must be an integer >= 0")
     augment = check_augment(data_cfg.get("augment"))
     # with a resize, any image can be cropped; without one, images must be at least the crop
-    classes, files, skipped = scan_tree(root, crop_size if not resize else 1, data_cfg.cache_dir,
-                                        str(data_cfg.get("on_bad_image", "error")))
+    classes, files, skipped = scan_tree(
+        root, crop_size if not resize else 1, data_cfg.cache_dir, str(data_cfg.get("on_bad_image", "error"))
+    )
     if data_cfg.normalize == "imagenet":
         mean, std = IMAGENET_MEAN, IMAGENET_STD
     elif data_cfg.normalize == "dataset":
@@ -584,9 +632,19 @@ def build(data_cfg, trainer_cfg, crop_size: int = 224, seed: int = 0, resize: in
                 return None
             from .batches import StoreLoader
 
-            return StoreLoader(images, [y for _, y in samples], crop_size, mean, std, int(trainer_cfg.batch_size),
-                               device, seed=seed if train else None, crop_seed=crop_seed if train else None,
-                               augment=augment if train else (), resident=store.resident(split))
+            return StoreLoader(
+                images,
+                [y for _, y in samples],
+                crop_size,
+                mean,
+                std,
+                int(trainer_cfg.batch_size),
+                device,
+                seed=seed if train else None,
+                crop_seed=crop_seed if train else None,
+                augment=augment if train else (),
+                resident=store.resident(split),
+            )
 
         return ImageLoader(pil, from_store)
 

@@ -153,9 +153,7 @@ def render_tile(rng: np.random.Generator, size: int, cls: str, slide: dict) -> n
         nucleus = rr < 1.0
         darkness = rng.normal(1.25 - 0.45 * d, 0.12)
         chromatin = 1 + 0.25 * rng.standard_normal(nucleus.sum())
-        haem[y0:y1, x0:x1][nucleus] = np.maximum(
-            haem[y0:y1, x0:x1][nucleus], darkness * chromatin
-        )
+        haem[y0:y1, x0:x1][nucleus] = np.maximum(haem[y0:y1, x0:x1][nucleus], darkness * chromatin)
 
     od = (
         slide["h_strength"] * haem[..., None] * slide["h_vec"]

@@ -9,6 +9,7 @@ import math
 import os
 import platform
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torchmetrics
@@ -78,7 +79,7 @@ def keep_freed_memory() -> bool:
 
 def cpu_has_bf16() -> bool:
     try:
-        flags = open("/proc/cpuinfo").read()
+        flags = Path("/proc/cpuinfo").read_text()
     except OSError:
         return False
     return "avx512_bf16" in flags or "amx_bf16" in flags
@@ -88,9 +89,7 @@ def autocast(device: torch.device, precision: str):
     """bf16 autocast where the hardware runs it fast (AMX/AVX512-BF16 CPUs, bf16 GPUs)."""
     precision = str(precision)
     if precision == "auto":
-        use = (device.type == "cuda" and torch.cuda.is_bf16_supported()) or (
-            device.type == "cpu" and cpu_has_bf16()
-        )
+        use = (device.type == "cuda" and torch.cuda.is_bf16_supported()) or (device.type == "cpu" and cpu_has_bf16())
     elif precision in ("bf16", "bf16-mixed"):
         use = True
     elif precision in ("32", "fp32"):
@@ -201,8 +200,9 @@ def warmup_cosine(optimizer, warmup_epochs: int, start_factor: float, min_lr_sca
 
     warmup_epochs = max(0, min(int(warmup_epochs), int(max_epochs) - 1))
     floor = [g["lr"] * min_lr_scale for g in optimizer.param_groups]
-    cosine = lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, int(max_epochs) - warmup_epochs),
-                                            eta_min=min(floor))
+    cosine = lr_scheduler.CosineAnnealingLR(
+        optimizer, T_max=max(1, int(max_epochs) - warmup_epochs), eta_min=min(floor)
+    )
     if warmup_epochs == 0:
         return cosine
     warmup = lr_scheduler.LinearLR(optimizer, start_factor=start_factor, total_iters=warmup_epochs)
@@ -223,8 +223,18 @@ def learning_rates(optimizer) -> dict:
     return {f"lr/{g.get('name', i)}": g["lr"] for i, g in enumerate(optimizer.param_groups)}
 
 
-def fit(model, splits, optimizer_cfg, trainer_cfg, log_epoch, objective: str,
-        state_fn, device: torch.device, resume=None, scheduler_cfg=None) -> History:
+def fit(
+    model,
+    splits,
+    optimizer_cfg,
+    trainer_cfg,
+    log_epoch,
+    objective: str,
+    state_fn,
+    device: torch.device,
+    resume=None,
+    scheduler_cfg=None,
+) -> History:
     """Epoch 0 measures the untrained model; epochs 1..max_epochs train. The best epoch on the
     objective is kept (its trainable state via ``state_fn``); ``patience`` epochs without
     improvement stop early. Raises Diverged on a NaN/inf loss. ``resume`` (optional) restores a
@@ -250,8 +260,7 @@ def fit(model, splits, optimizer_cfg, trainer_cfg, log_epoch, objective: str,
         if epoch == 0:
             metrics = run_epoch(model, splits.train, device, precision, "train", epoch, desc=desc + " train")
         else:
-            metrics = run_epoch(model, splits.train, device, precision, "train", epoch, optimizer,
-                                desc=desc + " train")
+            metrics = run_epoch(model, splits.train, device, precision, "train", epoch, optimizer, desc=desc + " train")
         metrics.update(run_epoch(model, splits.valid, device, precision, "valid", epoch, desc=desc + " valid"))
         metrics.update(lrs)
         history.epochs.append(metrics)
@@ -266,8 +275,12 @@ def fit(model, splits, optimizer_cfg, trainer_cfg, log_epoch, objective: str,
             resume.save(epoch, model, optimizer, scheduler, history)
         log_epoch(epoch, metrics)
         log.info(
-            "epoch %d: train loss %.4f acc %.4f | valid loss %.4f acc %.4f%s", epoch,
-            metrics["train/loss"], metrics["train/acc"], metrics["valid/loss"], metrics["valid/acc"],
+            "epoch %d: train loss %.4f acc %.4f | valid loss %.4f acc %.4f%s",
+            epoch,
+            metrics["train/loss"],
+            metrics["train/acc"],
+            metrics["valid/loss"],
+            metrics["valid/acc"],
             "  *best*" if improved else "",
         )
         if patience is not None and epoch - history.best_epoch >= int(patience):
@@ -281,12 +294,14 @@ def evaluate(model, loader, device, precision) -> dict:
     """Test metrics of ``model``: loss, accuracy, AUROC, F1, balanced accuracy, confusion matrix."""
     model.to(device).eval()
     criterion = nn.BCEWithLogitsLoss(reduction="sum")
-    metrics = torchmetrics.MetricCollection({
-        "acc": torchmetrics.classification.BinaryAccuracy(),
-        "auroc": torchmetrics.classification.BinaryAUROC(),
-        "f1": torchmetrics.classification.BinaryF1Score(),
-        "balanced_acc": torchmetrics.classification.MulticlassAccuracy(num_classes=2, average="macro"),
-    }).to(device)
+    metrics = torchmetrics.MetricCollection(
+        {
+            "acc": torchmetrics.classification.BinaryAccuracy(),
+            "auroc": torchmetrics.classification.BinaryAUROC(),
+            "f1": torchmetrics.classification.BinaryF1Score(),
+            "balanced_acc": torchmetrics.classification.MulticlassAccuracy(num_classes=2, average="macro"),
+        }
+    ).to(device)
     confusion = torchmetrics.classification.BinaryConfusionMatrix().to(device)
     loss_sum, n = 0.0, 0
     with torch.inference_mode():
@@ -308,4 +323,3 @@ def evaluate(model, loader, device, precision) -> dict:
     out["test/loss"] = loss_sum / max(n, 1)
     out["confusion_matrix"] = confusion.compute().cpu().tolist()
     return out
-

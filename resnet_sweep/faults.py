@@ -92,12 +92,29 @@ def exit_code() -> int:
 
 
 _DISK = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO)
-_CONNECTION_WORDS = ("connection refused", "connection reset", "connection aborted", "max retries exceeded",
-                     "failed to establish", "timed out", "server closed the connection", "could not connect",
-                     "connection to server", "terminating connection", "connection is closed",
-                     "temporarily unavailable", "service unavailable", "bad gateway", "database is locked",
-                     "cannot reach the mlflow store", "no space left on device", "disk quota exceeded",
-                     "the database system is", "ssl syscall error", "api request to")
+_CONNECTION_WORDS = (
+    "connection refused",
+    "connection reset",
+    "connection aborted",
+    "max retries exceeded",
+    "failed to establish",
+    "timed out",
+    "server closed the connection",
+    "could not connect",
+    "connection to server",
+    "terminating connection",
+    "connection is closed",
+    "temporarily unavailable",
+    "service unavailable",
+    "bad gateway",
+    "database is locked",
+    "cannot reach the mlflow store",
+    "no space left on device",
+    "disk quota exceeded",
+    "the database system is",
+    "ssl syscall error",
+    "api request to",
+)
 
 
 def _chain(e: BaseException):
@@ -117,19 +134,29 @@ def is_infrastructure(e: BaseException) -> bool:
             return True
         if isinstance(err, (ConnectionError, TimeoutError)):
             return True
-        if name in ("OperationalError", "InterfaceError", "StoreUnreachable", "StorageUnavailable",
-                    "ConnectTimeout", "ReadTimeout"):
+        if name in (
+            "OperationalError",
+            "InterfaceError",
+            "StoreUnreachable",
+            "StorageUnavailable",
+            "ConnectTimeout",
+            "ReadTimeout",
+        ):
             return True
         module = type(err).__module__ or ""
-        if module.startswith(("requests", "urllib3", "sqlalchemy", "psycopg", "mlflow")):
-            if any(w in str(err).lower() for w in _CONNECTION_WORDS):
-                return True
+        if module.startswith(("requests", "urllib3", "sqlalchemy", "psycopg", "mlflow")) and any(
+            w in str(err).lower() for w in _CONNECTION_WORDS
+        ):
+            return True
     return False
 
 
 def is_disk_full(e: BaseException) -> bool:
-    return any((isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT))
-               or "no space left on device" in str(err).lower() for err in _chain(e))
+    return any(
+        (isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT))
+        or "no space left on device" in str(err).lower()
+        for err in _chain(e)
+    )
 
 
 def retrying(fn, seconds: float, what: str):

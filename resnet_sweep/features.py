@@ -97,7 +97,7 @@ class BankLoader:
         n = len(self.targets)
         order = data.shuffled(n, self.seed, self.epoch) if self.shuffle else np.arange(n)
         for i in range(0, n, self.batch_size):
-            idx = order[i:i + self.batch_size]
+            idx = order[i : i + self.batch_size]
             x = torch.from_numpy(np.asarray(feats[np.sort(idx)], dtype=np.float32))
             # keep the shuffled order: rows were read sorted (fast on a memmap), put them back
             inverse = np.argsort(np.argsort(idx))
@@ -129,8 +129,10 @@ def default_extract_batch(device: torch.device) -> int:
 def samples_of(splits) -> tuple[dict[str, list[Path]], dict[str, list[int]]]:
     """The files and labels of each split, in the loaders' order: what the bank extracts."""
     samples = {s: getattr(splits, s).dataset.samples for s in data.SPLITS}
-    return ({s: [Path(p) for p, _ in samples[s]] for s in data.SPLITS},
-            {s: [y for _, y in samples[s]] for s in data.SPLITS})
+    return (
+        {s: [Path(p) for p, _ in samples[s]] for s in data.SPLITS},
+        {s: [y for _, y in samples[s]] for s in data.SPLITS},
+    )
 
 
 def key_of(cfg, built, files: dict[str, list[Path]], splits) -> str:
@@ -140,8 +142,12 @@ def key_of(cfg, built, files: dict[str, list[Path]], splits) -> str:
         "weights_source": built.weights_source,
         "frozen_checksum": built.frozen_checksum,
         "files": {s: data.fingerprint(files[s]) for s in data.SPLITS},
-        "crop": splits.crop_size, "resize": splits.resize, "mean": list(splits.mean), "std": list(splits.std),
-        "views": int(cfg.trainer.bank_views), "crop_seed": splits.crop_seed,
+        "crop": splits.crop_size,
+        "resize": splits.resize,
+        "mean": list(splits.mean),
+        "std": list(splits.std),
+        "views": int(cfg.trainer.bank_views),
+        "crop_seed": splits.crop_seed,
     }
     if splits.augment:  # (absent when empty: the keys of banks without augmentation stay as they were)
         spec["augment"] = list(splits.augment)
@@ -193,9 +199,10 @@ def _crop_batches(images, files, views: int, crop: int, seed: int, augment, batc
             image = next(images)
             size = (image.shape[1], image.shape[0])
             for v in range(n_views):
-                top, left = (data.crop_offset(size, crop, seed, i, v) if split == "train"
-                             else data.centre_offset(size, crop))
-                window = image[top:top + crop, left:left + crop]
+                top, left = (
+                    data.crop_offset(size, crop, seed, i, v) if split == "train" else data.centre_offset(size, crop)
+                )
+                window = image[top : top + crop, left : left + crop]
                 ops = data.augment_ops(augment, seed, i, v) if split == "train" else ()
                 batcher.add(data.apply_augment(window, ops) if ops else window)
                 where.append((v, i))
@@ -207,8 +214,9 @@ def _crop_batches(images, files, views: int, crop: int, seed: int, augment, batc
                     batcher.n = 0
 
 
-def _device_crop_batches(store, files, views: int, crop: int, seed: int, augment, normalise, batch_size: int,
-                         device: torch.device):
+def _device_crop_batches(
+    store, files, views: int, crop: int, seed: int, augment, normalise, batch_size: int, device: torch.device
+):
     """``_crop_batches``, cut on ``device`` from whole images (``batches.RowBatches``): the same
     batches, crops and flips/turns, for a store whose splits each hold images of one size. Each batch
     comes as ``(x, event)``: on CUDA ``x`` is ready once ``event`` (on a side stream) has passed."""
@@ -226,20 +234,40 @@ def _device_crop_batches(store, files, views: int, crop: int, seed: int, augment
             senders[size] = RowBatches(batch_size, rows.shape[1], rows.shape[2], device)
         sender = senders[size]
         for k in range(0, len(entries), batch_size):
-            where = entries[k:k + batch_size]
+            where = entries[k : k + batch_size]
             first, last = where[0][1], where[-1][1]
-            windows = [((*data.crop_offset(size, crop, seed, i, v), data.augment_ops(augment, seed, i, v))
-                        if split == "train" else (*data.centre_offset(size, crop), ())) for v, i in where]
+            windows = [
+                (
+                    (*data.crop_offset(size, crop, seed, i, v), data.augment_ops(augment, seed, i, v))
+                    if split == "train"
+                    else (*data.centre_offset(size, crop), ())
+                )
+                for v, i in where
+            ]
             with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
-                images = sender.send(rows[first:last + 1])
+                images = sender.send(rows[first : last + 1])
                 x = gather_crops(images, [i - first for _, i in where], windows, crop, normalise)
                 made = side.record_event() if side is not None else None
             yield split, (x, made), where
 
 
-def extract(backbone: nn.Module, files: dict[str, list[Path]], labels: dict[str, list[int]], crop: int,
-            mean, std, views: int, seed: int, device: torch.device, out: Path, batch_size: int | None = None,
-            resize=None, store=None, augment=(), device_crops: bool | None = None) -> dict:
+def extract(
+    backbone: nn.Module,
+    files: dict[str, list[Path]],
+    labels: dict[str, list[int]],
+    crop: int,
+    mean,
+    std,
+    views: int,
+    seed: int,
+    device: torch.device,
+    out: Path,
+    batch_size: int | None = None,
+    resize=None,
+    store=None,
+    augment=(),
+    device_crops: bool | None = None,
+) -> dict:
     """Run the frozen backbone once over every crop the bank holds; write fp16 arrays to ``out``.
     ``batch_size`` crops per forward (None: the device's ``EXTRACT_BATCH``). ``store`` (a ``tiles.Store`` of
     these files): crops are copied from its decoded pixels instead of decoding every image.
@@ -250,8 +278,11 @@ def extract(backbone: nn.Module, files: dict[str, list[Path]], labels: dict[str,
     backbone = backbone.to(device).eval().to(memory_format=torch.channels_last)
     fast = (device.type == "cuda") or cpu_has_bf16()
     dim = None
-    first = ([store.images("train").image(i) for i in range(min(8, len(files["train"])))] if store is not None
-             else [tiles.decode(p, resize) for p in files["train"][:8]])
+    first = (
+        [store.images("train").image(i) for i in range(min(8, len(files["train"])))]
+        if store is not None
+        else [tiles.decode(p, resize) for p in files["train"][:8]]
+    )
     sample = _batch([image[:crop, :crop] for image in first], mean, std, device)
     use_bf16 = fast and _bf16_ok(backbone, sample, device)
     precision = "bf16" if use_bf16 else "32"
@@ -267,11 +298,13 @@ def extract(backbone: nn.Module, files: dict[str, list[Path]], labels: dict[str,
     else:
         stream = _decoded([p for s in data.SPLITS for p in files[s]], resize, workers, ahead=batch_size)
     if device_crops is None:
-        device_crops = (device.type == "cuda" and store is not None
-                        and all(store.images(s).uniform() is not None or not files[s] for s in data.SPLITS))
+        device_crops = (
+            device.type == "cuda"
+            and store is not None
+            and all(store.images(s).uniform() is not None or not files[s] for s in data.SPLITS)
+        )
     if device_crops:
-        produced = _device_crop_batches(store, files, views, crop, seed, augment, batcher.normalise, batch_size,
-                                        device)
+        produced = _device_crop_batches(store, files, views, crop, seed, augment, batcher.normalise, batch_size, device)
     else:
         batchers = [batcher] + [Batcher(batch_size, crop, mean, std, device) for _ in range(2)]
         produced = _crop_batches(stream, files, views, crop, seed, augment, batchers, batch_size)
@@ -294,8 +327,9 @@ def extract(backbone: nn.Module, files: dict[str, list[Path]], labels: dict[str,
                 dim = f.shape[1]
                 n = len(files[split])
                 shape = (views, n, dim) if split == "train" else (n, dim)
-                arrays[split] = np.lib.format.open_memmap(out / f"{split}.f32.npy", mode="w+", dtype=np.float32,
-                                                          shape=shape)
+                arrays[split] = np.lib.format.open_memmap(
+                    out / f"{split}.f32.npy", mode="w+", dtype=np.float32, shape=shape
+                )
             v, i = np.asarray(where).T
             if split == "train":
                 arrays[split][v, i] = f
@@ -316,9 +350,17 @@ def extract(backbone: nn.Module, files: dict[str, list[Path]], labels: dict[str,
         np.save(out / f"{split}.npy", full.astype(dtype))
         del full
         (out / f"{split}.f32.npy").unlink()
-    return {"dim": dim, "crops": total, "seconds": round(seconds, 3), "img_per_s": round(total / seconds, 1),
-            "precision": precision, "batch": batch_size, "device": str(device), "dtype": np.dtype(dtype).name,
-            "max_abs": round(peak[0], 3)}
+    return {
+        "dim": dim,
+        "crops": total,
+        "seconds": round(seconds, 3),
+        "img_per_s": round(total / seconds, 1),
+        "precision": precision,
+        "batch": batch_size,
+        "device": str(device),
+        "dtype": np.dtype(dtype).name,
+        "max_abs": round(peak[0], 3),
+    }
 
 
 def _bank_fields(meta: dict) -> None:
@@ -347,13 +389,38 @@ def get(cfg, built, splits, device: torch.device) -> Bank:
 
     def make(tmp: Path) -> dict:
         log.info("building the feature bank %s (%d views per training image)", key, views)
-        stats = extract(built.model.backbone, files, labels, splits.crop_size, splits.mean, splits.std,
-                        views, splits.crop_seed, device, tmp, batch_size=batch, resize=splits.resize,
-                        store=splits.store.get() if splits.store is not None else None, augment=splits.augment)
-        log.info("feature bank %s: %d crops in %.1f s (%.1f img/s, %s)", key, stats["crops"],
-                 stats["seconds"], stats["img_per_s"], stats["precision"])
-        return {"key": key, "views": views, "backbone": str(cfg.backbone.name),
-                "weights_source": built.weights_source, "n": {s: len(files[s]) for s in files}, **stats}
+        stats = extract(
+            built.model.backbone,
+            files,
+            labels,
+            splits.crop_size,
+            splits.mean,
+            splits.std,
+            views,
+            splits.crop_seed,
+            device,
+            tmp,
+            batch_size=batch,
+            resize=splits.resize,
+            store=splits.store.get() if splits.store is not None else None,
+            augment=splits.augment,
+        )
+        log.info(
+            "feature bank %s: %d crops in %.1f s (%.1f img/s, %s)",
+            key,
+            stats["crops"],
+            stats["seconds"],
+            stats["img_per_s"],
+            stats["precision"],
+        )
+        return {
+            "key": key,
+            "views": views,
+            "backbone": str(cfg.backbone.name),
+            "weights_source": built.weights_source,
+            "n": {s: len(files[s]) for s in files},
+            **stats,
+        }
 
     meta = sealed.build_once(root, key, make, what="feature bank", log=log, validate=_bank_fields)
     return Bank(key=key, path=path, views=int(meta["views"]), dim=int(meta["dim"]), meta=meta)

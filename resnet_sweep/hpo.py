@@ -10,7 +10,7 @@ raises ``StorageUnavailable``: the job did not fail, the infrastructure did (``I
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 PRUNED = "pruned"  # what a pruned job returns to the sweeper
 # what a job returns when it did not finish for a reason outside the trial itself (tracking store or

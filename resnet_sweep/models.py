@@ -27,8 +27,14 @@ log = logging.getLogger(__name__)
 class Head(nn.Sequential):
     """``Linear(in, 1)``, or ``Linear(in, hidden) + activation [+ Dropout] + Linear(hidden, 1)``."""
 
-    def __init__(self, in_features: int, name: str = "head", hidden: int | None = None,
-                 activation: nn.Module | None = None, dropout: float = 0.0):
+    def __init__(
+        self,
+        in_features: int,
+        name: str = "head",
+        hidden: int | None = None,
+        activation: nn.Module | None = None,
+        dropout: float = 0.0,
+    ):
         if hidden is None:
             layers = [nn.Linear(in_features, 1)]
         else:
@@ -76,10 +82,10 @@ class ProbabilityModel(nn.Module):
 @dataclass
 class Built:
     model: Classifier
-    weights_source: str     # imagenet:<enum> | random | random (ImageNet weights unavailable) | file:<path>
+    weights_source: str  # imagenet:<enum> | random | random (ImageNet weights unavailable) | file:<path>
     in_features: int
-    frozen_checksum: str    # sha256 of everything that does not train: rebuilding must reproduce it
-    trainable_params: int   # head included
+    frozen_checksum: str  # sha256 of everything that does not train: rebuilding must reproduce it
+    trainable_params: int  # head included
     total_params: int
 
 
@@ -125,10 +131,7 @@ def load_backbone(cfg) -> tuple[nn.Module, str]:
             return tvm.get_model(name, weights=None, **kwargs), "random (ImageNet weights unavailable)"
     path = Path(os.path.expanduser(choice))
     if not path.is_file():
-        raise UserError(
-            f"backbone.weights={choice}: no such file; use auto, imagenet, none or a path to a "
-            "state dict"
-        )
+        raise UserError(f"backbone.weights={choice}: no such file; use auto, imagenet, none or a path to a state dict")
     model = tvm.get_model(name, weights=None, **kwargs)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
@@ -187,28 +190,36 @@ def apply_freeze(model: Classifier, backbone_cfg) -> None:
         n = backbone_cfg.get("unfreeze")
         layers = parameterised_layers(backbone)
         if not isinstance(n, int) or not 1 <= n <= len(layers):
-            raise UserError(f"backbone.unfreeze={n}: with backbone.freeze=last_n, give the number of parameterised "
-                            f"layers to train, counted from the output (1..{len(layers)} for {backbone_cfg.name})")
+            raise UserError(
+                f"backbone.unfreeze={n}: with backbone.freeze=last_n, give the number of parameterised "
+                f"layers to train, counted from the output (1..{len(layers)} for {backbone_cfg.name})"
+            )
         backbone.requires_grad_(False)
         for name in layers[-n:]:
             backbone.get_submodule(name).requires_grad_(True)
     elif freeze == "stages":
         stages = backbone_cfg.get("stages")
         if not stages or isinstance(stages, str):
-            raise UserError("backbone.stages: with backbone.freeze=stages, give a list of submodule names, "
-                            "e.g. backbone.stages=[layer4]")
+            raise UserError(
+                "backbone.stages: with backbone.freeze=stages, give a list of submodule names, "
+                "e.g. backbone.stages=[layer4]"
+            )
         backbone.requires_grad_(False)
         for stage in stages:
             try:
                 module = backbone.get_submodule(str(stage))
             except AttributeError:
                 top = ", ".join(n for n, m in backbone.named_children() if any(True for _ in m.parameters()))
-                raise UserError(f"backbone.stages={list(stages)}: {backbone_cfg.name} has no submodule '{stage}'; "
-                                f"its stages are {top} (nested names with dots, e.g. layer4.1)") from None
+                raise UserError(
+                    f"backbone.stages={list(stages)}: {backbone_cfg.name} has no submodule '{stage}'; "
+                    f"its stages are {top} (nested names with dots, e.g. layer4.1)"
+                ) from None
             module.requires_grad_(True)
     else:
-        raise UserError(f"backbone.freeze={freeze}: choose all (train the head only), none (fine-tune everything), "
-                        "last_n (with backbone.unfreeze=N) or stages (with backbone.stages=[...])")
+        raise UserError(
+            f"backbone.freeze={freeze}: choose all (train the head only), none (fine-tune everything), "
+            "last_n (with backbone.unfreeze=N) or stages (with backbone.stages=[...])"
+        )
     model.train()
 
 

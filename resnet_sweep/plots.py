@@ -5,7 +5,7 @@ from __future__ import annotations
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
 
 def learning_curves(epochs: list[dict], best_epoch: int, title: str):

@@ -24,8 +24,11 @@ def best_run(client: MlflowClient, experiment: str):
         raise UserError(f"--experiment {experiment}: no such experiment in {mlflow.get_tracking_uri()}")
     from .engine import direction
 
-    runs = [r for r in client.search_runs([exp.experiment_id], "attributes.status = 'FINISHED'", max_results=10000)
-            if r.data.tags.get("sweep") != "true"]
+    runs = [
+        r
+        for r in client.search_runs([exp.experiment_id], "attributes.status = 'FINISHED'", max_results=10000)
+        if r.data.tags.get("sweep") != "true"
+    ]
     scored = []
     for r in runs:
         objective = r.data.tags.get("objective", "valid/loss")
@@ -43,7 +46,6 @@ def load(client: MlflowClient, run, logged_model: bool = False) -> tuple[torch.n
     backbone is verified by checksum); ``logged_model=True`` unpickles the run's logged MLflow model
     instead (only for stores you trust)."""
     from .models import ProbabilityModel
-
     from .tracking import downloaded_checkpoint
 
     with downloaded_checkpoint(run) as path:
@@ -51,22 +53,35 @@ def load(client: MlflowClient, run, logged_model: bool = False) -> tuple[torch.n
             classifier, meta = models.load_checkpoint(path)
             return ProbabilityModel(classifier).eval(), meta
         meta = torch.load(path, map_location="cpu", weights_only=True)
-    logged = mlflow.search_logged_models(experiment_ids=[run.info.experiment_id],
-                                         filter_string=f"source_run_id = '{run.info.run_id}'", output_format="list")
+    logged = mlflow.search_logged_models(
+        experiment_ids=[run.info.experiment_id],
+        filter_string=f"source_run_id = '{run.info.run_id}'",
+        output_format="list",
+    )
     if not logged:
         raise UserError(f"run {run.info.run_id} ({run.info.run_name}) has no logged model; drop --logged-model")
     return mlflow.pytorch.load_model(logged[0].model_uri, map_location="cpu").eval(), meta
 
 
-def predict(images_dir: str, run_id: str | None, best: bool, experiment: str, tracking_uri: str,
-            out: str, batch_size: int = 32, logged_model: bool = False):
+def predict(
+    images_dir: str,
+    run_id: str | None,
+    best: bool,
+    experiment: str,
+    tracking_uri: str,
+    out: str,
+    batch_size: int = 32,
+    logged_model: bool = False,
+):
     root = Path(images_dir)
     if not root.is_dir():
         raise UserError(f"{images_dir}: no such directory")
     paths = sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith("."))
     if not paths:
-        raise UserError(f"{images_dir}: no images in this folder (hidden files are ignored); give the folder "
-                        f"holding the images to predict; {out} was not written")
+        raise UserError(
+            f"{images_dir}: no images in this folder (hidden files are ignored); give the folder "
+            f"holding the images to predict; {out} was not written"
+        )
     mlflow.set_tracking_uri(tracking_uri)
     client = MlflowClient()
     if best:
@@ -108,8 +123,10 @@ def predict(images_dir: str, run_id: str | None, best: bool, experiment: str, tr
     flush()
     if not rows:
         path, why = bad[0]
-        raise UserError(f"{images_dir}: none of its {len(bad)} file(s) could be read as an image (e.g. {path}: "
-                        f"{why}); fix them or give the folder holding the images to predict; {out} was not written")
+        raise UserError(
+            f"{images_dir}: none of its {len(bad)} file(s) could be read as an image (e.g. {path}: "
+            f"{why}); fix them or give the folder holding the images to predict; {out} was not written"
+        )
     out_path = Path(out)
     write_csv(out_path, rows)
     return out_path, len(rows), bad, run
@@ -131,8 +148,10 @@ def write_csv(out_path: Path, rows: list[tuple[str, float, str]]) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, out_path)
     except OSError as e:
-        raise UserError(f"--out {out_path}: cannot write it ({e.strerror or e}); {out_path} is left as it was; "
-                        "choose another --out or free some space") from None
+        raise UserError(
+            f"--out {out_path}: cannot write it ({e.strerror or e}); {out_path} is left as it was; "
+            "choose another --out or free some space"
+        ) from None
     finally:
         try:
             tmp.unlink(missing_ok=True)

@@ -37,12 +37,12 @@ class Row:
     best_epoch: int | None
     batch_size: int
     seed: int
-    objective: float | None      # best/<objective> of the run (validation)
+    objective: float | None  # best/<objective> of the run (validation)
     test_loss: float | None
     test_acc: float | None
     weights: str
     imagenet_weights: str
-    trains: str = "head"         # the run's `trains` tag (tracking.what_trains): head | all | head + ...
+    trains: str = "head"  # the run's `trains` tag (tracking.what_trains): head | all | head + ...
 
 
 def find_parent(client: MlflowClient, experiment: str | None, parent_id: str | None):
@@ -54,16 +54,18 @@ def find_parent(client: MlflowClient, experiment: str | None, parent_id: str | N
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         raise UserError(f"--experiment {experiment}: no such experiment in {mlflow.get_tracking_uri()}")
-    runs = client.search_runs([exp.experiment_id], "tags.sweep = 'true'",
-                              order_by=["attributes.start_time DESC"], max_results=1)
+    runs = client.search_runs(
+        [exp.experiment_id], "tags.sweep = 'true'", order_by=["attributes.start_time DESC"], max_results=1
+    )
     if not runs:
         raise UserError(f"experiment {experiment}: no sweep yet (run `python train.py -m ...` first)")
     return runs[0]
 
 
 def child_runs(client: MlflowClient, parent) -> list:
-    return client.search_runs([parent.info.experiment_id],
-                              f"tags.mlflow.parentRunId = '{parent.info.run_id}'", max_results=10000)
+    return client.search_runs(
+        [parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'", max_results=10000
+    )
 
 
 def momentum_of(params: dict) -> str:
@@ -77,14 +79,23 @@ def momentum_of(params: dict) -> str:
 def to_row(run, objective: str) -> Row:
     p, m, t = run.data.params, run.data.metrics, run.data.tags
     return Row(
-        run_id=run.info.run_id, run_name=run.info.run_name, status=run.info.status,
-        backbone=p.get("backbone.name", "?"), head=p.get("head.name", "?"), optimizer=t.get("optimizer", "?"),
-        lr=float(p.get("optimizer.lr", "nan")), momentum=momentum_of(p),
+        run_id=run.info.run_id,
+        run_name=run.info.run_name,
+        status=run.info.status,
+        backbone=p.get("backbone.name", "?"),
+        head=p.get("head.name", "?"),
+        optimizer=t.get("optimizer", "?"),
+        lr=float(p.get("optimizer.lr", "nan")),
+        momentum=momentum_of(p),
         max_epochs=int(p.get("trainer.max_epochs", 0)),
         best_epoch=int(m["best_epoch"]) if "best_epoch" in m else None,
-        batch_size=int(p.get("trainer.batch_size", 0)), seed=int(p.get("seed", 0)),
-        objective=m.get(f"best/{objective}"), test_loss=m.get("test/loss"), test_acc=m.get("test/acc"),
-        weights=t.get("weights_source", "?"), imagenet_weights=p.get("backbone.imagenet_weights", ""),
+        batch_size=int(p.get("trainer.batch_size", 0)),
+        seed=int(p.get("seed", 0)),
+        objective=m.get(f"best/{objective}"),
+        test_loss=m.get("test/loss"),
+        test_acc=m.get("test/acc"),
+        weights=t.get("weights_source", "?"),
+        imagenet_weights=p.get("backbone.imagenet_weights", ""),
         trains=t.get("trains", "head"),
     )
 
@@ -135,16 +146,30 @@ def study_table(rows: list[Row], objective: str) -> str:
     out = []
     for r in rows:
         epochs = f"{r.max_epochs} ({r.best_epoch})" if r.best_epoch is not None else f"{r.max_epochs} (-)"
-        cells = [r.optimizer.upper() if r.optimizer == "sgd" else r.optimizer.capitalize(), lr_text(r.lr),
-                 r.momentum, epochs, str(r.batch_size), loss_text(r.test_loss), acc_text(r.test_acc)]
+        cells = [
+            r.optimizer.upper() if r.optimizer == "sgd" else r.optimizer.capitalize(),
+            lr_text(r.lr),
+            r.momentum,
+            epochs,
+            str(r.batch_size),
+            loss_text(r.test_loss),
+            acc_text(r.test_acc),
+        ]
         if r.status != "FINISHED":
             cells[-1] = f"{r.status.lower()}"
         out.append(_bold(cells) if r is best else cells)
     return md_table(STUDY_HEADER, out)
 
 
-SEED_HEADER = ["Optimizer", "Learning rate", "Epochs", "Seeds", "Test acc per seed", "Test acc mean ± std",
-               "Test loss mean ± std"]
+SEED_HEADER = [
+    "Optimizer",
+    "Learning rate",
+    "Epochs",
+    "Seeds",
+    "Test acc per seed",
+    "Test acc mean ± std",
+    "Test loss mean ± std",
+]
 
 
 def seed_table(rows: list[Row], objective: str) -> str:
@@ -153,17 +178,25 @@ def seed_table(rows: list[Row], objective: str) -> str:
     for r in rows:
         if r.status == "FINISHED":
             groups[(r.optimizer, r.lr)].append(r)
-    means = {k: statistics.fmean([r.objective for r in v if r.objective is not None] or [math.nan])
-             for k, v in groups.items()}
+    means = {
+        k: statistics.fmean([r.objective for r in v if r.objective is not None] or [math.nan])
+        for k, v in groups.items()
+    }
     best = _best(list(groups), lambda k: means[k], objective)
     out = []
     for key in sorted(groups):
         runs = sorted(groups[key], key=lambda r: r.seed)
         accs = [r.test_acc for r in runs if r.test_acc is not None]
         losses = [r.test_loss for r in runs if r.test_loss is not None]
-        cells = [key[0].upper() if key[0] == "sgd" else key[0].capitalize(), lr_text(key[1]),
-                 str(runs[0].max_epochs), ", ".join(str(r.seed) for r in runs),
-                 ", ".join(f"{100 * a:.2f}" for a in accs), mean_std(accs, 100, 2, "%"), mean_std(losses, 1, 3)]
+        cells = [
+            key[0].upper() if key[0] == "sgd" else key[0].capitalize(),
+            lr_text(key[1]),
+            str(runs[0].max_epochs),
+            ", ".join(str(r.seed) for r in runs),
+            ", ".join(f"{100 * a:.2f}" for a in accs),
+            mean_std(accs, 100, 2, "%"),
+            mean_std(losses, 1, 3),
+        ]
         out.append(_bold(cells) if key == best else cells)
     return md_table(SEED_HEADER, out)
 
@@ -181,9 +214,16 @@ def imagenet_table(backbones: dict[str, str]) -> str:
         meta = weights.meta
         metrics = meta.get("_metrics", {}).get("ImageNet-1K", {})
         size = meta.get("_file_size")
-        out.append([name, f"{weights}".split(".")[-1], f"{metrics.get('acc@1', float('nan')):.3f}",
-                    f"{metrics.get('acc@5', float('nan')):.3f}", f"{meta.get('num_params', 0) / 1e6:.1f}M",
-                    f"{size:.1f} MB" if size else "-"])
+        out.append(
+            [
+                name,
+                f"{weights}".split(".")[-1],
+                f"{metrics.get('acc@1', float('nan')):.3f}",
+                f"{metrics.get('acc@5', float('nan')):.3f}",
+                f"{meta.get('num_params', 0) / 1e6:.1f}M",
+                f"{size:.1f} MB" if size else "-",
+            ]
+        )
     return md_table(["Backbone", "Weights", "ImageNet acc@1", "acc@5", "Params", "Size"], out)
 
 
@@ -197,21 +237,44 @@ def best_learning_table(rows: list[Row], objective: str) -> str:
         best = _best(by_backbone[backbone], lambda r: r.objective, objective)
         if best is None:
             continue
-        out.append([backbone, best.head if best.trains == "head" else f"{best.head} (trained: {best.trains})",
-                    best.optimizer, lr_text(best.lr), str(best.seed),
-                    f"{best.max_epochs} ({best.best_epoch})", f"{best.objective:.4f}",
-                    loss_text(best.test_loss), acc_text(best.test_acc)])
-    return md_table(["Backbone", "Head", "Optimizer", "Learning rate", "Seed", "Epochs (best)",
-                     f"Best {objective}", "Test loss", "Test acc"], out)
+        out.append(
+            [
+                backbone,
+                best.head if best.trains == "head" else f"{best.head} (trained: {best.trains})",
+                best.optimizer,
+                lr_text(best.lr),
+                str(best.seed),
+                f"{best.max_epochs} ({best.best_epoch})",
+                f"{best.objective:.4f}",
+                loss_text(best.test_loss),
+                acc_text(best.test_acc),
+            ]
+        )
+    return md_table(
+        [
+            "Backbone",
+            "Head",
+            "Optimizer",
+            "Learning rate",
+            "Seed",
+            "Epochs (best)",
+            f"Best {objective}",
+            "Test loss",
+            "Test acc",
+        ],
+        out,
+    )
 
 
 def build(rows: list[Row], parent, objective: str) -> str:
     """The whole report as Markdown."""
-    parts = [f"# Sweep report: {parent.info.run_name}",
-             "",
-             f"MLflow parent run `{parent.info.run_id}`; {len(rows)} runs; best rows (**bold**) chosen on "
-             f"validation (`{objective}`), test figures shown beside them.",
-             ""]
+    parts = [
+        f"# Sweep report: {parent.info.run_name}",
+        "",
+        f"MLflow parent run `{parent.info.run_id}`; {len(rows)} runs; best rows (**bold**) chosen on "
+        f"validation (`{objective}`), test figures shown beside them.",
+        "",
+    ]
     weights = sorted({r.weights for r in rows})
     if any(w.startswith("random") for w in weights):
         parts += [f"> Backbone weights: {', '.join(weights)}. Random weights are not transfer learning.", ""]
@@ -224,8 +287,12 @@ def build(rows: list[Row], parent, objective: str) -> str:
         parts += [title, ""]
         parts += [seed_table(group, objective) if repeated else study_table(group, objective), ""]
     parts += ["## Best learning", "", best_learning_table(rows, objective), ""]
-    parts += ["## Backbones on ImageNet (torchvision weights metadata)", "",
-              imagenet_table({r.backbone: r.imagenet_weights for r in rows}), ""]
+    parts += [
+        "## Backbones on ImageNet (torchvision weights metadata)",
+        "",
+        imagenet_table({r.backbone: r.imagenet_weights for r in rows}),
+        "",
+    ]
     failed = [r for r in rows if r.status != "FINISHED"]
     if failed:
         parts += ["## Runs that did not finish", ""]
@@ -272,14 +339,13 @@ def curves_figure(client: MlflowClient, rows: list[Row], objective: str):
         if r.status == "FINISHED":
             groups[(r.backbone, r.head)].append(r)
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
-    for key, group in sorted(groups.items()):
+    for _, group in sorted(groups.items()):
         best = _best(group, lambda r: r.objective, objective)
         if best is None:
             continue
         for ax, metric, scale in ((ax_loss, "valid/loss", 1), (ax_acc, "valid/acc", 100)):
             history = sorted(client.get_metric_history(best.run_id, metric), key=lambda m: m.step)
-            ax.plot([m.step for m in history], [scale * m.value for m in history], marker=".",
-                    label=best.run_name)
+            ax.plot([m.step for m in history], [scale * m.value for m in history], marker=".", label=best.run_name)
     ax_loss.set_ylabel("valid loss")
     ax_acc.set_ylabel("valid accuracy (%)")
     for ax in (ax_loss, ax_acc):
@@ -310,7 +376,10 @@ def write(tracking_uri: str, experiment: str | None, parent_id: str | None, out_
     for r in sorted(rows, key=lambda r: (r.backbone, r.head, r.optimizer, r.lr, r.seed)):
         writer.writerow(asdict(r))
     (folder / "runs.csv").write_text(buffer.getvalue())
-    for name, fig in (("test_acc_vs_lr", acc_vs_lr_figure(rows)), ("learning_curves", curves_figure(client, rows, objective))):
+    for name, fig in (
+        ("test_acc_vs_lr", acc_vs_lr_figure(rows)),
+        ("learning_curves", curves_figure(client, rows, objective)),
+    ):
         fig.savefig(folder / f"{name}.png", dpi=110)
         plots.close(fig)
     client.log_artifacts(parent.info.run_id, str(folder), "report")

@@ -35,8 +35,12 @@ def _rng_state() -> dict:
     version, internal, gauss_next = random.getstate()
     state = {
         "torch": torch.get_rng_state(),
-        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
-                  "gauss": float(gauss)},
+        "numpy": {
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "gauss": float(gauss),
+        },
         "python": {"version": version, "internal": list(internal), "gauss_next": gauss_next},
     }
     if torch.cuda.is_available():
@@ -75,8 +79,10 @@ class Resumer:
                 log.info("another process runs this very job (%s): waiting for it, then using its result", self.key)
                 self._lock.acquire()
                 return self._fresh_if_disabled()
-            raise Locked(f"this job ({self.key}) is running in another process right now "
-                            f"(lock {self._lock.lock_file}); wait for it or set trainer.resume=false") from None
+            raise Locked(
+                f"this job ({self.key}) is running in another process right now "
+                f"(lock {self._lock.lock_file}); wait for it or set trainer.resume=false"
+            ) from None
         return self._fresh_if_disabled()
 
     def _fresh_if_disabled(self):
@@ -113,8 +119,16 @@ class Resumer:
 
     def finished(self, run_id: str, objective: float) -> None:
         if self.enabled:
-            self._write({"format": FORMAT, "key": self.key, "run_id": run_id, "epoch": None, "finished": True,
-                         "objective": float(objective)})
+            self._write(
+                {
+                    "format": FORMAT,
+                    "key": self.key,
+                    "run_id": run_id,
+                    "epoch": None,
+                    "finished": True,
+                    "objective": float(objective),
+                }
+            )
 
     # ------------------------------------------------------------------ epoch level (engine.fit)
     def save(self, run_id: str, epoch: int, model, optimizer, scheduler, history) -> None:
@@ -122,13 +136,25 @@ class Resumer:
             return
         from .models import trainable_state
 
-        self._write({
-            "format": FORMAT, "key": self.key, "run_id": run_id, "epoch": epoch, "finished": False,
-            "model": trainable_state(model), "optimizer": optimizer.state_dict(), "rng": _rng_state(),
-            "scheduler": scheduler.state_dict() if scheduler is not None else None,
-            "history": {"epochs": history.epochs, "best_epoch": history.best_epoch,
-                        "best_value": history.best_value, "best_state": history.best_state},
-        })
+        self._write(
+            {
+                "format": FORMAT,
+                "key": self.key,
+                "run_id": run_id,
+                "epoch": epoch,
+                "finished": False,
+                "model": trainable_state(model),
+                "optimizer": optimizer.state_dict(),
+                "rng": _rng_state(),
+                "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                "history": {
+                    "epochs": history.epochs,
+                    "best_epoch": history.best_epoch,
+                    "best_value": history.best_value,
+                    "best_state": history.best_state,
+                },
+            }
+        )
 
     @staticmethod
     def restore(state: dict, model, optimizer, scheduler, history) -> int:

@@ -16,8 +16,8 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from filelock import FileLock
 
@@ -48,9 +48,15 @@ def meta_checksum(meta: dict) -> str:
 
 def seal(folder: Path, meta: dict) -> dict:
     """Record every file in ``folder`` (size and digest) and meta's own checksum in meta.json."""
-    meta = {**meta, "digest": DIGEST,
-            "files": {f.name: {"size": f.stat().st_size, DIGEST: digest(f)}
-                      for f in sorted(folder.iterdir()) if f.name != "meta.json"}}
+    meta = {
+        **meta,
+        "digest": DIGEST,
+        "files": {
+            f.name: {"size": f.stat().st_size, DIGEST: digest(f)}
+            for f in sorted(folder.iterdir())
+            if f.name != "meta.json"
+        },
+    }
     meta["checksum"] = meta_checksum(meta)
     (folder / "meta.json").write_text(json.dumps(meta, indent=2))
     return meta
@@ -99,8 +105,10 @@ def check(path: Path, validate: Callable[[dict], object] | None = None) -> tuple
     problems += [f"{name} is not part of it" for name in sorted(set(sizes) - set(recorded) - {"meta.json"})]
     for name in sorted(set(recorded) & set(sizes)):
         if sizes[name] != recorded[name][0]:
-            problems.append(f"{name} is {sizes[name]:,} bytes, not {recorded[name][0]:,}"
-                            + (" (truncated)" if sizes[name] < recorded[name][0] else ""))
+            problems.append(
+                f"{name} is {sizes[name]:,} bytes, not {recorded[name][0]:,}"
+                + (" (truncated)" if sizes[name] < recorded[name][0] else "")
+            )
     if not problems:  # hash only what has the right size
         for name in sorted(recorded):
             try:
@@ -114,8 +122,16 @@ def check(path: Path, validate: Callable[[dict], object] | None = None) -> tuple
     return meta, None
 
 
-def build_once(root: Path, key: str, make: Callable[[Path], dict], *, what: str, log: logging.Logger,
-               validate: Callable[[dict], object] | None = None, checked: bool = False) -> dict:
+def build_once(
+    root: Path,
+    key: str,
+    make: Callable[[Path], dict],
+    *,
+    what: str,
+    log: logging.Logger,
+    validate: Callable[[dict], object] | None = None,
+    checked: bool = False,
+) -> dict:
     """The meta of the whole folder ``root/key``: as it is when ``check`` finds it whole, else built by
     ``make(tmp)`` (which fills the empty folder ``tmp`` and returns its meta) under a file lock, so
     that concurrent jobs build it once; sealed, and renamed into place. A damaged folder is one

@@ -44,9 +44,10 @@ import shutil
 import stat
 import tempfile
 from collections import Counter, defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple, Sequence
+from typing import NamedTuple
 
 from .errors import UserError
 
@@ -54,7 +55,7 @@ SPLITS = ("train", "valid", "test")
 
 
 class Item(NamedTuple):
-    file: str   # path below SRC, e.g. "class_a/slide01_tile003.png"
+    file: str  # path below SRC, e.g. "class_a/slide01_tile003.png"
     cls: str
     group: str
 
@@ -118,36 +119,44 @@ def scan(src: Path, regex: str | None) -> list[Item]:
     if not classes:
         raise UserError(f"{src}: no class folders; expected {src}/<class>/<images>")
     if {p.name for p in classes} & set(SPLITS):
-        raise UserError(f"{src}: holds {', '.join(sorted({p.name for p in classes} & set(SPLITS)))}/, so it looks "
-                        f"split already; give the folder with one folder per class")
+        raise UserError(
+            f"{src}: holds {', '.join(sorted({p.name for p in classes} & set(SPLITS)))}/, so it looks "
+            f"split already; give the folder with one folder per class"
+        )
     loose = [p for p in entries if p.is_file()]
     if loose:
-        raise UserError(f"{src}: {len(loose)} file(s) outside class folders (e.g. {loose[0].name}); move them into "
-                        "a class folder or remove them")
+        raise UserError(
+            f"{src}: {len(loose)} file(s) outside class folders (e.g. {loose[0].name}); move them into "
+            "a class folder or remove them"
+        )
     items = []
     for folder in classes:
-        files = sorted(p for p in folder.rglob("*") if p.is_file()
-                       and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+        files = sorted(
+            p
+            for p in folder.rglob("*")
+            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+        )
         if not files:
             raise UserError(f"{folder}: no images; add images or remove the folder")
         for path in files:
             below = path.relative_to(folder).as_posix()
             key = group_of(below, pattern)
             if key is None:
-                raise UserError(f"{path}: --group '{regex}' does not match '{below}' (or captures nothing); "
-                                "fix the regex or move the file")
+                raise UserError(
+                    f"{path}: --group '{regex}' does not match '{below}' (or captures nothing); "
+                    "fix the regex or move the file"
+                )
             items.append(Item(path.relative_to(src).as_posix(), folder.name, key))
     return items
 
 
-def assign(items: Sequence[Item], ratios: Sequence[float], seed: int = 0,
-           splits: Sequence[str] = SPLITS) -> Assignment:
+def assign(items: Sequence[Item], ratios: Sequence[float], seed: int = 0, splits: Sequence[str] = SPLITS) -> Assignment:
     """Which split each group goes to (see the module docstring for the rule and the guarantee).
     Deterministic for a given item list, ratios and seed."""
     total = sum(ratios)
     ratios = [r / total for r in ratios]
     rng = random.Random(seed)
-    size_of: dict[str, Counter] = defaultdict(Counter)   # group -> class -> images
+    size_of: dict[str, Counter] = defaultdict(Counter)  # group -> class -> images
     for it in items:
         size_of[it.group][it.cls] += 1
     class_total = Counter(it.cls for it in items)
@@ -156,33 +165,37 @@ def assign(items: Sequence[Item], ratios: Sequence[float], seed: int = 0,
     groups_of_class = {c: sorted(g for g in size_of if size_of[g][c]) for c in classes}
     short = {c: len(gs) for c, gs in groups_of_class.items() if len(gs) < len(open_splits)}
     if short:
-        said = "; ".join(f"class '{c}' has {n} group{'' if n == 1 else 's'} "
-                         f"({', '.join(groups_of_class[c][:5])})" for c, n in short.items())
-        raise UserError(f"{said}: each of {', '.join(open_splits)} needs at least one group of every class; "
-                        "add groups, check --group, or give a split ratio 0")
+        said = "; ".join(
+            f"class '{c}' has {n} group{'' if n == 1 else 's'} ({', '.join(groups_of_class[c][:5])})"
+            for c, n in short.items()
+        )
+        raise UserError(
+            f"{said}: each of {', '.join(open_splits)} needs at least one group of every class; "
+            "add groups, check --group, or give a split ratio 0"
+        )
 
     target = {s: {c: r * class_total[c] for c in classes} for s, r in zip(splits, ratios)}
     count = {s: Counter() for s in splits}
-    remaining = Counter({c: len(gs) for c, gs in groups_of_class.items()})   # groups not yet placed
-    lacking = {c: set(open_splits) for c in classes}                          # open splits without c
+    remaining = Counter({c: len(gs) for c, gs in groups_of_class.items()})  # groups not yet placed
+    lacking = {c: set(open_splits) for c in classes}  # open splits without c
 
     order = sorted(size_of)
     rng.shuffle(order)
-    order.sort(key=lambda g: -sum(size_of[g].values()))   # largest first; equal sizes in seeded order
+    order.sort(key=lambda g: -sum(size_of[g].values()))  # largest first; equal sizes in seeded order
     result = Assignment({})
     for g in order:
         mix = size_of[g]
         critical = [c for c in mix if remaining[c] == len(lacking[c]) and lacking[c]]
         candidates = [s for s in open_splits if all(s in lacking[c] for c in critical)]
-        if not candidates:   # only possible for groups holding several classes
+        if not candidates:  # only possible for groups holding several classes
             candidates = [s for s in open_splits if any(s in lacking[c] for c in critical)]
 
-        def score(s):
+        def score(s, mix=mix):
             return sum(n * (target[s][c] - count[s][c]) / class_total[c] for c, n in mix.items())
 
         best = max(candidates, key=lambda s: (score(s), rng.random()))
         result.split_of_group[g] = best
-        if score(best) < max(score(s) for s in open_splits):   # the class constraint changed the choice
+        if score(best) < max(score(s) for s in open_splits):  # the class constraint changed the choice
             result.forced += [(c, g, best) for c in critical if best in lacking[c]]
         for c, n in mix.items():
             count[best][c] += n
@@ -190,8 +203,10 @@ def assign(items: Sequence[Item], ratios: Sequence[float], seed: int = 0,
             lacking[c].discard(best)
     missing = {c: sorted(s) for c, s in lacking.items() if s}
     if missing:
-        raise UserError("could not give every split a group of every class (groups holding several classes): "
-                        + "; ".join(f"'{c}' missing from {', '.join(s)}" for c, s in missing.items()))
+        raise UserError(
+            "could not give every split a group of every class (groups holding several classes): "
+            + "; ".join(f"'{c}' missing from {', '.join(s)}" for c, s in missing.items())
+        )
     return result
 
 
@@ -203,8 +218,9 @@ def counts(items: Sequence[Item], assignment: Assignment) -> dict[str, Counter]:
     return out
 
 
-def table(items: Sequence[Item], assignment: Assignment, ratios: Sequence[float],
-          splits: Sequence[str] = SPLITS) -> str:
+def table(
+    items: Sequence[Item], assignment: Assignment, ratios: Sequence[float], splits: Sequence[str] = SPLITS
+) -> str:
     """Markdown: per split, its ratio, groups, images (% of all), per class the images (% of the class,
     target ratio x class total), and the split's class balance (% of its images per class)."""
     n = counts(items, assignment)
@@ -219,9 +235,11 @@ def table(items: Sequence[Item], assignment: Assignment, ratios: Sequence[float]
         cells += [f"{n[s][c]} ({_pct(n[s][c], class_total[c])}, target {r * class_total[c]:.1f})" for c in classes]
         cells.append(" / ".join(_pct(n[s][c], images) for c in classes) if images else "-")
         rows.append(cells)
-    rows.append(["all", "1.00", str(len(assignment.split_of_group)), str(len(items))]
-                + [str(class_total[c]) for c in classes]
-                + [" / ".join(_pct(class_total[c], len(items)) for c in classes)])
+    rows.append(
+        ["all", "1.00", str(len(assignment.split_of_group)), str(len(items))]
+        + [str(class_total[c]) for c in classes]
+        + [" / ".join(_pct(class_total[c], len(items)) for c in classes)]
+    )
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines)
@@ -231,8 +249,9 @@ def _pct(a: int, b: int) -> str:
     return f"{100 * a / b:.1f}%" if b else "-"
 
 
-def write(items: Sequence[Item], assignment: Assignment, src: Path, dst: Path, copy: bool = False,
-          force: bool = False) -> None:
+def write(
+    items: Sequence[Item], assignment: Assignment, src: Path, dst: Path, copy: bool = False, force: bool = False
+) -> None:
     """Link (absolute symlinks) or copy every file to ``DST/<split>/<file>`` and write
     ``DST/split.csv`` (file, class, group, split). Built beside DST and moved into place, so DST is
     either the old split or the new one. DST must be empty or absent; ``force`` replaces an earlier
@@ -248,20 +267,24 @@ def write(items: Sequence[Item], assignment: Assignment, src: Path, dst: Path, c
             raise UserError(f"{dst}: exists and is not a folder; choose a new DST")
         if any(dst.iterdir()):
             if not force:
-                raise UserError(f"{dst}: not empty; choose a new DST, or add --force to replace an earlier split "
-                                "made by `resnet-sweep split`")
+                raise UserError(
+                    f"{dst}: not empty; choose a new DST, or add --force to replace an earlier split "
+                    "made by `resnet-sweep split`"
+                )
             if not (dst / "split.csv").is_file():
-                raise UserError(f"{dst}: not empty and holds no split.csv, so it is not a split made by "
-                                "`resnet-sweep split`; --force replaces only those; choose a new DST")
+                raise UserError(
+                    f"{dst}: not empty and holds no split.csv, so it is not a split made by "
+                    "`resnet-sweep split`; --force replaces only those; choose a new DST"
+                )
             old = dst
         else:
             empty = dst.stat()
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = dst.parent / f".{dst.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
-    tmp.mkdir()   # not mkdtemp: its 0700 would make DST private; mkdir's mode follows the umask
+    tmp.mkdir()  # not mkdtemp: its 0700 would make DST private; mkdir's mode follows the umask
     umask = current_umask()
     try:
-        if empty is not None:   # the user's own empty DST (perhaps group-shared): keep its mode and group
+        if empty is not None:  # the user's own empty DST (perhaps group-shared): keep its mode and group
             try:
                 os.chown(tmp, -1, empty.st_gid)
             except OSError:
@@ -274,7 +297,7 @@ def write(items: Sequence[Item], assignment: Assignment, src: Path, dst: Path, c
             out.parent.mkdir(parents=True, exist_ok=True)
             if copy:
                 shutil.copy2(src / it.file, out)
-                os.chmod(out, stat.S_IMODE(os.stat(out).st_mode) & ~umask)   # cp's mode: the source's, less the umask
+                os.chmod(out, stat.S_IMODE(os.stat(out).st_mode) & ~umask)  # cp's mode: the source's, less the umask
             else:
                 out.symlink_to(src / it.file)
         with open(tmp / "split.csv", "w", newline="") as f:

@@ -87,8 +87,7 @@ def key_of(files: dict[str, list[Path]], resize: int | None) -> str:
         "resize": resize,
         # the files with sizes and mtimes, and their order (image i of a split is files[split][i])
         "files": {s: data.fingerprint(files[s]) for s in files},
-        "order": {s: hashlib.sha256("\n".join(str(p.resolve()) for p in files[s]).encode()).hexdigest()
-                  for s in files},
+        "order": {s: hashlib.sha256("\n".join(str(p.resolve()) for p in files[s]).encode()).hexdigest() for s in files},
     }
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -128,21 +127,21 @@ class SplitImages:
         if self._uniform is None and self._rows:
             sizes = {(h, w) for _, h, w in self._rows}
             if len(sizes) == 1:
-                (h, w), = sizes
+                ((h, w),) = sizes
                 self._uniform = self._bytes().reshape(len(self._rows), h, w, 3)
         return self._uniform
 
     def image(self, i: int) -> np.ndarray:
         """(H, W, 3) uint8 view of image ``i``."""
         off, h, w = self._rows[i]
-        return self._bytes()[off:off + h * w * 3].reshape(h, w, 3)
+        return self._bytes()[off : off + h * w * 3].reshape(h, w, 3)
 
     def crop(self, i: int, left: int, top: int, size: int) -> np.ndarray:
         """(size, size, 3) view of image ``i`` from (left, top); a window outside the image raises."""
         _, h, w = self._rows[i]
         if left < 0 or top < 0 or left + size > w or top + size > h:
             raise ValueError(f"crop ({left}, {top}, {size}x{size}) is outside image {i} of {self.path} ({w}x{h})")
-        return self.image(i)[top:top + size, left:left + size]
+        return self.image(i)[top : top + size, left : left + size]
 
 
 class Store:
@@ -176,8 +175,13 @@ def _ordered(pool: ThreadPoolExecutor, paths: list[Path], resize, ahead: int):
         yield pending.popleft()
 
 
-def build(files: dict[str, list[Path]], resize: int | None, out: Path, workers: int | None = None,
-          progress: bool | None = None) -> dict:
+def build(
+    files: dict[str, list[Path]],
+    resize: int | None,
+    out: Path,
+    workers: int | None = None,
+    progress: bool | None = None,
+) -> dict:
     """Decode every image of ``files`` into ``out`` (``<split>.u8`` and ``<split>.index.npy``) with
     ``workers`` threads (None: every core); return the stats for meta.json. ``progress``: tqdm's
     ``disable`` negated (None: a bar when stderr is a terminal)."""
@@ -186,9 +190,16 @@ def build(files: dict[str, list[Path]], resize: int | None, out: Path, workers: 
     stream = [p for s in files for p in files[s]]  # one stream: the next split's images decode early too
     nbytes: dict[str, int] = {}
     started = time.perf_counter()
-    with ThreadPoolExecutor(workers, thread_name_prefix="tile-decode") as pool, \
-            tqdm(total=total, unit="img", desc="decoding tiles", disable=None if progress is None else not progress,
-                 leave=False) as bar:
+    with (
+        ThreadPoolExecutor(workers, thread_name_prefix="tile-decode") as pool,
+        tqdm(
+            total=total,
+            unit="img",
+            desc="decoding tiles",
+            disable=None if progress is None else not progress,
+            leave=False,
+        ) as bar,
+    ):
         images = _ordered(pool, stream, resize, ahead=4 * workers)
         try:
             for split, paths in files.items():
@@ -201,8 +212,10 @@ def build(files: dict[str, list[Path]], resize: int | None, out: Path, workers: 
                             image = done.result()
                         except Exception as e:
                             why = str(e).splitlines()[0] if str(e) else type(e).__name__
-                            raise UserError(f"{path}: cannot be read as an image ({why}) while building the tile "
-                                            "store; fix or remove it, or set data.tile_store=off") from None
+                            raise UserError(
+                                f"{path}: cannot be read as an image ({why}) while building the tile "
+                                "store; fix or remove it, or set data.tile_store=off"
+                            ) from None
                         if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
                             raise ValueError(f"{path} decoded to {image.dtype} {image.shape}, not HxWx3 uint8")
                         h, w = image.shape[:2]
@@ -216,8 +229,14 @@ def build(files: dict[str, list[Path]], resize: int | None, out: Path, workers: 
             images.close()
             pool.shutdown(wait=True, cancel_futures=True)
     seconds = time.perf_counter() - started
-    return {"splits": {s: len(files[s]) for s in files}, "bytes": nbytes, "images": total,
-            "seconds": round(seconds, 3), "img_per_s": round(total / max(seconds, 1e-9), 1), "workers": workers}
+    return {
+        "splits": {s: len(files[s]) for s in files},
+        "bytes": nbytes,
+        "images": total,
+        "seconds": round(seconds, 3),
+        "img_per_s": round(total / max(seconds, 1e-9), 1),
+        "workers": workers,
+    }
 
 
 def _header_bytes(paths: list[Path], resize, workers: int) -> int:
@@ -268,24 +287,41 @@ def get(data_cfg, files: dict[str, list[Path]], resize: int | None) -> Store | N
             _needed[key] = _header_bytes([p for s in files for p in files[s]], resize, workers)
         need = _needed[key]
         if need > max_gb * GB:
-            log.info("tile store not built: the %d decoded images would take %s, over data.tile_store_max_gb=%g; "
-                     "decoding them with PIL at every epoch instead", n, _amount(need), max_gb)
+            log.info(
+                "tile store not built: the %d decoded images would take %s, over data.tile_store_max_gb=%g; "
+                "decoding them with PIL at every epoch instead",
+                n,
+                _amount(need),
+                max_gb,
+            )
             return None
         root.mkdir(parents=True, exist_ok=True)
         free = shutil.disk_usage(root).free
         if need > free:
-            log.warning("tile store not built: the %d decoded images would take %s, but %s has %s free; "
-                        "decoding them with PIL at every epoch instead", n, _amount(need), root, _amount(free))
+            log.warning(
+                "tile store not built: the %d decoded images would take %s, but %s has %s free; "
+                "decoding them with PIL at every epoch instead",
+                n,
+                _amount(need),
+                root,
+                _amount(free),
+            )
             return None
 
         def make(tmp: Path) -> dict:
-            log.info("building the tile store %s: decoding %d images (%s) with %d threads",
-                     key, n, _amount(need), workers)
+            log.info(
+                "building the tile store %s: decoding %d images (%s) with %d threads", key, n, _amount(need), workers
+            )
             stats = build(files, resize, tmp, workers)
-            log.info("tile store %s: %d images in %.1f s (%.1f img/s), %s", key, stats["images"],
-                     stats["seconds"], stats["img_per_s"], _amount(sum(stats["bytes"].values())))
+            log.info(
+                "tile store %s: %d images in %.1f s (%.1f img/s), %s",
+                key,
+                stats["images"],
+                stats["seconds"],
+                stats["img_per_s"],
+                _amount(sum(stats["bytes"].values())),
+            )
             return {"key": key, "version": TILES_VERSION, "resize": resize, **stats}
 
-        meta = sealed.build_once(root, key, make, what="tile store", log=log, validate=_fields,
-                                  checked=True)
+        meta = sealed.build_once(root, key, make, what="tile store", log=log, validate=_fields, checked=True)
     return Store(key, path, meta)

@@ -33,8 +33,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from . import faults, plots
 from .engine import direction
-from .hpo import Pruned
 from .errors import UserError
+from .hpo import Pruned
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +85,9 @@ def check_writable(folder: Path, what: str) -> None:
         probe.write_text("ok")
         probe.unlink()
     except OSError as e:
-        raise UserError(f"{what}={folder}: not writable ({e.strerror or e}); choose a folder you can write to") from None
+        raise UserError(
+            f"{what}={folder}: not writable ({e.strerror or e}); choose a folder you can write to"
+        ) from None
 
 
 def flatten(d, prefix: str = "") -> dict[str, str]:
@@ -181,7 +183,7 @@ def _creation_lock(uri: str):
         return contextlib.nullcontext()
     from filelock import FileLock
 
-    path = Path(os.path.expanduser(uri[len("sqlite:///"):]))
+    path = Path(os.path.expanduser(uri[len("sqlite:///") :]))
     path.parent.mkdir(parents=True, exist_ok=True)
     return FileLock(str(path) + ".lock", timeout=300)
 
@@ -221,8 +223,7 @@ PROJECT_DIR = Path(__file__).resolve().parent.parent
 def _git_commit() -> str | None:
     """The commit of the resnet-sweep code that ran (not of the folder the user runs from)."""
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=PROJECT_DIR, capture_output=True,
-                             text=True, timeout=5)
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=PROJECT_DIR, capture_output=True, text=True, timeout=5)
     except (OSError, subprocess.TimeoutExpired):
         return None
     return out.stdout.strip() if out.returncode == 0 else None
@@ -260,28 +261,43 @@ class JobLog:
         """data.on_bad_image=skip: how many files were left out, and which."""
         self._call("log_metric", mlflow.log_metric, "data/skipped_images", len(skipped))
         if skipped:
-            self._call("log_dict", mlflow.log_dict, {"skipped": [{"path": p, "reason": r} for p, r in skipped]},
-                       "skipped_images.json")
+            self._call(
+                "log_dict",
+                mlflow.log_dict,
+                {"skipped": [{"path": p, "reason": r} for p, r in skipped]},
+                "skipped_images.json",
+            )
 
     def ensure_logged(self, epochs: list[dict]) -> None:
         """After a resume: log the epochs the interrupted attempt saved but did not log."""
-        logged = {m.step for m in self._call("get_metric_history", MlflowClient().get_metric_history,
-                                             self.run_id, "valid/loss")}
+        logged = {
+            m.step
+            for m in self._call("get_metric_history", MlflowClient().get_metric_history, self.run_id, "valid/loss")
+        }
         for epoch, metrics in enumerate(epochs):
             if epoch not in logged:
                 self.epoch(epoch, metrics)
 
     def history(self, history) -> None:
         best = history.best_metrics()
-        self._call("log_metrics", mlflow.log_metrics, {
-            "best_epoch": history.best_epoch, "epochs_run": len(history.epochs) - 1,
-            **{f"best/{k}": v for k, v in best.items()}})
+        self._call(
+            "log_metrics",
+            mlflow.log_metrics,
+            {
+                "best_epoch": history.best_epoch,
+                "epochs_run": len(history.epochs) - 1,
+                **{f"best/{k}": v for k, v in best.items()},
+            },
+        )
         never = history.best_epoch == 0 and len(history.epochs) > 1
         self.tags(stopped_early=str(history.stopped_early).lower(), never_improved=str(never).lower())
         if never:
-            log.warning("%s never improved on its untrained epoch 0 (%s); its test figures are the untrained "
-                        "head's: flagged never_improved=true, left out of the sweep's best run",
-                        self.name, history.objective_name)
+            log.warning(
+                "%s never improved on its untrained epoch 0 (%s); its test figures are the untrained "
+                "head's: flagged never_improved=true, left out of the sweep's best run",
+                self.name,
+                history.objective_name,
+            )
         fig = plots.learning_curves(history.epochs, history.best_epoch, self.name)
         self._call("log_figure", mlflow.log_figure, fig, "plots/learning_curves.png")
         plots.close(fig)
@@ -290,8 +306,12 @@ class JobLog:
         metrics = dict(metrics)
         matrix = metrics.pop("confusion_matrix")
         self._call("log_metrics", mlflow.log_metrics, metrics)
-        self._call("log_dict", mlflow.log_dict, {"classes": classes, "matrix (rows: true, cols: predicted)": matrix},
-                   "confusion_matrix.json")
+        self._call(
+            "log_dict",
+            mlflow.log_dict,
+            {"classes": classes, "matrix (rows: true, cols: predicted)": matrix},
+            "confusion_matrix.json",
+        )
         fig = plots.confusion_matrix(matrix, classes, f"{self.name}: test")
         self._call("log_figure", mlflow.log_figure, fig, "plots/confusion_matrix.png")
         plots.close(fig)
@@ -386,8 +406,7 @@ def job_run(cfg, resume_run_id: str | None = None, on_start=None):
     trial = cfg.get("hpo_trial")
     if trial:
         tags.update(optuna_trial=str(trial.number), optuna_study=str(trial.study))
-    start = (dict(run_id=resume_run_id) if resume_run_id
-             else dict(run_name=name, parent_run_id=parent, tags=tags))
+    start = dict(run_id=resume_run_id) if resume_run_id else dict(run_name=name, parent_run_id=parent, tags=tags)
     with mlflow.start_run(**start) as run:
         job = JobLog(cfg, run.info.run_id)
         if on_start:  # first of all (the resume state): a kill from here on continues this run
@@ -454,8 +473,9 @@ def read_job_statuses(sweep_dir: Path) -> list[dict]:
         try:
             records.append(json.loads((folder / STATUS_FILE).read_text()))
         except (OSError, ValueError):
-            records.append({"status": "failed", "name": folder.name, "run_id": None,
-                            "reason": "ended without a result (killed?)"})
+            records.append(
+                {"status": "failed", "name": folder.name, "run_id": None, "reason": "ended without a result (killed?)"}
+            )
     return records
 
 
@@ -524,8 +544,12 @@ class SweepCallback(Callback):
         run = self.client.create_run(
             experiment_id,
             run_name=f"sweep-{Path(sweep_dir).parent.name}-{Path(sweep_dir).name}",
-            tags={"sweep": "true", "sweep_dir": sweep_dir, "hydra_overrides": redact(overrides),
-                  "objective": str(config.objective)},
+            tags={
+                "sweep": "true",
+                "sweep_dir": sweep_dir,
+                "hydra_overrides": redact(overrides),
+                "objective": str(config.objective),
+            },
         )
         self.parent_id = run.info.run_id
         _write_parent_id(config, self.parent_id)
@@ -537,8 +561,11 @@ class SweepCallback(Callback):
         if self.parent_id and self.client:
             stopped = faults.stop_signal()
             with contextlib.suppress(Exception):
-                reason = (f"interrupted by {stopped}: re-run the same command to resume" if stopped
-                          else "sweep ended before all jobs returned")
+                reason = (
+                    f"interrupted by {stopped}: re-run the same command to resume"
+                    if stopped
+                    else "sweep ended before all jobs returned"
+                )
                 self.client.set_tag(self.parent_id, FAILURE_TAG, reason)
                 self.client.set_terminated(self.parent_id, "KILLED" if stopped else "FAILED")
 
@@ -578,30 +605,35 @@ class SweepCallback(Callback):
         counts = {s: len(by_status.get(s, [])) for s in ("finished", "failed", "interrupted", "skipped", "reused")}
         for key, n in counts.items():
             client.log_metric(self.parent_id, f"runs_{key}", n)
-        summary = (f"{counts['finished']} finished, {counts['failed']} failed"
-                   + (f", {counts['interrupted']} interrupted" if counts["interrupted"] else "")
-                   + (f", {counts['skipped']} skipped (running elsewhere)" if counts["skipped"] else "")
-                   + (f", {counts['reused']} reused" if counts["reused"] else ""))
+        summary = (
+            f"{counts['finished']} finished, {counts['failed']} failed"
+            + (f", {counts['interrupted']} interrupted" if counts["interrupted"] else "")
+            + (f", {counts['skipped']} skipped (running elsewhere)" if counts["skipped"] else "")
+            + (f", {counts['reused']} reused" if counts["reused"] else "")
+        )
         if never:
             summary += f"; {len(never)} never improved on epoch 0 ({', '.join(r.info.run_name for r in never)})"
         problems = [j for s in ("failed", "interrupted", "skipped") for j in by_status.get(s, [])]
         if problems:
             summary += ": " + "; ".join(
-                f"{j['name']} ({j.get('reason') or '?'})" if j["status"] == "failed"
-                else f"{j['name']} ({j['status']}: {j.get('reason') or '?'})" for j in problems)
+                f"{j['name']} ({j.get('reason') or '?'})"
+                if j["status"] == "failed"
+                else f"{j['name']} ({j['status']}: {j.get('reason') or '?'})"
+                for j in problems
+            )
         client.set_tag(self.parent_id, "summary", redact(summary))
         client.set_terminated(self.parent_id, "FAILED" if problems else "FINISHED")
         atexit.unregister(self._abandon)
         os.environ.pop(PARENT_ENV, None)
         if best is not None:
-            log.info("best run: %s (%s = %.4f)", best.info.run_name, objective,
-                     best.data.metrics[f"best/{objective}"])
+            log.info("best run: %s (%s = %.4f)", best.info.run_name, objective, best.data.metrics[f"best/{objective}"])
         print(redact(summary), flush=True)
         if problems:
             from .train import exit_with
 
-            hint = ("; re-run the same command to resume" if "interrupted" in incomplete or "skipped" in incomplete
-                    else "")
+            hint = (
+                "; re-run the same command to resume" if "interrupted" in incomplete or "skipped" in incomplete else ""
+            )
             exit_with(redact(summary) + hint)
 
     def _record_best(self, config, best, objective: str, log_it: bool = True) -> None:
@@ -617,8 +649,10 @@ class SweepCallback(Callback):
         if str(config.tracking.log_model) != "best":
             return
         if not log_it:
-            log.warning("best model not logged: not every job of this sweep finished here; re-run the same "
-                        "command once they have, and the best run's model is logged then")
+            log.warning(
+                "best model not logged: not every job of this sweep finished here; re-run the same "
+                "command once they have, and the best run's model is logged then"
+            )
         elif "model" not in logged_model_names(best):
             log_best_model(best)
 
@@ -634,8 +668,11 @@ def best_run(runs, objective: str):
     """The run with the best ``best/<objective>``; runs that never improved on their untrained epoch 0
     are left out (their figures are the untrained head's)."""
     key = f"best/{objective}"
-    scored = [r for r in runs if key in r.data.metrics and math.isfinite(r.data.metrics[key])
-              and r.data.tags.get("never_improved") != "true"]
+    scored = [
+        r
+        for r in runs
+        if key in r.data.metrics and math.isfinite(r.data.metrics[key]) and r.data.tags.get("never_improved") != "true"
+    ]
     if not scored:
         return None
     sign = 1 if direction(objective) == "minimize" else -1
@@ -658,8 +695,9 @@ def downloaded_checkpoint(run):
     """The run's ``checkpoint/best.pt``, downloaded to a temporary file for the block's duration."""
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            path = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="checkpoint/best.pt",
-                                                       dst_path=tmp)
+            path = mlflow.artifacts.download_artifacts(
+                run_id=run.info.run_id, artifact_path="checkpoint/best.pt", dst_path=tmp
+            )
         except Exception:
             raise UserError(f"run {run.info.run_id} ({run.info.run_name}) has no checkpoint/best.pt") from None
         yield path
@@ -703,7 +741,7 @@ def sweep_points(config) -> list[list[str]]:
     points = [fixed + first]
     for i, (key, values) in enumerate(swept):
         for value in values[1:]:
-            points.append(fixed + first[:i] + [f"{key}={value}"] + first[i + 1:])
+            points.append(fixed + first[:i] + [f"{key}={value}"] + first[i + 1 :])
     return points
 
 
@@ -721,8 +759,10 @@ def _fail_fast(config) -> str:
     try:
         experiment_id = connect(config.tracking)
         hc = config.hydra
-        check_writable(Path(str(hc.sweep.dir if hc.mode == RunMode.MULTIRUN else hc.run.dir)),
-                       "hydra.sweep.dir" if hc.mode == RunMode.MULTIRUN else "hydra.run.dir")
+        check_writable(
+            Path(str(hc.sweep.dir if hc.mode == RunMode.MULTIRUN else hc.run.dir)),
+            "hydra.sweep.dir" if hc.mode == RunMode.MULTIRUN else "hydra.run.dir",
+        )
         check_writable(Path(os.path.expanduser(str(config.trainer.resume_dir))), "trainer.resume_dir")
         check_writable(Path(os.path.expanduser(str(config.data.cache_dir))), "data.cache_dir")
     except UserError as e:
@@ -761,9 +801,17 @@ def open_study_parent(config, study, storage_url: str | None, created: bool = Tr
         except Exception:
             parent_id = None  # another tracking store: start a new parent there
     if not parent_id:
-        run = client.create_run(experiment_id, run_name=f"study-{study.study_name}", tags={
-            "sweep": "true", "optuna_study": study.study_name, "storage": redact(storage_url or "memory"),
-            "objective": str(config.objective), "sweep_dir": str(config.hydra.sweep.dir)})
+        run = client.create_run(
+            experiment_id,
+            run_name=f"study-{study.study_name}",
+            tags={
+                "sweep": "true",
+                "optuna_study": study.study_name,
+                "storage": redact(storage_url or "memory"),
+                "objective": str(config.objective),
+                "sweep_dir": str(config.hydra.sweep.dir),
+            },
+        )
         parent_id = run.info.run_id
         study.set_user_attr(PARENT_ATTR, parent_id)
     client.set_tag(parent_id, "hydra_overrides", redact(" ".join(config.hydra.overrides.task)))
@@ -787,30 +835,39 @@ def _parent_of_new_study(study, wait_s: float) -> str | None:
 def mark_trial_runs_killed(parent_id: str, trial_number: int, reason: str) -> None:
     client = MlflowClient()
     parent = client.get_run(parent_id)
-    for run in client.search_runs([parent.info.experiment_id], filter_string=(
+    for run in client.search_runs(
+        [parent.info.experiment_id],
+        filter_string=(
             f"tags.mlflow.parentRunId = '{parent_id}' and tags.optuna_trial = '{trial_number}' "
-            "and attributes.status = 'RUNNING'")):
+            "and attributes.status = 'RUNNING'"
+        ),
+    ):
         client.set_tag(run.info.run_id, FAILURE_TAG, reason)
         client.set_tag(run.info.run_id, "optuna_state", "FAIL")
         client.set_terminated(run.info.run_id, "KILLED")
 
 
-def close_study_parent(parent_id, study, results, failed: str | None = None, distributions=None,
-                       results_file=None, killed: bool = False) -> None:
+def close_study_parent(
+    parent_id, study, results, failed: str | None = None, distributions=None, results_file=None, killed: bool = False
+) -> None:
     """Study results onto the parent run: best params/value, counts, the results file and Optuna's
     matplotlib plots. On failure, mark the parent FAILED with the reason (``killed``: KILLED, for a
     sweep stopped by a signal, which the same command resumes)."""
     client = MlflowClient()
     if failed is not None:
-        client.set_tag(parent_id, FAILURE_TAG, redact(failed + (": re-run the same command to resume" if killed else "")))
+        client.set_tag(
+            parent_id, FAILURE_TAG, redact(failed + (": re-run the same command to resume" if killed else ""))
+        )
         client.set_terminated(parent_id, "KILLED" if killed else "FAILED")
         os.environ.pop(PARENT_ENV, None)
         return
     objective = results["objective"]
     for state, n in results["counts"].items():
         client.log_metric(parent_id, f"trials_{state.lower()}", n)
-    tags = {"summary": ", ".join(f"{n} {s}" for s, n in results["counts"].items()),
-            "n_trials": str(results["n_trials"])}
+    tags = {
+        "summary": ", ".join(f"{n} {s}" for s, n in results["counts"].items()),
+        "n_trials": str(results["n_trials"]),
+    }
     if "best_value" in results:
         client.log_metric(parent_id, f"best/{objective}", results["best_value"])
         tags["best_trial"] = str(results["best_trial"])
@@ -835,8 +892,9 @@ def study_plots(study, distributions, objective: str):
     figures = [("optimization_history", lambda: ovm.plot_optimization_history(study, target_name=objective))]
     lr = next((k for k in distributions if k.endswith("lr")), None)
     if lr:
-        figures.append((f"objective_vs_{lr.replace('.', '_')}",
-                        lambda: ovm.plot_slice(study, params=[lr], target_name=objective)))
+        figures.append(
+            (f"objective_vs_{lr.replace('.', '_')}", lambda: ovm.plot_slice(study, params=[lr], target_name=objective))
+        )
     if len(distributions) >= 2 and len(complete) >= 2:
         figures.append(("param_importances", lambda: ovm.plot_param_importances(study, target_name=objective)))
     for name, make in figures:
@@ -848,7 +906,10 @@ def study_plots(study, distributions, objective: str):
             log.warning("could not plot %s: %s", name, e)
             continue
         ax = ax.flat[0] if hasattr(ax, "flat") else ax
-        if name.startswith("objective_vs") and isinstance(distributions.get(lr), optuna.distributions.FloatDistribution) \
-                and distributions[lr].log:
+        if (
+            name.startswith("objective_vs")
+            and isinstance(distributions.get(lr), optuna.distributions.FloatDistribution)
+            and distributions[lr].log
+        ):
             ax.set_xscale("log")
         yield name, ax.figure

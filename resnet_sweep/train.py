@@ -53,8 +53,7 @@ def run(cfg) -> float:
             raise faults.Interrupted(faults.stop_signal()) from None
         if faults.is_infrastructure(e):
             tracking.write_job_status("interrupted", name, reason=reason)
-            message = (f"{name} interrupted: {reason}; its finished epochs are saved: "
-                       "re-run the same command to resume")
+            message = f"{name} interrupted: {reason}; its finished epochs are saved: re-run the same command to resume"
             if tracking.in_multirun():
                 log.error("%s", message)
                 return hpo.INTERRUPTED
@@ -96,18 +95,26 @@ def _run(cfg) -> tuple[float, str, str]:
     identity = job_identity(cfg)
     # two trials at the same point (a categorical search, sweeps sharing a study): the second waits
     # for the first and reuses its result; a grid's job held by another sweep is skipped and counted
-    resumer = resume.Resumer(cfg.trainer.resume_dir, identity, enabled=bool(cfg.trainer.resume),
-                             wait=bool(cfg.get("hpo_trial")))
+    resumer = resume.Resumer(
+        cfg.trainer.resume_dir, identity, enabled=bool(cfg.trainer.resume), wait=bool(cfg.get("hpo_trial"))
+    )
     with resumer:
         state = resumer.load()
         if state and state["finished"]:
             tracking.connect(cfg.tracking)
             if tracking.existing_run(state["run_id"]) is not None:
-                log.info("%s: already finished (MLflow run %s), reused; trainer.resume=false runs it again",
-                         tracking.run_name(cfg), state["run_id"])
+                log.info(
+                    "%s: already finished (MLflow run %s), reused; trainer.resume=false runs it again",
+                    tracking.run_name(cfg),
+                    state["run_id"],
+                )
                 return state["objective"], "reused", state["run_id"]
-            log.warning("%s: finished before, but its MLflow run %s is not in tracking.uri=%s: running it again",
-                        tracking.run_name(cfg), state["run_id"], tracking.redact(cfg.tracking.uri))
+            log.warning(
+                "%s: finished before, but its MLflow run %s is not in tracking.uri=%s: running it again",
+                tracking.run_name(cfg),
+                state["run_id"],
+                tracking.redact(cfg.tracking.uri),
+            )
             state = None
         objective, run_id = _train(cfg, resumer, state)
         resumer.finished(run_id, objective)
@@ -128,13 +135,25 @@ def _train(cfg, resumer, state) -> tuple[float, str]:
     with tracking.job_run(cfg, resume_run_id=state["run_id"] if state else None, on_start=resumer.started) as job:
         seed_everything(cfg.seed)
         device = engine.resolve_device(cfg.trainer.device)
-        splits = data.build(cfg.data, cfg.trainer, crop_size=int(cfg.backbone.crop_size), seed=int(cfg.seed),
-                            resize=cfg.backbone.get("resize"), crop_seed=cfg.trainer.crop_seed, device=device)
+        splits = data.build(
+            cfg.data,
+            cfg.trainer,
+            crop_size=int(cfg.backbone.crop_size),
+            seed=int(cfg.seed),
+            resize=cfg.backbone.get("resize"),
+            crop_seed=cfg.trainer.crop_seed,
+            device=device,
+        )
         built = models.build(cfg.backbone, cfg.head, seed=int(cfg.seed))
         job.tags(weights_source=built.weights_source, data_root=str(splits.root), device=str(device))
         job.params({"model.trainable_params": built.trainable_params, "model.total_params": built.total_params})
-        log.info("%s: %s of %s parameters train (backbone.freeze=%s)", job.name, f"{built.trainable_params:,}",
-                 f"{built.total_params:,}", cfg.backbone.freeze)
+        log.info(
+            "%s: %s of %s parameters train (backbone.freeze=%s)",
+            job.name,
+            f"{built.trainable_params:,}",
+            f"{built.total_params:,}",
+            cfg.backbone.freeze,
+        )
         job.skipped_images(splits.skipped)
         report = hpo.reporter(cfg)  # None outside an Optuna sweep
 
@@ -149,23 +168,48 @@ def _train(cfg, resumer, state) -> tuple[float, str]:
             job.tags(feature_bank=bank.key, feature_bank_views=bank.views)
             model = features.HeadOnly(built.model.head)
             inputs = features.splits_from(bank, splits, int(cfg.trainer.batch_size), int(cfg.seed))
-        history = engine.fit(model, inputs, cfg.optimizer, cfg.trainer, on_epoch, cfg.objective,
-                             state_fn=lambda: models.trainable_state(built.model), device=device,
-                             resume=resume.EpochHooks(resumer, state, job), scheduler_cfg=cfg.get("scheduler"))
+        history = engine.fit(
+            model,
+            inputs,
+            cfg.optimizer,
+            cfg.trainer,
+            on_epoch,
+            cfg.objective,
+            state_fn=lambda: models.trainable_state(built.model),
+            device=device,
+            resume=resume.EpochHooks(resumer, state, job),
+            scheduler_cfg=cfg.get("scheduler"),
+        )
         job.history(history)
         built.model.load_state_dict(history.best_state, strict=False)
         test = job.test_metrics(engine.evaluate(model, inputs.test, device, cfg.trainer.precision), splits.classes)
-        ckpt = models.checkpoint(built, history.best_state, cfg, {
-            "epoch": history.best_epoch, "classes": splits.classes, "mean": list(splits.mean),
-            "std": list(splits.std), "crop_size": splits.crop_size, "resize": splits.resize,
-        })
+        ckpt = models.checkpoint(
+            built,
+            history.best_state,
+            cfg,
+            {
+                "epoch": history.best_epoch,
+                "classes": splits.classes,
+                "mean": list(splits.mean),
+                "std": list(splits.std),
+                "crop_size": splits.crop_size,
+                "resize": splits.resize,
+            },
+        )
         if cfg.tracking.log_checkpoint:
             job.checkpoint(ckpt)
         if should_log_model(cfg):
             job.model(built.model, ckpt)
-    log.info("%s: best epoch %d, %s = %.4f; test loss %.4f, test acc %.2f%% (MLflow run %s)", job.name,
-             history.best_epoch, cfg.objective, history.objective, test["test/loss"], 100 * test["test/acc"],
-             job.run_id)
+    log.info(
+        "%s: best epoch %d, %s = %.4f; test loss %.4f, test acc %.2f%% (MLflow run %s)",
+        job.name,
+        history.best_epoch,
+        cfg.objective,
+        history.objective,
+        test["test/loss"],
+        100 * test["test/acc"],
+        job.run_id,
+    )
     return history.objective, job.run_id
 
 
@@ -195,8 +239,10 @@ def check_config(cfg) -> None:
         raise UserError(f"trainer.patience={patience}: must be an integer >= 1, or null to never stop early")
     bank_batch = cfg.trainer.get("bank_batch_size")
     if bank_batch is not None and (isinstance(bank_batch, bool) or not isinstance(bank_batch, int) or bank_batch < 1):
-        raise UserError(f"trainer.bank_batch_size={bank_batch}: must be an integer >= 1, or null for "
-                        f"{features.EXTRACT_BATCH['cpu']} on a CPU, {features.EXTRACT_BATCH['cuda']} on a GPU")
+        raise UserError(
+            f"trainer.bank_batch_size={bank_batch}: must be an integer >= 1, or null for "
+            f"{features.EXTRACT_BATCH['cpu']} on a CPU, {features.EXTRACT_BATCH['cuda']} on a GPU"
+        )
     if not isinstance(cfg.seed, int) or isinstance(cfg.seed, bool):
         raise UserError(f"seed={cfg.seed}: must be an integer")
     engine.direction(str(cfg.objective))
@@ -217,8 +263,7 @@ def check_optimizer(cfg) -> None:
     except UserError:
         raise
     except Exception as e:
-        wrong = [f"optimizer.{k}={v}" for k, v in cfg.optimizer.items()
-                 if isinstance(v, str) and not k.startswith("_")]
+        wrong = [f"optimizer.{k}={v}" for k, v in cfg.optimizer.items() if isinstance(v, str) and not k.startswith("_")]
         where = wrong[0] if wrong else f"optimizer={tracking.optimizer_name(cfg.optimizer)}"
         raise UserError(f"{where}: {tracking.failure_reason(e)}; check the optimizer.* values") from None
     try:
@@ -249,8 +294,11 @@ def share_cores() -> None:
     threads = threads_per_job(hc.launcher, hc.sweeper, available_cores())
     if threads:
         torch.set_num_threads(threads)
-        log.info("%d torch thread(s) for this job (hydra.launcher: %s)", threads,
-                 str(hc.launcher.get("_target_", "?")).rsplit(".", 1)[-1])
+        log.info(
+            "%d torch thread(s) for this job (hydra.launcher: %s)",
+            threads,
+            str(hc.launcher.get("_target_", "?")).rsplit(".", 1)[-1],
+        )
 
 
 def available_cores() -> int:

@@ -57,12 +57,18 @@ def run_train(cwd: Path, *args: str, check: bool = True, timeout: int = 600, env
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     full_env.pop("HYDRA_FULL_ERROR", None)
     proc = subprocess.run(
-        [sys.executable, str(TRAIN_PY), *args], cwd=cwd, capture_output=True, text=True,
-        timeout=timeout, env=full_env,
+        [sys.executable, str(TRAIN_PY), *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=full_env,
     )
     if check and proc.returncode != 0:
-        raise AssertionError(f"train.py {' '.join(args)} exited {proc.returncode}\n"
-                             f"--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-6000:]}")
+        raise AssertionError(
+            f"train.py {' '.join(args)} exited {proc.returncode}\n"
+            f"--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-6000:]}"
+        )
     return proc
 
 

@@ -8,10 +8,10 @@ import logging
 import numpy as np
 import pytest
 import torch
+from conftest import FAST, REPO, make_tree
 from hydra import compose, initialize_config_dir
 from PIL import Image
 
-from conftest import FAST, REPO, make_tree
 from resnet_sweep import batches, data, engine, features, models
 
 
@@ -21,8 +21,15 @@ def config(tree, *more):
 
 
 def build(cfg, **kw):
-    return data.build(cfg.data, cfg.trainer, crop_size=int(cfg.backbone.crop_size), seed=int(cfg.seed),
-                      resize=cfg.backbone.get("resize"), crop_seed=int(cfg.trainer.crop_seed), **kw)
+    return data.build(
+        cfg.data,
+        cfg.trainer,
+        crop_size=int(cfg.backbone.crop_size),
+        seed=int(cfg.seed),
+        resize=cfg.backbone.get("resize"),
+        crop_seed=int(cfg.trainer.crop_seed),
+        **kw,
+    )
 
 
 def epochs_of(loader, epochs=(0, 1, 2)):
@@ -46,7 +53,12 @@ def assert_same_batches(a, b):
 def test_store_batches_equal_the_pil_batches_crop_for_crop(tmp_path, more):
     tree = make_tree(tmp_path / "tiles", per_class=(5, 2, 2), size=44)
     cfg = config(tree, "backbone.crop_size=32", *more)
-    store, pil = build(cfg), build(cfg, )
+    store, pil = (
+        build(cfg),
+        build(
+            cfg,
+        ),
+    )
     assert isinstance(store.train.loader(), batches.StoreLoader)
     for split in data.SPLITS:
         pil_loader = getattr(pil, split).pil
@@ -93,7 +105,9 @@ def test_augmentation_draws_flips_and_turns_per_image_and_view():
     assert np.array_equal(data.apply_augment(crop, (False, False, 1)), np.rot90(crop))
     both = data.apply_augment(crop, (True, True, 3))
     assert np.array_equal(both, np.rot90(crop[::-1, ::-1], 3))
-    assert torch.equal(data.apply_augment_tensor(torch.from_numpy(crop), (True, True, 3)), torch.from_numpy(both.copy()))
+    assert torch.equal(
+        data.apply_augment_tensor(torch.from_numpy(crop), (True, True, 3)), torch.from_numpy(both.copy())
+    )
     assert data.augment_ops((), 0, 1, 2) == ()
     draws = {data.augment_ops(("hflip", "vflip", "rot90"), 0, i, v) for i in range(20) for v in range(4)}
     assert len(draws) > 8 and {d[2] for d in draws} == {0, 1, 2, 3}  # varied, every turn drawn
@@ -105,13 +119,28 @@ def test_fine_tuning_logs_the_same_losses_with_the_store_on_and_off(tmp_path):
     tree = make_tree(tmp_path / "tiles", per_class=(6, 3, 3), size=40)
 
     def losses(*more):
-        cfg = config(tree, "backbone.crop_size=32", "backbone.freeze=none", "trainer.max_epochs=2",
-                     "trainer.precision=32", "optimizer.lr=1e-2", *more)
+        cfg = config(
+            tree,
+            "backbone.crop_size=32",
+            "backbone.freeze=none",
+            "trainer.max_epochs=2",
+            "trainer.precision=32",
+            "optimizer.lr=1e-2",
+            *more,
+        )
         torch.manual_seed(0)
         built = models.build(cfg.backbone, cfg.head, seed=0)
         splits = build(cfg)
-        history = engine.fit(built.model, splits, cfg.optimizer, cfg.trainer, lambda *a: None, cfg.objective,
-                             state_fn=lambda: {}, device=torch.device("cpu"))
+        history = engine.fit(
+            built.model,
+            splits,
+            cfg.optimizer,
+            cfg.trainer,
+            lambda *a: None,
+            cfg.objective,
+            state_fn=lambda: {},
+            device=torch.device("cpu"),
+        )
         return splits, [[m[k] for k in ("train/loss", "valid/loss", "valid/acc")] for m in history.epochs]
 
     store_splits, with_store = losses()
@@ -125,8 +154,14 @@ def test_the_bank_extracted_from_the_store_equals_the_decoded_one(tmp_path):
     tree = make_tree(tmp_path / "tiles", per_class=(4, 2, 2), size=40)
     arrays = []
     for more in ([], ["data.tile_store=off"]):
-        cfg = config(tree, "backbone.crop_size=32", "trainer.precision=32", "trainer.bank_views=2",
-                     f"data.cache_dir={tmp_path / ('c' + str(len(arrays)))}", *more)
+        cfg = config(
+            tree,
+            "backbone.crop_size=32",
+            "trainer.precision=32",
+            "trainer.bank_views=2",
+            f"data.cache_dir={tmp_path / ('c' + str(len(arrays)))}",
+            *more,
+        )
         built = models.build(cfg.backbone, cfg.head, seed=0)
         bank = features.get(cfg, built, build(cfg), torch.device("cpu"))
         arrays.append({s: np.asarray(bank.array(s), dtype=np.float32) for s in data.SPLITS})
@@ -148,13 +183,27 @@ def test_the_bank_cut_from_whole_images_on_the_device_equals_the_per_crop_path(t
     for device_crops in (False, True):
         out[device_crops] = tmp_path / str(device_crops)
         out[device_crops].mkdir()
-        stats = features.extract(backbone, files, labels, 32, splits.mean, splits.std, 3, splits.crop_seed,
-                                 torch.device("cpu"), out[device_crops], batch_size=batch, store=splits.store.get(),
-                                 augment=splits.augment, device_crops=device_crops)
+        stats = features.extract(
+            backbone,
+            files,
+            labels,
+            32,
+            splits.mean,
+            splits.std,
+            3,
+            splits.crop_seed,
+            torch.device("cpu"),
+            out[device_crops],
+            batch_size=batch,
+            store=splits.store.get(),
+            augment=splits.augment,
+            device_crops=device_crops,
+        )
         assert stats["crops"] == 3 * 8 + 4 + 4
     for split in data.SPLITS:
-        np.testing.assert_allclose(np.load(out[True] / f"{split}.npy"), np.load(out[False] / f"{split}.npy"),
-                                   rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(
+            np.load(out[True] / f"{split}.npy"), np.load(out[False] / f"{split}.npy"), rtol=1e-6, atol=1e-6
+        )
 
 
 def test_augmentation_reaches_the_bank_views_and_its_key(tmp_path):
@@ -198,10 +247,20 @@ def test_the_cuda_check_and_the_data_path_bench_run_on_the_cpu(tmp_path):
     import subprocess
     import sys
 
-    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "cuda_check.py"), "--cpu", "--smoke"],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=600,
-                          env={**__import__("os").environ, "RESNET_SWEEP_CACHE": str(tmp_path / "cache")})
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "cuda_check.py"), "--cpu", "--smoke"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**__import__("os").environ, "RESNET_SWEEP_CACHE": str(tmp_path / "cache")},
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    for line in ("1. pipeline only", "2. fine-tuning resnet18", "3. feature bank extraction from the store",
-                 "0. data path: fine-tuning", "CUDA CHECK OK"):
+    for line in (
+        "1. pipeline only",
+        "2. fine-tuning resnet18",
+        "3. feature bank extraction from the store",
+        "0. data path: fine-tuning",
+        "CUDA CHECK OK",
+    ):
         assert line in proc.stdout, proc.stdout

@@ -22,10 +22,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from conftest import (
+    FAST,
+    REPO,
+    TRAIN_PY,
+    assert_interrupted_point_ran_again,
+    make_tree,
+    mlflow_runs,
+    run_train,
+    wait_until_healthy,
+)
 from omegaconf import OmegaConf
 
-from conftest import (FAST, REPO, TRAIN_PY, assert_interrupted_point_ran_again, make_tree, mlflow_runs, run_train,
-                      wait_until_healthy)
 from resnet_sweep.train import threads_per_job
 
 JOBLIB = "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher"
@@ -39,25 +47,29 @@ def node(target: str, **keys):
     return OmegaConf.create({"_target_": target, **keys})
 
 
-@pytest.mark.parametrize("launcher, sweeper, cores, threads", [
-    (node(JOBLIB, n_jobs=2), node(BASIC), 2, 1),             # 2 jobs at once on 2 cores
-    (node(JOBLIB, n_jobs=4), node(BASIC), 16, 4),
-    (node(JOBLIB, n_jobs=-1), node(BASIC), 8, 1),            # joblib's -1: as many jobs as cores
-    (node(JOBLIB, n_jobs=-2), node(BASIC), 8, 1),
-    (node(JOBLIB, n_jobs=4), node(OPTUNA, n_jobs=1), 8, None),   # the sweeper hands out 1 trial at a time
-    (node(JOBLIB, n_jobs=4), node(OPTUNA, n_jobs=2), 8, 4),
-    (node(SUBMITIT_LOCAL, cpus_per_task=1), node(OPTUNA, n_jobs=1), 2, 1),
-    (node(SUBMITIT_LOCAL, cpus_per_task=None), node(OPTUNA, n_jobs=4), 8, 2),
-    (node(SUBMITIT_SLURM, cpus_per_task=8), node(BASIC), 64, 8),
-    (node(SUBMITIT_SLURM, cpus_per_task=None), node(BASIC), 4, 4),   # the allocation's cores
-    (node("hydra._internal.core_plugins.basic_launcher.BasicLauncher"), node(BASIC), 8, None),
-])
+@pytest.mark.parametrize(
+    "launcher, sweeper, cores, threads",
+    [
+        (node(JOBLIB, n_jobs=2), node(BASIC), 2, 1),  # 2 jobs at once on 2 cores
+        (node(JOBLIB, n_jobs=4), node(BASIC), 16, 4),
+        (node(JOBLIB, n_jobs=-1), node(BASIC), 8, 1),  # joblib's -1: as many jobs as cores
+        (node(JOBLIB, n_jobs=-2), node(BASIC), 8, 1),
+        (node(JOBLIB, n_jobs=4), node(OPTUNA, n_jobs=1), 8, None),  # the sweeper hands out 1 trial at a time
+        (node(JOBLIB, n_jobs=4), node(OPTUNA, n_jobs=2), 8, 4),
+        (node(SUBMITIT_LOCAL, cpus_per_task=1), node(OPTUNA, n_jobs=1), 2, 1),
+        (node(SUBMITIT_LOCAL, cpus_per_task=None), node(OPTUNA, n_jobs=4), 8, 2),
+        (node(SUBMITIT_SLURM, cpus_per_task=8), node(BASIC), 64, 8),
+        (node(SUBMITIT_SLURM, cpus_per_task=None), node(BASIC), 4, 4),  # the allocation's cores
+        (node("hydra._internal.core_plugins.basic_launcher.BasicLauncher"), node(BASIC), 8, None),
+    ],
+)
 def test_parallel_jobs_split_the_cores(launcher, sweeper, cores, threads):
     assert threads_per_job(launcher, sweeper, cores) == threads
 
 
 def compose(*overrides: str):
-    from hydra import compose as hydra_compose, initialize_config_dir
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
 
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         return hydra_compose("train", overrides=list(overrides), return_hydra_config=True)
@@ -69,12 +81,19 @@ def test_launcher_presets_and_tracking_server_compose(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no deprecated schema matching for our presets
         slurm = compose("hydra/launcher=slurm", "hydra.launcher.partition=gpu", "hydra.launcher.gpus_per_node=2")
-        plain = {name: compose(f"hydra/launcher={name}").hydra.launcher
-                 for name in ("submitit_slurm", "submitit_local", "joblib")}
+        plain = {
+            name: compose(f"hydra/launcher={name}").hydra.launcher
+            for name in ("submitit_slurm", "submitit_local", "joblib")
+        }
     launcher = slurm.hydra.launcher
     assert launcher._target_ == SUBMITIT_SLURM
-    assert (launcher.partition, launcher.gpus_per_node, launcher.timeout_min, launcher.array_parallelism,
-            launcher.cpus_per_task) == ("gpu", 2, 240, 16, 8)
+    assert (
+        launcher.partition,
+        launcher.gpus_per_node,
+        launcher.timeout_min,
+        launcher.array_parallelism,
+        launcher.cpus_per_task,
+    ) == ("gpu", 2, 240, 16, 8)
     assert plain["submitit_slurm"]._target_ == SUBMITIT_SLURM and plain["submitit_slurm"].gpus_per_node is None
     assert plain["submitit_local"]._target_ == SUBMITIT_LOCAL
     assert plain["joblib"]._target_ == JOBLIB and plain["joblib"].n_jobs == -1
@@ -87,23 +106,46 @@ def test_launcher_presets_and_tracking_server_compose(monkeypatch):
 
 def test_make_server_uses_postgresql_when_given_else_sqlite():
     def dry_run(**env):
-        out = subprocess.run(["make", "-n", "-s", "server", "PORT=5999"], cwd=REPO, capture_output=True, text=True,
-                             env={**os.environ, **env}, check=True).stdout
-        return subprocess.run(["bash", "-c", f"echo {out.split('mlflow server', 1)[1]}"], capture_output=True,
-                              text=True, env={**os.environ, **env}).stdout
+        out = subprocess.run(
+            ["make", "-n", "-s", "server", "PORT=5999"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            env={**os.environ, **env},
+            check=True,
+        ).stdout
+        return subprocess.run(
+            ["bash", "-c", f"echo {out.split('mlflow server', 1)[1]}"],
+            capture_output=True,
+            text=True,
+            env={**os.environ, **env},
+        ).stdout
+
     assert "--backend-store-uri sqlite:///mlflow.db" in dry_run()
     postgres = dry_run(MLFLOW_BACKEND_STORE_URI="postgresql://mlflow@db:5432/mlflow")
     assert "--backend-store-uri postgresql://mlflow@db:5432/mlflow" in postgres
-    assert "--host 127.0.0.1 --port 5999" in postgres and "--serve-artifacts --artifacts-destination ./mlartifacts" in postgres
+    assert (
+        "--host 127.0.0.1 --port 5999" in postgres
+        and "--serve-artifacts --artifacts-destination ./mlartifacts" in postgres
+    )
 
 
 def test_an_unreachable_optuna_storage_is_one_line_naming_the_key(tmp_path, tiny_tree):
-    proc = run_train(tmp_path, "-m", "hpo=lr_search", "hydra.sweeper.storage=postgresql://sweep:s3cret@127.0.0.1:9/optuna",
-                     *FAST, "data=imagefolder", f"data.root={tiny_tree}", check=False)
+    proc = run_train(
+        tmp_path,
+        "-m",
+        "hpo=lr_search",
+        "hydra.sweeper.storage=postgresql://sweep:s3cret@127.0.0.1:9/optuna",
+        *FAST,
+        "data=imagefolder",
+        f"data.root={tiny_tree}",
+        check=False,
+    )
     assert proc.returncode != 0
     last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("hydra.sweeper.storage=postgresql://sweep:***@127.0.0.1:9/optuna: cannot open the "
-                           "Optuna storage (connection"), proc.stderr
+    assert last.startswith(
+        "hydra.sweeper.storage=postgresql://sweep:***@127.0.0.1:9/optuna: cannot open the Optuna storage (connection"
+    ), proc.stderr
     assert "s3cret" not in proc.stdout + proc.stderr and "Traceback" not in proc.stderr
 
 
@@ -130,7 +172,7 @@ class Postgres:
     port: int
     user: str
     password: str
-    ctl: list | None = None   # pg_ctl -D <data>, as the postgres user when run as root
+    ctl: list | None = None  # pg_ctl -D <data>, as the postgres user when run as root
 
     def url(self, database: str) -> str:
         """No password in the URL: libpq reads PGPASSWORD."""
@@ -143,8 +185,9 @@ class Postgres:
     def query(self, sql: str, database: str = "optuna") -> list:
         import psycopg
 
-        with psycopg.connect(host="127.0.0.1", port=self.port, user=self.user, password=self.password,
-                             dbname=database, connect_timeout=5) as conn:
+        with psycopg.connect(
+            host="127.0.0.1", port=self.port, user=self.user, password=self.password, dbname=database, connect_timeout=5
+        ) as conn:
             return conn.execute(sql).fetchall()
 
 
@@ -172,11 +215,35 @@ def postgres():
         subprocess.run([*as_user, *cmd], check=True, capture_output=True, text=True, timeout=120)
 
     try:
-        run(str(bin_dir / "initdb"), "-D", str(data), "-U", pg.user, "--auth=scram-sha-256", f"--pwfile={pwfile}",
-            "-E", "UTF8", "--no-sync")
-        options = (f"-c listen_addresses=127.0.0.1 -p {pg.port} -k {folder} -c fsync=off "
-                   "-c synchronous_commit=off -c full_page_writes=off")
-        run(str(bin_dir / "pg_ctl"), "-D", str(data), "-o", options, "-l", str(folder / "log"), "-w", "-t", "60", "start")
+        run(
+            str(bin_dir / "initdb"),
+            "-D",
+            str(data),
+            "-U",
+            pg.user,
+            "--auth=scram-sha-256",
+            f"--pwfile={pwfile}",
+            "-E",
+            "UTF8",
+            "--no-sync",
+        )
+        options = (
+            f"-c listen_addresses=127.0.0.1 -p {pg.port} -k {folder} -c fsync=off "
+            "-c synchronous_commit=off -c full_page_writes=off"
+        )
+        run(
+            str(bin_dir / "pg_ctl"),
+            "-D",
+            str(data),
+            "-o",
+            options,
+            "-l",
+            str(folder / "log"),
+            "-w",
+            "-t",
+            "60",
+            "start",
+        )
         pg.ctl = [*as_user, str(bin_dir / "pg_ctl"), "-D", str(data), "-o", options, "-l", str(folder / "log")]
     except subprocess.CalledProcessError as e:
         shutil.rmtree(folder, ignore_errors=True)
@@ -184,14 +251,18 @@ def postgres():
     try:
         import psycopg
 
-        with psycopg.connect(host="127.0.0.1", port=pg.port, user=pg.user, password=pg.password, dbname="postgres",
-                             autocommit=True) as conn:
+        with psycopg.connect(
+            host="127.0.0.1", port=pg.port, user=pg.user, password=pg.password, dbname="postgres", autocommit=True
+        ) as conn:
             for database in ("mlflow", "optuna"):
                 conn.execute(f"CREATE DATABASE {database}")
         yield pg
     finally:
-        subprocess.run([*as_user, str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"],
-                       capture_output=True, timeout=60)
+        subprocess.run(
+            [*as_user, str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"],
+            capture_output=True,
+            timeout=60,
+        )
         shutil.rmtree(folder, ignore_errors=True)
 
 
@@ -205,10 +276,29 @@ def mlflow_server(postgres, tmp_path):
     env = {**os.environ, "PGPASSWORD": postgres.password}
     log = open(folder / "server.log", "w")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "2",
-         "--backend-store-uri", postgres.url("mlflow"), "--serve-artifacts",
-         "--artifacts-destination", str(folder / "mlartifacts")],
-        cwd=folder, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "2",
+            "--backend-store-uri",
+            postgres.url("mlflow"),
+            "--serve-artifacts",
+            "--artifacts-destination",
+            str(folder / "mlartifacts"),
+        ],
+        cwd=folder,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     uri = f"http://127.0.0.1:{port}"
     try:
         wait_until_healthy(uri, proc, folder / "server.log")
@@ -225,7 +315,8 @@ def mlflow_server(postgres, tmp_path):
 
 
 def test_two_sweeps_share_one_optuna_study_in_postgresql_and_log_to_an_mlflow_server(
-        tmp_path, postgres, mlflow_server, monkeypatch):
+    tmp_path, postgres, mlflow_server, monkeypatch
+):
     import mlflow
     import optuna
     import torch
@@ -234,10 +325,20 @@ def test_two_sweeps_share_one_optuna_study_in_postgresql_and_log_to_an_mlflow_se
 
     uri, artifacts = mlflow_server
     tree = make_tree(tmp_path / "tiles")
-    args = ["-m", "hpo=lr_search", "hydra/launcher=submitit_local", "hydra.launcher.cpus_per_task=1",
-            f"hydra.sweeper.storage={postgres.url('optuna')}", "hydra.sweeper.study_name=shared",
-            "hydra.sweeper.n_trials=6", "tracking=server", f"tracking.uri={uri}",
-            *FAST, "data=imagefolder", f"data.root={tree}"]
+    args = [
+        "-m",
+        "hpo=lr_search",
+        "hydra/launcher=submitit_local",
+        "hydra.launcher.cpus_per_task=1",
+        f"hydra.sweeper.storage={postgres.url('optuna')}",
+        "hydra.sweeper.study_name=shared",
+        "hydra.sweeper.n_trials=6",
+        "tracking=server",
+        f"tracking.uri={uri}",
+        *FAST,
+        "data=imagefolder",
+        f"data.root={tree}",
+    ]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "PGPASSWORD": postgres.password}
     env.pop("HYDRA_FULL_ERROR", None)
     sweeps = []
@@ -245,8 +346,15 @@ def test_two_sweeps_share_one_optuna_study_in_postgresql_and_log_to_an_mlflow_se
         cwd = tmp_path / machine
         cwd.mkdir()
         out = open(cwd / "sweep.log", "w")
-        sweeps.append((cwd, out, subprocess.Popen([sys.executable, str(TRAIN_PY), *args], cwd=cwd, env=env,
-                                                  stdout=out, stderr=subprocess.STDOUT)))
+        sweeps.append(
+            (
+                cwd,
+                out,
+                subprocess.Popen(
+                    [sys.executable, str(TRAIN_PY), *args], cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT
+                ),
+            )
+        )
     try:
         for cwd, out, proc in sweeps:
             proc.wait(timeout=400)
@@ -298,15 +406,21 @@ def test_two_sweeps_share_one_optuna_study_in_postgresql_and_log_to_an_mlflow_se
 
     previous = mlflow.get_tracking_uri()
     try:
-        assert connect(OmegaConf.create({"uri": postgres.url("mlflow"), "experiment": "resnet-sweep"})) \
+        assert (
+            connect(OmegaConf.create({"uri": postgres.url("mlflow"), "experiment": "resnet-sweep"}))
             == experiment.experiment_id
+        )
     finally:
         mlflow.set_tracking_uri(previous)
 
     # downloadable through the server
     done = next(r for r in children if r.info.status == "FINISHED")
-    path = mlflow.artifacts.download_artifacts(run_id=done.info.run_id, artifact_path="checkpoint/best.pt",
-                                               dst_path=str(tmp_path / "download"), tracking_uri=uri)
+    path = mlflow.artifacts.download_artifacts(
+        run_id=done.info.run_id,
+        artifact_path="checkpoint/best.pt",
+        dst_path=str(tmp_path / "download"),
+        tracking_uri=uri,
+    )
     assert torch.load(path, weights_only=True)["backbone"]
 
 
@@ -316,9 +430,22 @@ def test_two_sweeps_share_one_optuna_study_in_postgresql_and_log_to_an_mlflow_se
 def outage_args(postgres, tree, *more):
     # the naive loop on 56-px crops, 2 epochs (after epoch 0, the untrained model): trials slow
     # enough to be caught training, each reporting epochs 0, 1, 2 to its trial
-    return ["-m", "hpo=lr_search", f"hydra.sweeper.storage={postgres.url('optuna')}", "hydra.sweeper.study_name=outage",
-            "hydra.sweeper.n_trials=2", "hydra.sweeper.pruner=null", *FAST, "data=imagefolder", f"data.root={tree}",
-            "backbone.crop_size=56", "trainer.max_epochs=2", "trainer.patience=null", "trainer.feature_bank=off", *more]
+    return [
+        "-m",
+        "hpo=lr_search",
+        f"hydra.sweeper.storage={postgres.url('optuna')}",
+        "hydra.sweeper.study_name=outage",
+        "hydra.sweeper.n_trials=2",
+        "hydra.sweeper.pruner=null",
+        *FAST,
+        "data=imagefolder",
+        f"data.root={tree}",
+        "backbone.crop_size=56",
+        "trainer.max_epochs=2",
+        "trainer.patience=null",
+        "trainer.feature_bank=off",
+        *more,
+    ]
 
 
 def outage_tree(tmp_path):
@@ -344,8 +471,9 @@ def sweep_in_background(cwd: Path, postgres: Postgres, args: list[str]):
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "PGPASSWORD": postgres.password}
     env.pop("HYDRA_FULL_ERROR", None)
     with open(cwd / "stdout.log", "w") as out, open(cwd / "stderr.log", "w") as err:
-        proc = subprocess.Popen([sys.executable, str(TRAIN_PY), *args], cwd=cwd, env=env, stdout=out, stderr=err,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            [sys.executable, str(TRAIN_PY), *args], cwd=cwd, env=env, stdout=out, stderr=err, start_new_session=True
+        )
         try:
             yield Sweep(proc, cwd)
         finally:
@@ -356,8 +484,10 @@ def sweep_in_background(cwd: Path, postgres: Postgres, args: list[str]):
 
 def epochs_reported(postgres: Postgres, trial_number: int) -> int:
     try:
-        return postgres.query("select count(*) from trials t join trial_intermediate_values v on v.trial_id = t.trial_id"
-                              f" where t.number = {trial_number}")[0][0]
+        return postgres.query(
+            "select count(*) from trials t join trial_intermediate_values v on v.trial_id = t.trial_id"
+            f" where t.number = {trial_number}"
+        )[0][0]
     except Exception:  # the tables do not exist yet
         return 0
 
@@ -381,9 +511,9 @@ def test_a_database_restart_and_a_12s_outage_mid_trial_cost_no_trial(tmp_path, p
     args = outage_args(postgres, outage_tree(tmp_path), "hydra.sweeper.storage_retry_s=60")
     with sweep_in_background(tmp_path, postgres, args) as sweep:
         wait_for(sweep, lambda: epochs_reported(postgres, 0) >= 1)
-        postgres.pg_ctl("restart", "-m", "fast")         # trial 0 is training
+        postgres.pg_ctl("restart", "-m", "fast")  # trial 0 is training
         wait_for(sweep, lambda: epochs_reported(postgres, 1) >= 1)
-        postgres.pg_ctl("stop", "-m", "fast")            # trial 1 is training
+        postgres.pg_ctl("stop", "-m", "fast")  # trial 1 is training
         time.sleep(12)
         postgres.pg_ctl("start")
         sweep.proc.wait(timeout=400)
@@ -394,16 +524,19 @@ def test_a_database_restart_and_a_12s_outage_mid_trial_cost_no_trial(tmp_path, p
     warnings = [line for line in log.splitlines() if "is unreachable" in line]
     assert 1 <= len(warnings) <= 2, warnings  # one line per outage (the restart may go unnoticed)
     trials = optuna_study(postgres, monkeypatch).trials
-    assert [t.state.name for t in trials] == ["COMPLETE"] * 2, [(t.number, t.state.name, t.system_attrs) for t in trials]
+    assert [t.state.name for t in trials] == ["COMPLETE"] * 2, [
+        (t.number, t.state.name, t.system_attrs) for t in trials
+    ]
     assert all(sorted(t.intermediate_values) == [0, 1, 2] for t in trials), "every epoch reached its trial"
 
 
 def test_a_database_down_past_the_retry_time_stops_the_sweep_in_one_line_and_the_same_command_resumes(
-        tmp_path, postgres, monkeypatch):
+    tmp_path, postgres, monkeypatch
+):
     args = outage_args(postgres, outage_tree(tmp_path), "hydra.sweeper.storage_retry_s=3")
     with sweep_in_background(tmp_path, postgres, args) as sweep:
         wait_for(sweep, lambda: epochs_reported(postgres, 0) >= 1)
-        postgres.pg_ctl("stop", "-m", "fast")            # trial 0 is training; the database stays down
+        postgres.pg_ctl("stop", "-m", "fast")  # trial 0 is training; the database stays down
         stopped = time.monotonic()
         sweep.proc.wait(timeout=120)
         waited = time.monotonic() - stopped
@@ -414,7 +547,8 @@ def test_a_database_down_past_the_retry_time_stops_the_sweep_in_one_line_and_the
         rf"hydra\.sweeper\.storage=postgresql://sweep@127\.0\.0\.1:{postgres.port}/optuna: the Optuna storage is "
         r"unreachable for 3 s \(.+\); the study and its finished trials are kept: once the database is back, "
         r"re-run the same command to resume \(hydra\.sweeper\.storage_retry_s=3 is how long a sweep waits\)",
-        last), stderr[-4000:]
+        last,
+    ), stderr[-4000:]
     assert "Traceback" not in sweep.log
     assert waited < 60, waited
     [parent] = mlflow_runs(tmp_path).parents

@@ -8,10 +8,10 @@ import shutil
 from pathlib import Path
 
 import pytest
+from conftest import FAST, REPO, make_tree, run_train
 from hydra import compose, initialize_config_dir
 from PIL import Image
 
-from conftest import FAST, REPO, make_tree, run_train
 from resnet_sweep import data, demo_data
 
 
@@ -52,8 +52,9 @@ def break_small_image(root: Path):
     return [str(small), "is 20x30, smaller than the 32x32 crop; set backbone.crop_size<=20 or backbone.resize=32"]
 
 
-@pytest.mark.parametrize("breaker", [break_missing_split, break_one_class, break_class_names,
-                                     break_empty_class, break_small_image])
+@pytest.mark.parametrize(
+    "breaker", [break_missing_split, break_one_class, break_class_names, break_empty_class, break_small_image]
+)
 def test_bad_tree_gives_a_one_line_error_naming_the_path(tmp_path, breaker):
     root = make_tree(tmp_path / "tiles")
     fragments = breaker(root)
@@ -73,8 +74,11 @@ def test_hidden_files_are_ignored(tmp_path):
 
 def demo_cfg(tmp_path, **over):
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        cfg = compose("train", overrides=[f"data.cache_dir={tmp_path}", "data.tiles_per_slide=2"]
-                      + [f"data.{k}={v}" for k, v in over.items()])
+        cfg = compose(
+            "train",
+            overrides=[f"data.cache_dir={tmp_path}", "data.tiles_per_slide=2"]
+            + [f"data.{k}={v}" for k, v in over.items()],
+        )
     return cfg.data
 
 
@@ -112,8 +116,16 @@ def test_default_demo_size_is_about_160_40_40(tmp_path):
 
 def test_dataset_normalisation_is_computed_on_train_and_cached(tmp_path, tiny_tree):
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        cfg = compose("train", overrides=[*FAST, "data=imagefolder", f"data.root={tiny_tree}",
-                                          "data.normalize=dataset", f"data.cache_dir={tmp_path / 'c'}"])
+        cfg = compose(
+            "train",
+            overrides=[
+                *FAST,
+                "data=imagefolder",
+                f"data.root={tiny_tree}",
+                "data.normalize=dataset",
+                f"data.cache_dir={tmp_path / 'c'}",
+            ],
+        )
     splits = data.build(cfg.data, cfg.trainer, crop_size=32)
     # reddish class: channel 0 in 120..240, others 0..120 and vice versa: mean of R and B ~ 0.47
     assert splits.mean[0] == pytest.approx(splits.mean[2], abs=0.05)
@@ -129,10 +141,14 @@ def test_stats_is_the_mean_and_std_of_every_training_pixel_as_dataset_normalisat
     from resnet_sweep import cli
 
     root = make_tree(tmp_path / "tiles")
-    (root / "train" / ".trash").mkdir()   # not a class folder: training ignores it, so must stats
+    (root / "train" / ".trash").mkdir()  # not a class folder: training ignores it, so must stats
     Image.new("RGB", (40, 40), "white").save(root / "train" / ".trash" / "old.png")
-    pixels = np.concatenate([np.asarray(Image.open(p).convert("RGB"), dtype=np.float64).reshape(-1, 3) / 255
-                             for p in sorted((root / "train").glob("*_class/*.png"))])
+    pixels = np.concatenate(
+        [
+            np.asarray(Image.open(p).convert("RGB"), dtype=np.float64).reshape(-1, 3) / 255
+            for p in sorted((root / "train").glob("*_class/*.png"))
+        ]
+    )
     assert cli.main(["stats", str(root)]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0] == f"12 images under {root / 'train'}"
@@ -140,9 +156,9 @@ def test_stats_is_the_mean_and_std_of_every_training_pixel_as_dataset_normalisat
     assert out[2] == "std:  [" + ", ".join(f"{v:.4f}" for v in pixels.std(0)) + "]"
 
     _, files, _ = data.scan_tree(root, 32)
-    mean, std = data.dataset_stats(files["train"], tmp_path / "c")   # what data.normalize=dataset uses
+    mean, std = data.dataset_stats(files["train"], tmp_path / "c")  # what data.normalize=dataset uses
     assert mean == pytest.approx(pixels.mean(0), abs=1e-6) and std == pytest.approx(pixels.std(0), abs=1e-6)
-    streamed = data.channel_stats(iter(files["train"]))   # any iterable: one image at a time
+    streamed = data.channel_stats(iter(files["train"]))  # any iterable: one image at a time
     assert streamed == (mean, std)
 
 
@@ -167,7 +183,9 @@ def add_bad_and_convertible_images(root: Path) -> tuple[list[Path], list[Path]]:
     Image.fromarray(rgb).convert("L").save(folder / "grey.png")
     Image.fromarray(rgb).convert("P", palette=Image.ADAPTIVE).save(folder / "palette.png")
     Image.fromarray(rgb).convert("RGBA").save(folder / "rgba.png")
-    Image.fromarray((np.random.default_rng(2).integers(0, 65535, (40, 48))).astype(np.uint16)).save(folder / "sixteen.png")
+    Image.fromarray((np.random.default_rng(2).integers(0, 65535, (40, 48))).astype(np.uint16)).save(
+        folder / "sixteen.png"
+    )
     Image.fromarray(rgb).convert("CMYK").save(folder / "cmyk.jpg")
     exif = Image.Exif()
     exif[0x0112] = 6  # rotate 90 degrees when shown
@@ -183,29 +201,41 @@ def test_bad_images_are_named_all_at_once_on_one_line_grouped_by_reason(tmp_path
     bad, _ = add_bad_and_convertible_images(root)
     proc = run_train(tmp_path, *FAST, "data=imagefolder", f"data.root={root}", check=False)
     last = assert_one_line_error(
-        proc, f"data.root={root}: 4 bad images: 3 files cannot be read as images (train/a_class/corrupt.png (",
+        proc,
+        f"data.root={root}: 4 bad images: 3 files cannot be read as images (train/a_class/corrupt.png (",
         "): fix or remove them; 1 file is empty (zero bytes: train/a_class/empty.jpg): remove it; "
-        "or set data.on_bad_image=skip to leave them all out")
+        "or set data.on_bad_image=skip to leave them all out",
+    )
     for path in bad:
         assert path.relative_to(root).as_posix() in last
-    assert sum(str(root) in line for line in proc.stderr.splitlines()) == 1   # not one line per file
+    assert sum(str(root) in line for line in proc.stderr.splitlines()) == 1  # not one line per file
     assert ".DS_Store" not in proc.stderr and "._grey" not in proc.stderr
 
 
 def test_images_smaller_than_the_crop_are_one_line_with_count_examples_and_both_fixes(tmp_path):
-    root = make_tree(tmp_path / "tiles")   # 24 tiles of 40x40
+    root = make_tree(tmp_path / "tiles")  # 24 tiles of 40x40
     cache = tmp_path / "cache"
     fast = [a for a in FAST if not a.startswith("backbone.crop_size=")]
-    proc = run_train(tmp_path, *fast, "backbone.crop_size=64", "data=imagefolder", f"data.root={root}",
-                     f"data.cache_dir={cache}", check=False)
+    proc = run_train(
+        tmp_path,
+        *fast,
+        "backbone.crop_size=64",
+        "data=imagefolder",
+        f"data.root={root}",
+        f"data.cache_dir={cache}",
+        check=False,
+    )
     last = assert_one_line_error(
-        proc, f"data.root={root}: 24 images are smaller than the 64x64 crop (e.g. train/a_class/img0.png 40x40, "
+        proc,
+        f"data.root={root}: 24 images are smaller than the 64x64 crop (e.g. train/a_class/img0.png 40x40, "
         "train/a_class/img1.png 40x40, train/a_class/img2.png 40x40, ...); set backbone.crop_size<=40 or "
-        "backbone.resize=64, or set data.on_bad_image=skip (all 24 listed in ")
-    assert sum(str(root) in line for line in proc.stderr.splitlines()) == 1   # not 24 more
+        "backbone.resize=64, or set data.on_bad_image=skip (all 24 listed in ",
+    )
+    assert sum(str(root) in line for line in proc.stderr.splitlines()) == 1  # not 24 more
     listed = Path(re.search(r"all 24 listed in (\S+)\)$", last)[1])
     assert sorted(line.split("\t")[0] for line in listed.read_text().splitlines()) == sorted(
-        str(p) for p in root.rglob("*.png"))
+        str(p) for p in root.rglob("*.png")
+    )
     # either fix the line gives works
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         cfg = compose("train", overrides=[*fast, "data=imagefolder", f"data.root={root}", f"data.cache_dir={cache}"])

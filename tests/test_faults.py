@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import FAST, REPO, TRAIN_PY, client_for, make_tree, mlflow_runs, run_train, wait_until_healthy
 
 
@@ -24,8 +23,15 @@ def data_args(tree, *more):
 
 def slow_args(tree, *more):
     """The naive loop on 56-px crops: a few seconds per job, slow enough to act between epochs."""
-    return data_args(tree, "backbone.crop_size=56", "trainer.max_epochs=4", "trainer.patience=null",
-                     "trainer.feature_bank=off", "optimizer.lr=1e-2", *more)
+    return data_args(
+        tree,
+        "backbone.crop_size=56",
+        "trainer.max_epochs=4",
+        "trainer.patience=null",
+        "trainer.feature_bank=off",
+        "optimizer.lr=1e-2",
+        *more,
+    )
 
 
 def resume_epoch(cwd: Path) -> int:
@@ -39,9 +45,15 @@ def resume_epoch(cwd: Path) -> int:
 
 
 def start(cwd: Path, *args, env=None) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, str(TRAIN_PY), *args], cwd=cwd, start_new_session=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, str(TRAIN_PY), *args],
+        cwd=cwd,
+        start_new_session=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def wait_for_epoch(cwd: Path, proc: subprocess.Popen, epoch: int, timeout: float = 300) -> None:
@@ -60,16 +72,25 @@ def history_steps(cwd: Path, run, key="valid/loss", client=None) -> list[int]:
 # ---------------------------------------------------------------------------------------------- 1, 12
 
 
-@pytest.mark.parametrize("args, message", [
-    (["-m", "data.root={tree}", "optimizer.lr=1e-3,2e-3"],
-     "data.root={tree} is set, but data=demo trains on the embedded demo data; add data=imagefolder"),
-    (["-m", "data=imagefolder", "data.root={tree}", "optimizer.lr=1e-3,abc"],
-     "optimizer.lr=abc: the learning rate must be a number > 0"),
-    (["data=imagefolder", "data.root={tree}", "optimizer.momentum=abc"], "optimizer.momentum=abc: "),
-    (["-m", "data=imagefolder", "optimizer.lr=1e-3,1e-2"], "data=imagefolder needs data.root"),
-    (["data=imagefolder", "data.root={tree}", "objective=valid/balanced_acc"],
-     "objective=valid/balanced_acc: the sweep objective is a validation metric measured every epoch"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (
+            ["-m", "data.root={tree}", "optimizer.lr=1e-3,2e-3"],
+            "data.root={tree} is set, but data=demo trains on the embedded demo data; add data=imagefolder",
+        ),
+        (
+            ["-m", "data=imagefolder", "data.root={tree}", "optimizer.lr=1e-3,abc"],
+            "optimizer.lr=abc: the learning rate must be a number > 0",
+        ),
+        (["data=imagefolder", "data.root={tree}", "optimizer.momentum=abc"], "optimizer.momentum=abc: "),
+        (["-m", "data=imagefolder", "optimizer.lr=1e-3,1e-2"], "data=imagefolder needs data.root"),
+        (
+            ["data=imagefolder", "data.root={tree}", "objective=valid/balanced_acc"],
+            "objective=valid/balanced_acc: the sweep objective is a validation metric measured every epoch",
+        ),
+    ],
+)
 def test_config_mistakes_are_one_line_before_anything_is_created(tmp_path, tiny_tree, args, message):
     work = tmp_path / "work"
     work.mkdir()
@@ -135,8 +156,9 @@ def test_two_sweeps_at_once_in_a_new_folder_share_the_store_and_say_what_ran_els
 
 
 def test_a_run_that_never_improves_on_epoch_0_is_flagged(tmp_path, tiny_tree):
-    proc = run_train(tmp_path, "-m", *data_args(tiny_tree, "trainer.max_epochs=2", "objective=valid/acc"),
-                     "optimizer.lr=1e-9,1e-2")
+    proc = run_train(
+        tmp_path, "-m", *data_args(tiny_tree, "trainer.max_epochs=2", "objective=valid/acc"), "optimizer.lr=1e-9,1e-2"
+    )
     runs = {r.data.params["optimizer.lr"]: r for r in mlflow_runs(tmp_path).children}
     flat = runs["1e-09"]
     assert flat.data.tags["never_improved"] == "true" and flat.data.metrics["best_epoch"] == 0
@@ -150,8 +172,10 @@ def test_a_run_that_never_improves_on_epoch_0_is_flagged(tmp_path, tiny_tree):
 # ---------------------------------------------------------------------------------------------- 9
 
 
-@pytest.mark.parametrize("sig, loader", [(signal.SIGTERM, ["data.tile_store=auto"]),
-                                         (signal.SIGINT, ["data.tile_store=off", "trainer.num_workers=2"])])
+@pytest.mark.parametrize(
+    "sig, loader",
+    [(signal.SIGTERM, ["data.tile_store=auto"]), (signal.SIGINT, ["data.tile_store=off", "trainer.num_workers=2"])],
+)
 def test_a_signal_stops_the_sweep_cleanly_and_the_rerun_resumes(tmp_path, sig, loader):
     """SIGTERM while reading the tile store (its gather thread); Ctrl-C with PIL DataLoader workers."""
     tree = make_tree(tmp_path / "tiles", per_class=(24, 6, 6), size=64)
@@ -240,10 +264,28 @@ class Server:
     def start(self):
         log = open(self.folder / "server.log", "a")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port),
-             "--workers", "1", "--backend-store-uri", "sqlite:///mlflow.db", "--serve-artifacts",
-             "--artifacts-destination", str(self.folder / "mlartifacts")],
-            cwd=self.folder, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            [
+                sys.executable,
+                "-m",
+                "mlflow",
+                "server",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--workers",
+                "1",
+                "--backend-store-uri",
+                "sqlite:///mlflow.db",
+                "--serve-artifacts",
+                "--artifacts-destination",
+                str(self.folder / "mlartifacts"),
+            ],
+            cwd=self.folder,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         wait_until_healthy(self.uri, self.proc, self.folder / "server.log")
 
     def kill(self):
@@ -292,8 +334,11 @@ def test_a_tracking_server_outage_is_waited_out_or_interrupts_without_losing_epo
         out, err = rerun.communicate(timeout=300)
         assert rerun.returncode == 0, err[-3000:]
         assert f"at epoch {saved + 1}" in out + err  # resumed after the last saved epoch, nothing retrained
-        runs = [r for r in client.search_runs([client.get_experiment_by_name("resnet-sweep").experiment_id])
-                if r.data.params.get("seed") == "1"]
+        runs = [
+            r
+            for r in client.search_runs([client.get_experiment_by_name("resnet-sweep").experiment_id])
+            if r.data.params.get("seed") == "1"
+        ]
         assert len(runs) == 1 and runs[0].info.status == "FINISHED"
         assert history_steps(long, runs[0], client=client) == [0, 1, 2, 3, 4]
     finally:

@@ -11,18 +11,26 @@ import time
 import numpy as np
 import pytest
 import torch
+from conftest import FAST, REPO, TRAIN_PY, client_for, make_tree, mlflow_runs, run_train
 from hydra import compose, initialize_config_dir
 from PIL import Image
-from torchvision.transforms import functional as TF
 
-from conftest import FAST, REPO, TRAIN_PY, client_for, make_tree, mlflow_runs, run_train
 from resnet_sweep import data, features, models
 
 
 def cfg_for(tree, cache, *more):
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        return compose("train", overrides=[*FAST, "data=imagefolder", f"data.root={tree}",
-                                           f"data.cache_dir={cache}", "trainer.bank_views=3", *more])
+        return compose(
+            "train",
+            overrides=[
+                *FAST,
+                "data=imagefolder",
+                f"data.root={tree}",
+                f"data.cache_dir={cache}",
+                "trainer.bank_views=3",
+                *more,
+            ],
+        )
 
 
 def build_bank(cfg):
@@ -65,8 +73,19 @@ def test_the_bank_does_not_depend_on_how_crops_are_batched(tmp_path, tiny_tree):
     files, labels = features.samples_of(splits)
     out = tmp_path / "batches-of-5"
     out.mkdir()
-    stats = features.extract(built.model.backbone, files, labels, splits.crop_size, splits.mean, splits.std, 3,
-                             splits.crop_seed, torch.device("cpu"), out, batch_size=5)
+    stats = features.extract(
+        built.model.backbone,
+        files,
+        labels,
+        splits.crop_size,
+        splits.mean,
+        splits.std,
+        3,
+        splits.crop_seed,
+        torch.device("cpu"),
+        out,
+        batch_size=5,
+    )
     assert stats["crops"] == bank.meta["crops"] == 3 * 12 + 6 + 6
     for split in data.SPLITS:
         small = torch.from_numpy(np.load(out / f"{split}.npy").astype(np.float32)).flatten(0, -2)
@@ -94,9 +113,23 @@ def test_two_concurrent_jobs_build_one_bank(tmp_path, tiny_tree):
     cache = tmp_path / "cache"
     args = [*FAST, "data=imagefolder", f"data.root={tiny_tree}", f"data.cache_dir={cache}"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    procs = [subprocess.Popen([sys.executable, str(TRAIN_PY), *args, f"tracking.uri=sqlite:///{tmp_path}/m{i}.db",
-                               f"hydra.run.dir={tmp_path}/out{i}"], cwd=tmp_path, env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                str(TRAIN_PY),
+                *args,
+                f"tracking.uri=sqlite:///{tmp_path}/m{i}.db",
+                f"hydra.run.dir={tmp_path}/out{i}",
+            ],
+            cwd=tmp_path,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in range(2)
+    ]
     outputs = [p.communicate(timeout=600)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), outputs
     banks = [d for d in (cache / "features").iterdir() if d.is_dir() and not d.name.startswith(".")]
@@ -105,8 +138,14 @@ def test_two_concurrent_jobs_build_one_bank(tmp_path, tiny_tree):
 
 
 def test_full_finetune_never_uses_the_bank(tmp_path, tiny_tree):
-    run_train(tmp_path, *FAST, "data=imagefolder", f"data.root={tiny_tree}", "backbone.freeze=none",
-              f"data.cache_dir={tmp_path / 'cache'}")
+    run_train(
+        tmp_path,
+        *FAST,
+        "data=imagefolder",
+        f"data.root={tiny_tree}",
+        "backbone.freeze=none",
+        f"data.cache_dir={tmp_path / 'cache'}",
+    )
     run = mlflow_runs(tmp_path).all[0]
     assert "feature_bank" not in run.data.tags
     assert not (tmp_path / "cache" / "features").exists()
@@ -116,10 +155,23 @@ def test_a_banked_run_logs_the_same_metrics_and_a_loadable_full_model(tmp_path, 
     """... and with bank_views >= max_epochs it trains on the naive loop's crops in its order: same curves."""
     import mlflow
 
-    run_train(tmp_path, *FAST, "data=imagefolder", f"data.root={tiny_tree}", "trainer.max_epochs=2",
-              f"data.cache_dir={tmp_path / 'cache'}")
-    run_train(tmp_path, *FAST, "data=imagefolder", f"data.root={tiny_tree}", "trainer.max_epochs=2",
-              f"data.cache_dir={tmp_path / 'cache'}", "trainer.feature_bank=off")
+    run_train(
+        tmp_path,
+        *FAST,
+        "data=imagefolder",
+        f"data.root={tiny_tree}",
+        "trainer.max_epochs=2",
+        f"data.cache_dir={tmp_path / 'cache'}",
+    )
+    run_train(
+        tmp_path,
+        *FAST,
+        "data=imagefolder",
+        f"data.root={tiny_tree}",
+        "trainer.max_epochs=2",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        "trainer.feature_bank=off",
+    )
     runs = mlflow_runs(tmp_path).all
     banked = next(r for r in runs if "feature_bank" in r.data.tags)
     naive = next(r for r in runs if "feature_bank" not in r.data.tags)
@@ -131,8 +183,11 @@ def test_a_banked_run_logs_the_same_metrics_and_a_loadable_full_model(tmp_path, 
         n = [m.value for m in client.get_metric_history(naive.info.run_id, name)]
         assert np.allclose(b, n, rtol=0.02, atol=0.01), (name, b, n)
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    logged = mlflow.search_logged_models(experiment_ids=[banked.info.experiment_id],
-                                         filter_string=f"source_run_id = '{banked.info.run_id}'", output_format="list")
+    logged = mlflow.search_logged_models(
+        experiment_ids=[banked.info.experiment_id],
+        filter_string=f"source_run_id = '{banked.info.run_id}'",
+        output_format="list",
+    )
     model = mlflow.pytorch.load_model(logged[0].model_uri)
     assert sum(p.numel() for p in model.parameters()) > 11_000_000  # backbone + head, not the head alone
     probs = model(torch.zeros(2, 3, 32, 32))
@@ -144,8 +199,16 @@ def test_bank_is_fp16_and_falls_back_to_fp32_when_features_overflow_it(tmp_path,
     assert small.array("train").dtype == np.float16 and small.meta["dtype"] == "float16"
     # a randomly initialised ResNet101 (BatchNorm at identity) on 224 crops gives features beyond 65504
     big = make_tree(tmp_path / "big", per_class=(2, 1, 1), size=224)
-    deep, _, _ = build_bank(cfg_for(big, tmp_path / "cache", "backbone=resnet101", "backbone.weights=none",
-                                    "backbone.crop_size=224", "trainer.bank_views=1"))
+    deep, _, _ = build_bank(
+        cfg_for(
+            big,
+            tmp_path / "cache",
+            "backbone=resnet101",
+            "backbone.weights=none",
+            "backbone.crop_size=224",
+            "trainer.bank_views=1",
+        )
+    )
     assert deep.meta["max_abs"] > 65504 and deep.meta["dtype"] == "float32"
     assert np.isfinite(np.asarray(deep.array("train"))).all()
 
@@ -169,8 +232,13 @@ def damage_lines(proc):
 def test_a_bank_changed_in_place_is_reported_in_one_line_and_rebuilt_not_read(tmp_path, tiny_tree):
     """Same size, other bytes (the issue: test acc 0.70 instead of 0.925, FINISHED): the next job
     says so in one warning line, rebuilds the bank and gets the undamaged bank's test metrics."""
-    args = [*FAST, "data=imagefolder", f"data.root={tiny_tree}", f"data.cache_dir={tmp_path / 'cache'}",
-            "trainer.resume=false"]  # the same job again, not skipped as finished
+    args = [
+        *FAST,
+        "data=imagefolder",
+        f"data.root={tiny_tree}",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        "trainer.resume=false",
+    ]  # the same job again, not skipped as finished
     run_train(tmp_path, *args)
     target = bank_folder(tmp_path / "cache") / "test.npy"
     original, size = target.read_bytes(), target.stat().st_size
@@ -191,8 +259,13 @@ def test_a_bank_changed_in_place_is_reported_in_one_line_and_rebuilt_not_read(tm
 def test_a_truncated_bank_is_rebuilt_and_the_jobs_after_it_work(tmp_path, tiny_tree):
     """Truncated (an interrupted copy, a full disk): not 'mmap length is greater than file size' in
     every later job until the cache folder is deleted by hand, but one warning and one rebuild."""
-    args = [*FAST, "data=imagefolder", f"data.root={tiny_tree}", f"data.cache_dir={tmp_path / 'cache'}",
-            "trainer.resume=false"]  # the same job again, not skipped as finished
+    args = [
+        *FAST,
+        "data=imagefolder",
+        f"data.root={tiny_tree}",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        "trainer.resume=false",
+    ]  # the same job again, not skipped as finished
     run_train(tmp_path, *args)
     target = bank_folder(tmp_path / "cache") / "train.npy"
     size = target.stat().st_size
@@ -212,15 +285,23 @@ def _stray(folder):
     (folder / "train.f32.npy").write_bytes(b"left over")
 
 
-@pytest.mark.parametrize("damage, says", [
-    (lambda folder: os.truncate(folder / "valid.npy", 100), "valid.npy is 100 bytes, not "),
-    (lambda folder: (folder / "test_labels.npy").unlink(), "test_labels.npy is missing"),
-    (_stray, "train.f32.npy is not part of it"),
-    (lambda folder: (folder / "meta.json").write_text('{"key": "x", "vie'), "meta.json is unreadable"),
-    (lambda folder: (folder / "meta.json").unlink(), "meta.json is missing"),
-    (lambda folder: (folder / "meta.json").write_text((folder / "meta.json").read_text().replace(
-        '"views": 3', '"views": 2')), "meta.json does not match its checksum"),
-], ids=["truncated", "missing", "extra", "meta-unreadable", "meta-missing", "meta-changed"])
+@pytest.mark.parametrize(
+    "damage, says",
+    [
+        (lambda folder: os.truncate(folder / "valid.npy", 100), "valid.npy is 100 bytes, not "),
+        (lambda folder: (folder / "test_labels.npy").unlink(), "test_labels.npy is missing"),
+        (_stray, "train.f32.npy is not part of it"),
+        (lambda folder: (folder / "meta.json").write_text('{"key": "x", "vie'), "meta.json is unreadable"),
+        (lambda folder: (folder / "meta.json").unlink(), "meta.json is missing"),
+        (
+            lambda folder: (folder / "meta.json").write_text(
+                (folder / "meta.json").read_text().replace('"views": 3', '"views": 2')
+            ),
+            "meta.json does not match its checksum",
+        ),
+    ],
+    ids=["truncated", "missing", "extra", "meta-unreadable", "meta-missing", "meta-changed"],
+)
 def test_any_damage_to_a_bank_is_one_warning_and_a_rebuild(tmp_path, tiny_tree, caplog, damage, says):
     cfg = cfg_for(tiny_tree, tmp_path / "cache")
     first, _, _ = build_bank(cfg)
@@ -258,9 +339,16 @@ print(applied, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 def test_jobs_reuse_freed_memory_instead_of_page_faulting_it_again(tmp_path):
     """engine.keep_freed_memory (called by every job): 100 MB tensors allocated 10 times page-fault
     about once, not 10 times; RESNET_SWEEP_MALLOC=default keeps glibc's behaviour."""
+
     def faults(env):
-        out = subprocess.run([sys.executable, "-c", FAULTS], cwd=REPO, env={**os.environ, **env},
-                             capture_output=True, text=True, check=True).stdout.split()
+        out = subprocess.run(
+            [sys.executable, "-c", FAULTS],
+            cwd=REPO,
+            env={**os.environ, **env},
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.split()
         return out[0] == "True", int(out[1])
 
     applied, kept = faults({})

@@ -6,10 +6,10 @@ import math
 
 import pytest
 import torch
+from conftest import FAST, REPO, client_for, make_tree, mlflow_runs, run_train
 from hydra import compose, initialize_config_dir
 
 import resnet_sweep.resolvers  # noqa: F401  (rs.* resolvers used by the configs)
-from conftest import FAST, REPO, client_for, make_tree, mlflow_runs, run_train
 from resnet_sweep import engine, models
 from resnet_sweep.errors import UserError
 
@@ -19,8 +19,8 @@ HEAD = 513
 COUNTS = {
     "all": HEAD,
     "none": 11_176_512 + HEAD,
-    "last_n=1": 1_024 + HEAD,                  # layer4.1.bn2
-    "last_n=2": 1_024 + 2_359_296 + HEAD,      # + layer4.1.conv2
+    "last_n=1": 1_024 + HEAD,  # layer4.1.bn2
+    "last_n=2": 1_024 + 2_359_296 + HEAD,  # + layer4.1.conv2
     "stages=[layer4]": 8_393_728 + HEAD,
 }
 OVERRIDES = {
@@ -62,8 +62,13 @@ def test_unknown_stage_and_bad_unfreeze_are_one_line_errors(tmp_path, tiny_tree)
 
 
 def test_backbone_lr_scale_puts_two_lrs_in_the_optimizer_and_the_run_logs_both(tmp_path, tiny_tree):
-    cfg = cfg_with("backbone.freeze=stages", "backbone.stages=[layer4]", "optimizer=adam", "optimizer.lr=1e-3",
-                   "optimizer.backbone_lr_scale=0.1")
+    cfg = cfg_with(
+        "backbone.freeze=stages",
+        "backbone.stages=[layer4]",
+        "optimizer=adam",
+        "optimizer.lr=1e-3",
+        "optimizer.backbone_lr_scale=0.1",
+    )
     optimizer = engine.make_optimizer(cfg.optimizer, models.build(cfg.backbone, cfg.head).model)
     assert [(g["name"], g["lr"]) for g in optimizer.param_groups] == [("head", 1e-3), ("backbone", pytest.approx(1e-4))]
     assert sum(p.numel() for p in optimizer.param_groups[1]["params"]) == 8_393_728
@@ -71,8 +76,17 @@ def test_backbone_lr_scale_puts_two_lrs_in_the_optimizer_and_the_run_logs_both(t
     cfg = cfg_with("optimizer.backbone_lr_scale=0.1")
     assert len(engine.make_optimizer(cfg.optimizer, models.build(cfg.backbone, cfg.head).model).param_groups) == 1
 
-    run_train(tmp_path, *FAST, "data=imagefolder", f"data.root={tiny_tree}", "backbone.freeze=last_n",
-              "backbone.unfreeze=2", "optimizer.lr=1e-3", "optimizer.backbone_lr_scale=0.1", "trainer.max_epochs=2")
+    run_train(
+        tmp_path,
+        *FAST,
+        "data=imagefolder",
+        f"data.root={tiny_tree}",
+        "backbone.freeze=last_n",
+        "backbone.unfreeze=2",
+        "optimizer.lr=1e-3",
+        "optimizer.backbone_lr_scale=0.1",
+        "trainer.max_epochs=2",
+    )
     run = mlflow_runs(tmp_path).all[0]
     client = client_for(tmp_path)
     assert [m.value for m in client.get_metric_history(run.info.run_id, "lr/head")] == [1e-3] * 3
@@ -82,31 +96,46 @@ def test_backbone_lr_scale_puts_two_lrs_in_the_optimizer_and_the_run_logs_both(t
 
 
 def lr_curve(cwd, run):
-    return [m.value for m in sorted(client_for(cwd).get_metric_history(run.info.run_id, "lr/head"), key=lambda m: m.step)]
+    return [
+        m.value for m in sorted(client_for(cwd).get_metric_history(run.info.run_id, "lr/head"), key=lambda m: m.step)
+    ]
 
 
 def test_each_scheduler_logs_its_lr_curve(tmp_path, tiny_tree):
-    common = [*FAST, "data=imagefolder", f"data.root={tiny_tree}", "optimizer.lr=0.01", "trainer.max_epochs=5",
-              "trainer.patience=null"]
+    common = [
+        *FAST,
+        "data=imagefolder",
+        f"data.root={tiny_tree}",
+        "optimizer.lr=0.01",
+        "trainer.max_epochs=5",
+        "trainer.patience=null",
+    ]
     run_train(tmp_path, "-m", *common, "scheduler=none,cosine")
     run_train(tmp_path, *common, "scheduler=step", "scheduler.step_size=2", "scheduler.gamma=0.5")
     run_train(tmp_path, *common, "scheduler=plateau", "scheduler.patience=0", "scheduler.factor=0.5")
-    runs = {r.data.params["scheduler._target_"] if "scheduler._target_" in r.data.params else "none": r
-            for r in mlflow_runs(tmp_path).all if r.data.tags.get("sweep") != "true"}
+    runs = {
+        r.data.params["scheduler._target_"] if "scheduler._target_" in r.data.params else "none": r
+        for r in mlflow_runs(tmp_path).all
+        if r.data.tags.get("sweep") != "true"
+    }
     assert len(runs) == 4
 
     # epoch 0 measures at the starting LR; epoch e >= 1 trains at the logged LR
     assert lr_curve(tmp_path, runs["none"]) == [0.01] * 6
     # cosine: 2 warm-up epochs from 0.1 x lr, then cosine annealing over the remaining 3 epochs
     cos = [0.01 * 0.5 * (1 + math.cos(math.pi * k / 3)) for k in range(3)]
-    assert lr_curve(tmp_path, runs["resnet_sweep.engine.warmup_cosine"]) == pytest.approx(
-        [0.001, 0.001, 0.0055, *cos])
+    assert lr_curve(tmp_path, runs["resnet_sweep.engine.warmup_cosine"]) == pytest.approx([0.001, 0.001, 0.0055, *cos])
     assert lr_curve(tmp_path, runs["torch.optim.lr_scheduler.StepLR"]) == pytest.approx(
-        [0.01, 0.01, 0.01, 0.005, 0.005, 0.0025])
+        [0.01, 0.01, 0.01, 0.005, 0.005, 0.0025]
+    )
     # plateau: halved after every epoch whose valid/loss did not improve on the best so far
     plateau = runs["torch.optim.lr_scheduler.ReduceLROnPlateau"]
-    losses = [m.value for m in sorted(client_for(tmp_path).get_metric_history(plateau.info.run_id, "valid/loss"),
-                                      key=lambda m: m.step)]
+    losses = [
+        m.value
+        for m in sorted(
+            client_for(tmp_path).get_metric_history(plateau.info.run_id, "valid/loss"), key=lambda m: m.step
+        )
+    ]
     expected, lr, best = [0.01, 0.01], 0.01, math.inf
     for loss in losses[1:-1]:
         if loss < best * (1 - 1e-4):
@@ -126,22 +155,36 @@ NEW_BACKBONES = {
 }
 
 
-@pytest.mark.parametrize("name", [
-    "efficientnet_b0",
-    pytest.param("convnext_tiny", marks=pytest.mark.slow),
-    pytest.param("inception_v3", marks=pytest.mark.slow),
-    pytest.param("vgg16", marks=pytest.mark.slow),
-])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "efficientnet_b0",
+        pytest.param("convnext_tiny", marks=pytest.mark.slow),
+        pytest.param("inception_v3", marks=pytest.mark.slow),
+        pytest.param("vgg16", marks=pytest.mark.slow),
+    ],
+)
 def test_a_one_epoch_run_works_for_each_new_backbone(tmp_path, name):
     extra, size = NEW_BACKBONES[name]
     tree = make_tree(tmp_path / "tiles", per_class=(4, 2, 2), size=size)
     # part of the backbone trains (the whole model runs forward and backward: Inception's aux head must be gone)
-    run_train(tmp_path, *FAST, "data=imagefolder", f"data.root={tree}", f"backbone={name}", *extra,
-              "backbone.freeze=last_n", "backbone.unfreeze=2", "tracking.log_model=none", "trainer.batch_size=4")
+    run_train(
+        tmp_path,
+        *FAST,
+        "data=imagefolder",
+        f"data.root={tree}",
+        f"backbone={name}",
+        *extra,
+        "backbone.freeze=last_n",
+        "backbone.unfreeze=2",
+        "tracking.log_model=none",
+        "trainer.batch_size=4",
+    )
     run = mlflow_runs(tmp_path).all[0]
     assert run.info.status == "FINISHED", run.data.tags.get("failure_reason")
     assert "test/acc" in run.data.metrics and run.data.params["backbone.name"] == name
     built = models.build(cfg_with(f"backbone={name}", *extra).backbone, cfg_with().head)
-    assert built.in_features == {"efficientnet_b0": 1280, "convnext_tiny": 768, "inception_v3": 2048,
-                                 "vgg16": 4096}[name]
+    assert (
+        built.in_features == {"efficientnet_b0": 1280, "convnext_tiny": 768, "inception_v3": 2048, "vgg16": 4096}[name]
+    )
     assert built.trainable_params == built.in_features + 1  # freeze=all: the head only

@@ -13,24 +13,26 @@ import time
 import optuna
 import pytest
 import yaml
+from conftest import FAST, REPO, TRAIN_PY, assert_interrupted_point_ran_again, make_tree, mlflow_runs, run_train
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
-from conftest import FAST, REPO, TRAIN_PY, assert_interrupted_point_ran_again, make_tree, mlflow_runs, run_train
 from hydra_plugins.resnet_sweep_optuna._impl import search_space
 
 
 def test_each_override_form_maps_to_its_optuna_distribution():
-    distributions, fixed = search_space([
-        "optimizer.lr=tag(log, interval(1e-6, 1e-2))",
-        "optimizer.momentum=interval(0.5, 0.99)",
-        "trainer.batch_size=range(16, 65, step=16)",
-        "trainer.patience=int(interval(2, 8))",
-        "data.seed=interval(2, 8)",
-        "optimizer=choice(sgd, adam)",
-        "head=linear,mlp_relu",
-        "seed=range(0, 3)",
-        "trainer.max_epochs=3",
-    ])
+    distributions, fixed = search_space(
+        [
+            "optimizer.lr=tag(log, interval(1e-6, 1e-2))",
+            "optimizer.momentum=interval(0.5, 0.99)",
+            "trainer.batch_size=range(16, 65, step=16)",
+            "trainer.patience=int(interval(2, 8))",
+            "data.seed=interval(2, 8)",
+            "optimizer=choice(sgd, adam)",
+            "head=linear,mlp_relu",
+            "seed=range(0, 3)",
+            "trainer.max_epochs=3",
+        ]
+    )
     assert distributions["optimizer.lr"] == FloatDistribution(1e-6, 1e-2, log=True)
     assert distributions["optimizer.momentum"] == FloatDistribution(0.5, 0.99)
     assert distributions["trainer.batch_size"] == IntDistribution(16, 64, step=16)
@@ -56,14 +58,26 @@ def study_names(tmp_path):
 
 def this_run(tmp_path):
     """Each sweep's optimization_results.yaml 'this_run' (trials it told), oldest first."""
-    return [yaml.safe_load(p.read_text())["this_run"] for p in sorted(tmp_path.glob("multirun/*/*/optimization_results.yaml"))]
+    return [
+        yaml.safe_load(p.read_text())["this_run"]
+        for p in sorted(tmp_path.glob("multirun/*/*/optimization_results.yaml"))
+    ]
 
 
 def test_a_nan_trial_is_fail_and_the_study_still_reaches_n_trials(tmp_path, tiny_tree):
-    proc = run_train(tmp_path, *optuna_args(
-        tiny_tree, "hydra/sweeper/sampler=grid", "hydra.sweeper.n_trials=4", "hydra.sweeper.max_failure_rate=1.0",
-        "hydra.sweeper.storage=sqlite:///optuna.db", "hydra.sweeper.study_name=nan",
-        "optimizer.lr=choice(1e-3, 1e38)", "seed=choice(0, 1)"))
+    proc = run_train(
+        tmp_path,
+        *optuna_args(
+            tiny_tree,
+            "hydra/sweeper/sampler=grid",
+            "hydra.sweeper.n_trials=4",
+            "hydra.sweeper.max_failure_rate=1.0",
+            "hydra.sweeper.storage=sqlite:///optuna.db",
+            "hydra.sweeper.study_name=nan",
+            "optimizer.lr=choice(1e-3, 1e38)",
+            "seed=choice(0, 1)",
+        ),
+    )
     states = sorted(t.state.name for t in study(tmp_path, "nan").trials)
     assert states == ["COMPLETE", "COMPLETE", "FAIL", "FAIL"]
     assert "4 finished trials (2 COMPLETE, 0 PRUNED, 2 FAIL)" in proc.stdout
@@ -78,9 +92,13 @@ def test_a_nan_trial_is_fail_and_the_study_still_reaches_n_trials(tmp_path, tiny
 
 
 def test_max_failure_rate_zero_stops_the_study_at_the_first_failure(tmp_path, tiny_tree):
-    proc = run_train(tmp_path, *optuna_args(
-        tiny_tree, "hydra/sweeper/sampler=grid", "hydra.sweeper.n_trials=2", "optimizer.lr=choice(1e38, 1e-3)"),
-        check=False)
+    proc = run_train(
+        tmp_path,
+        *optuna_args(
+            tiny_tree, "hydra/sweeper/sampler=grid", "hydra.sweeper.n_trials=2", "optimizer.lr=choice(1e38, 1e-3)"
+        ),
+        check=False,
+    )
     assert proc.returncode != 0
     last = proc.stderr.strip().splitlines()[-1]
     assert re.fullmatch(r"1 of [12] trials failed, more than hydra.sweeper.max_failure_rate=0.0; .*", last), last
@@ -93,9 +111,19 @@ PRUNE_AFTER_EPOCH_1 = "+hydra.sweeper.pruner={_target_:optuna.pruners.ThresholdP
 @pytest.mark.parametrize("storage", [None, "sqlite:///optuna.db"])
 def test_pruning_stops_trials_and_mlflow_says_pruned(tmp_path, tiny_tree, storage):
     more = [f"hydra.sweeper.storage={storage}", "hydra.sweeper.study_name=prune"] if storage else []
-    proc = run_train(tmp_path, *optuna_args(
-        tiny_tree, "hydra/sweeper/sampler=random", "hydra.sweeper.sampler.seed=0", "hydra.sweeper.n_trials=2",
-        "optimizer.lr=tag(log, interval(1e-4, 1e-2))", "trainer.max_epochs=3", PRUNE_AFTER_EPOCH_1, *more))
+    proc = run_train(
+        tmp_path,
+        *optuna_args(
+            tiny_tree,
+            "hydra/sweeper/sampler=random",
+            "hydra.sweeper.sampler.seed=0",
+            "hydra.sweeper.n_trials=2",
+            "optimizer.lr=tag(log, interval(1e-4, 1e-2))",
+            "trainer.max_epochs=3",
+            PRUNE_AFTER_EPOCH_1,
+            *more,
+        ),
+    )
     assert "2 finished trials (0 COMPLETE, 2 PRUNED, 0 FAIL)" in proc.stdout
     runs = mlflow_runs(tmp_path)
     assert len(runs.children) == 2
@@ -108,19 +136,25 @@ def test_pruning_stops_trials_and_mlflow_says_pruned(tmp_path, tiny_tree, storag
 
 
 def test_in_memory_study_with_out_of_process_launcher_and_pruner_is_a_clear_error(tmp_path, tiny_tree):
-    proc = run_train(tmp_path, *optuna_args(tiny_tree, "hydra/launcher=joblib", PRUNE_AFTER_EPOCH_1,
-                                            "optimizer.lr=interval(1e-4, 1e-2)"), check=False)
+    proc = run_train(
+        tmp_path,
+        *optuna_args(tiny_tree, "hydra/launcher=joblib", PRUNE_AFTER_EPOCH_1, "optimizer.lr=interval(1e-4, 1e-2)"),
+        check=False,
+    )
     assert proc.returncode != 0
     assert "the study is in memory and the launcher" in proc.stderr
 
 
 def test_group_choices_produce_runs_with_both_optimizers(tmp_path, tiny_tree):
-    run_train(tmp_path, *optuna_args(tiny_tree, "hydra/sweeper/sampler=grid", "hydra.sweeper.n_trials=10",
-                                     "optimizer=choice(sgd, adam)"))
+    run_train(
+        tmp_path,
+        *optuna_args(
+            tiny_tree, "hydra/sweeper/sampler=grid", "hydra.sweeper.n_trials=10", "optimizer=choice(sgd, adam)"
+        ),
+    )
     runs = mlflow_runs(tmp_path)
     assert sorted(r.data.tags["optimizer"] for r in runs.children) == ["adam", "sgd"]
-    assert sorted(r.data.params["optimizer._target_"] for r in runs.children) == [
-        "torch.optim.Adam", "torch.optim.SGD"]
+    assert sorted(r.data.params["optimizer._target_"] for r in runs.children) == ["torch.optim.Adam", "torch.optim.SGD"]
 
 
 def mid_trial(cwd) -> bool:
@@ -139,12 +173,24 @@ def mid_trial(cwd) -> bool:
 
 def test_resume_after_sigkill_reaches_exactly_n_trials_under_one_study_run(tmp_path, tiny_tree):
     # the naive loop and 4 epochs: trials slow enough to be caught running
-    args = optuna_args(tiny_tree, "hpo=lr_search", "hydra.sweeper.n_trials=4", "trainer.max_epochs=4",
-                       "trainer.feature_bank=off", "hydra.sweeper.pruner=null")
+    args = optuna_args(
+        tiny_tree,
+        "hpo=lr_search",
+        "hydra.sweeper.n_trials=4",
+        "trainer.max_epochs=4",
+        "trainer.feature_bank=off",
+        "hydra.sweeper.pruner=null",
+    )
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.pop("HYDRA_FULL_ERROR", None)
-    proc = subprocess.Popen([sys.executable, str(TRAIN_PY), *args], cwd=tmp_path, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, str(TRAIN_PY), *args],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     db = tmp_path / "optuna.db"
     deadline = time.time() + 300
     try:
@@ -185,7 +231,8 @@ def test_resume_after_sigkill_reaches_exactly_n_trials_under_one_study_run(tmp_p
     parent = runs.parents[0]
     assert parent.info.status == "FINISHED" and parent.data.tags["resumed"] == "true"
     assert len([r for r in runs.children if r.info.status == "FINISHED"]) == sum(
-        t.state.name == "COMPLETE" for t in counted)
+        t.state.name == "COMPLETE" for t in counted
+    )
     # the killed trial's point runs again, and its replacement continues the killed trial's MLflow run
     # (and its saved epochs): no run is left behind RUNNING or KILLED
     retry = next(t for t in counted if t.system_attrs.get("failed_trial") == released[0].number)
@@ -195,7 +242,8 @@ def test_resume_after_sigkill_reaches_exactly_n_trials_under_one_study_run(tmp_p
     assert int(continued.data.tags["resumed_at_epoch"]) >= 2, "the killed trial's epochs were kept"
     assert all(r.info.status == "FINISHED" for r in runs.children)
     assert "plots/optimization_history.png" in {
-        a.path for a in mlflow_runs_client(tmp_path).list_artifacts(parent.info.run_id, "plots")}
+        a.path for a in mlflow_runs_client(tmp_path).list_artifacts(parent.info.run_id, "plots")
+    }
 
 
 def mlflow_runs_client(tmp_path):
@@ -227,17 +275,24 @@ def test_each_data_set_gets_its_own_auto_named_study(tmp_path):
 
 def test_a_named_study_refuses_other_data_or_settings_in_one_line(tmp_path):
     first, second = make_tree(tmp_path / "first", seed=0), make_tree(tmp_path / "second", seed=1)
-    named = ["hydra.sweeper.storage=sqlite:///optuna.db", "hydra.sweeper.study_name=mine", *LR_ONLY,
-             "optimizer.lr=tag(log, interval(1e-4, 1e-2))"]
+    named = [
+        "hydra.sweeper.storage=sqlite:///optuna.db",
+        "hydra.sweeper.study_name=mine",
+        *LR_ONLY,
+        "optimizer.lr=tag(log, interval(1e-4, 1e-2))",
+    ]
     run_train(tmp_path, *optuna_args(first, *named))
     assert study_names(tmp_path) == ["mine"], "an explicit name is used as given"
     proc = run_train(tmp_path, *optuna_args(second, *named, "optimizer.momentum=0.5"), check=False)
     assert proc.returncode != 0
     assert "Traceback" not in proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
-    assert re.fullmatch(r"hydra.sweeper.study_name=mine: the study was made on other data \(fingerprint "
-                        r"[0-9a-f]{8} -> [0-9a-f]{8}\) / with optimizer.momentum=0.9, now 0.5; "
-                        r"use another study_name", last), proc.stderr[-3000:]
+    assert re.fullmatch(
+        r"hydra.sweeper.study_name=mine: the study was made on other data \(fingerprint "
+        r"[0-9a-f]{8} -> [0-9a-f]{8}\) / with optimizer.momentum=0.9, now 0.5; "
+        r"use another study_name",
+        last,
+    ), proc.stderr[-3000:]
     assert len(study(tmp_path, "mine").trials) == 1
     assert this_run(tmp_path) == [{"COMPLETE": 1}]
 
@@ -251,7 +306,7 @@ import hydra
 from resnet_sweep import hpo
 from resnet_sweep.train import run
 
-@hydra.main(version_base="1.3", config_path={str(REPO / 'conf')!r}, config_name="train")
+@hydra.main(version_base="1.3", config_path={str(REPO / "conf")!r}, config_name="train")
 def main(cfg):
     marker = Path("interrupted-once")
     if not marker.exists():
@@ -261,12 +316,18 @@ def main(cfg):
 
 main()
 """)
-    args = optuna_args(tiny_tree, "hydra.sweeper.storage=sqlite:///optuna.db", "hydra.sweeper.study_name=infra",
-                       "hydra.sweeper.n_trials=2", "optimizer.lr=tag(log, interval(1e-4, 1e-2))")
+    args = optuna_args(
+        tiny_tree,
+        "hydra.sweeper.storage=sqlite:///optuna.db",
+        "hydra.sweeper.study_name=infra",
+        "hydra.sweeper.n_trials=2",
+        "optimizer.lr=tag(log, interval(1e-4, 1e-2))",
+    )
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO)}
     env.pop("HYDRA_FULL_ERROR", None)
-    proc = subprocess.run([sys.executable, str(app), *args], cwd=tmp_path, capture_output=True, text=True,
-                          timeout=600, env=env)
+    proc = subprocess.run(
+        [sys.executable, str(app), *args], cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "2 finished trials (2 COMPLETE, 0 PRUNED, 0 FAIL)" in proc.stdout
     assert_interrupted_point_ran_again(study(tmp_path, "infra").trials)

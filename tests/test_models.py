@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import FAST, REPO
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from torch import nn
 
-from conftest import FAST, REPO
 from resnet_sweep import data, engine, models
 from resnet_sweep.errors import UserError
 
@@ -23,8 +23,12 @@ def test_heads_have_the_study_layer_shapes(in_features):
     expected = {
         "linear": [(nn.Linear, in_features, 1)],
         "mlp_relu": [(nn.Linear, in_features, 256), (nn.ReLU,), (nn.Linear, 256, 1)],
-        "mlp_leakyrelu_dropout": [(nn.Linear, in_features, 256), (nn.LeakyReLU,), (nn.Dropout, 0.5),
-                                  (nn.Linear, 256, 1)],
+        "mlp_leakyrelu_dropout": [
+            (nn.Linear, in_features, 256),
+            (nn.LeakyReLU,),
+            (nn.Dropout, 0.5),
+            (nn.Linear, 256, 1),
+        ],
     }
     for name, layers in expected.items():
         head = instantiate(compose_cfg(f"head={name}").head, in_features=in_features)
@@ -48,15 +52,29 @@ def test_head_in_features_follow_the_backbone(backbone, in_features):
 
 
 def test_frozen_backbone_parameters_and_bn_buffers_are_bit_identical_after_training(tiny_tree):
-    cfg = compose_cfg(*FAST, "data=imagefolder", f"data.root={tiny_tree}", "trainer.max_epochs=2",
-                      "optimizer.lr=0.1", "head=mlp_leakyrelu_dropout")
+    cfg = compose_cfg(
+        *FAST,
+        "data=imagefolder",
+        f"data.root={tiny_tree}",
+        "trainer.max_epochs=2",
+        "optimizer.lr=0.1",
+        "head=mlp_leakyrelu_dropout",
+    )
     splits = data.build(cfg.data, cfg.trainer, crop_size=32)
     built = models.build(cfg.backbone, cfg.head)
     before = {k: v.clone() for k, v in built.model.backbone.state_dict().items()}
     head_before = {k: v.clone() for k, v in built.model.head.state_dict().items()}
     assert any("running_mean" in k for k in before)
-    engine.fit(built.model, splits, cfg.optimizer, cfg.trainer, lambda e, m: None, "valid/loss",
-               state_fn=lambda: models.trainable_state(built.model), device=torch.device("cpu"))
+    engine.fit(
+        built.model,
+        splits,
+        cfg.optimizer,
+        cfg.trainer,
+        lambda e, m: None,
+        "valid/loss",
+        state_fn=lambda: models.trainable_state(built.model),
+        device=torch.device("cpu"),
+    )
     after = built.model.backbone.state_dict()
     for k, v in before.items():
         assert torch.equal(v, after[k]), f"backbone tensor {k} changed"

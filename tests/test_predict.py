@@ -11,9 +11,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import FAST, make_tree, run_train
 from PIL import Image
 
-from conftest import FAST, make_tree, run_train
 from resnet_sweep import cli
 
 OLD = "path,probability,label\n/earlier/run.png,0.250000,a_class\n"
@@ -37,8 +37,13 @@ def earlier(tmp_path) -> Path:
 
 def predict_cli(cwd: Path, *args: str):
     """`python -m resnet_sweep.cli predict ARGS` as a user runs it (the exit code is what is checked)."""
-    return subprocess.run([sys.executable, "-m", "resnet_sweep.cli", "predict", *args], cwd=cwd,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "resnet_sweep.cli", "predict", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def predict_main(store: Path, capsys, *args: str):
@@ -57,12 +62,13 @@ def predict_main(store: Path, capsys, *args: str):
 def test_an_empty_folder_is_a_one_line_error_and_the_earlier_csv_is_kept(store, tmp_path, earlier):
     empty = tmp_path / "new"
     empty.mkdir()
-    (empty / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")   # hidden files are not images
+    (empty / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")  # hidden files are not images
     proc = predict_cli(store, str(empty), "--best", "--out", str(earlier))
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert proc.stderr.strip().splitlines() == [
         f"resnet-sweep predict: {empty}: no images in this folder (hidden files are ignored); give the folder "
-        f"holding the images to predict; {earlier} was not written"]
+        f"holding the images to predict; {earlier} was not written"
+    ]
     assert earlier.read_text() == OLD
     assert sorted(p.name for p in tmp_path.iterdir()) == ["new", "predictions.csv"]
 
@@ -74,10 +80,11 @@ def test_a_folder_of_unreadable_files_is_an_error_not_an_empty_csv(store, tmp_pa
     (images / "notes.txt").write_text("not an image\n")
     rc, out, err = predict_main(store, capsys, str(images), "--out", str(earlier))
     assert rc == 1 and out == "" and "Traceback" not in err
-    assert err.strip().splitlines()[-1:] == [   # after mlflow's download progress bar
+    assert err.strip().splitlines()[-1:] == [  # after mlflow's download progress bar
         f"resnet-sweep predict: {images}: none of its 2 file(s) could be read as an image (e.g. "
         f"{images / 'broken.png'}: cannot identify image file '{images / 'broken.png'}'); fix them or give the "
-        f"folder holding the images to predict; {earlier} was not written"]
+        f"folder holding the images to predict; {earlier} was not written"
+    ]
     assert earlier.read_text() == OLD
 
 
@@ -106,11 +113,12 @@ def test_a_failed_write_keeps_the_earlier_csv_whole(store, tmp_path, earlier, ca
     assert rc == 1, out + err
     assert "Traceback" not in err and err.strip().splitlines()[-1:] == [
         f"resnet-sweep predict: --out {earlier}: cannot write it (No space left on device); {earlier} is left as "
-        "it was; choose another --out or free some space"]
+        "it was; choose another --out or free some space"
+    ]
     assert earlier.read_text() == OLD
     assert sorted(p.name for p in tmp_path.iterdir()) == ["new", "predictions.csv"]
 
-    monkeypatch.undo()   # space again: the new CSV replaces the old one whole, with the ordinary mode
+    monkeypatch.undo()  # space again: the new CSV replaces the old one whole, with the ordinary mode
     old_umask = os.umask(0o022)
     try:
         rc, out, err = predict_main(store, capsys, str(images), "--out", str(earlier))

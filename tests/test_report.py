@@ -8,14 +8,14 @@ import subprocess
 import sys
 
 import pytest
-from PIL import Image
-
 from conftest import FAST, REPO, mlflow_runs, run_train
+from PIL import Image
 
 
 def resnet_sweep(cwd, *args, check=True):
-    proc = subprocess.run([sys.executable, "-m", "resnet_sweep.cli", *args], cwd=cwd, capture_output=True,
-                          text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "resnet_sweep.cli", *args], cwd=cwd, capture_output=True, text=True, timeout=600
+    )
     if check and proc.returncode != 0:
         raise AssertionError(f"resnet-sweep {' '.join(args)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
     return proc
@@ -29,14 +29,24 @@ def table_after(markdown: str, heading: str) -> list[list[str]]:
 
 def test_study_resnet18_heads_smoke_run_makes_one_child_per_grid_point(tmp_path, tiny_tree):
     # the preset's LR lists cut down to two by one override: Adam x 2 LRs + SGD x 3 heads x 2 LRs
-    run_train(tmp_path, "-m", "experiment=study/resnet18_heads", *FAST, "data=imagefolder",
-              f"data.root={tiny_tree}", "optimizer.lr=1e-4,1e-3")
+    run_train(
+        tmp_path,
+        "-m",
+        "experiment=study/resnet18_heads",
+        *FAST,
+        "data=imagefolder",
+        f"data.root={tiny_tree}",
+        "optimizer.lr=1e-4,1e-3",
+    )
     runs = mlflow_runs(tmp_path)
     assert len(runs.parents) == 1 and len(runs.children) == 8
-    points = sorted((r.data.params["head.name"], r.data.tags["optimizer"], r.data.params["optimizer.lr"])
-                    for r in runs.children)
-    assert points == sorted([("linear", "adam", "0.0001"), ("linear", "adam", "0.001")] + [
-        (h, "sgd", lr) for h in ("linear", "mlp_relu", "mlp_leakyrelu_dropout") for lr in ("0.0001", "0.001")])
+    points = sorted(
+        (r.data.params["head.name"], r.data.tags["optimizer"], r.data.params["optimizer.lr"]) for r in runs.children
+    )
+    assert points == sorted(
+        [("linear", "adam", "0.0001"), ("linear", "adam", "0.001")]
+        + [(h, "sgd", lr) for h in ("linear", "mlp_relu", "mlp_leakyrelu_dropout") for lr in ("0.0001", "0.001")]
+    )
     assert {r.data.params["trainer.batch_size"] for r in runs.children} == {"8"}
 
 
@@ -55,8 +65,16 @@ def test_study_presets_follow_the_epoch_budget_rule(preset):
 
 
 def test_report_has_the_study_columns_order_bold_best_and_epochs(tmp_path, tiny_tree):
-    run_train(tmp_path, "-m", *FAST, "data=imagefolder", f"data.root={tiny_tree}", "trainer.max_epochs=2",
-              "optimizer=sgd,adam", "optimizer.lr=1e-2,1e-4")
+    run_train(
+        tmp_path,
+        "-m",
+        *FAST,
+        "data=imagefolder",
+        f"data.root={tiny_tree}",
+        "trainer.max_epochs=2",
+        "optimizer=sgd,adam",
+        "optimizer.lr=1e-2,1e-4",
+    )
     proc = resnet_sweep(tmp_path, "report", "--out", str(tmp_path / "rep"))
     md = proc.stdout
     rows = table_after(md, "## resnet18, linear head")
@@ -82,12 +100,16 @@ def test_report_has_the_study_columns_order_bold_best_and_epochs(tmp_path, tiny_
     from conftest import client_for
 
     assert {a.path for a in client_for(tmp_path).list_artifacts(parent.info.run_id, "report")} >= {
-        "report/report.md", "report/runs.csv", "report/test_acc_vs_lr.png"}
+        "report/report.md",
+        "report/runs.csv",
+        "report/test_acc_vs_lr.png",
+    }
 
 
 def test_report_seed_table_shows_per_seed_values_and_mean_std(tmp_path, tiny_tree):
-    run_train(tmp_path, "-m", *FAST, "data=imagefolder", f"data.root={tiny_tree}", "optimizer.lr=1e-2,1e-3",
-              "seed=0,1,2")
+    run_train(
+        tmp_path, "-m", *FAST, "data=imagefolder", f"data.root={tiny_tree}", "optimizer.lr=1e-2,1e-3", "seed=0,1,2"
+    )
     md = resnet_sweep(tmp_path, "report").stdout
     rows = table_after(md, "## resnet18, linear head")
     assert rows[0][3:6] == ["Seeds", "Test acc per seed", "Test acc mean ± std"]
@@ -129,8 +151,11 @@ def test_predict_returns_probabilities_and_names_the_bad_file(tmp_path, tiny_tre
 def test_report_without_a_sweep_is_a_one_line_error(tmp_path):
     proc = resnet_sweep(tmp_path, "report", check=False)
     assert proc.returncode == 1
-    assert proc.stderr.strip() == (f"resnet-sweep report: --tracking-uri sqlite:///mlflow.db: no MLflow store at "
-                                   f"{tmp_path / 'mlflow.db'}; run a sweep here first or point --tracking-uri at your store")
-    proc = resnet_sweep(tmp_path, "report", "--experiment", "nope", "--tracking-uri",
-                        f"sqlite:///{tmp_path / 'other.db'}", check=False)
+    assert proc.stderr.strip() == (
+        f"resnet-sweep report: --tracking-uri sqlite:///mlflow.db: no MLflow store at "
+        f"{tmp_path / 'mlflow.db'}; run a sweep here first or point --tracking-uri at your store"
+    )
+    proc = resnet_sweep(
+        tmp_path, "report", "--experiment", "nope", "--tracking-uri", f"sqlite:///{tmp_path / 'other.db'}", check=False
+    )
     assert proc.returncode == 1 and "Traceback" not in proc.stderr

@@ -10,14 +10,22 @@ import time
 
 import pytest
 import torch
-
 from conftest import FAST, TRAIN_PY, client_for, make_tree, mlflow_runs, run_train
 
 
 def slow_args(tree):
     # the naive loop (no feature bank) on 56-px crops: slow enough to be killed between epochs
-    return [*FAST, "data=imagefolder", f"data.root={tree}", "backbone.crop_size=56", "trainer.max_epochs=5",
-            "trainer.patience=null", "trainer.feature_bank=off", "optimizer.lr=1e-2", "head=mlp_leakyrelu_dropout"]
+    return [
+        *FAST,
+        "data=imagefolder",
+        f"data.root={tree}",
+        "backbone.crop_size=56",
+        "trainer.max_epochs=5",
+        "trainer.patience=null",
+        "trainer.feature_bank=off",
+        "optimizer.lr=1e-2",
+        "head=mlp_leakyrelu_dropout",
+    ]
 
 
 def resume_state(cwd):
@@ -35,8 +43,13 @@ def test_sigkill_mid_training_then_rerun_continues_the_same_run_exactly(tmp_path
     killed, clean = tmp_path / "killed", tmp_path / "clean"
     killed.mkdir(), clean.mkdir()
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, str(TRAIN_PY), *slow_args(tree)], cwd=killed, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, str(TRAIN_PY), *slow_args(tree)],
+        cwd=killed,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 300
     try:
         while time.time() < deadline and proc.poll() is None:
@@ -66,9 +79,15 @@ def test_sigkill_mid_training_then_rerun_continues_the_same_run_exactly(tmp_path
     for key in ("best/valid/loss", "test/loss", "test/acc", "best_epoch"):
         assert run.data.metrics[key] == pytest.approx(reference.data.metrics[key], rel=1e-4, abs=1e-5), key
     ref_client = client_for(clean)
-    assert [m.value for m in sorted(client.get_metric_history(run.info.run_id, "valid/loss"), key=lambda m: m.step)] \
-        == pytest.approx([m.value for m in sorted(ref_client.get_metric_history(reference.info.run_id, "valid/loss"),
-                                                  key=lambda m: m.step)], rel=1e-4)
+    assert [
+        m.value for m in sorted(client.get_metric_history(run.info.run_id, "valid/loss"), key=lambda m: m.step)
+    ] == pytest.approx(
+        [
+            m.value
+            for m in sorted(ref_client.get_metric_history(reference.info.run_id, "valid/loss"), key=lambda m: m.step)
+        ],
+        rel=1e-4,
+    )
 
 
 def test_a_finished_job_is_skipped_and_resume_false_starts_fresh(tmp_path, tiny_tree):

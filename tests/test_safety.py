@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import collections
-import re
 import os
+import re
 
 import pytest
 import torch
-
 from conftest import FAST, client_for, mlflow_runs, run_train
+
 from resnet_sweep import models
 from resnet_sweep.errors import UserError
 
@@ -25,15 +25,15 @@ class Payload:
 
 def test_checkpoints_with_pickled_objects_are_refused(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    torch.save({"format": "resnet-sweep/1", "state": collections.OrderedDict(), "evil": Payload()},
-               tmp_path / "best.pt")
+    torch.save(
+        {"format": "resnet-sweep/1", "state": collections.OrderedDict(), "evil": Payload()}, tmp_path / "best.pt"
+    )
     with pytest.raises(Exception) as excinfo:
         models.load_checkpoint(tmp_path / "best.pt")
     assert "weights_only" in str(excinfo.value) or "Unsupported global" in str(excinfo.value)
     torch.save({"conv1.weight": Payload()}, tmp_path / "weights.pt")
-    from hydra import compose, initialize_config_dir
-
     from conftest import REPO
+    from hydra import compose, initialize_config_dir
 
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         cfg = compose("train", overrides=[f"backbone.weights={tmp_path / 'weights.pt'}"])
@@ -43,8 +43,15 @@ def test_checkpoints_with_pickled_objects_are_refused(tmp_path, monkeypatch):
 
 
 def test_passwords_never_reach_params_tags_artifacts_files_or_console(tmp_path, tiny_tree):
-    proc = run_train(tmp_path, "-m", *FAST, "data=imagefolder", f"data.root={tiny_tree}",
-                     f"+notes.database={SECRET_URL}", "optimizer.lr=1e-3,1e-2")
+    proc = run_train(
+        tmp_path,
+        "-m",
+        *FAST,
+        "data=imagefolder",
+        f"data.root={tiny_tree}",
+        f"+notes.database={SECRET_URL}",
+        "optimizer.lr=1e-3,1e-2",
+    )
     assert "secret" not in proc.stdout + proc.stderr
     assert re.search(r"user\\?:\*\*\*@db.example", proc.stdout + proc.stderr)  # Hydra's launch lines, masked
     client = client_for(tmp_path)
@@ -55,8 +62,9 @@ def test_passwords_never_reach_params_tags_artifacts_files_or_console(tmp_path, 
         for root, _, files in os.walk(local):
             for f in files:
                 assert b"secret" not in open(os.path.join(root, f), "rb").read(), f
-    assert any(r.data.params.get("notes.database") == "postgresql://user:***@db.example:5432/studies"
-               for r in runs.children)
+    assert any(
+        r.data.params.get("notes.database") == "postgresql://user:***@db.example:5432/studies" for r in runs.children
+    )
     for root, _, files in os.walk(tmp_path / "multirun"):
         for f in files:
             assert b"secret" not in open(os.path.join(root, f), "rb").read(), os.path.join(root, f)
@@ -79,9 +87,17 @@ def test_an_output_folder_that_is_a_file_fails_fast(tmp_path):
 
 
 def test_four_parallel_joblib_jobs_on_one_sqlite_store_lose_nothing(tmp_path, tiny_tree):
-    proc = run_train(tmp_path, "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=4", *FAST,
-                     "data=imagefolder", f"data.root={tiny_tree}", "trainer.max_epochs=2",
-                     "optimizer.lr=1e-4,1e-3,1e-2,1e-1")
+    proc = run_train(
+        tmp_path,
+        "-m",
+        "hydra/launcher=joblib",
+        "hydra.launcher.n_jobs=4",
+        *FAST,
+        "data=imagefolder",
+        f"data.root={tiny_tree}",
+        "trainer.max_epochs=2",
+        "optimizer.lr=1e-4,1e-3,1e-2,1e-1",
+    )
     assert "4 finished, 0 failed" in proc.stdout
     runs = mlflow_runs(tmp_path)
     assert len(runs.parents) == 1 and len(runs.children) == 4

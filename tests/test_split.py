@@ -38,7 +38,8 @@ def layouts(draw, mixed=False):
 
 # three ratios >= 0.05 summing to 1
 ratio_triples = st.lists(st.integers(1, 100), min_size=3, max_size=3).map(
-    lambda w: tuple(0.05 + 0.85 * x / sum(w) for x in w))
+    lambda w: tuple(0.05 + 0.85 * x / sum(w) for x in w)
+)
 seeds = st.integers(0, 2**32 - 1)
 
 
@@ -92,7 +93,7 @@ def test_same_seed_same_split_whatever_the_listing_order(items, ratios, seed):
 def test_a_group_with_both_classes_stays_whole(items, ratios, seed):
     try:
         a = assign(items, ratios, seed)
-    except UserError as e:   # allowed only when the mixed groups make full coverage impossible here
+    except UserError as e:  # allowed only when the mixed groups make full coverage impossible here
         assert "could not give every split a group of every class" in str(e)
         return
     assert all(len(s) == 1 for s in splits_of_groups(items, a).values())
@@ -103,12 +104,17 @@ def test_a_group_with_both_classes_stays_whole(items, ratios, seed):
 
 def test_demo_like_layout_hits_the_ratios_without_forcing():
     # 12 slides of 10 tiles per class, 0.7/0.15/0.15: 8/2/2 slides is the closest possible
-    items = [Item(f"{c}/slide{c[0]}{s:02d}_tile{t:03d}.png", c, f"{c[0]}{s:02d}")
-             for c in ("differentiating", "poorly_differentiated") for s in range(12) for t in range(10)]
+    items = [
+        Item(f"{c}/slide{c[0]}{s:02d}_tile{t:03d}.png", c, f"{c[0]}{s:02d}")
+        for c in ("differentiating", "poorly_differentiated")
+        for s in range(12)
+        for t in range(10)
+    ]
     a = assign(items, (0.7, 0.15, 0.15), seed=0)
     assert not a.forced
     assert {s: dict(c) for s, c in counts(items, a).items()} == {
-        s: {"differentiating": n, "poorly_differentiated": n} for s, n in zip(SPLITS, (80, 20, 20))}
+        s: {"differentiating": n, "poorly_differentiated": n} for s, n in zip(SPLITS, (80, 20, 20))
+    }
 
 
 def test_a_split_that_could_get_nothing_still_gets_each_class_and_says_so():
@@ -120,21 +126,28 @@ def test_a_split_that_could_get_nothing_still_gets_each_class_and_says_so():
 
 
 def test_too_few_groups_is_an_error_naming_the_class():
-    items = [Item(f"{c}/s{c}{g}_{i}.png", c, f"{c}{g}") for c in ("a", "b") for g in range(3 if c == "a" else 2)
-             for i in range(4)]
+    items = [
+        Item(f"{c}/s{c}{g}_{i}.png", c, f"{c}{g}")
+        for c in ("a", "b")
+        for g in range(3 if c == "a" else 2)
+        for i in range(4)
+    ]
     with pytest.raises(UserError, match="class 'b' has 2 groups .*: each of train, valid, test needs at least one"):
         assign(items, (0.7, 0.15, 0.15))
     a = assign(items, (0.8, 0.2, 0.0))  # no test split asked for: two groups are enough
     assert "test" not in a.split_of_group.values()
 
 
-@pytest.mark.parametrize("text, fragment", [
-    ("0.7,0.3", "2 number(s); give three"),
-    ("0.7,0.2,0.2", "sum to 1.1; they must sum to 1"),
-    ("0.7,x,0.15", "give three numbers"),
-    ("1.2,-0.1,-0.1", "every ratio must be a number >= 0"),
-    ("nan,0.5,0.5", "every ratio must be a number >= 0"),
-])
+@pytest.mark.parametrize(
+    "text, fragment",
+    [
+        ("0.7,0.3", "2 number(s); give three"),
+        ("0.7,0.2,0.2", "sum to 1.1; they must sum to 1"),
+        ("0.7,x,0.15", "give three numbers"),
+        ("1.2,-0.1,-0.1", "every ratio must be a number >= 0"),
+        ("nan,0.5,0.5", "every ratio must be a number >= 0"),
+    ],
+)
 def test_bad_ratios_are_one_line_errors(text, fragment):
     with pytest.raises(UserError, match=fragment.replace("(", r"\(").replace(")", r"\)")):
         parse_ratios(text)
@@ -143,13 +156,14 @@ def test_bad_ratios_are_one_line_errors(text, fragment):
 
 # --- the command --------------------------------------------------------------------------------
 
+
 def make_src(root: Path, slides=(5, 4), tiles=3, size=40) -> Path:
     """root/{a_class,b_class}/slide<cls><nn>_tile<t>.png, demo-style names."""
     rng = np.random.default_rng(0)
     for label, (cls, n) in enumerate(zip(("a_class", "b_class"), slides)):
         (root / cls).mkdir(parents=True)
         for s in range(n):
-            for t in range(tiles + s % 2):   # uneven slides
+            for t in range(tiles + s % 2):  # uneven slides
                 img = rng.integers(0, 255, (size, size, 3), dtype=np.uint8)
                 Image.fromarray(img).save(root / cls / f"slide{label}{s:02d}_tile{t:03d}.png")
     return root
@@ -206,11 +220,12 @@ def test_copy_copies_and_dst_is_never_silently_mixed(tmp_path, capsys):
     rc, out, err = run_split(capsys, src, dst, "--group", r"slide(\d+)", "--seed", "1")
     assert rc == 1 and err.strip().splitlines() == [
         f"resnet-sweep split: {dst}: not empty; choose a new DST, or add --force to replace an earlier split "
-        "made by `resnet-sweep split`"]
+        "made by `resnet-sweep split`"
+    ]
     assert run_split(capsys, src, dst, "--group", r"slide(\d+)", "--seed", "1", "--force")[0] == 0
-    assert all(p.is_symlink() for p in dst.rglob("*.png"))   # the new split replaced the old one whole
+    assert all(p.is_symlink() for p in dst.rglob("*.png"))  # the new split replaced the old one whole
     assert len(list(dst.rglob("*.png"))) == len(files)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["dst", "src"]   # no temp folders left behind
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dst", "src"]  # no temp folders left behind
 
     other = tmp_path / "other"
     (other / "notes").mkdir(parents=True)
@@ -221,12 +236,26 @@ def test_copy_copies_and_dst_is_never_silently_mixed(tmp_path, capsys):
 def test_a_file_the_regex_misses_is_a_one_line_error_naming_it(tmp_path):
     src = make_src(tmp_path / "src")
     (src / "b_class" / "overview.png").write_bytes((src / "b_class" / "slide100_tile000.png").read_bytes())
-    proc = subprocess.run([sys.executable, "-m", "resnet_sweep.cli", "split", str(src), str(tmp_path / "dst"),
-                           "--group", r"slide(\d+)_tile"], capture_output=True, text=True)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "resnet_sweep.cli",
+            "split",
+            str(src),
+            str(tmp_path / "dst"),
+            "--group",
+            r"slide(\d+)_tile",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
-    assert proc.stderr.strip() == (f"resnet-sweep split: {src / 'b_class' / 'overview.png'}: --group "
-                                   r"'slide(\d+)_tile' does not match 'overview.png' (or captures nothing); "
-                                   "fix the regex or move the file")
+    assert proc.stderr.strip() == (
+        f"resnet-sweep split: {src / 'b_class' / 'overview.png'}: --group "
+        r"'slide(\d+)_tile' does not match 'overview.png' (or captures nothing); "
+        "fix the regex or move the file"
+    )
     assert not (tmp_path / "dst").exists()
 
 
@@ -253,7 +282,7 @@ def test_dst_gets_the_ordinary_modes_not_private_ones(tmp_path, capsys):
     src = make_src(tmp_path / "src")
     for p in src.rglob("*.png"):
         p.chmod(0o664)
-    mode = lambda p: stat.S_IMODE(os.lstat(p).st_mode)   # noqa: E731
+    mode = lambda p: stat.S_IMODE(os.lstat(p).st_mode)  # noqa: E731
     old = os.umask(0o027)
     try:
         assert run_split(capsys, src, tmp_path / "copied", "--copy")[0] == 0
@@ -267,7 +296,7 @@ def test_dst_gets_the_ordinary_modes_not_private_ones(tmp_path, capsys):
     copied = tmp_path / "copied"
     assert mode(copied) == 0o750
     assert {mode(p) for p in copied.rglob("*") if p.is_dir()} == {0o750}
-    assert {mode(p) for p in copied.rglob("*") if p.is_file()} == {0o640}   # cp: 0664 less the umask
+    assert {mode(p) for p in copied.rglob("*") if p.is_file()} == {0o640}  # cp: 0664 less the umask
     linked = tmp_path / "linked"
     assert mode(linked) == 0o750 and {mode(p) for p in linked.rglob("*") if p.is_dir()} == {0o750}
     assert mode(linked / "split.csv") == 0o640

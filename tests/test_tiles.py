@@ -12,11 +12,11 @@ from collections import namedtuple
 
 import numpy as np
 import pytest
+from conftest import REPO, make_tree
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from PIL import Image
 
-from conftest import REPO, make_tree
 from resnet_sweep import data, sealed, tiles
 from resnet_sweep.errors import UserError
 

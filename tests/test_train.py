@@ -4,22 +4,24 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from conftest import FAST, client_for, mlflow_runs, run_train
 from test_data import assert_one_line_error
 
 
-@pytest.mark.parametrize("args,fragments", [
-    (["backbone=resnet99"], ["backbone=resnet99: unknown backbone; choose one of", "resnet152", "resnet18"]),
-    (["head=mlp"], ["head=mlp: unknown head; choose one of linear, mlp_leakyrelu_dropout, mlp_relu"]),
-    (["-m", "optimizer=sgd,rmsprop"], ["optimizer=rmsprop: unknown optimizer; choose one of adam, adamw, sgd"]),
-    (["optimizer.lr=0"], ["optimizer.lr=0: the learning rate must be a number > 0"]),
-    (["optimizer.lr=-1e-3"], ["optimizer.lr=-0.001: the learning rate must be a number > 0"]),
-    (["trainer.max_epochs=0"], ["trainer.max_epochs=0: must be an integer >= 1"]),
-    (["trainer.bank_views=0"], ["trainer.bank_views=0: must be an integer >= 1"]),
-    (["trainer.bank_batch_size=0"], ["trainer.bank_batch_size=0: must be an integer >= 1, or null"]),
-    (["data=imagefolder", "data.root=/no/such/tiles"], ["data.root=/no/such/tiles: no such directory"]),
-])
+@pytest.mark.parametrize(
+    "args,fragments",
+    [
+        (["backbone=resnet99"], ["backbone=resnet99: unknown backbone; choose one of", "resnet152", "resnet18"]),
+        (["head=mlp"], ["head=mlp: unknown head; choose one of linear, mlp_leakyrelu_dropout, mlp_relu"]),
+        (["-m", "optimizer=sgd,rmsprop"], ["optimizer=rmsprop: unknown optimizer; choose one of adam, adamw, sgd"]),
+        (["optimizer.lr=0"], ["optimizer.lr=0: the learning rate must be a number > 0"]),
+        (["optimizer.lr=-1e-3"], ["optimizer.lr=-0.001: the learning rate must be a number > 0"]),
+        (["trainer.max_epochs=0"], ["trainer.max_epochs=0: must be an integer >= 1"]),
+        (["trainer.bank_views=0"], ["trainer.bank_views=0: must be an integer >= 1"]),
+        (["trainer.bank_batch_size=0"], ["trainer.bank_batch_size=0: must be an integer >= 1, or null"]),
+        (["data=imagefolder", "data.root=/no/such/tiles"], ["data.root=/no/such/tiles: no such directory"]),
+    ],
+)
 def test_bad_config_gives_a_one_line_error(tmp_path, args, fragments):
     proc = run_train(tmp_path, *FAST, *args, check=False)
     assert_one_line_error(proc, *fragments)
@@ -63,8 +65,15 @@ def test_single_run_logs_metrics_from_epoch_0_test_metrics_checkpoint_and_model(
 def test_grid_makes_one_child_run_per_point_under_one_parent_and_logs_the_best_model(tmp_path, tiny_tree):
     import mlflow
 
-    run_train(tmp_path, "-m", *FAST, "data=imagefolder", f"data.root={tiny_tree}",
-              "optimizer.lr=1e-3,1e-2", "head=linear,mlp_relu")
+    run_train(
+        tmp_path,
+        "-m",
+        *FAST,
+        "data=imagefolder",
+        f"data.root={tiny_tree}",
+        "optimizer.lr=1e-3,1e-2",
+        "head=linear,mlp_relu",
+    )
     runs = mlflow_runs(tmp_path)
     assert len(runs.parents) == 1 and len(runs.children) == 4
     parent = runs.parents[0]
@@ -86,8 +95,16 @@ def test_grid_makes_one_child_run_per_point_under_one_parent_and_logs_the_best_m
 
 
 def test_a_diverging_run_is_failed_and_the_grid_goes_on(tmp_path, tiny_tree):
-    proc = run_train(tmp_path, "-m", *FAST, "data=imagefolder", f"data.root={tiny_tree}",
-                     "optimizer.lr=1e-3,1e38", "trainer.max_epochs=3", check=False)
+    proc = run_train(
+        tmp_path,
+        "-m",
+        *FAST,
+        "data=imagefolder",
+        f"data.root={tiny_tree}",
+        "optimizer.lr=1e-3,1e38",
+        "trainer.max_epochs=3",
+        check=False,
+    )
     assert proc.returncode != 0
     runs = mlflow_runs(tmp_path)
     by_lr = {r.data.params["optimizer.lr"]: r for r in runs.children}
@@ -102,15 +119,15 @@ def test_a_diverging_run_is_failed_and_the_grid_goes_on(tmp_path, tiny_tree):
 
 
 def test_a_diverging_single_run_exits_non_zero_with_one_line(tmp_path, tiny_tree):
-    proc = run_train(tmp_path, *FAST, "data=imagefolder", f"data.root={tiny_tree}", "optimizer.lr=1e38",
-                     check=False)
+    proc = run_train(tmp_path, *FAST, "data=imagefolder", f"data.root={tiny_tree}", "optimizer.lr=1e38", check=False)
     assert_one_line_error(proc, "resnet18-linear-sgd-lr1e+38-s0 failed: loss became")
     assert mlflow_runs(tmp_path).all[0].info.status == "FAILED"
 
 
 def test_the_demo_data_is_the_default(tmp_path):
-    run_train(tmp_path, "backbone.weights=none", "trainer.max_epochs=1", "trainer.num_workers=0",
-              "data.tiles_per_slide=2")
+    run_train(
+        tmp_path, "backbone.weights=none", "trainer.max_epochs=1", "trainer.num_workers=0", "data.tiles_per_slide=2"
+    )
     run = mlflow_runs(tmp_path).all[0]
     assert run.data.params["data.kind"] == "demo"
     assert "demo-" in run.data.tags["data_root"]

@@ -1,8 +1,7 @@
-
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.config_store import ConfigStore
@@ -15,29 +14,32 @@ log = logging.getLogger(__name__)
 @dataclass
 class GridsSweeperConf:
     _target_: str = "hydra_plugins.resnet_sweep_grids.grids_sweeper.GridsSweeper"
-    max_batch_size: Optional[int] = None
-    params: Optional[Dict[str, str]] = None          # common to every grid (Hydra's grid syntax)
-    grids: List[Dict[str, str]] = field(default_factory=list)  # each one a cartesian product
+    max_batch_size: int | None = None
+    params: dict[str, str] | None = None  # common to every grid (Hydra's grid syntax)
+    grids: list[dict[str, str]] = field(default_factory=list)  # each one a cartesian product
 
 
-ConfigStore.instance().store(group="hydra/sweeper", name="grids", node=GridsSweeperConf,
-                             provider="resnet_sweep")
+ConfigStore.instance().store(group="hydra/sweeper", name="grids", node=GridsSweeperConf, provider="resnet_sweep")
 
 
 class GridsSweeper(BasicSweeper):
     """Jobs = the concatenation of each grid's cartesian product. A key given on the command line
     replaces the same key in every grid (e.g. a smoke run's ``trainer.max_epochs=1``)."""
 
-    def __init__(self, max_batch_size: Optional[int], params: Optional[Dict[str, str]] = None,
-                 grids: Optional[List[Dict[str, str]]] = None) -> None:
+    def __init__(
+        self,
+        max_batch_size: int | None,
+        params: dict[str, str] | None = None,
+        grids: list[dict[str, str]] | None = None,
+    ) -> None:
         super().__init__(max_batch_size=max_batch_size, params=params)
         self.grids = [dict(g) for g in (grids or [])] or [{}]
 
-    def sweep(self, arguments: List[str]) -> Any:
+    def sweep(self, arguments: list[str]) -> Any:
         parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
-        jobs: List[List[str]] = []
+        jobs: list[list[str]] = []
         for grid in self.grids:
-            entries: Dict[str, str] = {}
+            entries: dict[str, str] = {}
             for line in [*self._parse_config(), *(f"{k}={v}" for k, v in grid.items()), *arguments]:
                 entries[parser.parse_override(line).get_key_element()] = line
             jobs += self.split_arguments(parser.parse_overrides(list(entries.values())), None)[0]
@@ -56,5 +58,3 @@ class GridsSweeper(BasicSweeper):
             job_idx += len(batch)
             returns.append(results)
         return returns
-
-

@@ -68,8 +68,19 @@ MAX_RETRIES = 3  # an interrupted trial's params are tried again this many times
 ID_TOKEN = "%id%"
 DATA_ATTR, CONFIG_ATTR, SEARCHED_ATTR = "data_fingerprint", "fixed_config", "searched_params"
 # app config keys that say where or how a job runs, not what it computes: not part of a study's identity
-NOT_RESULTS = ("hpo_trial", "tracking", "run_name", "trainer.num_workers", "trainer.resume", "trainer.resume_dir",
-               "data.cache_dir", "data.root", "data.tile_store", "data.tile_store_max_gb", "data.tile_store_device")
+NOT_RESULTS = (
+    "hpo_trial",
+    "tracking",
+    "run_name",
+    "trainer.num_workers",
+    "trainer.resume",
+    "trainer.resume_dir",
+    "data.cache_dir",
+    "data.root",
+    "data.tile_store",
+    "data.tile_store_max_gb",
+    "data.tile_store_device",
+)
 
 
 def distribution_from_override(override: Override) -> BaseDistribution | str:
@@ -115,7 +126,7 @@ def grid_choices(name: str, d: BaseDistribution) -> list:
     if isinstance(d, CategoricalDistribution):
         return list(d.choices)
     if isinstance(d, (IntDistribution, FloatDistribution)) and d.step is not None and not d.log:
-        n = int(round((d.high - d.low) / d.step)) + 1
+        n = round((d.high - d.low) / d.step) + 1
         return [d.low + i * d.step for i in range(n)]
     raise UserError(f"hydra.sweeper.params.{name}: the grid sampler needs choice(...) or range(...), not {d}")
 
@@ -137,9 +148,11 @@ def _storage(url: str | None, retry_s: float = hpo.STORAGE_RETRY_S, attempts: in
             if isinstance(e, (IntegrityError, ProgrammingError)) and attempt + 1 < attempts:
                 time.sleep(1 + attempt)  # another sweep is creating the tables
                 continue
-            raise UserError(f"hydra.sweeper.storage={tracking.redact(url)}: cannot open the Optuna storage "
-                            f"({tracking.redact(_first_line(e))}); check the URL, that the database "
-                            "server runs and the credentials (PGPASSWORD or ~/.pgpass)") from None
+            raise UserError(
+                f"hydra.sweeper.storage={tracking.redact(url)}: cannot open the Optuna storage "
+                f"({tracking.redact(_first_line(e))}); check the URL, that the database "
+                "server runs and the credentials (PGPASSWORD or ~/.pgpass)"
+            ) from None
 
 
 _first_line = first_line
@@ -175,12 +188,19 @@ def identity_differences(was: dict, now: dict) -> list[str]:
         parts.append(f"on other data (fingerprint {str(was.get(DATA_ATTR))[:8]} -> {now[DATA_ATTR][:8]})")
     old, new = was.get(CONFIG_ATTR) or {}, now[CONFIG_ATTR]
     old_searched, new_searched = set(was.get(SEARCHED_ATTR) or []), set(now[SEARCHED_ATTR])
-    changes = [f"{key}={_show(old[key])}, now {_show(new[key])}"
-               for key in sorted(set(old) & set(new)) if old[key] != new[key]]
-    changes += [f"{root} fixed, now searched" for root in sorted(new_searched - old_searched)
-                if any(_under(key, [root]) for key in old)]
-    changes += [f"{root} searched, now fixed" for root in sorted(old_searched - new_searched)
-                if any(_under(key, [root]) for key in new)]
+    changes = [
+        f"{key}={_show(old[key])}, now {_show(new[key])}" for key in sorted(set(old) & set(new)) if old[key] != new[key]
+    ]
+    changes += [
+        f"{root} fixed, now searched"
+        for root in sorted(new_searched - old_searched)
+        if any(_under(key, [root]) for key in old)
+    ]
+    changes += [
+        f"{root} searched, now fixed"
+        for root in sorted(old_searched - new_searched)
+        if any(_under(key, [root]) for key in new)
+    ]
     if changes:
         shown = changes[:4] + ([f"{len(changes) - 4} more keys"] if len(changes) > 4 else [])
         parts.append("with " + " and ".join(shown))
@@ -224,9 +244,22 @@ class _Heartbeat:
 
 
 class OptunaSweeperImpl:
-    def __init__(self, sampler, direction, storage, study_name, n_trials, n_jobs, max_failure_rate,
-                 params, custom_search_space, pruner, heartbeat_s, grace_s,
-                 storage_retry_s: float = hpo.STORAGE_RETRY_S) -> None:
+    def __init__(
+        self,
+        sampler,
+        direction,
+        storage,
+        study_name,
+        n_trials,
+        n_jobs,
+        max_failure_rate,
+        params,
+        custom_search_space,
+        pruner,
+        heartbeat_s,
+        grace_s,
+        storage_retry_s: float = hpo.STORAGE_RETRY_S,
+    ) -> None:
         self.sampler_cfg = sampler
         self.direction = direction
         self.storage_url = None if storage in (None, "") else str(storage)
@@ -259,8 +292,10 @@ class OptunaSweeperImpl:
         objective = str(self.config.objective)
         implied = objective_direction(objective)
         if self.direction not in (None, "", implied):
-            raise UserError(f"hydra.sweeper.direction={self.direction} contradicts objective={objective} "
-                            f"({implied}); drop the direction or change the objective")
+            raise UserError(
+                f"hydra.sweeper.direction={self.direction} contradicts objective={objective} "
+                f"({implied}); drop the direction or change the objective"
+            )
         return implied
 
     def _sampler(self, distributions):
@@ -282,8 +317,11 @@ class OptunaSweeperImpl:
         per-job keys and keys that do not change results)."""
         cfg = self.hydra_context.config_loader.load_sweep_config(self.config, [f"{k}={v}" for k, v in fixed.items()])
         searched = sorted({_param_root(k) for k in distributions})
-        app = {key: OmegaConf.to_container(cfg[key], resolve=True) if OmegaConf.is_config(cfg[key]) else cfg[key]
-               for key in cfg if key != "hydra"}
+        app = {
+            key: OmegaConf.to_container(cfg[key], resolve=True) if OmegaConf.is_config(cfg[key]) else cfg[key]
+            for key in cfg
+            if key != "hydra"
+        }
         config = {k: v for k, v in _flatten(app).items() if not _under(k, NOT_RESULTS + tuple(searched))}
         fingerprint = "searched" if any(_under(k, ["data"]) for k in searched) else data.data_fingerprint(cfg.data)
         return {SEARCHED_ATTR: searched, CONFIG_ATTR: config, DATA_ATTR: fingerprint}
@@ -291,8 +329,11 @@ class OptunaSweeperImpl:
     def _study_name(self, identity: dict) -> str | None:
         if not self.study_name or ID_TOKEN not in str(self.study_name):
             return self.study_name
-        digest = hashlib.sha256(json.dumps({"data": identity[DATA_ATTR], "config": identity[CONFIG_ATTR]},
-                                           sort_keys=True, default=str).encode()).hexdigest()[:8]
+        digest = hashlib.sha256(
+            json.dumps(
+                {"data": identity[DATA_ATTR], "config": identity[CONFIG_ATTR]}, sort_keys=True, default=str
+            ).encode()
+        ).hexdigest()[:8]
         return str(self.study_name).replace(ID_TOKEN, digest)
 
     def _recorded_identity(self, study, wait_s: float = 30) -> dict | None:
@@ -314,12 +355,19 @@ class OptunaSweeperImpl:
             if was is not None:
                 differences = identity_differences(was, identity)
                 if differences:
-                    raise UserError(tracking.redact(
-                        f"hydra.sweeper.study_name={study.study_name}: the study was made "
-                        f"{' / '.join(differences)}; use another study_name"))
+                    raise UserError(
+                        tracking.redact(
+                            f"hydra.sweeper.study_name={study.study_name}: the study was made "
+                            f"{' / '.join(differences)}; use another study_name"
+                        )
+                    )
                 return
-            log.warning("study '%s' was made before studies recorded their data and fixed config: recording "
-                        "this sweep's (data fingerprint %s)", study.study_name, identity[DATA_ATTR][:8])
+            log.warning(
+                "study '%s' was made before studies recorded their data and fixed config: recording "
+                "this sweep's (data fingerprint %s)",
+                study.study_name,
+                identity[DATA_ATTR][:8],
+            )
         for key in (SEARCHED_ATTR, CONFIG_ATTR, DATA_ATTR):  # the data last: a joining sweep waits for it
             study.set_user_attr(key, identity[key])
 
@@ -332,9 +380,14 @@ class OptunaSweeperImpl:
             self.storage.get_study_id_from_name(old)
         except KeyError:
             return
-        log.warning("study '%s' (named before studies were named by their data and settings) is not continued: "
-                    "this sweep starts '%s'; hydra.sweeper.study_name=%s continues the old one if it was made on "
-                    "the same data and settings", old, study.study_name, old)
+        log.warning(
+            "study '%s' (named before studies were named by their data and settings) is not continued: "
+            "this sweep starts '%s'; hydra.sweeper.study_name=%s continues the old one if it was made on "
+            "the same data and settings",
+            old,
+            study.study_name,
+            old,
+        )
 
     def _study(self, distributions, fixed: dict[str, str]) -> optuna.Study:
         if self.pruner_cfg and self.storage_url is None and not self.in_process:
@@ -346,8 +399,12 @@ class OptunaSweeperImpl:
         identity = self._identity(distributions, fixed)
         self.storage = _storage(self.storage_url, self.storage_retry_s)
         pruner = self.pruner_cfg or optuna.pruners.NopPruner()  # instantiated by Hydra
-        common = dict(study_name=self._study_name(identity), storage=self.storage,
-                      sampler=self._sampler(distributions), pruner=pruner)
+        common = dict(
+            study_name=self._study_name(identity),
+            storage=self.storage,
+            sampler=self._sampler(distributions),
+            pruner=pruner,
+        )
         try:  # exactly one of several sweeps starting together creates the study
             study = optuna.create_study(direction=self._direction(), **common)
             self.created = True
@@ -359,9 +416,11 @@ class OptunaSweeperImpl:
             study.sampler.reseed_rng()
         existing = study.direction.name.lower()
         if existing != self._direction():
-            raise UserError(f"study '{study.study_name}' in {tracking.redact(self.storage_url)} was made to "
-                            f"{existing}, but objective={self.config.objective} needs {self._direction()}; "
-                            "use another hydra.sweeper.study_name")
+            raise UserError(
+                f"study '{study.study_name}' in {tracking.redact(self.storage_url)} was made to "
+                f"{existing}, but objective={self.config.objective} needs {self._direction()}; "
+                "use another hydra.sweeper.study_name"
+            )
         self._check_identity(study, identity)
         self._mention_unnamed_predecessor(study)
         if self.storage_url is None:
@@ -386,8 +445,10 @@ class OptunaSweeperImpl:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             warnings.simplefilter("ignore", FutureWarning)
-            callback_class = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None) \
+            callback_class = (
+                getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None)
                 or optuna.storages.RetryFailedTrialCallback
+            )
             callback_class(max_retry=MAX_RETRIES)(study, frozen)
         return len(frozen.system_attrs.get("retry_history", [])) < MAX_RETRIES
 
@@ -401,18 +462,37 @@ class OptunaSweeperImpl:
         self._release(study, trial_id, why)
         # the copy is a new trial of this study: not owned, not released
         system_attrs = {k: v for k, v in frozen.system_attrs.items() if k not in (OWNER, RELEASED)}
-        retried = self._retry_params(study, optuna.trial.FrozenTrial(
-            number=frozen.number, state=frozen.state, value=None, values=None,
-            datetime_start=frozen.datetime_start, datetime_complete=None, params=frozen.params,
-            distributions=frozen.distributions, user_attrs=frozen.user_attrs, system_attrs=system_attrs,
-            intermediate_values={}, trial_id=frozen._trial_id))
+        retried = self._retry_params(
+            study,
+            optuna.trial.FrozenTrial(
+                number=frozen.number,
+                state=frozen.state,
+                value=None,
+                values=None,
+                datetime_start=frozen.datetime_start,
+                datetime_complete=None,
+                params=frozen.params,
+                distributions=frozen.distributions,
+                user_attrs=frozen.user_attrs,
+                system_attrs=system_attrs,
+                intermediate_values={},
+                trial_id=frozen._trial_id,
+            ),
+        )
         try:  # the job marks its run KILLED itself when it can
             tracking.mark_trial_runs_killed(self.parent_id, frozen.number, why)
         except Exception as e:  # the tracking store is what stopped it
-            log.warning("trial %d: could not mark its MLflow run: %s", frozen.number,
-                        tracking.redact(tracking.failure_reason(e)))
-        log.warning("trial %d was interrupted (%s): not counted, %s", frozen.number, why,
-                    "its params are tried again" if retried else "a new point replaces it")
+            log.warning(
+                "trial %d: could not mark its MLflow run: %s",
+                frozen.number,
+                tracking.redact(tracking.failure_reason(e)),
+            )
+        log.warning(
+            "trial %d was interrupted (%s): not counted, %s",
+            frozen.number,
+            why,
+            "its params are tried again" if retried else "a new point replaces it",
+        )
         return True
 
     def _release_interrupted(self, study) -> int:
@@ -440,10 +520,10 @@ class OptunaSweeperImpl:
     def _take(self, study, distributions) -> optuna.Trial | None:
         """Ask one trial; release it if a parallel sweep filled the study meanwhile."""
         trial = study.ask(fixed_distributions=distributions)
-        self.storage.set_trial_system_attr(trial._trial_id, OWNER, {
-            "host": socket.gethostname(), "pid": os.getpid(), "heartbeat": time.time()})
-        counted = [t for t in self._trials(study)
-                   if not t.system_attrs.get(RELEASED) and t.number <= trial.number]
+        self.storage.set_trial_system_attr(
+            trial._trial_id, OWNER, {"host": socket.gethostname(), "pid": os.getpid(), "heartbeat": time.time()}
+        )
+        counted = [t for t in self._trials(study) if not t.system_attrs.get(RELEASED) and t.number <= trial.number]
         if len(counted) > self.n_trials:
             self._release(study, trial._trial_id, "surplus")
             return None
@@ -455,8 +535,12 @@ class OptunaSweeperImpl:
         params = {**{k: v for k, v in trial.params.items()}, **fixed}
         overrides = [f"{k}={v}" for k, v in params.items()]
         report = "true" if (self.storage_url is not None or self.in_process) else "false"
-        overrides += [f"+hpo_trial.number={trial.number}", f"+hpo_trial.id={trial._trial_id}",
-                      f"+hpo_trial.study='{study.study_name}'", f"+hpo_trial.report={report}"]
+        overrides += [
+            f"+hpo_trial.number={trial.number}",
+            f"+hpo_trial.id={trial._trial_id}",
+            f"+hpo_trial.study='{study.study_name}'",
+            f"+hpo_trial.report={report}",
+        ]
         return overrides
 
     @staticmethod
@@ -509,22 +593,33 @@ class OptunaSweeperImpl:
             exit_with(str(e))
         except hpo.StorageUnavailable as e:
             down = f"unreachable for {e.seconds:g} s ({e.reason})" if hasattr(e, "reason") else str(e)
-            exit_with(f"hydra.sweeper.storage={tracking.redact(self.storage_url)}: the Optuna storage is {down}; "
-                      "the study and its finished trials are kept: once the database is back, re-run the same "
-                      f"command to resume (hydra.sweeper.storage_retry_s={self.storage_retry_s:g} is how long "
-                      "a sweep waits)")
+            exit_with(
+                f"hydra.sweeper.storage={tracking.redact(self.storage_url)}: the Optuna storage is {down}; "
+                "the study and its finished trials are kept: once the database is back, re-run the same "
+                f"command to resume (hydra.sweeper.storage_retry_s={self.storage_retry_s:g} is how long "
+                "a sweep waits)"
+            )
 
     def _sweep(self, arguments: list[str]) -> None:
         params = [f"{k}={v}" for k, v in (self.params or {}).items()]
         distributions, fixed = search_space(params + list(arguments))
         if not distributions and not self.custom_search_space:
-            raise UserError("the Optuna sweeper has nothing to search: give hydra.sweeper.params "
-                            "(e.g. hpo=lr_search) or a sweep such as 'optimizer.lr=tag(log, interval(1e-6, 1e-2))'")
+            raise UserError(
+                "the Optuna sweeper has nothing to search: give hydra.sweeper.params "
+                "(e.g. hpo=lr_search) or a sweep such as 'optimizer.lr=tag(log, interval(1e-6, 1e-2))'"
+            )
         study = self._study(distributions, fixed)
         self.parent_id = tracking.open_study_parent(self.config, study, self.storage_url, self.created)
-        log.info("Optuna study '%s' in %s: %s %s, %d trials, sampler %s, pruner %s", study.study_name,
-                 tracking.redact(self.storage_url or "memory"), self._direction(), self.config.objective,
-                 self.n_trials, type(study.sampler).__name__, type(study.pruner).__name__)
+        log.info(
+            "Optuna study '%s' in %s: %s %s, %d trials, sampler %s, pruner %s",
+            study.study_name,
+            tracking.redact(self.storage_url or "memory"),
+            self._direction(),
+            self.config.objective,
+            self.n_trials,
+            type(study.sampler).__name__,
+            type(study.pruner).__name__,
+        )
         log.info("search space: %s", {k: repr(d) for k, d in distributions.items()})
         heartbeat = _Heartbeat(self.storage, self.heartbeat_s).start() if self.storage_url else None
         told: Counter = Counter()
@@ -547,8 +642,9 @@ class OptunaSweeperImpl:
                     continue
                 if heartbeat:
                     heartbeat.trial_ids.update(t._trial_id for t in trials)
-                returns = self.launcher.launch([self._overrides(t, fixed, study) for t in trials],
-                                               initial_job_idx=self.job_idx)
+                returns = self.launcher.launch(
+                    [self._overrides(t, fixed, study) for t in trials], initial_job_idx=self.job_idx
+                )
                 self.job_idx += len(returns)
                 states = []
                 for trial, ret in zip(trials, returns):
@@ -561,20 +657,30 @@ class OptunaSweeperImpl:
                     raise UserError(
                         f"{told['INTERRUPTED']} trials were interrupted by the infrastructure (a store or database "
                         "unreachable, a full disk: see the jobs' logs), the last 2 batches entirely; the study is "
-                        "kept: once that is fixed, re-run the same command to resume it")
+                        "kept: once that is fixed, re-run the same command to resume it"
+                    )
                 done = sum(told[s.name] for s in FINISHED)
                 if done and told["FAIL"] / done > self.max_failure_rate:
                     raise UserError(
                         f"{told['FAIL']} of {done} trials failed, more than hydra.sweeper.max_failure_rate="
-                        f"{self.max_failure_rate}; see the failed runs' failure_reason in MLflow")
+                        f"{self.max_failure_rate}; see the failed runs' failure_reason in MLflow"
+                    )
             self._results(study, distributions, told)
         except BaseException as e:
             try:
-                tracking.close_study_parent(self.parent_id, study, None, failed=tracking.failure_reason(e),
-                                            killed=isinstance(e, KeyboardInterrupt))
+                tracking.close_study_parent(
+                    self.parent_id,
+                    study,
+                    None,
+                    failed=tracking.failure_reason(e),
+                    killed=isinstance(e, KeyboardInterrupt),
+                )
             except Exception as close_error:  # the tracking store is down too: the reason goes to the log
-                log.warning("could not mark the study's MLflow run %s failed: %s", self.parent_id,
-                            tracking.redact(tracking.failure_reason(close_error)))
+                log.warning(
+                    "could not mark the study's MLflow run %s failed: %s",
+                    self.parent_id,
+                    tracking.redact(tracking.failure_reason(close_error)),
+                )
             raise
         finally:
             if heartbeat:
@@ -605,5 +711,4 @@ class OptunaSweeperImpl:
             line += f"; best {self.config.objective} = {results['best_value']:.4f} with {results['best_params']}"
         log.info("%s", line)
         print(line, flush=True)
-        tracking.close_study_parent(self.parent_id, study, results, distributions=distributions,
-                                    results_file=path)
+        tracking.close_study_parent(self.parent_id, study, results, distributions=distributions, results_file=path)

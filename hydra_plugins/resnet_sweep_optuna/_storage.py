@@ -16,7 +16,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import optuna
 from optuna.storages import BaseStorage
@@ -63,8 +64,8 @@ class _Outage:
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
-        self.since: float | None = None      # monotonic start of the current outage
-        self.ended_at: float = 0.0           # time.time() when the last outage ended
+        self.since: float | None = None  # monotonic start of the current outage
+        self.ended_at: float = 0.0  # time.time() when the last outage ended
 
 
 _OUTAGES: dict[str, _Outage] = {}
@@ -107,15 +108,20 @@ def retry(url: str, retry_s: float, what: str, fn: Callable, *args, **kwargs):
             with outage.lock:
                 if outage.since is None:
                     outage.since = time.monotonic()
-                    log.warning("the Optuna storage %s is unreachable (%s): retrying for up to %g s "
-                                "(hydra.sweeper.storage_retry_s)", tracking.redact(url),
-                                tracking.redact(first_line(e)), retry_s)
+                    log.warning(
+                        "the Optuna storage %s is unreachable (%s): retrying for up to %g s "
+                        "(hydra.sweeper.storage_retry_s)",
+                        tracking.redact(url),
+                        tracking.redact(first_line(e)),
+                        retry_s,
+                    )
                 left = outage.since + retry_s - time.monotonic()
             if left <= 0:
                 reason = tracking.redact(first_line(e))
                 log.debug("gave up %s after %g s: %s", what, retry_s, reason)
                 error = hpo.StorageUnavailable(
-                    f"the Optuna storage {tracking.redact(url)} has been unreachable for {retry_s:g} s ({reason})")
+                    f"the Optuna storage {tracking.redact(url)} has been unreachable for {retry_s:g} s ({reason})"
+                )
                 error.seconds, error.reason = retry_s, reason
                 raise error from None
             time.sleep(min(delay, left))
@@ -124,8 +130,11 @@ def retry(url: str, retry_s: float, what: str, fn: Callable, *args, **kwargs):
         if outage.since is not None:
             with outage.lock:
                 if outage.since is not None:
-                    log.info("the Optuna storage %s is reachable again after %.0f s", tracking.redact(url),
-                             time.monotonic() - outage.since)
+                    log.info(
+                        "the Optuna storage %s is reachable again after %.0f s",
+                        tracking.redact(url),
+                        time.monotonic() - outage.since,
+                    )
                     outage.since, outage.ended_at = None, time.time()
         return result
 
