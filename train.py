@@ -2,16 +2,18 @@ import sys
 
 import hydra
 
-from resnet_sweep.train import check_group_choices, run
+from resnet_sweep.checks import check_overrides
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg) -> float:
-    return run(cfg)
+    from resnet_sweep.job import run_job  # torch, MLflow: only once the config is composed
+
+    return run_job(cfg)
 
 
 if __name__ == "__main__":
-    check_group_choices()
+    check_overrides()
     try:
         main()
     except KeyboardInterrupt as e:  # SIGINT or SIGTERM (resnet_sweep.faults): runs are marked KILLED

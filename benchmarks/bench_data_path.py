@@ -35,7 +35,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from resnet_sweep import batches, data, engine, features, models, tiles  # noqa: E402
+from resnet_sweep import batches, checks, cores, data, engine, features, models  # noqa: E402
 
 
 def config(cache: str, tiles_per_slide: int, *more: str):
@@ -163,8 +163,8 @@ def main(argv=None) -> dict:
     )
 
     # 4 first: the store every other measurement reads
-    store_splits = data.build(cfg.data, cfg.trainer, crop_size=224, seed=0, crop_seed=0, device=device)
-    files = {s: [p for p, _ in getattr(store_splits, s).dataset.samples] for s in data.SPLITS}
+    store_splits = data.load_splits(cfg.data, cfg.trainer, crop_size=224, seed=0, crop_seed=0, device=device)
+    files = {s: [p for p, _ in getattr(store_splits, s).dataset.samples] for s in checks.SPLITS}
     n_images = sum(len(v) for v in files.values())
     for path in (p for s in files for p in files[s]):  # PNGs in the page cache, as after a first epoch
         path.read_bytes()
@@ -173,8 +173,8 @@ def main(argv=None) -> dict:
     size = sum(f.stat().st_size for f in store.path.iterdir())
     out = {"build_img_per_s": n_images / wall, "store_mb": size / 1e6}
     print(
-        f"data: demo, {', '.join(f'{len(files[s])} {s}' for s in data.SPLITS)} tiles; store built in {wall:.2f} s "
-        f"({n_images / wall:.0f} img/s with {tiles.cores()} threads, decode + write + sha256), "
+        f"data: demo, {', '.join(f'{len(files[s])} {s}' for s in checks.SPLITS)} tiles; store built in {wall:.2f} s "
+        f"({n_images / wall:.0f} img/s with {cores.available()} threads, decode + write + sha256), "
         f"{size / 1e6:.1f} MB on disk"
     )
 
@@ -201,7 +201,7 @@ def main(argv=None) -> dict:
     )
 
     # 2. fine-tuning against the synthetic-batch step
-    built = models.build(cfg.backbone, cfg.head, seed=0)
+    built = models.build_classifier(cfg.backbone, cfg.head, seed=0)
     model = built.model.to(device).to(memory_format=torch.channels_last)
     optimizer = engine.make_optimizer(cfg.optimizer, model)
     x, y = next(iter(store_loader))
@@ -226,13 +226,13 @@ def main(argv=None) -> dict:
 
     # 3. bank extraction from the store against plain inference on a pre-made device batch
     bank_cfg = config(cache, args.tiles_per_slide)
-    backbone = models.build(bank_cfg.backbone, bank_cfg.head, seed=0).model.backbone
+    backbone = models.build_classifier(bank_cfg.backbone, bank_cfg.head, seed=0).model.backbone
     backbone = backbone.to(device).eval().to(memory_format=torch.channels_last)
-    labels = {s: [lab for _, lab in getattr(store_splits, s).dataset.samples] for s in data.SPLITS}
+    labels = {s: [lab for _, lab in getattr(store_splits, s).dataset.samples] for s in checks.SPLITS}
     views = 2
     bank_crops = views * len(files["train"]) + len(files["valid"]) + len(files["test"])
     # the batch the product uses on this device; on a GPU the CPU's 64 beside it
-    for batch in sorted({features.default_extract_batch(device), features.EXTRACT_BATCH["cpu"]}, reverse=True):
+    for batch in sorted({features.default_extract_batch(device), checks.EXTRACT_BATCH["cpu"]}, reverse=True):
         pre = torch.randn(batch, 3, 224, 224, device=device).contiguous(memory_format=torch.channels_last)
         plain_rate(backbone, pre, batch, device, precision)  # warm-up
         pairs = []
@@ -266,7 +266,9 @@ def main(argv=None) -> dict:
             f"{statistics.median(p[1] for p in pairs):.1f} img/s: {100 * ex[0]:.1f}% (rounds {100 * ex[1]:.1f}-"
             f"{100 * ex[2]:.1f}%)"
         )
-    print(f"4. store build: {out['build_img_per_s']:.0f} img/s with {tiles.cores()} threads, {out['store_mb']:.1f} MB")
+    print(
+        f"4. store build: {out['build_img_per_s']:.0f} img/s with {cores.available()} threads, {out['store_mb']:.1f} MB"
+    )
     return out
 
 

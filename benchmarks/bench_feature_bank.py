@@ -63,7 +63,7 @@ def interleaved(
     img/s, plain img/s averaged over the measurements just before and just after it)."""
     from resnet_sweep import features, models
 
-    backbone = models.build(cfg.backbone, cfg.head, seed=int(cfg.seed)).model.backbone
+    backbone = models.build_classifier(cfg.backbone, cfg.head, seed=int(cfg.seed)).model.backbone
     files, labels = features.samples_of(splits)
     out, before = [], plain_before
     for _ in range(rounds):
@@ -138,7 +138,7 @@ def main() -> None:
 
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         cfg = compose("train", overrides=["experiment=bench/resnet18_perceptron", *extra])
-    splits = data.build(
+    splits = data.load_splits(
         cfg.data,
         cfg.trainer,
         crop_size=int(cfg.backbone.crop_size),

@@ -4,7 +4,7 @@
 
 The demo data (data.tiles_per_slide=50: 800/200/200 tiles of 250x250 PNG) is generated, or reused,
 in the usual cache folder; each store is built into a fresh temp folder, so nothing cached is
-reused. Printed, per round: ``tiles.build`` (decode + write) with every core and with one thread;
+reused. Printed, per round: ``tiles.write_store`` (decode + write) with every core and with one thread;
 then one whole ``tiles.get`` (header pass for the size check + build + SHA-256 sealing + rename)
 and its verification as a new process would do it, and the store's size on disk. For comparison,
 the time to read one epoch of training crops from the store against decoding them with PIL.
@@ -42,25 +42,25 @@ def main(argv=None) -> None:
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from resnet_sweep import data, sealed, tiles
+    from resnet_sweep import checks, cores, crops, data, images, sealed, tiles
 
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         cfg = compose("train", overrides=["data=demo", f"data.tiles_per_slide={args.tiles_per_slide}"])
     root = data.resolve_root(cfg.data)
-    _, files, _ = data.scan_tree(root, args.crop, cfg.data.cache_dir)
+    _, files, _ = images.scan_tree(root, args.crop, cfg.data.cache_dir)
     n = sum(len(v) for v in files.values())
-    workers = tiles.cores()
+    workers = cores.available()
     print(
         f"machine: {platform.machine()}, {os.cpu_count()} cores ({workers} usable), "
         f"python {platform.python_version()}, load average {os.getloadavg()[0]:.2f}"
     )
-    print(f"data: {root} ({', '.join(f'{len(files[s])} {s}' for s in data.SPLITS)}), resize={args.resize}")
+    print(f"data: {root} ({', '.join(f'{len(files[s])} {s}' for s in checks.SPLITS)}), resize={args.resize}")
     for path in (p for s in files for p in files[s]):  # into the page cache, as after a first epoch
         path.read_bytes()
 
     def timed_build(threads: int) -> float:
         with tempfile.TemporaryDirectory(dir=cfg.data.cache_dir) as tmp:
-            stats = tiles.build(files, args.resize, Path(tmp), threads, progress=False)
+            stats = tiles.write_store(files, args.resize, Path(tmp), threads, progress=False)
         return stats["img_per_s"]
 
     rows = []
@@ -101,13 +101,13 @@ def main(argv=None) -> None:
         crop = args.crop
         start = time.perf_counter()
         for i in range(len(train)):
-            top, left = data.crop_offset(train.size(i), crop, 0, i, 0)
+            top, left = crops.crop_offset(train.size(i), crop, 0, i, 0)
             train.crop(i, left, top, crop).copy()
         from_store = time.perf_counter() - start
         start = time.perf_counter()
         for i, path in enumerate(files["train"]):
-            image = data.resized(data.load_rgb(path), args.resize)
-            top, left = data.crop_offset(image.size, crop, 0, i, 0)
+            image = crops.resized(images.load_rgb(path), args.resize)
+            top, left = crops.crop_offset(image.size, crop, 0, i, 0)
             image.crop((left, top, left + crop, top + crop)).tobytes()
         from_pil = time.perf_counter() - start
         print(

@@ -31,7 +31,7 @@ sys.path.insert(0, str(REPO))
 
 from hydra import compose, initialize_config_dir  # noqa: E402
 
-from resnet_sweep import data, engine, features, models  # noqa: E402
+from resnet_sweep import checks, data, engine, features, models  # noqa: E402
 
 
 def config(cache: str, tiles: int, *more: str):
@@ -113,12 +113,12 @@ def main() -> None:
 
     # 1. the bank on the GPU
     cfg = config(cache, args.tiles_per_slide, "trainer.max_epochs=5", "optimizer.lr=1e-3")
-    splits = data.build(cfg.data, cfg.trainer, crop_size=224, seed=0, device=device)
+    splits = data.load_splits(cfg.data, cfg.trainer, crop_size=224, seed=0, device=device)
     print(
-        f"demo data: {[len(getattr(splits, s).dataset) for s in data.SPLITS]} train/valid/test tiles; "
+        f"demo data: {[len(getattr(splits, s).dataset) for s in checks.SPLITS]} train/valid/test tiles; "
         f"loaders: {type(splits.train.loader()).__name__} (tile store {'on' if splits.store.get() else 'off'})"
     )
-    built = models.build(cfg.backbone, cfg.head)
+    built = models.build_classifier(cfg.backbone, cfg.head)
     start = time.perf_counter()
     bank = features.get(cfg, built, splits, device)
     meta = bank.meta
@@ -126,7 +126,7 @@ def main() -> None:
         f"1. bank: {meta['crops']} crops in {meta['seconds']:.2f} s = {meta['img_per_s']:.0f} img/s "
         f"({meta['precision']}, {meta['device']}, stored {meta['dtype']}); get() {time.perf_counter() - start:.1f} s"
     )
-    backbone_cpu = models.build(cfg.backbone, cfg.head).model.backbone.eval()
+    backbone_cpu = models.build_classifier(cfg.backbone, cfg.head).model.backbone.eval()
     cos = []
     for epoch in (1, 2, 3):
         splits.train.set_epoch(epoch)
@@ -162,7 +162,7 @@ def main() -> None:
         "optimizer.backbone_lr_scale=0.1",
         "scheduler=cosine",
     )
-    built3 = models.build(cfg3.backbone, cfg3.head)
+    built3 = models.build_classifier(cfg3.backbone, cfg3.head)
     history, seconds = fit(built3.model, splits, cfg3, built3, device)
     n = 3 * len(splits.train.dataset) + 3 * len(splits.valid.dataset)
     test = engine.evaluate(built3.model, splits.test, device, cfg3.trainer.precision)

@@ -3,7 +3,7 @@
 Per batch: the crops' uint8 rows are copied out of the tile store's memory map (in a background
 thread, into a pinned buffer on CUDA), sent to the device in one non-blocking copy, and turned into
 a normalised float batch there (``Batcher``). The crop of training image ``i`` at epoch ``e`` is
-``data.crop_offset(crop_seed, i, data.view_of(e))`` and its flips/rotation ``data.augment_ops`` of
+``crops.crop_offset(crop_seed, i, crops.view_of(e))`` and its flips/rotation ``crops.augment_ops`` of
 the same triple, exactly as the PIL path draws them, so both paths give the same pixels. When the
 whole split fits on the device (``data.tile_store_device``), it is kept there and a batch is one
 gather on the device.
@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-from . import data
+from . import crops
 
 log = logging.getLogger(__name__)
 
@@ -90,8 +90,8 @@ class Normalise:
 
 class StoreLoader:
     """(images, labels) batches of one split from the tile store, in the order and with the crops
-    the PIL loader (``data.Tiles`` + ``data.EpochShuffle``) would give: training shuffles by
-    ``data.shuffled(seed, epoch)`` and crops by ``data.crop_offset``; evaluation takes the centre
+    the PIL loader (``crops.Tiles`` + ``crops.EpochShuffle``) would give: training shuffles by
+    ``crops.shuffled(seed, epoch)`` and crops by ``crops.crop_offset``; evaluation takes the centre
     crop in order. ``resident``: the split's (N, H, W, 3) array lives on the device."""
 
     def __init__(
@@ -134,16 +134,16 @@ class StoreLoader:
 
     def _order(self) -> np.ndarray:
         n = len(self.labels)
-        return data.shuffled(n, self.seed, self.epoch) if self.training else np.arange(n)
+        return crops.shuffled(n, self.seed, self.epoch) if self.training else np.arange(n)
 
     def _window(self, i: int) -> tuple[int, int, tuple]:
         """(top, left, augmentation) of image ``i`` this epoch."""
         size = self.sizes[i]
         if not self.training:
-            return (*data.centre_offset(size, self.crop), ())
-        view = data.view_of(self.epoch)
-        top, left = data.crop_offset(size, self.crop, self.crop_seed, i, view)
-        return top, left, data.augment_ops(self.augment, self.crop_seed, i, view)
+            return (*crops.centre_offset(size, self.crop), ())
+        view = crops.view_of(self.epoch)
+        top, left = crops.crop_offset(size, self.crop, self.crop_seed, i, view)
+        return top, left, crops.augment_ops(self.augment, self.crop_seed, i, view)
 
     def _fill(self, batcher: Batcher, idx: np.ndarray) -> None:
         batcher.ready()
@@ -152,7 +152,7 @@ class StoreLoader:
         for i in idx:
             top, left, ops = self._window(int(i))
             crop = self.images.crop(int(i), left, top, c)
-            batcher.add(data.apply_augment(crop, ops) if ops else crop)
+            batcher.add(crops.apply_augment(crop, ops) if ops else crop)
 
     def __iter__(self):
         order = self._order()
@@ -192,7 +192,7 @@ def gather_crops(images: torch.Tensor, index, windows, crop: int, normalise: Nor
     rows, cols = where[:, 1:2] + span, where[:, 2:3] + span
     x = images[where[:, 0, None, None], rows[:, :, None], cols[:, None, :]]  # (B, crop, crop, 3) uint8
     if any(w[2] for w in windows):
-        x = torch.stack([data.apply_augment_tensor(x[k], w[2]) if w[2] else x[k] for k, w in enumerate(windows)])
+        x = torch.stack([crops.apply_augment_tensor(x[k], w[2]) if w[2] else x[k] for k, w in enumerate(windows)])
     return normalise(x.float()).permute(0, 3, 1, 2)
 
 

@@ -22,15 +22,15 @@ def check_store(uri: str | None) -> None:
 
 def cmd_stats(args) -> None:
     """Per-channel mean/std of the training split, as `data.normalize=dataset` uses."""
-    from . import data
+    from . import data, images
 
     root = Path(args.root)
     if (root / "train").is_dir():  # the files training reads: ROOT/train/<class>/**
         train = root / "train"
-        paths = [p for cls in data.class_folders(train) for p in data.class_images(train / cls)]
+        paths = [p for cls in images.class_folders(train) for p in images.class_images(train / cls)]
     else:
         train = root
-        paths = data.class_images(root)
+        paths = images.class_images(root)
     if not paths:
         raise UserError(f"{train}: no images found")
     mean, std = data.channel_stats(paths)

@@ -1,7 +1,6 @@
-"""Validated ImageFolder splits -> DataLoaders.
-
-Layout: ``root/{train,valid,test}/{class_a,class_b}/*``. Every problem with the tree is reported
-as one line naming the path, before any training starts.
+"""Validated ImageFolder splits -> batches: the data set a job trains on (the demo's, generated once,
+or the user's folder, checked whole by ``images.scan_tree``), its normalisation, and one loader per
+split, from the decoded tile store where there is one, else decoded by PIL (``crops``).
 """
 
 from __future__ import annotations
@@ -11,25 +10,21 @@ import json
 import logging
 import multiprocessing
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 from filelock import FileLock
-from omegaconf import OmegaConf
-from PIL import Image, ImageOps
-from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import transforms
-from torchvision.transforms import functional as TF
 
 from . import demo_data, faults
-from .errors import UserError
+from .checks import SPLITS, check_augment, check_root
+from .crops import EpochShuffle, Loader, Tiles
+from .errors import UserError, first_line
+from .images import class_folders, class_images, load_rgb, scan_tree
 
 log = logging.getLogger(__name__)
 
-SPLITS = ("train", "valid", "test")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -50,425 +45,10 @@ class Splits:
     augment: tuple = ()  # data.augment: flips / quarter turns of the training crops
     store: TileStore | None = None
 
-    def eval_transform(self) -> transforms.Compose:
-        return eval_transform(self.crop_size, self.mean, self.std, self.resize)
-
-
-def check_root(data_cfg) -> Path | None:
-    """The root keys, without generating or reading anything: the demo takes no ``data.root``; a
-    user's folder must be given and exist. Returns that folder (None for the demo)."""
-    if data_cfg.kind == "demo":
-        if data_cfg.get("root") is not None:
-            raise UserError(
-                f"data.root={data_cfg.root} is set, but data=demo trains on the embedded demo data; "
-                "add data=imagefolder to train on your folder"
-            )
-        return None
-    if OmegaConf.is_missing(data_cfg, "root") or data_cfg.get("root") is None:
-        raise UserError(
-            "data=imagefolder needs data.root: add data.root=/path/to/tiles (a folder holding "
-            "train/, valid/ and test/, each with one folder per class)"
-        )
-    root = Path(os.path.expanduser(str(data_cfg.root)))
-    if not root.is_dir():
-        raise UserError(
-            f"data.root={data_cfg.root}: no such directory; point it at a folder holding "
-            "train/, valid/ and test/, each with one folder per class"
-        )
-    return root
-
 
 def resolve_root(data_cfg) -> Path:
     """The ImageFolder root of ``data``: generated for the demo, checked for a user's folder."""
     return check_root(data_cfg) or demo_data.ensure(data_cfg)
-
-
-def is_image(path: Path) -> bool:
-    """A file that should hold an image: every regular file of a class folder except hidden ones
-    (``.DS_Store``, ``._*`` resource forks). Whether it decodes is checked by check_images."""
-    return path.is_file() and not path.name.startswith(".")
-
-
-def class_folders(split_folder: Path) -> list[str]:
-    """The class folders of a split, sorted (hidden folders are not classes)."""
-    return sorted(p.name for p in split_folder.iterdir() if p.is_dir() and not p.name.startswith("."))
-
-
-def class_images(class_folder: Path) -> list[Path]:
-    """The images of a class folder, sorted (sub-folders included)."""
-    return sorted(p for p in class_folder.rglob("*") if is_image(p))
-
-
-def scan_tree(root: Path, crop_size: int, cache_dir=None, on_bad_image: str = "error"):
-    """Check the tree; return (classes, good files per split, skipped [(path, reason)]).
-    Raises UserError naming the path and what to do."""
-    where = f"data.root={root}"
-    if on_bad_image not in ("error", "skip"):
-        raise UserError(f"data.on_bad_image={on_bad_image}: choose error or skip")
-    classes_by_split: dict[str, list[str]] = {}
-    files: dict[str, list[Path]] = {}
-    for split in SPLITS:
-        folder = root / split
-        if not folder.is_dir():
-            raise UserError(
-                f"{where}: missing split folder '{split}' ({folder}); expected train/, valid/ and "
-                "test/, each with one folder per class"
-            )
-        classes = class_folders(folder)
-        if len(classes) != 2:
-            shown = ", ".join(f"'{c}'" for c in classes) or "none"
-            raise UserError(
-                f"{where}: split '{split}' has {len(classes)} class folder"
-                f"{'' if len(classes) == 1 else 's'} ({shown}); expected exactly 2"
-            )
-        classes_by_split[split] = classes
-        files[split] = []
-        for cls in classes:
-            images = class_images(folder / cls)
-            if not images:
-                raise UserError(f"{where}: {folder / cls} has no images; add images or remove the folder")
-            files[split].extend(images)
-    train_classes = classes_by_split["train"]
-    for split in ("valid", "test"):
-        if classes_by_split[split] != train_classes:
-            raise UserError(
-                f"{where}: class folders differ between splits: train has {train_classes}, "
-                f"{split} has {classes_by_split[split]}; use the same two names in every split"
-            )
-    all_files = [p for split in SPLITS for p in files[split]]
-    bad = check_images(all_files, crop_size, cache_dir)
-    if bad and on_bad_image == "error":
-        raise UserError(bad_images_message(root, bad, crop_size, cache_dir))
-    skipped = {p for p, _ in bad}
-    for split in SPLITS:
-        files[split] = [p for p in files[split] if str(p) not in skipped]
-        for cls in train_classes:
-            if not any(p.parent.relative_to(root / split).parts[:1] == (cls,) for p in files[split]):
-                raise UserError(f"{where}: {root / split / cls} has no readable images left after skipping bad ones")
-    if bad:
-        log.warning(
-            "skipped %d bad image(s) (data.on_bad_image=skip): %s", len(bad), "; ".join(f"{p} ({w})" for p, w in bad)
-        )
-    return train_classes, files, bad
-
-
-def check_image(path: Path, crop_size: int) -> str | None:
-    """None if the file decodes fully to an image at least crop x crop, else why not."""
-    if path.stat().st_size == 0:
-        return "zero-byte file"
-    try:
-        image = load_rgb(path)
-    except Exception as e:
-        text = str(e).splitlines()[0] if str(e) else type(e).__name__
-        return f"cannot be read as an image ({text})"
-    w, h = image.size
-    if min(w, h) < crop_size:
-        return f"image is {w}x{h}, smaller than the {crop_size}x{crop_size} crop"
-    return None
-
-
-EXAMPLES = 3  # bad files named in an error; the full list goes to a file in data.cache_dir
-_SMALL = re.compile(r"image is (\d+)x(\d+), smaller than")
-_UNREADABLE = re.compile(r"cannot be read as an image \((.*)\)$")
-
-
-def bad_images_message(root: Path, bad: list[tuple[str, str]], crop_size: int, cache_dir=None) -> str:
-    """One line for the bad images of a tree: one file is named with its reason; several are grouped
-    by reason (too small, unreadable, zero-byte), each group said once with its count, a few examples
-    and its fix. When files go unnamed, the full list is written to data.cache_dir and named."""
-    if len(bad) == 1:
-        path, why = bad[0]
-        m = _SMALL.match(why)
-        if m:
-            side = min(int(m[1]), int(m[2]))
-            return (
-                f"{path}: {why}; set backbone.crop_size<={side} or backbone.resize={crop_size}, remove it, "
-                "or set data.on_bad_image=skip"
-            )
-        return f"{path}: {why}; fix or remove it, or set data.on_bad_image=skip"
-
-    def rel(path: str) -> str:
-        try:
-            return Path(path).relative_to(root).as_posix()
-        except ValueError:
-            return path
-
-    small, unreadable, empty, other = [], [], [], []
-    for path, why in bad:
-        if m := _SMALL.match(why):
-            small.append((path, f"{rel(path)} {m[1]}x{m[2]}", min(int(m[1]), int(m[2]))))
-        elif m := _UNREADABLE.match(why):
-            text = m[1].replace(f" '{path}'", "").replace(f" {path}", "")  # PIL repeats the full path
-            unreadable.append((path, f"{rel(path)} ({text})"))
-        elif why == "zero-byte file":
-            empty.append((path, rel(path)))
-        else:
-            other.append((path, f"{rel(path)} ({why})"))
-
-    def examples(group) -> str:
-        shown = ", ".join(g[1] for g in group[:EXAMPLES])
-        return f"e.g. {shown}, ..." if len(group) > EXAMPLES else shown
-
-    def them(group) -> str:
-        return "it" if len(group) == 1 else "them"
-
-    def plural(n: int, one: str, many: str) -> str:
-        return f"{n} {one if n == 1 else many}"
-
-    # (what, fix) per reason, most files first
-    groups = []
-    if small:
-        fix = f"set backbone.crop_size<={min(g[2] for g in small)} or backbone.resize={crop_size}"
-        groups.append(
-            (
-                len(small),
-                f"{plural(len(small), 'image is', 'images are')} smaller than the "
-                f"{crop_size}x{crop_size} crop ({examples(small)})",
-                fix,
-            )
-        )
-    if unreadable:
-        groups.append(
-            (
-                len(unreadable),
-                f"{plural(len(unreadable), 'file', 'files')} cannot be read as "
-                f"{'an image' if len(unreadable) == 1 else 'images'} "
-                f"({examples(unreadable)})",
-                f"fix or remove {them(unreadable)}",
-            )
-        )
-    if empty:
-        groups.append(
-            (
-                len(empty),
-                f"{plural(len(empty), 'file is', 'files are')} empty (zero bytes: {examples(empty)})",
-                f"remove {them(empty)}",
-            )
-        )
-    if other:
-        groups.append(
-            (
-                len(other),
-                f"{plural(len(other), 'file', 'files')} cannot be used ({examples(other)})",
-                f"fix or remove {them(other)}",
-            )
-        )
-    groups.sort(key=lambda g: -g[0])
-    where = f"data.root={root}"
-    if len(groups) == 1:
-        _, what, fix = groups[0]
-        message = f"{where}: {what}; {fix}, or set data.on_bad_image=skip"
-    else:
-        message = (
-            f"{where}: {len(bad)} bad images: "
-            + "; ".join(f"{what}: {fix}" for _, what, fix in groups)
-            + "; or set data.on_bad_image=skip to leave them all out"
-        )
-    unnamed = any(len(g) > EXAMPLES for g in (small, unreadable, empty, other))
-    listed = bad_images_file(root, bad, cache_dir) if unnamed else None
-    return f"{message} (all {len(bad)} listed in {listed})" if listed else message
-
-
-def bad_images_file(root: Path, bad: list[tuple[str, str]], cache_dir) -> Path | None:
-    """Every bad image of the tree, one ``path<TAB>reason`` a line, in
-    ``cache_dir/bad-images/<root>.tsv`` (None without a cache folder or when it cannot be written)."""
-    if cache_dir is None:
-        return None
-    key = hashlib.sha256(str(Path(root).resolve()).encode()).hexdigest()[:12]
-    path = Path(os.path.expanduser(str(cache_dir))) / "bad-images" / f"{Path(root).resolve().name}-{key}.tsv"
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text("".join(f"{p}\t{why}\n" for p, why in bad))
-        os.replace(tmp, path)
-    except OSError:
-        return None
-    return path
-
-
-def check_images(paths: list[Path], crop_size: int, cache_dir=None) -> list[tuple[str, str]]:
-    """Decode every file once; results cached by (path, size, mtime) so later jobs and sweeps skip
-    the work. Returns [(path, reason)] of the bad ones, in order."""
-    cache_file = None
-    cache: dict = {}
-    if cache_dir is not None:
-        cache_file = Path(os.path.expanduser(str(cache_dir))) / "image-checks.json"
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        if cache_file.exists():
-            try:
-                cache = json.loads(cache_file.read_text())
-            except ValueError:
-                cache = {}
-    bad, changed = [], False
-    for path in paths:
-        st = path.stat()
-        key = f"{path.resolve()}|{crop_size}|2"  # 2: reasons without advice (scan_tree adds it)
-        stamp = [st.st_size, st.st_mtime_ns]
-        entry = cache.get(key)
-        if entry is None or entry[0] != stamp:
-            entry = [stamp, check_image(path, crop_size)]
-            cache[key] = entry
-            changed = True
-        if entry[1] is not None:
-            bad.append((str(path), entry[1]))
-    if cache_file is not None and changed:
-        with FileLock(str(cache_file) + ".lock"):
-            merged = json.loads(cache_file.read_text()) if cache_file.exists() else {}
-            merged.update(cache)
-            tmp = cache_file.with_suffix(f".tmp{os.getpid()}")
-            tmp.write_text(json.dumps(merged))
-            os.replace(tmp, cache_file)
-    return bad
-
-
-def eval_transform(crop: int, mean, std, resize: int | None = None) -> transforms.Compose:
-    steps = [transforms.Resize(resize)] if resize else []
-    return transforms.Compose(
-        steps + [transforms.CenterCrop(crop), transforms.ToTensor(), transforms.Normalize(mean, std)]
-    )
-
-
-# ---------------------------------------------------------------- the training crops, shared with the feature bank
-# A training image's random crop is a pure function of (crop seed, image index, view), and epoch e uses view
-# view_of(e); batches are shuffled by (run seed, epoch). The naive loop and the feature bank draw from the
-# same functions, so with trainer.bank_views >= max_epochs the bank reproduces the naive loop crop for crop,
-# and a resumed job draws exactly what an uninterrupted one would.
-
-
-def view_of(epoch: int) -> int:
-    """Epoch 0 (measuring the untrained model) uses view 0; training epoch e >= 1 uses view e - 1."""
-    return max(int(epoch) - 1, 0)
-
-
-def crop_offset(size: tuple[int, int], crop: int, seed: int, index: int, view: int) -> tuple[int, int]:
-    """(top, left) of the random ``crop`` x ``crop`` window of training image ``index`` (``size`` = (w, h))."""
-    w, h = size
-    rng = np.random.default_rng([int(seed), int(index), int(view)])
-    return int(rng.integers(0, h - crop + 1)), int(rng.integers(0, w - crop + 1))
-
-
-def centre_offset(size: tuple[int, int], crop: int) -> tuple[int, int]:
-    """(top, left) of the centre ``crop`` x ``crop`` window (``size`` = (w, h)), rounded as torchvision's
-    center_crop rounds."""
-    w, h = size
-    return round((h - crop) / 2.0), round((w - crop) / 2.0)
-
-
-AUGMENTS = ("hflip", "vflip", "rot90")
-
-
-def augment_ops(augment, seed: int, index: int, view: int) -> tuple:
-    """The flips and rotation (``data.augment``) of training image ``index`` at ``view``: a pure
-    function of (crop seed, image, view), like its crop, drawn from a stream of its own.
-    Returns ``(hflip, vflip, quarter turns)``, or ``()`` when ``augment`` is empty."""
-    if not augment:
-        return ()
-    rng = np.random.default_rng([int(seed), int(index), int(view), 1])
-    hflip, vflip, turns = bool(rng.integers(2)), bool(rng.integers(2)), int(rng.integers(4))
-    return ("hflip" in augment and hflip, "vflip" in augment and vflip, turns if "rot90" in augment else 0)
-
-
-def apply_augment(crop: np.ndarray, ops: tuple) -> np.ndarray:
-    """``ops`` (augment_ops) on an HxWx3 crop: horizontal flip, vertical flip, then quarter turns
-    counter-clockwise. Views where possible; the batcher copies them."""
-    hflip, vflip, turns = ops
-    if hflip:
-        crop = crop[:, ::-1]
-    if vflip:
-        crop = crop[::-1]
-    return np.rot90(crop, turns, axes=(0, 1)) if turns else crop
-
-
-def apply_augment_tensor(crop: torch.Tensor, ops: tuple) -> torch.Tensor:
-    """``apply_augment`` on an HxWx3 tensor (on any device)."""
-    hflip, vflip, turns = ops
-    if hflip:
-        crop = crop.flip(1)
-    if vflip:
-        crop = crop.flip(0)
-    return torch.rot90(crop, turns, dims=(0, 1)) if turns else crop
-
-
-def check_augment(augment) -> tuple:
-    augment = tuple(str(a) for a in (augment or ()))
-    unknown = [a for a in augment if a not in AUGMENTS]
-    if unknown:
-        raise UserError(
-            f"data.augment={list(augment)}: unknown {unknown[0]}; choose from {', '.join(AUGMENTS)} "
-            "(e.g. data.augment=[hflip,vflip,rot90]), or [] for none"
-        )
-    return augment
-
-
-def shuffled(n: int, seed: int, epoch: int) -> np.ndarray:
-    """The training order of epoch ``epoch`` for run seed ``seed``."""
-    return np.random.default_rng([int(seed), int(epoch)]).permutation(n)
-
-
-def resized(image: Image.Image, resize: int | None) -> Image.Image:
-    return TF.resize(image, resize) if resize else image
-
-
-class Tiles(Dataset):
-    """(image, label) of one split. With ``crop_seed`` (training): the random crop of (image, epoch) from
-    crop_offset; without (evaluation): the centre crop. ``epoch`` is set by the loader's set_epoch."""
-
-    def __init__(self, samples: list[tuple[Path, int]], crop: int, mean, std, resize=None, crop_seed=None, augment=()):
-        self.samples, self.crop, self.mean, self.std = samples, crop, mean, std
-        self.resize, self.crop_seed, self.epoch, self.augment = resize, crop_seed, 0, tuple(augment or ())
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, i: int):
-        path, label = self.samples[i]
-        image = resized(load_rgb(path), self.resize)
-        ops = ()
-        if self.crop_seed is None:
-            top, left = centre_offset(image.size, self.crop)
-        else:
-            top, left = crop_offset(image.size, self.crop, self.crop_seed, i, view_of(self.epoch))
-            ops = augment_ops(self.augment, self.crop_seed, i, view_of(self.epoch))
-        image = TF.crop(image, top, left, self.crop, self.crop)
-        if ops:
-            image = apply_augment(np.asarray(image), ops).copy()  # contiguous and writable, as to_tensor wants
-        return TF.normalize(TF.to_tensor(image), self.mean, self.std), label
-
-
-class EpochShuffle(Sampler):
-    def __init__(self, n: int, seed: int):
-        self.n, self.seed, self.epoch = n, seed, 0
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __iter__(self):
-        return iter(shuffled(self.n, self.seed, self.epoch).tolist())
-
-
-class Loader(DataLoader):
-    """A DataLoader whose crops and order follow ``set_epoch`` (called by the training loop)."""
-
-    def set_epoch(self, epoch: int) -> None:
-        self.dataset.epoch = epoch
-        if isinstance(self.sampler, EpochShuffle):
-            self.sampler.epoch = epoch
-
-
-def load_rgb(path) -> Image.Image:
-    """Any image as 8-bit RGB, upright: EXIF orientation applied; grey, palette, RGBA, CMYK and 16-bit
-    images converted (16-bit scaled to 8-bit, not clipped). Fully decoded, so truncation shows."""
-    with Image.open(path) as im:
-        im = ImageOps.exif_transpose(im)
-        if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
-            arr = np.asarray(im, dtype=np.float64)
-            top = 65535.0 if im.mode.startswith("I;16") or arr.max() > 255 else 255.0
-            im = Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
-        elif im.mode == "RGBA" or (im.mode == "P" and "transparency" in im.info):
-            im = im.convert("RGBA")
-        image = im.convert("RGB")
-        image.load()
-        return image
 
 
 def channel_stats(paths: list[Path]) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -482,7 +62,7 @@ def channel_stats(paths: list[Path]) -> tuple[tuple[float, ...], tuple[float, ..
         try:
             image = load_rgb(path)
         except Exception as e:
-            why = str(e).splitlines()[0] if str(e) else type(e).__name__
+            why = first_line(e)
             raise UserError(f"{path}: cannot be read as an image ({why}); fix or remove it") from None
         x = to_tensor(image).to(torch.float64).flatten(1)
         total += x.sum(1)
@@ -582,7 +162,7 @@ class ImageLoader:
                     shutdown()
 
 
-def build(
+def load_splits(
     data_cfg,
     trainer_cfg,
     crop_size: int = 224,
@@ -591,6 +171,8 @@ def build(
     crop_seed: int = 0,
     device: torch.device | None = None,
 ) -> Splits:
+    """The three splits of ``data``, checked whole (one line naming the path for any problem), with
+    one loader each: training crops from ``crop_seed`` and ``seed`` (order), evaluation centre crops."""
     root = resolve_root(data_cfg)
     if resize is not None and (not isinstance(resize, int) or resize < crop_size):
         raise UserError(f"backbone.resize={resize}: must be null or an integer >= backbone.crop_size ({crop_size})")

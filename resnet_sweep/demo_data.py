@@ -20,23 +20,21 @@ by a file lock, so parallel jobs build it once.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
-from filelock import FileLock
 from PIL import Image, ImageFilter
+
+from . import sealed
+from .checks import SPLITS
 
 log = logging.getLogger(__name__)
 
 GENERATOR_VERSION = 3
 CLASSES = ("differentiating", "poorly_differentiated")
-SPLITS = ("train", "valid", "test")
 
 # Ruifrok & Johnston optical-density vectors (RGB) of haematoxylin and eosin.
 _H = np.array([0.650, 0.704, 0.286])
@@ -59,25 +57,21 @@ def ensure(data_cfg) -> Path:
             f"data.slides_per_class={params['slides_per_class']}: give 3 positive numbers "
             "(slides per class in train, valid, test)"
         )
-    key = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:12]
+    key = f"demo-{sealed.json_key(params, 12)}"
     cache = Path(os.path.expanduser(str(data_cfg.cache_dir)))
-    root = cache / f"demo-{key}"
+    root = cache / key
     if (root / "params.json").exists():
         return root
-    cache.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(cache / f"demo-{key}.lock")):
+    with sealed.folder_lock(cache, key):
         if (root / "params.json").exists():  # another job built it while we waited
             return root
         log.info("Generating the demo data set into %s (once)", root)
-        tmp = Path(tempfile.mkdtemp(prefix=f".demo-{key}-", dir=cache))
-        try:
+
+        def fill(tmp: Path) -> None:
             _generate(tmp, **{k: v for k, v in params.items() if k != "version"})
             (tmp / "params.json").write_text(json.dumps(params, indent=2))
-            if root.exists():  # a half-written tree from a killed run
-                shutil.rmtree(root)
-            tmp.rename(root)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+
+        sealed.replace_folder(cache, key, fill)  # replaces a half-written tree from a killed run
     return root
 
 

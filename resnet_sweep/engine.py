@@ -18,28 +18,12 @@ from omegaconf import OmegaConf
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import faults
-from .errors import Diverged, UserError
+from . import checks, faults
+from .errors import Diverged, UserError, first_line
+from .naming import optimizer_name
+from .objective import better, direction
 
 log = logging.getLogger(__name__)
-
-PER_EPOCH = ("loss", "acc")  # the validation metrics measured at every epoch
-
-
-def direction(objective: str) -> str:
-    """valid/loss -> minimize; valid/acc -> maximize. Other metrics (auroc, f1, balanced_acc) are
-    measured on the test split only, so they cannot pick an epoch: refused in one line."""
-    split, _, metric = objective.partition("/")
-    if split != "valid" or metric not in PER_EPOCH:
-        raise UserError(
-            f"objective={objective}: the sweep objective is a validation metric measured every epoch: "
-            "valid/loss (minimised) or valid/acc (maximised)"
-        )
-    return "minimize" if metric == "loss" else "maximize"
-
-
-def better(a: float, b: float, mode: str) -> bool:
-    return a < b if mode == "minimize" else a > b
 
 
 def resolve_device(name: str) -> torch.device:
@@ -87,15 +71,9 @@ def cpu_has_bf16() -> bool:
 
 def autocast(device: torch.device, precision: str):
     """bf16 autocast where the hardware runs it fast (AMX/AVX512-BF16 CPUs, bf16 GPUs)."""
-    precision = str(precision)
-    if precision == "auto":
+    use = checks.precision(precision)
+    if use is None:  # auto
         use = (device.type == "cuda" and torch.cuda.is_bf16_supported()) or (device.type == "cpu" and cpu_has_bf16())
-    elif precision in ("bf16", "bf16-mixed"):
-        use = True
-    elif precision in ("32", "fp32"):
-        use = False
-    else:
-        raise UserError(f"trainer.precision={precision}: choose auto, bf16 or 32")
     if not use:
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=torch.bfloat16)
@@ -103,8 +81,6 @@ def autocast(device: torch.device, precision: str):
 
 @dataclass
 class History:
-    objective_name: str
-    mode: str
     epochs: list[dict] = field(default_factory=list)  # one dict of metrics per epoch, from 0
     best_epoch: int = 0
     best_value: float = math.nan
@@ -113,6 +89,7 @@ class History:
 
     @property
     def objective(self) -> float:
+        """The sweep objective: the best epoch's value of the metric that picks it."""
         return self.best_value
 
     def best_metrics(self) -> dict:
@@ -193,6 +170,27 @@ def make_scheduler(scheduler_cfg, optimizer):
     return instantiate(scheduler_cfg)(optimizer)
 
 
+def check_optimizer(optimizer_cfg, scheduler_cfg) -> None:
+    """Build the configured optimizer (and scheduler) over one dummy parameter: a value out of range
+    (``optimizer.momentum=-1``) is named here, not in a traceback mid-job."""
+    probe = nn.Linear(1, 1)
+    probe.head = nn.Linear(1, 1)
+    try:
+        optimizer = make_optimizer(optimizer_cfg, probe)
+    except UserError:
+        raise
+    except Exception as e:
+        raise UserError(
+            f"optimizer={optimizer_name(optimizer_cfg)}: {first_line(e)}; check the optimizer.* values"
+        ) from None
+    try:
+        make_scheduler(scheduler_cfg, optimizer)
+    except UserError:
+        raise
+    except Exception as e:
+        raise UserError(f"scheduler: {first_line(e)}; check the scheduler.* values") from None
+
+
 def warmup_cosine(optimizer, warmup_epochs: int, start_factor: float, min_lr_scale: float, max_epochs: int):
     """Linear warm-up over the first ``warmup_epochs`` epochs, then cosine annealing, ending just above
     ``lr * min_lr_scale`` at the last epoch (stepped once per epoch)."""
@@ -240,8 +238,8 @@ def fit(
     improvement stop early. Raises Diverged on a NaN/inf loss. ``resume`` (optional) restores a
     previous attempt (``restore(model, optimizer, history) -> next epoch``) and saves
     after every epoch (``save(epoch, model, optimizer, history)``)."""
-    mode = direction(objective)
-    history = History(objective, mode)
+    direction(objective)  # a metric that cannot pick an epoch: one line, before any work
+    history = History()
     model.to(device).to(memory_format=torch.channels_last)
     optimizer = make_optimizer(optimizer_cfg, model)
     scheduler = make_scheduler(scheduler_cfg, optimizer)
@@ -267,7 +265,7 @@ def fit(
         value = metrics[objective]
         if epoch > 0:
             step_scheduler(scheduler, value)
-        improved = epoch == 0 or better(value, history.best_value, mode)
+        improved = epoch == 0 or better(value, history.best_value, objective)
         if improved:
             history.best_epoch, history.best_value = epoch, value
             history.best_state = state_fn()

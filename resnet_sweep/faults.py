@@ -15,6 +15,8 @@ import signal
 import threading
 import time
 
+from .errors import first_line
+
 log = logging.getLogger(__name__)
 
 _stop: dict = {"signal": None, "deferred": 0}
@@ -171,7 +173,7 @@ def retrying(fn, seconds: float, what: str):
             if not is_infrastructure(e) or is_disk_full(e) or time.monotonic() + delay > deadline:
                 raise
             if not warned:
-                first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+                first = first_line(e)
                 log.warning("%s failed (%s): retrying for up to %.0f s", what, first[:200], seconds)
                 warned = True
             time.sleep(delay)

@@ -2,9 +2,9 @@
 
 With ``backbone.freeze=all`` the features of a given crop never change, so instead of re-running the
 backbone over every image at every epoch of every run, the bank stores, per training image, ``V``
-random crops (views 0..V-1 of ``data.crop_offset``, seeded by ``trainer.crop_seed``) and one centre
+random crops (views 0..V-1 of ``crops.crop_offset``, seeded by ``trainer.crop_seed``) and one centre
 crop per valid/test image. Training epoch ``e`` uses view ``(e - 1) mod V`` of each image, in the
-order ``data.shuffled(run seed, e)``: the naive loop draws its crops and order from the same
+order ``crops.shuffled(run seed, e)``: the naive loop draws its crops and order from the same
 functions, so ``V >= max_epochs`` reproduces it crop for crop, and a small ``V`` (default 8)
 extracts less and reuses crops after epoch V.
 
@@ -20,8 +20,6 @@ meta.json unreadable) is reported in one warning line and rebuilt, never read.
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import logging
 import os
 import time
@@ -35,28 +33,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import data, sealed, tiles
+from . import checks, crops, data, sealed, tiles
 from .batches import Batcher, RowBatches, gather_crops, prefetched
 from .engine import autocast, cpu_has_bf16
 
 log = logging.getLogger(__name__)
 
-# crops per backbone forward while extracting, unless trainer.bank_batch_size says otherwise: on a
-# GPU a ResNet18 forward of 64 crops is over before Python has launched the next (an H200 ran plain
-# bf16 inference at 27,800 img/s with batches of 64, 37,100 with 256)
-EXTRACT_BATCH = {"cpu": 64, "cuda": 256}
 BANK_VERSION = 4  # 2: fp32 fallback when features exceed fp16; 3: crops shared with the naive loop, resize;
 # 4: meta.json records each file's size and checksum
 
 
 def wanted(cfg) -> bool:
     """Automatic when the whole backbone is frozen; ``trainer.feature_bank=off`` disables it."""
-    choice = str(cfg.trainer.get("feature_bank", "auto"))
-    if choice not in ("auto", "off"):
-        from .errors import UserError
-
-        raise UserError(f"trainer.feature_bank={choice}: choose auto or off")
-    return choice == "auto" and str(cfg.backbone.freeze) == "all"
+    return checks.feature_bank(cfg.trainer) == "auto" and str(cfg.backbone.freeze) == "all"
 
 
 @dataclass
@@ -76,7 +65,7 @@ class Bank:
 
 class BankLoader:
     """Batches of (features, labels) from the bank. The train loader serves view ``view_of(epoch) mod V``
-    in the order ``data.shuffled(seed, epoch)``, as the naive loop does; eval loaders serve the centre
+    in the order ``crops.shuffled(seed, epoch)``, as the naive loop does; eval loaders serve the centre
     crop in order."""
 
     def __init__(self, bank: Bank, split: str, batch_size: int, shuffle: bool, seed: int):
@@ -93,9 +82,9 @@ class BankLoader:
         return (len(self.targets) + self.batch_size - 1) // self.batch_size
 
     def __iter__(self):
-        feats = self.features[data.view_of(self.epoch) % self.views] if self.features.ndim == 3 else self.features
+        feats = self.features[crops.view_of(self.epoch) % self.views] if self.features.ndim == 3 else self.features
         n = len(self.targets)
-        order = data.shuffled(n, self.seed, self.epoch) if self.shuffle else np.arange(n)
+        order = crops.shuffled(n, self.seed, self.epoch) if self.shuffle else np.arange(n)
         for i in range(0, n, self.batch_size):
             idx = order[i : i + self.batch_size]
             x = torch.from_numpy(np.asarray(feats[np.sort(idx)], dtype=np.float32))
@@ -117,21 +106,21 @@ class HeadOnly(nn.Module):
 
 def extract_batch(cfg, device: torch.device) -> int:
     """``trainer.bank_batch_size`` (checked by ``train.check_config``), or the device's
-    ``EXTRACT_BATCH`` when it is null."""
+    ``checks.EXTRACT_BATCH`` when it is null."""
     value = cfg.trainer.get("bank_batch_size")
     return default_extract_batch(device) if value is None else int(value)
 
 
 def default_extract_batch(device: torch.device) -> int:
-    return EXTRACT_BATCH.get(device.type, EXTRACT_BATCH["cpu"])
+    return checks.EXTRACT_BATCH.get(device.type, checks.EXTRACT_BATCH["cpu"])
 
 
 def samples_of(splits) -> tuple[dict[str, list[Path]], dict[str, list[int]]]:
     """The files and labels of each split, in the loaders' order: what the bank extracts."""
-    samples = {s: getattr(splits, s).dataset.samples for s in data.SPLITS}
+    samples = {s: getattr(splits, s).dataset.samples for s in checks.SPLITS}
     return (
-        {s: [Path(p) for p, _ in samples[s]] for s in data.SPLITS},
-        {s: [y for _, y in samples[s]] for s in data.SPLITS},
+        {s: [Path(p) for p, _ in samples[s]] for s in checks.SPLITS},
+        {s: [y for _, y in samples[s]] for s in checks.SPLITS},
     )
 
 
@@ -141,7 +130,7 @@ def key_of(cfg, built, files: dict[str, list[Path]], splits) -> str:
         "backbone": str(cfg.backbone.name),
         "weights_source": built.weights_source,
         "frozen_checksum": built.frozen_checksum,
-        "files": {s: data.fingerprint(files[s]) for s in data.SPLITS},
+        "files": {s: data.fingerprint(files[s]) for s in checks.SPLITS},
         "crop": splits.crop_size,
         "resize": splits.resize,
         "mean": list(splits.mean),
@@ -151,7 +140,7 @@ def key_of(cfg, built, files: dict[str, list[Path]], splits) -> str:
     }
     if splits.augment:  # (absent when empty: the keys of banks without augmentation stay as they were)
         spec["augment"] = list(splits.augment)
-    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+    return sealed.json_key(spec, 16)
 
 
 def _decoded(paths: list[Path], resize, workers: int, ahead: int):
@@ -190,7 +179,7 @@ def _crop_batches(images, files, views: int, crop: int, seed: int, augment, batc
     training image's ``views`` crops (and flips/turns), every valid/test image's centre crop. The
     batchers are used in rotation, so a batch stays intact while the next two are made."""
     k = 0
-    for split in data.SPLITS:
+    for split in checks.SPLITS:
         n_views = views if split == "train" else 1
         batcher, where = batchers[k % len(batchers)], []
         batcher.ready()
@@ -200,11 +189,11 @@ def _crop_batches(images, files, views: int, crop: int, seed: int, augment, batc
             size = (image.shape[1], image.shape[0])
             for v in range(n_views):
                 top, left = (
-                    data.crop_offset(size, crop, seed, i, v) if split == "train" else data.centre_offset(size, crop)
+                    crops.crop_offset(size, crop, seed, i, v) if split == "train" else crops.centre_offset(size, crop)
                 )
                 window = image[top : top + crop, left : left + crop]
-                ops = data.augment_ops(augment, seed, i, v) if split == "train" else ()
-                batcher.add(data.apply_augment(window, ops) if ops else window)
+                ops = crops.augment_ops(augment, seed, i, v) if split == "train" else ()
+                batcher.add(crops.apply_augment(window, ops) if ops else window)
                 where.append((v, i))
                 if len(where) == batch_size or (i == len(files[split]) - 1 and v == n_views - 1):
                     yield split, batcher.take(), where
@@ -223,7 +212,7 @@ def _device_crop_batches(
     # on CUDA the copies and crops run on a stream of their own, so they overlap the backbone's work
     side = torch.cuda.Stream(device) if device.type == "cuda" else None
     senders: dict[tuple[int, int], RowBatches] = {}
-    for split in data.SPLITS:
+    for split in checks.SPLITS:
         rows = store.images(split).uniform()
         n_views = views if split == "train" else 1
         entries = [(v, i) for i in range(len(files[split])) for v in range(n_views)]
@@ -238,9 +227,9 @@ def _device_crop_batches(
             first, last = where[0][1], where[-1][1]
             windows = [
                 (
-                    (*data.crop_offset(size, crop, seed, i, v), data.augment_ops(augment, seed, i, v))
+                    (*crops.crop_offset(size, crop, seed, i, v), crops.augment_ops(augment, seed, i, v))
                     if split == "train"
-                    else (*data.centre_offset(size, crop), ())
+                    else (*crops.centre_offset(size, crop), ())
                 )
                 for v, i in where
             ]
@@ -269,7 +258,7 @@ def extract(
     device_crops: bool | None = None,
 ) -> dict:
     """Run the frozen backbone once over every crop the bank holds; write fp16 arrays to ``out``.
-    ``batch_size`` crops per forward (None: the device's ``EXTRACT_BATCH``). ``store`` (a ``tiles.Store`` of
+    ``batch_size`` crops per forward (None: the device's ``checks.EXTRACT_BATCH``). ``store`` (a ``tiles.Store`` of
     these files): crops are copied from its decoded pixels instead of decoding every image.
     ``augment``: each training view's flips/turns, as the training loops draw them. ``device_crops``
     (None: on CUDA when every split of ``store`` holds images of one size): whole images go to the
@@ -294,14 +283,14 @@ def extract(
     # every spare core
     workers = max(1, (os.cpu_count() or 2) - 1) if device.type == "cuda" else 1
     if store is not None:  # decoded once already: views of the memory map
-        stream = (store.images(s).image(i) for s in data.SPLITS for i in range(len(files[s])))
+        stream = (store.images(s).image(i) for s in checks.SPLITS for i in range(len(files[s])))
     else:
-        stream = _decoded([p for s in data.SPLITS for p in files[s]], resize, workers, ahead=batch_size)
+        stream = _decoded([p for s in checks.SPLITS for p in files[s]], resize, workers, ahead=batch_size)
     if device_crops is None:
         device_crops = (
             device.type == "cuda"
             and store is not None
-            and all(store.images(s).uniform() is not None or not files[s] for s in data.SPLITS)
+            and all(store.images(s).uniform() is not None or not files[s] for s in checks.SPLITS)
         )
     if device_crops:
         produced = _device_crop_batches(store, files, views, crop, seed, augment, batcher.normalise, batch_size, device)
@@ -336,7 +325,7 @@ def extract(
             else:
                 arrays[split][i] = f
             total += len(where)
-    for split in data.SPLITS:
+    for split in checks.SPLITS:
         arrays.pop(split).flush()
         np.save(out / f"{split}_labels.npy", np.asarray(labels[split], dtype=np.int64))
     seconds = time.perf_counter() - started
@@ -345,7 +334,7 @@ def extract(
     dtype = np.float16 if peak[0] < 60000 else np.float32
     if dtype is np.float32:
         log.warning("features reach %.3g, beyond fp16: the bank is stored in fp32", peak[0])
-    for split in data.SPLITS:
+    for split in checks.SPLITS:
         full = np.load(out / f"{split}.f32.npy", mmap_mode="r")
         np.save(out / f"{split}.npy", full.astype(dtype))
         del full

@@ -19,7 +19,7 @@ from omegaconf import OmegaConf
 from torch import nn
 from torchvision import models as tvm
 
-from .errors import UserError
+from .errors import UserError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +115,7 @@ def load_backbone(cfg) -> tuple[nn.Module, str]:
             return tvm.get_model(name, weights=enum, **kwargs), f"imagenet:{enum}"
         except Exception as e:  # no network, no cache, corrupt file
             cache = Path(torch.hub.get_dir()) / "checkpoints" / Path(enum.url).name
-            why = f"{type(e).__name__}: {e}".splitlines()[0]
+            why = f"{type(e).__name__}: {first_line(e)}"
             if choice == "imagenet":
                 raise UserError(
                     f"backbone.weights=imagenet: cannot load {enum} ({why}); put the file at {cache} "
@@ -139,7 +139,7 @@ def load_backbone(cfg) -> tuple[nn.Module, str]:
             state = state["state_dict"]
         model.load_state_dict(state)
     except Exception as e:
-        raise UserError(f"backbone.weights={choice}: not a {name} state dict ({e})".splitlines()[0]) from None
+        raise UserError(f"backbone.weights={choice}: not a {name} state dict ({first_line(e)})") from None
     return model, f"file:{path.resolve()} sha256:{_file_sha256(path)[:12]}"
 
 
@@ -223,7 +223,7 @@ def apply_freeze(model: Classifier, backbone_cfg) -> None:
     model.train()
 
 
-def build(backbone_cfg, head_cfg, seed: int = 0) -> Built:
+def build_classifier(backbone_cfg, head_cfg, seed: int = 0) -> Built:
     """Backbone + head, deterministic for a given seed (random inits included), freezing applied."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -276,7 +276,7 @@ def load_checkpoint(path) -> tuple[Classifier, dict]:
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(ckpt, dict) or ckpt.get("format") != "resnet-sweep/1":
         raise UserError(f"{path}: not a resnet-sweep checkpoint")
-    built = build(OmegaConf.create(ckpt["backbone"]), OmegaConf.create(ckpt["head"]), ckpt["seed"])
+    built = build_classifier(OmegaConf.create(ckpt["backbone"]), OmegaConf.create(ckpt["head"]), ckpt["seed"])
     if built.frozen_checksum != ckpt["frozen_checksum"]:
         raise UserError(
             f"{path}: the frozen backbone rebuilt from {built.weights_source} differs from the one "

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import math
 import os
 import secrets
 from pathlib import Path
@@ -12,9 +11,10 @@ import mlflow
 import torch
 from mlflow.tracking import MlflowClient
 
-from . import data, models
-from .errors import UserError
-from .report import find_parent
+from . import crops, lookup, models
+from .errors import UserError, first_line
+from .images import load_rgb
+from .lookup import find_parent
 
 
 def best_run(client: MlflowClient, experiment: str):
@@ -22,22 +22,15 @@ def best_run(client: MlflowClient, experiment: str):
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         raise UserError(f"--experiment {experiment}: no such experiment in {mlflow.get_tracking_uri()}")
-    from .engine import direction
-
     runs = [
         r
         for r in client.search_runs([exp.experiment_id], "attributes.status = 'FINISHED'", max_results=10000)
         if r.data.tags.get("sweep") != "true"
     ]
-    scored = []
-    for r in runs:
-        objective = r.data.tags.get("objective", "valid/loss")
-        value = r.data.metrics.get(f"best/{objective}")
-        if value is not None and math.isfinite(value):
-            scored.append(((1 if direction(objective) == "minimize" else -1) * value, r))
-    if not scored:
+    best = lookup.best_run(runs)
+    if best is None:
         raise UserError(f"experiment {experiment}: no finished run to predict with")
-    return min(scored, key=lambda s: s[0])[1]
+    return best
 
 
 def load(client: MlflowClient, run, logged_model: bool = False) -> tuple[torch.nn.Module, dict]:
@@ -46,18 +39,13 @@ def load(client: MlflowClient, run, logged_model: bool = False) -> tuple[torch.n
     backbone is verified by checksum); ``logged_model=True`` unpickles the run's logged MLflow model
     instead (only for stores you trust)."""
     from .models import ProbabilityModel
-    from .tracking import downloaded_checkpoint
 
-    with downloaded_checkpoint(run) as path:
+    with lookup.downloaded_checkpoint(run) as path:
         if not logged_model:
             classifier, meta = models.load_checkpoint(path)
             return ProbabilityModel(classifier).eval(), meta
         meta = torch.load(path, map_location="cpu", weights_only=True)
-    logged = mlflow.search_logged_models(
-        experiment_ids=[run.info.experiment_id],
-        filter_string=f"source_run_id = '{run.info.run_id}'",
-        output_format="list",
-    )
+    logged = lookup.logged_models(run)
     if not logged:
         raise UserError(f"run {run.info.run_id} ({run.info.run_name}) has no logged model; drop --logged-model")
     return mlflow.pytorch.load_model(logged[0].model_uri, map_location="cpu").eval(), meta
@@ -95,7 +83,7 @@ def predict(
         parent = find_parent(client, experiment, None)
         run = client.get_run(parent.data.tags["best_run_id"])
     model, meta = load(client, run, logged_model)
-    transform = data.eval_transform(int(meta["crop_size"]), meta["mean"], meta["std"], meta.get("resize"))
+    transform = crops.eval_transform(int(meta["crop_size"]), meta["mean"], meta["std"], meta.get("resize"))
     bad: list[tuple[str, str]] = []
     rows: list[tuple[str, float, str]] = []
     batch: list[tuple[Path, torch.Tensor]] = []
@@ -111,12 +99,12 @@ def predict(
 
     for p in paths:
         try:
-            image = data.load_rgb(p)
+            image = load_rgb(p)
             if not meta.get("resize") and min(image.size) < int(meta["crop_size"]):  # resized: any size crops
                 raise ValueError(f"{image.size[0]}x{image.size[1]} is smaller than the {meta['crop_size']} crop")
             batch.append((p, transform(image)))
         except Exception as e:
-            bad.append((str(p), str(e).splitlines()[0] if str(e) else type(e).__name__))
+            bad.append((str(p), first_line(e)))
             continue
         if len(batch) >= batch_size:
             flush()

@@ -1,8 +1,8 @@
 """Tables in the study's format, read from MLflow: Markdown + CSV + PNG, also logged to the sweep's
 parent run.
 
-The best row of each table is chosen by the sweep objective on *validation* (DESIGN.md decision 4)
-and set in bold; test figures stand beside it but never choose it.
+The best row of each table is chosen by the sweep objective on *validation* and set in bold; test
+figures stand beside it but never choose it (choosing on them would leak the test split).
 """
 
 from __future__ import annotations
@@ -18,9 +18,11 @@ from pathlib import Path
 import mlflow
 from mlflow.tracking import MlflowClient
 
+from . import objective as objectives
 from . import plots
-from .engine import direction
 from .errors import UserError
+from .lookup import child_runs, find_parent
+from .naming import lr_label
 
 
 @dataclass
@@ -43,29 +45,6 @@ class Row:
     weights: str
     imagenet_weights: str
     trains: str = "head"  # the run's `trains` tag (tracking.what_trains): head | all | head + ...
-
-
-def find_parent(client: MlflowClient, experiment: str | None, parent_id: str | None):
-    if parent_id:
-        try:
-            return client.get_run(parent_id)
-        except Exception:
-            raise UserError(f"--parent {parent_id}: no such run in {mlflow.get_tracking_uri()}") from None
-    exp = client.get_experiment_by_name(experiment)
-    if exp is None:
-        raise UserError(f"--experiment {experiment}: no such experiment in {mlflow.get_tracking_uri()}")
-    runs = client.search_runs(
-        [exp.experiment_id], "tags.sweep = 'true'", order_by=["attributes.start_time DESC"], max_results=1
-    )
-    if not runs:
-        raise UserError(f"experiment {experiment}: no sweep yet (run `python train.py -m ...` first)")
-    return runs[0]
-
-
-def child_runs(client: MlflowClient, parent) -> list:
-    return client.search_runs(
-        [parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'", max_results=10000
-    )
 
 
 def momentum_of(params: dict) -> str:
@@ -100,10 +79,6 @@ def to_row(run, objective: str) -> Row:
     )
 
 
-def lr_text(lr: float) -> str:
-    return f"{lr:.0e}" if float(f"{lr:.0e}") == lr else f"{lr:.3g}"
-
-
 def acc_text(acc: float | None) -> str:
     return "-" if acc is None else f"{100 * acc:.2f}%"
 
@@ -118,12 +93,6 @@ def mean_std(values: list[float], scale: float = 1.0, digits: int = 2, unit: str
     mean = statistics.fmean(values) * scale
     std = statistics.stdev(values) * scale if len(values) > 1 else 0.0
     return f"{mean:.{digits}f}{unit} ± {std:.{digits}f}{unit}"
-
-
-def _best(items, key, objective: str):
-    sign = 1 if direction(objective) == "minimize" else -1
-    scored = [i for i in items if key(i) is not None and math.isfinite(key(i))]
-    return min(scored, key=lambda i: sign * key(i)) if scored else None
 
 
 def _bold(cells: list[str]) -> list[str]:
@@ -142,13 +111,13 @@ STUDY_HEADER = ["Optimizer", "Learning rate", "Momentum", "Epochs (best)", "Batc
 def study_table(rows: list[Row], objective: str) -> str:
     """One row per run, the study's columns; sorted by optimizer, then learning rate."""
     rows = sorted(rows, key=lambda r: (r.optimizer, r.lr))
-    best = _best([r for r in rows if r.status == "FINISHED"], lambda r: r.objective, objective)
+    best = objectives.best([r for r in rows if r.status == "FINISHED"], lambda r: r.objective, objective)
     out = []
     for r in rows:
         epochs = f"{r.max_epochs} ({r.best_epoch})" if r.best_epoch is not None else f"{r.max_epochs} (-)"
         cells = [
             r.optimizer.upper() if r.optimizer == "sgd" else r.optimizer.capitalize(),
-            lr_text(r.lr),
+            lr_label(r.lr),
             r.momentum,
             epochs,
             str(r.batch_size),
@@ -182,7 +151,7 @@ def seed_table(rows: list[Row], objective: str) -> str:
         k: statistics.fmean([r.objective for r in v if r.objective is not None] or [math.nan])
         for k, v in groups.items()
     }
-    best = _best(list(groups), lambda k: means[k], objective)
+    best = objectives.best(list(groups), lambda k: means[k], objective)
     out = []
     for key in sorted(groups):
         runs = sorted(groups[key], key=lambda r: r.seed)
@@ -190,7 +159,7 @@ def seed_table(rows: list[Row], objective: str) -> str:
         losses = [r.test_loss for r in runs if r.test_loss is not None]
         cells = [
             key[0].upper() if key[0] == "sgd" else key[0].capitalize(),
-            lr_text(key[1]),
+            lr_label(key[1]),
             str(runs[0].max_epochs),
             ", ".join(str(r.seed) for r in runs),
             ", ".join(f"{100 * a:.2f}" for a in accs),
@@ -234,7 +203,7 @@ def best_learning_table(rows: list[Row], objective: str) -> str:
         if r.status == "FINISHED":
             by_backbone[r.backbone].append(r)
     for backbone in sorted(by_backbone, key=lambda b: (len(b), b)):
-        best = _best(by_backbone[backbone], lambda r: r.objective, objective)
+        best = objectives.best(by_backbone[backbone], lambda r: r.objective, objective)
         if best is None:
             continue
         out.append(
@@ -242,7 +211,7 @@ def best_learning_table(rows: list[Row], objective: str) -> str:
                 backbone,
                 best.head if best.trains == "head" else f"{best.head} (trained: {best.trains})",
                 best.optimizer,
-                lr_text(best.lr),
+                lr_label(best.lr),
                 str(best.seed),
                 f"{best.max_epochs} ({best.best_epoch})",
                 f"{best.objective:.4f}",
@@ -266,7 +235,7 @@ def best_learning_table(rows: list[Row], objective: str) -> str:
     )
 
 
-def build(rows: list[Row], parent, objective: str) -> str:
+def markdown(rows: list[Row], parent, objective: str) -> str:
     """The whole report as Markdown."""
     parts = [
         f"# Sweep report: {parent.info.run_name}",
@@ -340,7 +309,7 @@ def curves_figure(client: MlflowClient, rows: list[Row], objective: str):
             groups[(r.backbone, r.head)].append(r)
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
     for _, group in sorted(groups.items()):
-        best = _best(group, lambda r: r.objective, objective)
+        best = objectives.best(group, lambda r: r.objective, objective)
         if best is None:
             continue
         for ax, metric, scale in ((ax_loss, "valid/loss", 1), (ax_acc, "valid/acc", 100)):
@@ -366,10 +335,10 @@ def write(tracking_uri: str, experiment: str | None, parent_id: str | None, out_
     rows = [to_row(r, objective) for r in child_runs(client, parent)]
     if not rows:
         raise UserError(f"sweep {parent.info.run_name} ({parent.info.run_id}) has no child runs")
-    markdown = build(rows, parent, objective)
+    text = markdown(rows, parent, objective)
     folder = Path(out_dir or Path("reports") / parent.info.run_name)
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "report.md").write_text(markdown)
+    (folder / "report.md").write_text(text)
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=list(asdict(rows[0])))
     writer.writeheader()
@@ -383,4 +352,4 @@ def write(tracking_uri: str, experiment: str | None, parent_id: str | None, out_
         fig.savefig(folder / f"{name}.png", dpi=110)
         plots.close(fig)
     client.log_artifacts(parent.info.run_id, str(folder), "report")
-    return markdown, folder
+    return text, folder

@@ -16,10 +16,10 @@ def epoch_budget(lr, table) -> int:
 
 
 def mode(objective) -> str:
-    """min for valid/loss, max for valid/acc (ReduceLROnPlateau's mode)."""
-    from .engine import direction
+    """ReduceLROnPlateau's ``mode``, torch's spelling of the objective's direction: min | max."""
+    from .objective import direction
 
-    return "min" if direction(str(objective)) == "minimize" else "max"
+    return direction(str(objective))[:3]
 
 
 OmegaConf.register_new_resolver("rs.epoch_budget", epoch_budget, replace=True)

@@ -8,8 +8,6 @@ The state lives in ``trainer.resume_dir`` (default ``.resnet-sweep/resume`` wher
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 import random
@@ -19,6 +17,7 @@ import numpy as np
 import torch
 from filelock import FileLock, Timeout
 
+from . import sealed
 from .errors import Locked
 
 log = logging.getLogger(__name__)
@@ -27,7 +26,7 @@ FORMAT = "resnet-sweep-resume/1"
 
 
 def job_key(app_config: dict) -> str:
-    return hashlib.sha256(json.dumps(app_config, sort_keys=True, default=str).encode()).hexdigest()[:20]
+    return sealed.json_key(app_config, 20)
 
 
 def _rng_state() -> dict:

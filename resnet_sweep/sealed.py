@@ -18,8 +18,11 @@ import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from filelock import FileLock
+
+T = TypeVar("T")
 
 # SHA-256: 1.5 GB/s on one core with the CPU's SHA extensions (AMD Zen, Intel Ice Lake and later, ARMv8),
 # about 0.5 GB/s without them (blake2b: 0.9 GB/s either way)
@@ -41,9 +44,51 @@ def digest(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def json_key(value, length: int = 64) -> str:
+    """A cache key: the first ``length`` hex digits of the SHA-256 of ``value`` as JSON with sorted
+    keys (values JSON cannot hold, as ``str``)."""
+    return hashlib.new(DIGEST, json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:length]
+
+
 def meta_checksum(meta: dict) -> str:
-    body = {k: v for k, v in meta.items() if k != "checksum"}
-    return hashlib.new(DIGEST, json.dumps(body, sort_keys=True).encode()).hexdigest()
+    return json_key({k: v for k, v in meta.items() if k != "checksum"})
+
+
+def write_text(path: Path, text: str) -> None:
+    """``path`` holds ``text`` whole, or what it held before: written beside it, then renamed."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def folder_lock(root: Path, key: str) -> FileLock:
+    """The lock under which one process (re)builds the folder ``root/key``."""
+    root.mkdir(parents=True, exist_ok=True)
+    return FileLock(str(root / f"{key}.lock"))
+
+
+def replace_folder(root: Path, key: str, fill: Callable[[Path], T]) -> T:
+    """``fill(tmp)`` fills a new folder beside ``root/key``, which is then renamed into place: no one
+    ever sees half of it. A folder already there (damaged, or half-written by a killed process) is
+    moved aside in one rename and deleted once the new one is in place; on failure the new one is
+    removed. Call it holding ``folder_lock(root, key)``."""
+    path = root / key
+    tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=root))
+    old = None
+    try:
+        result = fill(tmp)
+        if path.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{key}-damaged-", dir=root))
+            path.rename(old / key)
+        tmp.rename(path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    return result
 
 
 def seal(folder: Path, meta: dict) -> dict:
@@ -143,24 +188,12 @@ def build_once(
         meta, _ = check(path, validate)
         if meta is not None:
             return meta
-    root.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(root / f"{key}.lock")):
+    with folder_lock(root, key):
         meta, problem = check(path, validate)  # again: another job may have (re)built it meanwhile
         if meta is not None:
             return meta
         if problem:
             log.warning("%s %s is damaged: %s; rebuilding it", what, path, problem)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=root))
-        old = None
-        try:
-            meta = seal(tmp, make(tmp))
-            if path.exists():  # the damaged folder: moved aside in one rename, then deleted
-                old = Path(tempfile.mkdtemp(prefix=f".{key}-damaged-", dir=root))
-                path.rename(old / key)
-            tmp.rename(path)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
+        meta = replace_folder(root, key, lambda tmp: seal(tmp, make(tmp)))
         _verified[str(path)] = (listing(path), meta)
     return meta

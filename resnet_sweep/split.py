@@ -49,9 +49,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
+from .checks import SPLITS
 from .errors import UserError
-
-SPLITS = ("train", "valid", "test")
 
 
 class Item(NamedTuple):

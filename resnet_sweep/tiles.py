@@ -3,7 +3,7 @@ run and sweep.
 
 The first job that needs a data set decodes every image of its splits with every core (a thread
 pool: PIL releases the GIL while decoding), through exactly the loaders' decode rules
-(``data.resized(data.load_rgb(path), resize)``: RGB, EXIF orientation, 16-bit scaled), into
+(``crops.resized(load_rgb(path), resize)``: RGB, EXIF orientation, 16-bit scaled), into
 ``<data.cache_dir>/tiles/<key>/``:
 
 - ``<split>.u8``: the split's images, HxWx3 uint8 each, one after another;
@@ -24,7 +24,6 @@ of the cache folder is not built: one log line says so and the caller decodes wi
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import shutil
@@ -39,12 +38,14 @@ import torchvision
 from PIL import Image
 from tqdm import tqdm
 
-from . import data, sealed
-from .errors import UserError
+from . import crops, data, sealed
+from .cores import available as available_cores
+from .errors import UserError, first_line
+from .images import load_rgb
 
 log = logging.getLogger(__name__)
 
-TILES_VERSION = 1  # the decode rules: data.resized(data.load_rgb(path), resize), HxWx3 uint8
+TILES_VERSION = 1  # the decode rules: crops.resized(load_rgb(path), resize), HxWx3 uint8
 GB = 1e9
 
 # key -> bytes of its decoded images, from the headers: read once per process (the jobs a launcher runs
@@ -52,17 +53,9 @@ GB = 1e9
 _needed: dict[str, int] = {}
 
 
-def cores() -> int:
-    """The cores this process may run on."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not on Linux
-        return max(1, os.cpu_count() or 1)
-
-
 def decode(path: Path, resize: int | None) -> np.ndarray:
     """The image as the loaders see it, HxWx3 uint8."""
-    return np.asarray(data.resized(data.load_rgb(path), resize))
+    return np.asarray(crops.resized(load_rgb(path), resize))
 
 
 def stored_size(path: Path, resize: int | None) -> tuple[int, int]:
@@ -89,7 +82,7 @@ def key_of(files: dict[str, list[Path]], resize: int | None) -> str:
         "files": {s: data.fingerprint(files[s]) for s in files},
         "order": {s: hashlib.sha256("\n".join(str(p.resolve()) for p in files[s]).encode()).hexdigest() for s in files},
     }
-    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+    return sealed.json_key(spec, 16)
 
 
 class SplitImages:
@@ -175,7 +168,7 @@ def _ordered(pool: ThreadPoolExecutor, paths: list[Path], resize, ahead: int):
         yield pending.popleft()
 
 
-def build(
+def write_store(
     files: dict[str, list[Path]],
     resize: int | None,
     out: Path,
@@ -185,7 +178,7 @@ def build(
     """Decode every image of ``files`` into ``out`` (``<split>.u8`` and ``<split>.index.npy``) with
     ``workers`` threads (None: every core); return the stats for meta.json. ``progress``: tqdm's
     ``disable`` negated (None: a bar when stderr is a terminal)."""
-    workers = workers or cores()
+    workers = workers or available_cores()
     total = sum(len(p) for p in files.values())
     stream = [p for s in files for p in files[s]]  # one stream: the next split's images decode early too
     nbytes: dict[str, int] = {}
@@ -211,7 +204,7 @@ def build(
                         try:
                             image = done.result()
                         except Exception as e:
-                            why = str(e).splitlines()[0] if str(e) else type(e).__name__
+                            why = first_line(e)
                             raise UserError(
                                 f"{path}: cannot be read as an image ({why}) while building the tile "
                                 "store; fix or remove it, or set data.tile_store=off"
@@ -281,7 +274,7 @@ def get(data_cfg, files: dict[str, list[Path]], resize: int | None) -> Store | N
     path = root / key
     meta, _ = sealed.check(path, _fields)
     if meta is None:
-        workers = cores()
+        workers = available_cores()
         n = sum(len(p) for p in files.values())
         if key not in _needed:
             _needed[key] = _header_bytes([p for s in files for p in files[s]], resize, workers)
@@ -312,7 +305,7 @@ def get(data_cfg, files: dict[str, list[Path]], resize: int | None) -> Store | N
             log.info(
                 "building the tile store %s: decoding %d images (%s) with %d threads", key, n, _amount(need), workers
             )
-            stats = build(files, resize, tmp, workers)
+            stats = write_store(files, resize, tmp, workers)
             log.info(
                 "tile store %s: %d images in %.1f s (%.1f img/s), %s",
                 key,

@@ -12,7 +12,8 @@ from conftest import FAST, REPO, make_tree
 from hydra import compose, initialize_config_dir
 from PIL import Image
 
-from resnet_sweep import batches, data, engine, features, models
+from resnet_sweep import batches, checks, crops, data, engine, features, models
+from resnet_sweep.images import load_rgb
 
 
 def config(tree, *more):
@@ -21,7 +22,7 @@ def config(tree, *more):
 
 
 def build(cfg, **kw):
-    return data.build(
+    return data.load_splits(
         cfg.data,
         cfg.trainer,
         crop_size=int(cfg.backbone.crop_size),
@@ -60,7 +61,7 @@ def test_store_batches_equal_the_pil_batches_crop_for_crop(tmp_path, more):
         ),
     )
     assert isinstance(store.train.loader(), batches.StoreLoader)
-    for split in data.SPLITS:
+    for split in checks.SPLITS:
         pil_loader = getattr(pil, split).pil
         assert_same_batches(epochs_of(getattr(store, split)), epochs_of(pil_loader))
 
@@ -71,9 +72,9 @@ def test_store_crops_are_the_pil_crops_bit_for_bit(tmp_path):
     splits = build(cfg)
     images = splits.store.images("train")
     for i, (path, _) in enumerate(splits.train.dataset.samples):
-        pil = data.load_rgb(path)
+        pil = load_rgb(path)
         for view in range(3):
-            top, left = data.crop_offset(pil.size, 24, 0, i, view)
+            top, left = crops.crop_offset(pil.size, 24, 0, i, view)
             expected = np.asarray(pil.crop((left, top, left + 24, top + 24)))
             assert np.array_equal(images.crop(i, left, top, 24), expected)
 
@@ -85,7 +86,7 @@ def test_mixed_sizes_go_through_the_store_too(tmp_path):
     cfg = config(tree, "backbone.crop_size=32", "data.augment=[rot90]")
     store, pil = build(cfg), build(cfg)
     assert store.store.images("train").uniform() is None
-    for split in data.SPLITS:
+    for split in checks.SPLITS:
         assert_same_batches(epochs_of(getattr(store, split)), epochs_of(getattr(pil, split).pil))
 
 
@@ -94,25 +95,25 @@ def test_a_device_resident_split_gives_the_same_batches(tmp_path):
     cfg = config(tree, "backbone.crop_size=32", "data.augment=[hflip,vflip,rot90]", "data.tile_store_device=on")
     resident, host = build(cfg), build(config(tree, "backbone.crop_size=32", "data.augment=[hflip,vflip,rot90]"))
     assert resident.train.loader().on_device is not None and host.train.loader().on_device is None
-    for split in data.SPLITS:
+    for split in checks.SPLITS:
         assert_same_batches(epochs_of(getattr(resident, split)), epochs_of(getattr(host, split)))
 
 
 def test_augmentation_draws_flips_and_turns_per_image_and_view():
     crop = np.arange(4 * 4 * 3, dtype=np.uint8).reshape(4, 4, 3)
-    assert np.array_equal(data.apply_augment(crop, (True, False, 0)), crop[:, ::-1])
-    assert np.array_equal(data.apply_augment(crop, (False, True, 0)), crop[::-1])
-    assert np.array_equal(data.apply_augment(crop, (False, False, 1)), np.rot90(crop))
-    both = data.apply_augment(crop, (True, True, 3))
+    assert np.array_equal(crops.apply_augment(crop, (True, False, 0)), crop[:, ::-1])
+    assert np.array_equal(crops.apply_augment(crop, (False, True, 0)), crop[::-1])
+    assert np.array_equal(crops.apply_augment(crop, (False, False, 1)), np.rot90(crop))
+    both = crops.apply_augment(crop, (True, True, 3))
     assert np.array_equal(both, np.rot90(crop[::-1, ::-1], 3))
     assert torch.equal(
-        data.apply_augment_tensor(torch.from_numpy(crop), (True, True, 3)), torch.from_numpy(both.copy())
+        crops.apply_augment_tensor(torch.from_numpy(crop), (True, True, 3)), torch.from_numpy(both.copy())
     )
-    assert data.augment_ops((), 0, 1, 2) == ()
-    draws = {data.augment_ops(("hflip", "vflip", "rot90"), 0, i, v) for i in range(20) for v in range(4)}
+    assert crops.augment_ops((), 0, 1, 2) == ()
+    draws = {crops.augment_ops(("hflip", "vflip", "rot90"), 0, i, v) for i in range(20) for v in range(4)}
     assert len(draws) > 8 and {d[2] for d in draws} == {0, 1, 2, 3}  # varied, every turn drawn
-    assert all(d[0] is False and d[2] == 0 for d in (data.augment_ops(("vflip",), 0, i, 0) for i in range(20)))
-    assert data.augment_ops(("hflip",), 3, 5, 1) == data.augment_ops(("hflip",), 3, 5, 1)  # a pure function
+    assert all(d[0] is False and d[2] == 0 for d in (crops.augment_ops(("vflip",), 0, i, 0) for i in range(20)))
+    assert crops.augment_ops(("hflip",), 3, 5, 1) == crops.augment_ops(("hflip",), 3, 5, 1)  # a pure function
 
 
 def test_fine_tuning_logs_the_same_losses_with_the_store_on_and_off(tmp_path):
@@ -129,7 +130,7 @@ def test_fine_tuning_logs_the_same_losses_with_the_store_on_and_off(tmp_path):
             *more,
         )
         torch.manual_seed(0)
-        built = models.build(cfg.backbone, cfg.head, seed=0)
+        built = models.build_classifier(cfg.backbone, cfg.head, seed=0)
         splits = build(cfg)
         history = engine.fit(
             built.model,
@@ -162,11 +163,11 @@ def test_the_bank_extracted_from_the_store_equals_the_decoded_one(tmp_path):
             f"data.cache_dir={tmp_path / ('c' + str(len(arrays)))}",
             *more,
         )
-        built = models.build(cfg.backbone, cfg.head, seed=0)
+        built = models.build_classifier(cfg.backbone, cfg.head, seed=0)
         bank = features.get(cfg, built, build(cfg), torch.device("cpu"))
-        arrays.append({s: np.asarray(bank.array(s), dtype=np.float32) for s in data.SPLITS})
+        arrays.append({s: np.asarray(bank.array(s), dtype=np.float32) for s in checks.SPLITS})
     assert (tmp_path / "c0" / "tiles").is_dir() and not (tmp_path / "c1" / "tiles").exists()
-    for split in data.SPLITS:
+    for split in checks.SPLITS:
         np.testing.assert_allclose(arrays[0][split], arrays[1][split], rtol=1e-3, atol=1e-3)
 
 
@@ -177,7 +178,7 @@ def test_the_bank_cut_from_whole_images_on_the_device_equals_the_per_crop_path(t
     tree = make_tree(tmp_path / "tiles", per_class=(4, 2, 2), size=40)
     cfg = config(tree, "backbone.crop_size=32", "trainer.precision=32", "data.augment=[hflip,vflip,rot90]")
     splits = build(cfg)
-    backbone = models.build(cfg.backbone, cfg.head, seed=0).model.backbone
+    backbone = models.build_classifier(cfg.backbone, cfg.head, seed=0).model.backbone
     files, labels = features.samples_of(splits)
     out = {}
     for device_crops in (False, True):
@@ -200,7 +201,7 @@ def test_the_bank_cut_from_whole_images_on_the_device_equals_the_per_crop_path(t
             device_crops=device_crops,
         )
         assert stats["crops"] == 3 * 8 + 4 + 4
-    for split in data.SPLITS:
+    for split in checks.SPLITS:
         np.testing.assert_allclose(
             np.load(out[True] / f"{split}.npy"), np.load(out[False] / f"{split}.npy"), rtol=1e-6, atol=1e-6
         )
@@ -211,7 +212,7 @@ def test_augmentation_reaches_the_bank_views_and_its_key(tmp_path):
     keys, trains = [], []
     for more in ([], ["data.augment=[hflip,vflip,rot90]"]):
         cfg = config(tree, "backbone.crop_size=32", "trainer.precision=32", "trainer.bank_views=3", *more)
-        built = models.build(cfg.backbone, cfg.head, seed=0)
+        built = models.build_classifier(cfg.backbone, cfg.head, seed=0)
         splits = build(cfg)
         bank = features.get(cfg, built, splits, torch.device("cpu"))
         keys.append(bank.key)
@@ -239,7 +240,7 @@ def test_a_bad_augment_is_one_line():
     from resnet_sweep.errors import UserError
 
     with pytest.raises(UserError, match=r"data.augment=\['flip'\]: unknown flip; choose from hflip, vflip, rot90"):
-        data.check_augment(["flip"])
+        checks.check_augment(["flip"])
 
 
 def test_the_cuda_check_and_the_data_path_bench_run_on_the_cpu(tmp_path):

@@ -12,7 +12,7 @@ from conftest import FAST, REPO, make_tree, run_train
 from hydra import compose, initialize_config_dir
 from PIL import Image
 
-from resnet_sweep import data, demo_data
+from resnet_sweep import data, demo_data, images
 
 
 def assert_one_line_error(proc, *fragments):
@@ -66,7 +66,7 @@ def test_hidden_files_are_ignored(tmp_path):
     root = make_tree(tmp_path / "tiles")
     (root / "train" / "a_class" / ".DS_Store").write_bytes(b"\0\1junk")
     (root / "train" / "a_class" / "._img0.png").write_bytes(b"\0\1junk")
-    classes, files, skipped = data.scan_tree(root, 32)
+    classes, files, skipped = images.scan_tree(root, 32)
     assert not skipped
     assert classes == ["a_class", "b_class"]
     assert len(files["train"]) == 12
@@ -97,7 +97,7 @@ def test_demo_data_is_deterministic_two_classes_and_grouped_by_slide(tmp_path):
     assert tree_digest(root) == tree_digest(again)
     assert tree_digest(root) != tree_digest(other_seed)
 
-    classes, files, _ = data.scan_tree(root, 224)
+    classes, files, _ = images.scan_tree(root, 224)
     assert classes == ["differentiating", "poorly_differentiated"]
     assert [len(files[s]) for s in ("train", "valid", "test")] == [32, 8, 8]  # 2 tiles per slide
     with Image.open(files["train"][0]) as im:
@@ -126,7 +126,7 @@ def test_dataset_normalisation_is_computed_on_train_and_cached(tmp_path, tiny_tr
                 f"data.cache_dir={tmp_path / 'c'}",
             ],
         )
-    splits = data.build(cfg.data, cfg.trainer, crop_size=32)
+    splits = data.load_splits(cfg.data, cfg.trainer, crop_size=32)
     # reddish class: channel 0 in 120..240, others 0..120 and vice versa: mean of R and B ~ 0.47
     assert splits.mean[0] == pytest.approx(splits.mean[2], abs=0.05)
     assert splits.mean[1] < splits.mean[0]
@@ -155,7 +155,7 @@ def test_stats_is_the_mean_and_std_of_every_training_pixel_as_dataset_normalisat
     assert out[1] == "mean: [" + ", ".join(f"{v:.4f}" for v in pixels.mean(0)) + "]"
     assert out[2] == "std:  [" + ", ".join(f"{v:.4f}" for v in pixels.std(0)) + "]"
 
-    _, files, _ = data.scan_tree(root, 32)
+    _, files, _ = images.scan_tree(root, 32)
     mean, std = data.dataset_stats(files["train"], tmp_path / "c")  # what data.normalize=dataset uses
     assert mean == pytest.approx(pixels.mean(0), abs=1e-6) and std == pytest.approx(pixels.std(0), abs=1e-6)
     streamed = data.channel_stats(iter(files["train"]))  # any iterable: one image at a time
@@ -239,9 +239,9 @@ def test_images_smaller_than_the_crop_are_one_line_with_count_examples_and_both_
     # either fix the line gives works
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         cfg = compose("train", overrides=[*fast, "data=imagefolder", f"data.root={root}", f"data.cache_dir={cache}"])
-    resized = data.build(cfg.data, cfg.trainer, crop_size=64, resize=64)
+    resized = data.load_splits(cfg.data, cfg.trainer, crop_size=64, resize=64)
     assert next(iter(resized.valid))[0].shape[-2:] == (64, 64)
-    assert not data.build(cfg.data, cfg.trainer, crop_size=40).skipped
+    assert not data.load_splits(cfg.data, cfg.trainer, crop_size=40).skipped
 
 
 def test_skip_leaves_bad_images_out_counts_them_and_convertible_kinds_train(tmp_path):
@@ -253,27 +253,27 @@ def test_skip_leaves_bad_images_out_counts_them_and_convertible_kinds_train(tmp_
     run = mlflow_runs(tmp_path).all[0]
     assert run.info.status == "FINISHED"
     assert run.data.metrics["data/skipped_images"] == 4
-    classes, files, skipped = data.scan_tree(root, 32, tmp_path / "c", "skip")
+    classes, files, skipped = images.scan_tree(root, 32, tmp_path / "c", "skip")
     assert sorted(p for p, _ in skipped) == sorted(str(p) for p in bad)
     assert set(convertible) <= set(files["train"])
     for path in convertible:
-        image = data.load_rgb(path)
+        image = images.load_rgb(path)
         assert image.mode == "RGB"
-    assert data.load_rgb(convertible[-1]).size == (40, 48)  # EXIF orientation applied (was 48x40)
+    assert images.load_rgb(convertible[-1]).size == (40, 48)  # EXIF orientation applied (was 48x40)
     import numpy as np
 
-    sixteen = np.asarray(data.load_rgb(convertible[3]))
+    sixteen = np.asarray(images.load_rgb(convertible[3]))
     assert 100 < sixteen.mean() < 155  # scaled from 16 bits, not clipped to white
 
 
 def test_image_checks_are_cached_by_path_size_and_mtime(tmp_path, monkeypatch):
     root = make_tree(tmp_path / "tiles")
     files = sorted((root / "train").rglob("*.png"))
-    assert data.check_images(files, 32, tmp_path / "c") == []
+    assert images.check_images(files, 32, tmp_path / "c") == []
     calls = []
-    monkeypatch.setattr(data, "check_image", lambda p, c: calls.append(p))
-    assert data.check_images(files, 32, tmp_path / "c") == []
+    monkeypatch.setattr(images, "check_image", lambda p, c: calls.append(p))
+    assert images.check_images(files, 32, tmp_path / "c") == []
     assert calls == []  # all cached
     files[0].write_bytes(b"")
     monkeypatch.undo()
-    assert data.check_images(files, 32, tmp_path / "c") == [(str(files[0]), "zero-byte file")]
+    assert images.check_images(files, 32, tmp_path / "c") == [(str(files[0]), "zero-byte file")]

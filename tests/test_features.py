@@ -15,7 +15,7 @@ from conftest import FAST, REPO, TRAIN_PY, client_for, make_tree, mlflow_runs, r
 from hydra import compose, initialize_config_dir
 from PIL import Image
 
-from resnet_sweep import data, features, models
+from resnet_sweep import checks, crops, data, features, images, models
 
 
 def cfg_for(tree, cache, *more):
@@ -34,8 +34,8 @@ def cfg_for(tree, cache, *more):
 
 
 def build_bank(cfg):
-    splits = data.build(cfg.data, cfg.trainer, crop_size=int(cfg.backbone.crop_size))
-    built = models.build(cfg.backbone, cfg.head, seed=int(cfg.seed))
+    splits = data.load_splits(cfg.data, cfg.trainer, crop_size=int(cfg.backbone.crop_size))
+    built = models.build_classifier(cfg.backbone, cfg.head, seed=int(cfg.seed))
     return features.get(cfg, built, splits, torch.device("cpu")), built, splits
 
 
@@ -58,7 +58,9 @@ def test_bank_features_equal_a_direct_backbone_forward_on_the_same_crop(tmp_path
     assert not torch.allclose(views[0], views[1]) and not torch.allclose(views[1], views[2])
     # valid/test: the centre crop
     valid_files = [p for p, _ in splits.valid.dataset.samples]
-    centre = splits.eval_transform()(data.load_rgb(valid_files[0])).unsqueeze(0)
+    centre = crops.eval_transform(splits.crop_size, splits.mean, splits.std, splits.resize)(
+        images.load_rgb(valid_files[0])
+    ).unsqueeze(0)
     with torch.inference_mode():
         direct = backbone(centre).float()[0]
     banked = torch.from_numpy(np.asarray(bank.array("valid")[0], dtype=np.float32))
@@ -87,7 +89,7 @@ def test_the_bank_does_not_depend_on_how_crops_are_batched(tmp_path, tiny_tree):
         batch_size=5,
     )
     assert stats["crops"] == bank.meta["crops"] == 3 * 12 + 6 + 6
-    for split in data.SPLITS:
+    for split in checks.SPLITS:
         small = torch.from_numpy(np.load(out / f"{split}.npy").astype(np.float32)).flatten(0, -2)
         whole = torch.from_numpy(np.asarray(bank.array(split), dtype=np.float32)).flatten(0, -2)
         assert small.shape == whole.shape
@@ -305,7 +307,7 @@ def _stray(folder):
 def test_any_damage_to_a_bank_is_one_warning_and_a_rebuild(tmp_path, tiny_tree, caplog, damage, says):
     cfg = cfg_for(tiny_tree, tmp_path / "cache")
     first, _, _ = build_bank(cfg)
-    before = {s: (np.array(first.array(s)), first.labels(s).numpy()) for s in data.SPLITS}
+    before = {s: (np.array(first.array(s)), first.labels(s).numpy()) for s in checks.SPLITS}
     damage(first.path)
     caplog.set_level(logging.INFO, logger="resnet_sweep.features")
     rebuilt, _, _ = build_bank(cfg)
@@ -314,7 +316,7 @@ def test_any_damage_to_a_bank_is_one_warning_and_a_rebuild(tmp_path, tiny_tree, 
     assert str(first.path) in warnings[0] and says in warnings[0], warnings[0]
     assert "building the feature bank" in caplog.text
     assert rebuilt.path == first.path and rebuilt.views == 3
-    for s in data.SPLITS:
+    for s in checks.SPLITS:
         assert np.array_equal(np.asarray(rebuilt.array(s)), before[s][0]), s
         assert np.array_equal(rebuilt.labels(s).numpy(), before[s][1]), s
     caplog.clear()

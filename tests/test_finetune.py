@@ -39,7 +39,7 @@ def cfg_with(*overrides):
 
 @pytest.mark.parametrize("mode", list(COUNTS))
 def test_trainable_parameter_counts_match_hand_computed_numbers(mode):
-    built = models.build(cfg_with(*OVERRIDES[mode]).backbone, cfg_with().head)
+    built = models.build_classifier(cfg_with(*OVERRIDES[mode]).backbone, cfg_with().head)
     assert built.trainable_params == COUNTS[mode]
     assert built.total_params == 11_176_512 + HEAD
     # frozen BatchNorm layers stay in eval mode in training, the trainable ones train
@@ -56,9 +56,9 @@ def test_unknown_stage_and_bad_unfreeze_are_one_line_errors(tmp_path, tiny_tree)
     assert "backbone.stages=['layer9']: resnet18 has no submodule 'layer9'" in proc.stderr
     assert "layer4" in proc.stderr
     with pytest.raises(UserError, match=r"backbone.unfreeze=None: with backbone.freeze=last_n, give the number"):
-        models.build(cfg_with("backbone.freeze=last_n").backbone, cfg_with().head)
+        models.build_classifier(cfg_with("backbone.freeze=last_n").backbone, cfg_with().head)
     with pytest.raises(UserError, match=r"backbone.freeze=some: choose all .* none .* last_n .* stages"):
-        models.build(cfg_with("backbone.freeze=some").backbone, cfg_with().head)
+        models.build_classifier(cfg_with("backbone.freeze=some").backbone, cfg_with().head)
 
 
 def test_backbone_lr_scale_puts_two_lrs_in_the_optimizer_and_the_run_logs_both(tmp_path, tiny_tree):
@@ -69,12 +69,15 @@ def test_backbone_lr_scale_puts_two_lrs_in_the_optimizer_and_the_run_logs_both(t
         "optimizer.lr=1e-3",
         "optimizer.backbone_lr_scale=0.1",
     )
-    optimizer = engine.make_optimizer(cfg.optimizer, models.build(cfg.backbone, cfg.head).model)
+    optimizer = engine.make_optimizer(cfg.optimizer, models.build_classifier(cfg.backbone, cfg.head).model)
     assert [(g["name"], g["lr"]) for g in optimizer.param_groups] == [("head", 1e-3), ("backbone", pytest.approx(1e-4))]
     assert sum(p.numel() for p in optimizer.param_groups[1]["params"]) == 8_393_728
     # frozen backbone: one group only
     cfg = cfg_with("optimizer.backbone_lr_scale=0.1")
-    assert len(engine.make_optimizer(cfg.optimizer, models.build(cfg.backbone, cfg.head).model).param_groups) == 1
+    assert (
+        len(engine.make_optimizer(cfg.optimizer, models.build_classifier(cfg.backbone, cfg.head).model).param_groups)
+        == 1
+    )
 
     run_train(
         tmp_path,
@@ -183,7 +186,7 @@ def test_a_one_epoch_run_works_for_each_new_backbone(tmp_path, name):
     run = mlflow_runs(tmp_path).all[0]
     assert run.info.status == "FINISHED", run.data.tags.get("failure_reason")
     assert "test/acc" in run.data.metrics and run.data.params["backbone.name"] == name
-    built = models.build(cfg_with(f"backbone={name}", *extra).backbone, cfg_with().head)
+    built = models.build_classifier(cfg_with(f"backbone={name}", *extra).backbone, cfg_with().head)
     assert (
         built.in_features == {"efficientnet_b0": 1280, "convnext_tiny": 768, "inception_v3": 2048, "vgg16": 4096}[name]
     )

@@ -16,7 +16,7 @@ import yaml
 from conftest import FAST, REPO, TRAIN_PY, assert_interrupted_point_ran_again, make_tree, mlflow_runs, run_train
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
-from hydra_plugins.resnet_sweep_optuna._impl import search_space
+from hydra_plugins.resnet_sweep_optuna._space import search_space
 
 
 def test_each_override_form_maps_to_its_optuna_distribution():
@@ -298,13 +298,13 @@ def test_a_named_study_refuses_other_data_or_settings_in_one_line(tmp_path):
 
 
 def test_an_interrupted_trial_is_released_and_its_params_run_again(tmp_path, tiny_tree):
-    # the job of the first trial returns hpo.INTERRUPTED, as train.run does for an infrastructure stop
+    # the job of the first trial returns hpo.INTERRUPTED, as job.run_job does for an infrastructure stop
     app = tmp_path / "app.py"
     app.write_text(f"""
 from pathlib import Path
 import hydra
 from resnet_sweep import hpo
-from resnet_sweep.train import run
+from resnet_sweep.job import run_job
 
 @hydra.main(version_base="1.3", config_path={str(REPO / "conf")!r}, config_name="train")
 def main(cfg):
@@ -312,7 +312,7 @@ def main(cfg):
     if not marker.exists():
         marker.touch()
         return hpo.INTERRUPTED
-    return run(cfg)
+    return run_job(cfg)
 
 main()
 """)

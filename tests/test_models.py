@@ -44,7 +44,7 @@ def test_heads_have_the_study_layer_shapes(in_features):
 @pytest.mark.parametrize("backbone,in_features", [("resnet18", 512), ("resnet50", 2048)])
 def test_head_in_features_follow_the_backbone(backbone, in_features):
     cfg = compose_cfg(f"backbone={backbone}", "backbone.weights=none", "head=mlp_relu")
-    built = models.build(cfg.backbone, cfg.head)
+    built = models.build_classifier(cfg.backbone, cfg.head)
     assert built.in_features == in_features
     assert built.model.head[0].in_features == in_features
     out = built.model.eval()(torch.zeros(2, 3, 64, 64))
@@ -60,8 +60,8 @@ def test_frozen_backbone_parameters_and_bn_buffers_are_bit_identical_after_train
         "optimizer.lr=0.1",
         "head=mlp_leakyrelu_dropout",
     )
-    splits = data.build(cfg.data, cfg.trainer, crop_size=32)
-    built = models.build(cfg.backbone, cfg.head)
+    splits = data.load_splits(cfg.data, cfg.trainer, crop_size=32)
+    built = models.build_classifier(cfg.backbone, cfg.head)
     before = {k: v.clone() for k, v in built.model.backbone.state_dict().items()}
     head_before = {k: v.clone() for k, v in built.model.head.state_dict().items()}
     assert any("running_mean" in k for k in before)
@@ -87,7 +87,7 @@ def test_frozen_backbone_parameters_and_bn_buffers_are_bit_identical_after_train
 
 def test_full_finetune_trains_the_backbone():
     cfg = compose_cfg("backbone.weights=none", "backbone.freeze=none")
-    built = models.build(cfg.backbone, cfg.head)
+    built = models.build_classifier(cfg.backbone, cfg.head)
     n_trainable = sum(p.numel() for p in built.model.parameters() if p.requires_grad)
     assert n_trainable == sum(p.numel() for p in built.model.parameters())
     assert len(models.trainable_state(built.model)) == len(built.model.state_dict())
@@ -105,7 +105,7 @@ def test_imagenet_weights_are_read_from_the_torch_home_cache(tmp_path, monkeypat
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
 
     cfg = compose_cfg("backbone=resnet18", "backbone.weights=imagenet")
-    built = models.build(cfg.backbone, cfg.head)
+    built = models.build_classifier(cfg.backbone, cfg.head)
     assert built.weights_source == "imagenet:ResNet18_Weights.IMAGENET1K_V1"
     loaded = built.model.backbone.state_dict()
     assert torch.equal(loaded["conv1.weight"], reference["conv1.weight"])
@@ -117,11 +117,11 @@ def test_imagenet_weights_unavailable_is_an_error_or_a_loud_fallback(tmp_path, m
     # no network here and an empty cache: `imagenet` refuses, naming where the file should go
     cfg = compose_cfg("backbone.weights=imagenet")
     with pytest.raises(UserError, match=r"backbone.weights=imagenet: cannot load .*hub/checkpoints/resnet18-"):
-        models.build(cfg.backbone, cfg.head)
+        models.build_classifier(cfg.backbone, cfg.head)
     # `auto` falls back to random weights with a warning, and says so in weights_source
     cfg = compose_cfg("backbone.weights=auto")
     with pytest.warns(UserWarning, match="RANDOMLY INITIALISED"):
-        built = models.build(cfg.backbone, cfg.head)
+        built = models.build_classifier(cfg.backbone, cfg.head)
     assert built.weights_source == "random (ImageNet weights unavailable)"
 
 
@@ -132,14 +132,14 @@ def test_weights_from_a_state_dict_file(tmp_path):
     state = resnet18().state_dict()
     torch.save(state, tmp_path / "mine.pt")
     cfg = compose_cfg(f"backbone.weights={tmp_path / 'mine.pt'}")
-    built = models.build(cfg.backbone, cfg.head)
+    built = models.build_classifier(cfg.backbone, cfg.head)
     assert built.weights_source.startswith(f"file:{tmp_path / 'mine.pt'} sha256:")
     assert torch.equal(built.model.backbone.state_dict()["conv1.weight"], state["conv1.weight"])
 
 
 def test_checkpoint_rebuilds_the_model_and_refuses_another_backbone(tmp_path):
     cfg = compose_cfg("backbone.weights=none", "head=mlp_relu", "seed=3")
-    built = models.build(cfg.backbone, cfg.head, seed=3)
+    built = models.build_classifier(cfg.backbone, cfg.head, seed=3)
     with torch.no_grad():
         built.model.head[0].weight.mul_(2)
     state = models.trainable_state(built.model)

@@ -38,7 +38,7 @@ def test_checkpoints_with_pickled_objects_are_refused(tmp_path, monkeypatch):
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         cfg = compose("train", overrides=[f"backbone.weights={tmp_path / 'weights.pt'}"])
     with pytest.raises(UserError, match="not a resnet18 state dict"):
-        models.build(cfg.backbone, cfg.head)
+        models.build_classifier(cfg.backbone, cfg.head)
     assert not (tmp_path / "pwned.txt").exists()
 
 

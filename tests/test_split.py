@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from resnet_sweep import cli, data
+from resnet_sweep import cli, images
 from resnet_sweep.errors import UserError
 from resnet_sweep.split import SPLITS, Item, assign, counts, parse_ratios
 
@@ -196,7 +196,7 @@ def test_split_links_a_tree_training_accepts_and_prints_the_table(tmp_path, caps
     assert len(where) == 9 and all(len(s) == 1 for s in where.values())
     assert set(where) == {f"{label}{s:02d}" for label, n in enumerate((5, 4)) for s in range(n)}  # the capture
 
-    classes, files, skipped = data.scan_tree(dst, crop_size=32)
+    classes, files, skipped = images.scan_tree(dst, crop_size=32)
     assert classes == ["a_class", "b_class"] and not skipped
     assert sum(len(f) for f in files.values()) == len(rows)
 

@@ -17,7 +17,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from PIL import Image
 
-from resnet_sweep import data, sealed, tiles
+from resnet_sweep import checks, crops, images, sealed, tiles
 from resnet_sweep.errors import UserError
 
 
@@ -28,17 +28,17 @@ def data_cfg(tree, cache, *more):
 
 
 def files_of(tree, cache):
-    """The loaders' files: data.scan_tree's order, bad images left out."""
-    _, files, _ = data.scan_tree(tree, 1, cache)
+    """The loaders' files: images.scan_tree's order, bad images left out."""
+    _, files, _ = images.scan_tree(tree, 1, cache)
     return files
 
 
 def expected(path, resize):
-    return np.asarray(data.resized(data.load_rgb(path), resize))
+    return np.asarray(crops.resized(images.load_rgb(path), resize))
 
 
 def assert_store_is_the_decode(store, files, resize):
-    for split in data.SPLITS:
+    for split in checks.SPLITS:
         images = store.images(split)
         assert len(images) == len(files[split])
         for i, path in enumerate(files[split]):
@@ -81,7 +81,7 @@ def test_the_store_holds_exactly_the_loaders_decode(tmp_path, mixed_tree, resize
     files = files_of(mixed_tree, cache)
     with Image.open(mixed_tree / "train" / "a_class" / "sixteen.png") as im:
         assert im.mode.startswith("I")  # really 16-bit
-    assert data.load_rgb(mixed_tree / "train" / "b_class" / "rotated.jpg").size == (40, 56)  # really rotated
+    assert images.load_rgb(mixed_tree / "train" / "b_class" / "rotated.jpg").size == (40, 56)  # really rotated
     store = tiles.get(data_cfg(mixed_tree, cache), files, resize)
     assert store is not None and store.path == cache / "tiles" / store.key
     assert_store_is_the_decode(store, files, resize)

@@ -22,7 +22,9 @@ from typing import Any
 import optuna
 from optuna.storages import BaseStorage
 
-from resnet_sweep import hpo, tracking
+from resnet_sweep import hpo
+from resnet_sweep.errors import UserError, first_line
+from resnet_sweep.redaction import redact
 
 log = logging.getLogger(__name__)
 
@@ -51,12 +53,12 @@ def is_outage(e: BaseException) -> bool:
     return False
 
 
-def first_line(e: BaseException) -> str:
+def storage_error(e: BaseException) -> str:
+    """The first line of what the database said (not of SQLAlchemy's or Optuna's wrapper)."""
     e = getattr(e, "orig", None) or e  # SQLAlchemy's wrapper -> the driver's own message
     while isinstance(e, optuna.exceptions.StorageInternalError) and e.__cause__ is not None:
         e = getattr(e.__cause__, "orig", None) or e.__cause__  # Optuna's "exceeding max length" guess -> the cause
-    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-    return lines[0] if lines else type(e).__name__
+    return first_line(e)
 
 
 class _Outage:
@@ -111,16 +113,16 @@ def retry(url: str, retry_s: float, what: str, fn: Callable, *args, **kwargs):
                     log.warning(
                         "the Optuna storage %s is unreachable (%s): retrying for up to %g s "
                         "(hydra.sweeper.storage_retry_s)",
-                        tracking.redact(url),
-                        tracking.redact(first_line(e)),
+                        redact(url),
+                        redact(storage_error(e)),
                         retry_s,
                     )
                 left = outage.since + retry_s - time.monotonic()
             if left <= 0:
-                reason = tracking.redact(first_line(e))
+                reason = redact(storage_error(e))
                 log.debug("gave up %s after %g s: %s", what, retry_s, reason)
                 error = hpo.StorageUnavailable(
-                    f"the Optuna storage {tracking.redact(url)} has been unreachable for {retry_s:g} s ({reason})"
+                    f"the Optuna storage {redact(url)} has been unreachable for {retry_s:g} s ({reason})"
                 )
                 error.seconds, error.reason = retry_s, reason
                 raise error from None
@@ -132,7 +134,7 @@ def retry(url: str, retry_s: float, what: str, fn: Callable, *args, **kwargs):
                 if outage.since is not None:
                     log.info(
                         "the Optuna storage %s is reachable again after %.0f s",
-                        tracking.redact(url),
+                        redact(url),
                         time.monotonic() - outage.since,
                     )
                     outage.since, outage.ended_at = None, time.time()
@@ -187,3 +189,27 @@ def open_storage(url: str, retry_s: float) -> RetryingStorage:
     outages of up to ``retry_s`` seconds."""
     rdb = retry(url, retry_s, "opening it", optuna.storages.RDBStorage, url, engine_kwargs=engine_kwargs(url))
     return RetryingStorage(optuna.storages.get_storage(rdb), url, retry_s)
+
+
+def open_study_storage(url: str | None, retry_s: float = hpo.STORAGE_RETRY_S, attempts: int = 5):
+    """The study's storage: Optuna's RDBStorage behind its trial cache, every call retried through
+    database outages of up to ``retry_s``. Several sweeps opening a new database at the same moment
+    race to create its tables: the losers retry. A database unreachable at the start is one line
+    naming the key (nothing has run yet: no reason to wait)."""
+    if url is None:
+        return optuna.storages.InMemoryStorage()
+    for attempt in range(attempts):
+        try:
+            rdb = optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs(url))
+            return RetryingStorage(optuna.storages.get_storage(rdb), url, retry_s)
+        except Exception as e:
+            from sqlalchemy.exc import IntegrityError, ProgrammingError
+
+            if isinstance(e, (IntegrityError, ProgrammingError)) and attempt + 1 < attempts:
+                time.sleep(1 + attempt)  # another sweep is creating the tables
+                continue
+            raise UserError(
+                f"hydra.sweeper.storage={redact(url)}: cannot open the Optuna storage "
+                f"({redact(storage_error(e))}); check the URL, that the database "
+                "server runs and the credentials (PGPASSWORD or ~/.pgpass)"
+            ) from None

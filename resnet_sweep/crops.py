@@ -1,0 +1,136 @@
+"""What a training or evaluation image becomes: its crop (a pure function of the crop seed, the
+image and the view), its flips and quarter turns (``data.augment``), the epoch's order, and the
+PIL-decoding DataLoader that serves them when there is no tile store."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, Sampler
+from torchvision import transforms
+from torchvision.transforms import functional as TF
+
+from .images import load_rgb
+
+
+def eval_transform(crop: int, mean, std, resize: int | None = None) -> transforms.Compose:
+    steps = [transforms.Resize(resize)] if resize else []
+    return transforms.Compose(
+        steps + [transforms.CenterCrop(crop), transforms.ToTensor(), transforms.Normalize(mean, std)]
+    )
+
+
+# ---------------------------------------------------------------- the training crops, shared with the feature bank
+# A training image's random crop is a pure function of (crop seed, image index, view), and epoch e uses view
+# view_of(e); batches are shuffled by (run seed, epoch). The naive loop and the feature bank draw from the
+# same functions, so with trainer.bank_views >= max_epochs the bank reproduces the naive loop crop for crop,
+# and a resumed job draws exactly what an uninterrupted one would.
+
+
+def view_of(epoch: int) -> int:
+    """Epoch 0 (measuring the untrained model) uses view 0; training epoch e >= 1 uses view e - 1."""
+    return max(int(epoch) - 1, 0)
+
+
+def crop_offset(size: tuple[int, int], crop: int, seed: int, index: int, view: int) -> tuple[int, int]:
+    """(top, left) of the random ``crop`` x ``crop`` window of training image ``index`` (``size`` = (w, h))."""
+    w, h = size
+    rng = np.random.default_rng([int(seed), int(index), int(view)])
+    return int(rng.integers(0, h - crop + 1)), int(rng.integers(0, w - crop + 1))
+
+
+def centre_offset(size: tuple[int, int], crop: int) -> tuple[int, int]:
+    """(top, left) of the centre ``crop`` x ``crop`` window (``size`` = (w, h)), rounded as torchvision's
+    center_crop rounds."""
+    w, h = size
+    return round((h - crop) / 2.0), round((w - crop) / 2.0)
+
+
+def augment_ops(augment, seed: int, index: int, view: int) -> tuple:
+    """The flips and rotation (``data.augment``) of training image ``index`` at ``view``: a pure
+    function of (crop seed, image, view), like its crop, drawn from a stream of its own.
+    Returns ``(hflip, vflip, quarter turns)``, or ``()`` when ``augment`` is empty."""
+    if not augment:
+        return ()
+    rng = np.random.default_rng([int(seed), int(index), int(view), 1])
+    hflip, vflip, turns = bool(rng.integers(2)), bool(rng.integers(2)), int(rng.integers(4))
+    return ("hflip" in augment and hflip, "vflip" in augment and vflip, turns if "rot90" in augment else 0)
+
+
+def apply_augment(crop: np.ndarray, ops: tuple) -> np.ndarray:
+    """``ops`` (augment_ops) on an HxWx3 crop: horizontal flip, vertical flip, then quarter turns
+    counter-clockwise. Views where possible; the batcher copies them."""
+    hflip, vflip, turns = ops
+    if hflip:
+        crop = crop[:, ::-1]
+    if vflip:
+        crop = crop[::-1]
+    return np.rot90(crop, turns, axes=(0, 1)) if turns else crop
+
+
+def apply_augment_tensor(crop: torch.Tensor, ops: tuple) -> torch.Tensor:
+    """``apply_augment`` on an HxWx3 tensor (on any device)."""
+    hflip, vflip, turns = ops
+    if hflip:
+        crop = crop.flip(1)
+    if vflip:
+        crop = crop.flip(0)
+    return torch.rot90(crop, turns, dims=(0, 1)) if turns else crop
+
+
+def shuffled(n: int, seed: int, epoch: int) -> np.ndarray:
+    """The training order of epoch ``epoch`` for run seed ``seed``."""
+    return np.random.default_rng([int(seed), int(epoch)]).permutation(n)
+
+
+def resized(image: Image.Image, resize: int | None) -> Image.Image:
+    return TF.resize(image, resize) if resize else image
+
+
+class Tiles(Dataset):
+    """(image, label) of one split. With ``crop_seed`` (training): the random crop of (image, epoch) from
+    crop_offset; without (evaluation): the centre crop. ``epoch`` is set by the loader's set_epoch."""
+
+    def __init__(self, samples: list[tuple[Path, int]], crop: int, mean, std, resize=None, crop_seed=None, augment=()):
+        self.samples, self.crop, self.mean, self.std = samples, crop, mean, std
+        self.resize, self.crop_seed, self.epoch, self.augment = resize, crop_seed, 0, tuple(augment or ())
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int):
+        path, label = self.samples[i]
+        image = resized(load_rgb(path), self.resize)
+        ops = ()
+        if self.crop_seed is None:
+            top, left = centre_offset(image.size, self.crop)
+        else:
+            top, left = crop_offset(image.size, self.crop, self.crop_seed, i, view_of(self.epoch))
+            ops = augment_ops(self.augment, self.crop_seed, i, view_of(self.epoch))
+        image = TF.crop(image, top, left, self.crop, self.crop)
+        if ops:
+            image = apply_augment(np.asarray(image), ops).copy()  # contiguous and writable, as to_tensor wants
+        return TF.normalize(TF.to_tensor(image), self.mean, self.std), label
+
+
+class EpochShuffle(Sampler):
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        return iter(shuffled(self.n, self.seed, self.epoch).tolist())
+
+
+class Loader(DataLoader):
+    """A DataLoader whose crops and order follow ``set_epoch`` (called by the training loop)."""
+
+    def set_epoch(self, epoch: int) -> None:
+        self.dataset.epoch = epoch
+        if isinstance(self.sampler, EpochShuffle):
+            self.sampler.epoch = epoch

@@ -1,0 +1,219 @@
+"""One job, orchestration only: it reads like the study's method section. Hydra calls ``run_job``
+(root ``train.py``); nothing else imports this module."""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+
+import numpy as np
+import torch
+from hydra.core.hydra_config import HydraConfig
+
+from . import cores, data, engine, faults, features, hpo, models, resume
+from .checks import log_model
+from .errors import Diverged, Locked, UserError, exit_with, first_line
+from .naming import app_config, run_name, safe_run_name
+from .preflight import check_job
+from .redaction import redact
+from .runs import job_run
+from .store import connect, existing_run
+from .sweep_dir import in_multirun, write_job_status
+
+log = logging.getLogger(__name__)
+
+
+def run_job(cfg) -> float:
+    """Train one configuration; return the sweep objective (best validation metric). Inside a
+    multirun, a job that failed returns NaN (the failure is on its MLflow run; the sweep goes on), a
+    job stopped by the infrastructure returns ``hpo.INTERRUPTED`` (its epochs are kept; the sweeper
+    re-runs it), and a signal stops the whole sweep."""
+    faults.install_handlers()
+    name = safe_run_name(cfg)
+    try:
+        faults.check()  # a stop that landed where it was swallowed (between jobs) ends the sweep here
+        check_job(cfg)
+        objective, status, run_id = reuse_or_train(cfg)
+        write_job_status(status, name, run_id)
+        return objective
+    except hpo.Pruned as e:
+        write_job_status("finished", name, reason="pruned")
+        log.info("%s: %s", name, e)
+        return hpo.PRUNED
+    except KeyboardInterrupt as e:  # SIGTERM / SIGINT (faults.Interrupted): the sweep stops too
+        write_job_status("interrupted", name, reason=str(e) or "interrupted")
+        raise
+    except Locked as e:
+        write_job_status("skipped", name, reason="running in another process")
+        if in_multirun():
+            log.warning("%s: %s", name, e)
+            return math.nan
+        exit_with(str(e))
+    except Exception as e:
+        reason = redact(first_line(e))
+        if faults.stop_signal():  # e.g. "DataLoader worker exited unexpectedly": a consequence of the signal
+            write_job_status("interrupted", name, reason=f"interrupted by {faults.stop_signal()}")
+            raise faults.Interrupted(faults.stop_signal()) from None
+        if faults.is_infrastructure(e):
+            write_job_status("interrupted", name, reason=reason)
+            message = f"{name} interrupted: {reason}; its finished epochs are saved: re-run the same command to resume"
+            if in_multirun():
+                log.error("%s", message)
+                return hpo.INTERRUPTED
+            exit_with(message, code=75)  # EX_TEMPFAIL: try again later
+        write_job_status("failed", name, reason=reason)
+        if isinstance(e, (UserError, Diverged)):
+            reason = redact(str(e).strip() or type(e).__name__)  # a UserError may list several lines
+            if isinstance(e, Diverged):
+                reason = f"{name} failed: {reason}"
+            if in_multirun():
+                log.error("%s", reason)
+                return math.nan
+            exit_with(reason)
+        if not in_multirun():
+            raise
+        log.exception("%s failed: %s", name, redact(first_line(e)))
+        return math.nan
+
+
+def reuse_or_train(cfg) -> tuple[float, str, str]:
+    """The result of a job that finished before (its MLflow run still there), else trained now,
+    continuing an interrupted attempt's epochs. -> (objective, finished | reused, MLflow run id)."""
+    if in_multirun():
+        cores.share(HydraConfig.get())
+    engine.keep_freed_memory()
+    identity = job_identity(cfg)
+    # two trials at the same point (a categorical search, sweeps sharing a study): the second waits
+    # for the first and reuses its result; a grid's job held by another sweep is skipped and counted
+    resumer = resume.Resumer(
+        cfg.trainer.resume_dir, identity, enabled=bool(cfg.trainer.resume), wait=bool(cfg.get("hpo_trial"))
+    )
+    with resumer:
+        state = resumer.load()
+        if state and state["finished"]:
+            connect(cfg.tracking)
+            if existing_run(state["run_id"]) is not None:
+                log.info(
+                    "%s: already finished (MLflow run %s), reused; trainer.resume=false runs it again",
+                    run_name(cfg),
+                    state["run_id"],
+                )
+                return state["objective"], "reused", state["run_id"]
+            log.warning(
+                "%s: finished before, but its MLflow run %s is not in tracking.uri=%s: running it again",
+                run_name(cfg),
+                state["run_id"],
+                redact(cfg.tracking.uri),
+            )
+            state = None
+        objective, run_id = train_and_log(cfg, resumer, state)
+        resumer.finished(run_id, objective)
+    return objective, "finished", run_id
+
+
+def job_identity(cfg) -> dict:
+    """What makes two jobs the same job (the resume key): the resolved config and the data's files.
+    An Optuna trial counts by its study and its point, not its number: the trial that replaces an
+    interrupted one at the same point continues that one's epochs and MLflow run."""
+    identity = {**app_config(cfg), "data_fingerprint": data.data_fingerprint(cfg.data)}
+    if identity.get("hpo_trial"):
+        identity["hpo_trial"] = {"study": identity["hpo_trial"].get("study")}
+    return identity
+
+
+def train_and_log(cfg, resumer, state) -> tuple[float, str]:
+    """Train the job (from ``state``, an interrupted attempt's, if any) inside its MLflow run;
+    test the best checkpoint and log it. -> (objective, MLflow run id)."""
+    with job_run(cfg, resume_run_id=state["run_id"] if state else None, on_start=resumer.started) as job:
+        seed_everything(cfg.seed)
+        device = engine.resolve_device(cfg.trainer.device)
+        splits = data.load_splits(
+            cfg.data,
+            cfg.trainer,
+            crop_size=int(cfg.backbone.crop_size),
+            seed=int(cfg.seed),
+            resize=cfg.backbone.get("resize"),
+            crop_seed=cfg.trainer.crop_seed,
+            device=device,
+        )
+        built = models.build_classifier(cfg.backbone, cfg.head, seed=int(cfg.seed))
+        job.tags(weights_source=built.weights_source, data_root=str(splits.root), device=str(device))
+        job.params({"model.trainable_params": built.trainable_params, "model.total_params": built.total_params})
+        log.info(
+            "%s: %s of %s parameters train (backbone.freeze=%s)",
+            job.name,
+            f"{built.trainable_params:,}",
+            f"{built.total_params:,}",
+            cfg.backbone.freeze,
+        )
+        job.skipped_images(splits.skipped)
+        report = hpo.reporter(cfg)  # None outside an Optuna sweep
+
+        def on_epoch(epoch: int, metrics: dict) -> None:
+            job.epoch(epoch, metrics)
+            if report:
+                report(epoch, metrics[cfg.objective])
+
+        model, inputs = built.model, splits
+        if features.wanted(cfg):  # frozen backbone: train the head on features computed once
+            bank = features.get(cfg, built, splits, device)
+            job.tags(feature_bank=bank.key, feature_bank_views=bank.views)
+            model = features.HeadOnly(built.model.head)
+            inputs = features.splits_from(bank, splits, int(cfg.trainer.batch_size), int(cfg.seed))
+        history = engine.fit(
+            model,
+            inputs,
+            cfg.optimizer,
+            cfg.trainer,
+            on_epoch,
+            cfg.objective,
+            state_fn=lambda: models.trainable_state(built.model),
+            device=device,
+            resume=resume.EpochHooks(resumer, state, job),
+            scheduler_cfg=cfg.get("scheduler"),
+        )
+        job.history(history)
+        built.model.load_state_dict(history.best_state, strict=False)
+        test = job.test_metrics(engine.evaluate(model, inputs.test, device, cfg.trainer.precision), splits.classes)
+        ckpt = models.checkpoint(
+            built,
+            history.best_state,
+            cfg,
+            {
+                "epoch": history.best_epoch,
+                "classes": splits.classes,
+                "mean": list(splits.mean),
+                "std": list(splits.std),
+                "crop_size": splits.crop_size,
+                "resize": splits.resize,
+            },
+        )
+        if cfg.tracking.log_checkpoint:
+            job.checkpoint(ckpt)
+        if should_log_model(cfg):
+            job.model(built.model, ckpt)
+    log.info(
+        "%s: best epoch %d, %s = %.4f; test loss %.4f, test acc %.2f%% (MLflow run %s)",
+        job.name,
+        history.best_epoch,
+        cfg.objective,
+        history.objective,
+        test["test/loss"],
+        100 * test["test/acc"],
+        job.run_id,
+    )
+    return history.objective, job.run_id
+
+
+def should_log_model(cfg) -> bool:
+    """Every run (all), only the sweep's best (best: logged by the sweep callback at the end; a
+    single run is its own best), or none."""
+    choice = log_model(cfg.tracking)
+    return choice == "all" or (choice == "best" and not in_multirun())
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)

@@ -1,0 +1,44 @@
+"""The sweep objective: which way is better, and the best of several. One spelling of the direction,
+Optuna's (``minimize`` / ``maximize``)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from typing import TypeVar
+
+from .errors import UserError
+
+PER_EPOCH = ("loss", "acc")  # the validation metrics measured at every epoch
+
+T = TypeVar("T")
+
+
+def direction(objective: str) -> str:
+    """valid/loss -> minimize; valid/acc -> maximize. Other metrics (auroc, f1, balanced_acc) are
+    measured on the test split only, so they cannot pick an epoch: refused in one line."""
+    split, _, metric = str(objective).partition("/")
+    if split != "valid" or metric not in PER_EPOCH:
+        raise UserError(
+            f"objective={objective}: the sweep objective is a validation metric measured every epoch: "
+            "valid/loss (minimised) or valid/acc (maximised)"
+        )
+    return "minimize" if metric == "loss" else "maximize"
+
+
+def better(a: float, b: float, objective: str) -> bool:
+    """Whether ``a`` is better than ``b`` on ``objective``."""
+    return a < b if direction(objective) == "minimize" else a > b
+
+
+def best(items: Iterable[T], value: Callable[[T], float | None], objective: str | Callable[[T], str]) -> T | None:
+    """The item with the best finite ``value(item)`` on ``objective`` (a name, or the item's own
+    objective as ``objective(item)``); None when no item has one."""
+    scored = []
+    for item in items:
+        v = value(item)
+        if v is None or not math.isfinite(v):
+            continue
+        name = objective(item) if callable(objective) else objective
+        scored.append((v if direction(name) == "minimize" else -v, item))
+    return min(scored, key=lambda s: s[0])[1] if scored else None

@@ -1,0 +1,90 @@
+"""Pre-flight: every config mistake of a job or of every point of a sweep, found before anything is
+created (one line, exit 2); then the store answers and the output folders are writable."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from hydra.types import RunMode
+
+from . import checks, engine
+from .errors import UserError, exit_with
+from .store import connect
+
+
+def check_job(cfg) -> None:
+    """Everything ``checks.check_config`` finds, and the optimizer and scheduler built once over a
+    dummy parameter (``engine.check_optimizer``): run for every sweep point and again by each job."""
+    checks.check_config(cfg)
+    engine.check_optimizer(cfg.optimizer, cfg.get("scheduler"))
+
+
+def check_sweep(config, every_point: bool = False) -> None:
+    """Config mistakes, found before anything is created (no mlflow.db, no run): one line, exit 2.
+    ``every_point`` (a grid sweep): every value of every swept key is checked, each composed with
+    the others' first."""
+    try:
+        if every_point and not is_study(config):
+            for job_overrides in sweep_points(config):
+                check_job(_compose_job(config, job_overrides))
+        else:
+            check_job(config)
+    except UserError as e:
+        exit_with(str(e), code=2)
+
+
+def sweep_points(config) -> list[list[str]]:
+    """Job override lists that together try every value of every swept key once."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    overrides = OverridesParser.create().parse_overrides(list(config.hydra.overrides.task))
+    fixed = [o.input_line for o in overrides if not o.is_sweep_override()]
+    swept = [(o.get_key_element(), list(o.sweep_string_iterator())) for o in overrides if o.is_sweep_override()]
+    first = [f"{k}={v[0]}" for k, v in swept if v]
+    points = [fixed + first]
+    for i, (key, values) in enumerate(swept):
+        for value in values[1:]:
+            points.append(fixed + first[:i] + [f"{key}={value}"] + first[i + 1 :])
+    return points
+
+
+def _compose_job(config, job_overrides: list[str]):
+    from hydra.core.global_hydra import GlobalHydra
+
+    return GlobalHydra.instance().config_loader().load_sweep_config(config, job_overrides)
+
+
+def check_store_and_folders(config) -> str:
+    """Before any training: the MLflow store answers and the output folders are writable; else one
+    line and a non-zero exit. Returns the experiment id."""
+    try:
+        experiment_id = connect(config.tracking)
+        hc = config.hydra
+        check_writable(
+            Path(str(hc.sweep.dir if hc.mode == RunMode.MULTIRUN else hc.run.dir)),
+            "hydra.sweep.dir" if hc.mode == RunMode.MULTIRUN else "hydra.run.dir",
+        )
+        check_writable(Path(os.path.expanduser(str(config.trainer.resume_dir))), "trainer.resume_dir")
+        check_writable(Path(os.path.expanduser(str(config.data.cache_dir))), "data.cache_dir")
+    except UserError as e:
+        exit_with(str(e))
+    return experiment_id
+
+
+def is_study(config) -> bool:
+    """An Optuna sweep (our sweeper), as opposed to Hydra's grid."""
+    return str(config.hydra.sweeper.get("_target_", "")).startswith("hydra_plugins.resnet_sweep_optuna")
+
+
+def check_writable(folder: Path, what: str) -> None:
+    """``folder`` exists (made if need be) and this process can write there; else one line naming ``what``."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test-{os.getpid()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(
+            f"{what}={folder}: not writable ({e.strerror or e}); choose a folder you can write to"
+        ) from None

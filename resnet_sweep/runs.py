@@ -1,0 +1,256 @@
+"""One MLflow run per job (a child of the sweep's parent run in ``-m`` mode) and what the job logs to it.
+
+Metric names: ``train/loss train/acc valid/loss valid/acc`` with ``step=epoch`` from epoch 0;
+``best_epoch``; ``test/loss test/acc test/auroc test/f1 test/balanced_acc``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import subprocess
+import tempfile
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import torch
+import yaml
+from hydra.core.hydra_config import HydraConfig
+from mlflow.entities import RunStatus
+from mlflow.tracking import MlflowClient
+
+from . import faults, plots
+from .errors import first_line
+from .hpo import Pruned
+from .naming import app_config, flatten, optimizer_name, run_name, what_trains
+from .redaction import redact
+from .store import connect, existing_run
+from .sweep_dir import in_multirun
+
+log = logging.getLogger(__name__)
+
+PARENT_ENV = "RESNET_SWEEP_PARENT_RUN_ID"
+FAILURE_TAG = "failure_reason"
+
+
+PROJECT_DIR = Path(__file__).resolve().parent.parent
+
+
+def _git_commit() -> str | None:
+    """The commit of the resnet-sweep code that ran (not of the folder the user runs from)."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=PROJECT_DIR, capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def _hydra_overrides() -> str:
+    if not HydraConfig.initialized():
+        return ""
+    return " ".join(HydraConfig.get().overrides.task)
+
+
+class JobLog:
+    """What a job writes to its MLflow run. Every call is retried for ``tracking.retry_s`` seconds
+    when the store does not answer (a restarting server or database), then raises."""
+
+    def __init__(self, cfg, run_id: str):
+        self.cfg = cfg
+        self.run_id = run_id
+        self.name = run_name(cfg)
+        self.retry_s = float(cfg.tracking.get("retry_s", 300))
+
+    def _call(self, what: str, fn, *args, **kwargs):
+        return faults.retrying(lambda: fn(*args, **kwargs), self.retry_s, f"MLflow {what} ({self.name})")
+
+    def tags(self, **tags) -> None:
+        self._call("set_tags", mlflow.set_tags, {k: redact(v) for k, v in tags.items()})
+
+    def params(self, params: dict) -> None:
+        self._call("log_params", mlflow.log_params, params)
+
+    def epoch(self, epoch: int, metrics: dict) -> None:
+        self._call("log_metrics", mlflow.log_metrics, metrics, step=epoch)
+
+    def skipped_images(self, skipped: list) -> None:
+        """data.on_bad_image=skip: how many files were left out, and which."""
+        self._call("log_metric", mlflow.log_metric, "data/skipped_images", len(skipped))
+        if skipped:
+            self._call(
+                "log_dict",
+                mlflow.log_dict,
+                {"skipped": [{"path": p, "reason": r} for p, r in skipped]},
+                "skipped_images.json",
+            )
+
+    def ensure_logged(self, epochs: list[dict]) -> None:
+        """After a resume: log the epochs the interrupted attempt saved but did not log."""
+        logged = {
+            m.step
+            for m in self._call("get_metric_history", MlflowClient().get_metric_history, self.run_id, "valid/loss")
+        }
+        for epoch, metrics in enumerate(epochs):
+            if epoch not in logged:
+                self.epoch(epoch, metrics)
+
+    def history(self, history) -> None:
+        best = history.best_metrics()
+        self._call(
+            "log_metrics",
+            mlflow.log_metrics,
+            {
+                "best_epoch": history.best_epoch,
+                "epochs_run": len(history.epochs) - 1,
+                **{f"best/{k}": v for k, v in best.items()},
+            },
+        )
+        never = history.best_epoch == 0 and len(history.epochs) > 1
+        self.tags(stopped_early=str(history.stopped_early).lower(), never_improved=str(never).lower())
+        if never:
+            log.warning(
+                "%s never improved on its untrained epoch 0 (%s); its test figures are the untrained "
+                "head's: flagged never_improved=true, left out of the sweep's best run",
+                self.name,
+                self.cfg.objective,
+            )
+        fig = plots.learning_curves(history.epochs, history.best_epoch, self.name)
+        self._call("log_figure", mlflow.log_figure, fig, "plots/learning_curves.png")
+        plots.close(fig)
+
+    def test_metrics(self, metrics: dict, classes: list[str]) -> dict:
+        metrics = dict(metrics)
+        matrix = metrics.pop("confusion_matrix")
+        self._call("log_metrics", mlflow.log_metrics, metrics)
+        self._call(
+            "log_dict",
+            mlflow.log_dict,
+            {"classes": classes, "matrix (rows: true, cols: predicted)": matrix},
+            "confusion_matrix.json",
+        )
+        fig = plots.confusion_matrix(matrix, classes, f"{self.name}: test")
+        self._call("log_figure", mlflow.log_figure, fig, "plots/confusion_matrix.png")
+        plots.close(fig)
+        return metrics
+
+    def checkpoint(self, ckpt: dict) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "best.pt"
+            torch.save(ckpt, path)
+            self._call("log_artifact", mlflow.log_artifact, str(path), "checkpoint")
+
+    def model(self, classifier, ckpt: dict) -> None:
+        self._call("log_model", log_model, classifier, ckpt)
+
+
+def log_model(classifier, ckpt: dict) -> None:
+    """Log the full model (backbone + head) with the pytorch flavor into the active run; its pyfunc
+    takes normalised ``N x 3 x crop x crop`` float32 images and returns P(ckpt['classes'][1])."""
+    from mlflow.models import infer_signature
+
+    from .models import ProbabilityModel
+
+    model = ProbabilityModel(classifier).cpu().eval()
+    crop = int(ckpt["crop_size"])
+    example = np.zeros((1, 3, crop, crop), dtype=np.float32)
+    with torch.inference_mode():
+        output = model(torch.from_numpy(example)).numpy()
+    mlflow.pytorch.log_model(
+        model,
+        name="model",
+        signature=infer_signature(example, output),
+        input_example=example,
+        metadata={k: ckpt[k] for k in ("classes", "mean", "std", "crop_size")},
+        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "torchvision"],
+        serialization_format="pickle",  # torch.export would fix the batch size to the example's
+        code_paths=[str(Path(__file__).resolve().parent)],  # unpickling needs resnet_sweep.models
+    )
+
+
+def adopt_run(run) -> None:
+    """In a sweep, make the run of an unfinished earlier attempt of this job (which this sweep now
+    continues) a child of this sweep's parent run; the old parent is kept in a tag."""
+    parent = os.environ.get(PARENT_ENV) if in_multirun() else None
+    if parent and run.data.tags.get("mlflow.parentRunId") != parent:
+        client = MlflowClient()
+        if "mlflow.parentRunId" in run.data.tags:
+            client.set_tag(run.info.run_id, "previous_parent_run_id", run.data.tags["mlflow.parentRunId"])
+        client.set_tag(run.info.run_id, "mlflow.parentRunId", parent)
+
+
+@contextlib.contextmanager
+def job_run(cfg, resume_run_id: str | None = None, on_start=None):
+    """One MLflow run for this job, a child of the sweep's parent run in ``-m`` mode; with
+    ``resume_run_id``, the run of an earlier attempt, continued (its failure tag cleared);
+    ``on_start(run_id)`` is called as soon as the run exists. A failure
+    inside marks the run FAILED with the reason as a tag; an interruption (signal, store or disk
+    fault, see ``faults``) marks it KILLED with the reason; then the exception propagates."""
+    connect(cfg.tracking)
+    parent = os.environ.get(PARENT_ENV) if in_multirun() else None
+    previous = existing_run(resume_run_id)
+    if previous is None:
+        resume_run_id = None
+    else:
+        adopt_run(previous)
+    name = run_name(cfg)
+    tags = {
+        "backbone": cfg.backbone.name,
+        "head": cfg.head.name,
+        "optimizer": optimizer_name(cfg.optimizer),
+        "trains": what_trains(cfg.backbone).description,
+        "objective": cfg.objective,
+        "hydra_overrides": redact(_hydra_overrides()),
+    }
+    if HydraConfig.initialized():
+        tags["output_dir"] = HydraConfig.get().runtime.output_dir
+    commit = _git_commit()
+    if commit:
+        tags["git_commit"] = commit
+    trial = cfg.get("hpo_trial")
+    if trial:
+        tags.update(optuna_trial=str(trial.number), optuna_study=str(trial.study))
+    start = dict(run_id=resume_run_id) if resume_run_id else dict(run_name=name, parent_run_id=parent, tags=tags)
+    with mlflow.start_run(**start) as run:
+        job = JobLog(cfg, run.info.run_id)
+        if on_start:  # first of all (the resume state): a kill from here on continues this run
+            on_start(run.info.run_id)
+        try:
+            if previous is not None and FAILURE_TAG in previous.data.tags:
+                job._call("delete_tag", mlflow.delete_tag, FAILURE_TAG)
+            if previous is not None and trial:  # an interrupted trial's point, continued by its replacement
+                job.tags(optuna_trial=str(trial.number), optuna_state="RUNNING")
+            config = app_config(cfg)
+            # the trial's number and id are tags (optuna_trial): a params value cannot change, and the
+            # trial that replaces an interrupted one continues its run
+            job.params({k: v for k, v in flatten(config).items() if not k.startswith("hpo_trial.")})
+            job._call("log_text", mlflow.log_text, redact(yaml.safe_dump(config, sort_keys=False)), "config.yaml")
+            yield job
+            if trial:
+                job.tags(optuna_state="COMPLETE")
+        except Pruned as e:
+            mlflow.set_tags({"optuna_state": "PRUNED", "pruned_at_epoch": str(e.epoch)})
+            mlflow.end_run(RunStatus.to_string(RunStatus.KILLED))
+            raise
+        except BaseException as e:
+            stopped = faults.stop_signal()  # whatever this raised, a signal is stopping the process
+            interrupted = isinstance(e, KeyboardInterrupt) or stopped is not None or faults.is_infrastructure(e)
+            reason = f"interrupted by {stopped}" if stopped else redact(first_line(e))
+            with contextlib.suppress(Exception):  # the store may be the fault: best effort
+                tags = {FAILURE_TAG: f"interrupted: {reason}" if interrupted else reason}
+                if trial:
+                    tags["optuna_state"] = "INTERRUPTED" if interrupted else "FAIL"
+                mlflow.set_tags(tags)
+            with contextlib.suppress(Exception):
+                mlflow.end_run(RunStatus.to_string(RunStatus.KILLED if interrupted else RunStatus.FAILED))
+            raise
+
+
+def set_parent(config, parent_id: str) -> None:
+    """The sweep's parent run, for its jobs (an environment variable) and for people (a file in
+    the sweep folder)."""
+    os.environ[PARENT_ENV] = parent_id
+    sweep_dir = Path(str(config.hydra.sweep.dir))
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    (sweep_dir / "mlflow_parent_run_id").write_text(parent_id + "\n")

@@ -1,0 +1,97 @@
+"""Connecting to the MLflow store: one line when it does not answer, never a second run after a blip."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+
+import mlflow
+from mlflow.tracking import MlflowClient
+
+from . import faults
+from .errors import UserError, first_line
+from .redaction import redact
+
+
+class StoreUnreachable(UserError):
+    """The MLflow store did not answer: an infrastructure fault, not a mistake in the job."""
+
+
+def connect(tracking_cfg) -> str:
+    """Point MLflow at the store and experiment; fail in one line if unreachable. Returns the
+    experiment id."""
+    mlflow.set_tracking_uri(str(tracking_cfg.uri))
+    quick = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
+    saved = {k: os.environ.get(k) for k in quick}
+    os.environ.update({k: v for k, v in quick.items() if saved[k] is None})
+    try:
+        _probe_database(str(tracking_cfg.uri))
+        with _creation_lock(str(tracking_cfg.uri)):
+            experiment = _set_experiment(str(tracking_cfg.experiment))
+    except Exception as e:
+        reason = redact(first_line(e))
+        raise StoreUnreachable(
+            f"tracking.uri={redact(tracking_cfg.uri)}: cannot reach the MLflow store ({reason}); "
+            "check the URI or start the server"
+        ) from None
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+    return experiment.experiment_id
+
+
+def _creation_lock(uri: str):
+    """A SQLite store is created (tables, migrations) by the first process that opens it: two sweeps
+    started at once in a new folder raced there ("Online migration expected to match one row").
+    A file lock beside the database file makes the creation one process's job."""
+    if not uri.startswith("sqlite:///"):
+        return contextlib.nullcontext()
+    from filelock import FileLock
+
+    path = Path(os.path.expanduser(uri[len("sqlite:///") :]))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return FileLock(str(path) + ".lock", timeout=300)
+
+
+def _probe_database(uri: str) -> None:
+    """A database URI (postgresql://, mysql://...) is tried once, quickly: MLflow itself retries an
+    unreachable database for about 100 s before giving up."""
+    scheme = uri.split(":", 1)[0].split("+", 1)[0].lower()
+    if scheme not in ("postgresql", "mysql", "mssql"):
+        return
+    import sqlalchemy
+    from sqlalchemy.pool import NullPool
+
+    connect_args = {"connect_timeout": 10} if scheme in ("postgresql", "mysql") else {}
+    engine = sqlalchemy.create_engine(uri, connect_args=connect_args, poolclass=NullPool)
+    try:
+        with engine.connect():
+            pass
+    finally:
+        engine.dispose()
+
+
+def _set_experiment(name: str):
+    """``mlflow.set_experiment``; when parallel jobs or sweeps create the experiment at the same
+    moment, the losers of the race use the winner's."""
+    try:
+        return mlflow.set_experiment(name)
+    except Exception as e:
+        if "already exist" not in str(e).lower() and "unique" not in str(e).lower():
+            raise
+        return mlflow.set_experiment(name)
+
+
+def existing_run(run_id: str | None):
+    """The run, or None where this store does not have it (another store, deleted). A store that does
+    not answer raises: a blip must not start a second run of the same job."""
+    if not run_id:
+        return None
+    try:
+        return MlflowClient().get_run(run_id)
+    except Exception as e:
+        if faults.is_infrastructure(e):
+            raise
+        return None

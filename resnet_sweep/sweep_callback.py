@@ -1,0 +1,189 @@
+"""The Hydra callback of every run and sweep (``hydra.callbacks`` in conf/train.yaml): pre-flight
+checks, one MLflow parent run per grid sweep, and at the end the best run, its model and a summary."""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import logging
+import os
+from pathlib import Path
+
+import mlflow
+from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
+from hydra.types import RunMode
+from mlflow.tracking import MlflowClient
+from omegaconf import DictConfig
+
+from . import faults
+from .errors import exit_with
+from .lookup import best_run, child_runs, downloaded_checkpoint, logged_models
+from .preflight import check_store_and_folders, check_sweep, is_study
+from .redaction import redact, redact_files
+from .runs import FAILURE_TAG, PARENT_ENV, log_model, set_parent
+from .store import existing_run
+from .sweep_dir import claim_sweep_dir, read_job_statuses
+
+log = logging.getLogger(__name__)
+
+
+class SweepCallback(Callback):
+    """In ``-m`` mode: one MLflow parent run for the sweep (every job is its child; a finished job
+    reused from an earlier sweep stays under that sweep's run and is recorded here); at the end, the
+    full model of the best run (``tracking.log_model=best``), a summary line, and a non-zero exit if
+    any job did not finish here."""
+
+    def __init__(self) -> None:
+        self.parent_id: str | None = None
+        self.client: MlflowClient | None = None
+
+    def on_run_start(self, config: DictConfig, **kwargs) -> None:
+        check_sweep(config)
+        check_store_and_folders(config)
+
+    def on_job_start(self, config: DictConfig, **kwargs) -> None:
+        if HydraConfig.initialized():
+            hc = HydraConfig.get()
+            if hc.output_subdir:
+                redact_files(Path(hc.runtime.output_dir))
+            if hc.mode == RunMode.MULTIRUN:
+                redact_files(Path(hc.sweep.dir))
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        check_sweep(config, every_point=True)
+        claim_sweep_dir(config)
+        experiment_id = check_store_and_folders(config)
+        faults.install_handlers()
+        if is_study(config):
+            return  # the Optuna sweeper opens (or, on resume, reopens) the study's parent run
+        self.client = MlflowClient()
+        sweep_dir = str(config.hydra.sweep.dir)
+        overrides = " ".join(config.hydra.overrides.task)
+        run = self.client.create_run(
+            experiment_id,
+            run_name=f"sweep-{Path(sweep_dir).parent.name}-{Path(sweep_dir).name}",
+            tags={
+                "sweep": "true",
+                "sweep_dir": sweep_dir,
+                "hydra_overrides": redact(overrides),
+                "objective": str(config.objective),
+            },
+        )
+        self.parent_id = run.info.run_id
+        set_parent(config, self.parent_id)
+        atexit.register(self._abandon)
+        log.info("MLflow parent run %s (%s)", self.parent_id, redact(config.tracking.uri))
+
+    def _abandon(self) -> None:
+        """The sweep stopped before on_multirun_end (a signal, a crash): do not leave the parent RUNNING."""
+        if self.parent_id and self.client:
+            stopped = faults.stop_signal()
+            with contextlib.suppress(Exception):
+                reason = (
+                    f"interrupted by {stopped}: re-run the same command to resume"
+                    if stopped
+                    else "sweep ended before all jobs returned"
+                )
+                self.client.set_tag(self.parent_id, FAILURE_TAG, reason)
+                self.client.set_terminated(self.parent_id, "KILLED" if stopped else "FAILED")
+
+    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        sweep_dir = Path(str(config.hydra.sweep.dir))
+        redact_files(sweep_dir)
+        study = is_study(config)
+        if study:
+            self.parent_id = os.environ.get(PARENT_ENV)
+            self.client = MlflowClient()
+        if not self.parent_id:
+            return
+        client = self.client
+        objective = str(config.objective)
+        if study:  # FAIL and PRUNED trials are part of a study: counted by the sweeper, no error
+            best = best_run([r for r in self.children() if r.info.status == "FINISHED"], objective)
+            self._record_best(config, best, objective)
+            os.environ.pop(PARENT_ENV, None)
+            client.set_terminated(self.parent_id, "FINISHED")
+            return
+        jobs = read_job_statuses(sweep_dir)
+        by_status: dict[str, list[dict]] = {}
+        for job in jobs:
+            by_status.setdefault(job["status"], []).append(job)
+        reused_ids = [j["run_id"] for j in by_status.get("reused", []) if j.get("run_id")]
+        if reused_ids:
+            client.set_tag(self.parent_id, "reused_run_ids", ",".join(reused_ids))
+        runs = {r.info.run_id: r for r in self.children()}
+        for run_id in reused_ids:
+            if run_id not in runs and (run := existing_run(run_id)) is not None:
+                runs[run_id] = run
+        finished = [r for r in runs.values() if r.info.status == "FINISHED"]
+        never = [r for r in finished if r.data.tags.get("never_improved") == "true"]
+        incomplete = {k: v for k, v in by_status.items() if k not in ("finished", "reused")}
+        best = best_run(finished, objective)
+        self._record_best(config, best, objective, log_it=not incomplete)
+        counts = {s: len(by_status.get(s, [])) for s in ("finished", "failed", "interrupted", "skipped", "reused")}
+        for key, n in counts.items():
+            client.log_metric(self.parent_id, f"runs_{key}", n)
+        summary = (
+            f"{counts['finished']} finished, {counts['failed']} failed"
+            + (f", {counts['interrupted']} interrupted" if counts["interrupted"] else "")
+            + (f", {counts['skipped']} skipped (running elsewhere)" if counts["skipped"] else "")
+            + (f", {counts['reused']} reused" if counts["reused"] else "")
+        )
+        if never:
+            summary += f"; {len(never)} never improved on epoch 0 ({', '.join(r.info.run_name for r in never)})"
+        problems = [j for s in ("failed", "interrupted", "skipped") for j in by_status.get(s, [])]
+        if problems:
+            summary += ": " + "; ".join(
+                f"{j['name']} ({j.get('reason') or '?'})"
+                if j["status"] == "failed"
+                else f"{j['name']} ({j['status']}: {j.get('reason') or '?'})"
+                for j in problems
+            )
+        client.set_tag(self.parent_id, "summary", redact(summary))
+        client.set_terminated(self.parent_id, "FAILED" if problems else "FINISHED")
+        atexit.unregister(self._abandon)
+        os.environ.pop(PARENT_ENV, None)
+        if best is not None:
+            log.info("best run: %s (%s = %.4f)", best.info.run_name, objective, best.data.metrics[f"best/{objective}"])
+        print(redact(summary), flush=True)
+        if problems:
+            hint = (
+                "; re-run the same command to resume" if "interrupted" in incomplete or "skipped" in incomplete else ""
+            )
+            exit_with(redact(summary) + hint)
+
+    def _record_best(self, config, best, objective: str, log_it: bool = True) -> None:
+        client = self.client
+        if best is None:
+            return
+        client.set_tag(self.parent_id, "best_run_id", best.info.run_id)
+        client.set_tag(self.parent_id, "best_run_name", best.info.run_name)
+        client.log_metric(self.parent_id, f"best/{objective}", best.data.metrics[f"best/{objective}"])
+        for key in ("test/acc", "test/loss"):
+            if key in best.data.metrics:
+                client.log_metric(self.parent_id, f"best_run/{key}", best.data.metrics[key])
+        if str(config.tracking.log_model) != "best":
+            return
+        if not log_it:
+            log.warning(
+                "best model not logged: not every job of this sweep finished here; re-run the same "
+                "command once they have, and the best run's model is logged then"
+            )
+        elif "model" not in {m.name for m in logged_models(best)}:
+            log_best_model(best)
+
+    def children(self):
+        return child_runs(self.client, self.client.get_run(self.parent_id))
+
+
+def log_best_model(run) -> None:
+    """Rebuild the best child's model from its checkpoint and log it as an MLflow model there."""
+    from .models import load_checkpoint
+
+    with downloaded_checkpoint(run) as path:
+        classifier, ckpt = load_checkpoint(path)
+    with mlflow.start_run(run_id=run.info.run_id):
+        log_model(classifier, ckpt)
+        mlflow.set_tag("model_logged", "best of sweep")
+    log.info("logged the full model of the best run %s", run.info.run_name)
