@@ -35,7 +35,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from resnet_sweep import batches, checks, cores, data, engine, features, models  # noqa: E402
+from resnet_sweep import batches, checks, cores, data, engine, extraction, features, models  # noqa: E402
 
 
 def config(cache: str, tiles_per_slide: int, *more: str):
@@ -232,7 +232,7 @@ def main(argv=None) -> dict:
     views = 2
     bank_crops = views * len(files["train"]) + len(files["valid"]) + len(files["test"])
     # the batch the product uses on this device; on a GPU the CPU's 64 beside it
-    for batch in sorted({features.default_extract_batch(device), checks.EXTRACT_BATCH["cpu"]}, reverse=True):
+    for batch in sorted({extraction.default_extract_batch(device), checks.EXTRACT_BATCH["cpu"]}, reverse=True):
         pre = torch.randn(batch, 3, 224, 224, device=device).contiguous(memory_format=torch.channels_last)
         plain_rate(backbone, pre, batch, device, precision)  # warm-up
         pairs = []
@@ -258,7 +258,7 @@ def main(argv=None) -> dict:
             after = plain_rate(backbone, pre, bank_crops, device, bank_precision)
             pairs.append((stats["img_per_s"], (before + after) / 2))
         ex = median_ratio(pairs)
-        if batch == features.default_extract_batch(device):
+        if batch == extraction.default_extract_batch(device):
             out.update(extract_ratio=ex[0])
         print(
             f"3. feature bank extraction from the store ({bank_crops} crops, batch {batch}, {stats['precision']}): "

@@ -5,7 +5,6 @@ split, from the decoded tile store where there is one, else decoded by PIL (``cr
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import multiprocessing
@@ -21,7 +20,7 @@ from . import demo_data, faults
 from .checks import SPLITS, check_augment, check_root
 from .crops import EpochShuffle, Loader, Tiles
 from .errors import UserError, first_line
-from .images import class_folders, class_images, load_rgb, scan_tree
+from .images import class_folders, class_images, fingerprint, load_rgb, scan_tree
 
 log = logging.getLogger(__name__)
 
@@ -71,15 +70,6 @@ def channel_stats(paths: list[Path]) -> tuple[tuple[float, ...], tuple[float, ..
     mean = total / count
     std = (total_sq / count - mean * mean).clamp_min(0).sqrt()
     return tuple(round(v, 6) for v in mean.tolist()), tuple(round(v, 6) for v in std.tolist())
-
-
-def fingerprint(paths: list[Path]) -> str:
-    """Identifies a set of files by path, size and modification time."""
-    h = hashlib.sha256()
-    for p in sorted(paths):
-        st = p.stat()
-        h.update(f"{p.resolve()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-    return h.hexdigest()[:16]
 
 
 def tree_files(root: Path) -> list[Path]:

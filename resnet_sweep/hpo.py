@@ -5,7 +5,7 @@ in-memory study is found in this process's registry (in-process launcher only).
 
 A database storage is used through outages of up to ``hydra.sweeper.storage_retry_s`` seconds
 (default 120): the report waits and the epoch's value reaches the trial. Past that, the report
-raises ``StorageUnavailable``: the job did not fail, the infrastructure did (``INTERRUPTED``).
+raises ``optuna_storage.StorageUnavailable``: the job did not fail, the infrastructure did (``INTERRUPTED``).
 """
 
 from __future__ import annotations
@@ -19,14 +19,6 @@ PRUNED = "pruned"  # what a pruned job returns to the sweeper
 INTERRUPTED = "interrupted"
 
 _IN_MEMORY: dict[str, object] = {}  # study name -> optuna.Study, for the in-process launcher
-
-
-STORAGE_RETRY_S = 120  # hydra.sweeper.storage_retry_s when the sweeper's config has none
-
-
-class StorageUnavailable(Exception):
-    """The Optuna storage stayed unreachable for longer than ``hydra.sweeper.storage_retry_s``:
-    an infrastructure stop, not a failure of the trial (a job returns ``INTERRUPTED`` for it)."""
 
 
 class Pruned(Exception):
@@ -52,7 +44,7 @@ def reporter(cfg) -> Callable[[int, float], None] | None:
 
     study = _IN_MEMORY.get(str(link.study))
     if study is None:
-        from hydra_plugins.resnet_sweep_optuna._storage import open_storage
+        from .optuna_storage import STORAGE_RETRY_S, open_storage
 
         sweeper = HydraConfig.get().sweeper
         pruner = instantiate(sweeper.pruner) if sweeper.get("pruner") else optuna.pruners.NopPruner()

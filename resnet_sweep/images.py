@@ -256,6 +256,15 @@ def check_images(paths: list[Path], crop_size: int, cache_dir=None) -> list[tupl
     return bad
 
 
+def fingerprint(paths: list[Path]) -> str:
+    """Identifies a set of files by path, size and modification time."""
+    h = hashlib.sha256()
+    for p in sorted(paths):
+        st = p.stat()
+        h.update(f"{p.resolve()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
+
+
 def load_rgb(path) -> Image.Image:
     """Any image as 8-bit RGB, upright: EXIF orientation applied; grey, palette, RGBA, CMYK and 16-bit
     images converted (16-bit scaled to 8-bit, not clipped). Fully decoded, so truncation shows."""

@@ -1,7 +1,7 @@
 """torchvision backbone + the study's heads, with freezing and where the weights came from.
 
-Heads output logits (DESIGN.md decision 2): the study's Sigmoid lives in BCEWithLogitsLoss during
-training and in ``ProbabilityModel`` at prediction time.
+Heads output logits: the study's Sigmoid lives in BCEWithLogitsLoss during training (the same maths,
+numerically stable) and in ``ProbabilityModel`` at prediction time.
 """
 
 from __future__ import annotations

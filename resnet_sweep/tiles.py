@@ -38,10 +38,10 @@ import torchvision
 from PIL import Image
 from tqdm import tqdm
 
-from . import crops, data, sealed
+from . import crops, sealed
 from .cores import available as available_cores
 from .errors import UserError, first_line
-from .images import load_rgb
+from .images import fingerprint, load_rgb
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +79,7 @@ def key_of(files: dict[str, list[Path]], resize: int | None) -> str:
         "torchvision": torchvision.__version__,
         "resize": resize,
         # the files with sizes and mtimes, and their order (image i of a split is files[split][i])
-        "files": {s: data.fingerprint(files[s]) for s in files},
+        "files": {s: fingerprint(files[s]) for s in files},
         "order": {s: hashlib.sha256("\n".join(str(p.resolve()) for p in files[s]).encode()).hexdigest() for s in files},
     }
     return sealed.json_key(spec, 16)

@@ -44,11 +44,11 @@ from optuna.trial import TrialState
 from resnet_sweep import hpo
 from resnet_sweep.errors import UserError, exit_with, first_line
 from resnet_sweep.objective import direction as objective_direction
+from resnet_sweep.optuna_storage import STORAGE_RETRY_S, StorageUnavailable, open_study_storage
 from resnet_sweep.redaction import redact
 
 from . import _study_runs
 from ._space import grid_choices, search_space
-from ._storage import open_study_storage
 from ._study_identity import StudyIdentity
 from ._trials import FINISHED, TrialBookkeeping, _Heartbeat
 
@@ -70,7 +70,7 @@ class OptunaSweeperImpl(StudyIdentity, TrialBookkeeping):
         pruner,
         heartbeat_s,
         grace_s,
-        storage_retry_s: float = hpo.STORAGE_RETRY_S,
+        storage_retry_s: float = STORAGE_RETRY_S,
     ) -> None:
         self.sampler_cfg = sampler
         self.direction = direction
@@ -167,7 +167,7 @@ class OptunaSweeperImpl(StudyIdentity, TrialBookkeeping):
             self._sweep(arguments)
         except UserError as e:
             exit_with(str(e))
-        except hpo.StorageUnavailable as e:
+        except StorageUnavailable as e:
             down = f"unreachable for {e.seconds:g} s ({e.reason})" if hasattr(e, "reason") else str(e)
             exit_with(
                 f"hydra.sweeper.storage={redact(self.storage_url)}: the Optuna storage is {down}; "

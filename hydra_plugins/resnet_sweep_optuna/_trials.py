@@ -19,10 +19,10 @@ from optuna.trial import TrialState
 
 from resnet_sweep import hpo
 from resnet_sweep.errors import first_line
+from resnet_sweep.optuna_storage import StorageUnavailable, outage_of
 from resnet_sweep.redaction import redact
 
 from . import _study_runs
-from ._storage import outage_of
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ class TrialBookkeeping:
     def _counts(self, study) -> Counter:
         return Counter(t.state.name for t in self._trials(study) if not t.system_attrs.get(RELEASED))
 
-    def _release(self, study, trial_id: int, why: str) -> None:
+    def _release(self, trial_id: int, why: str) -> None:
         self.storage.set_trial_system_attr(trial_id, RELEASED, why)
         self.storage.set_trial_state_values(trial_id, TrialState.FAIL)
 
@@ -103,7 +103,7 @@ class TrialBookkeeping:
         frozen = self.storage.get_trial(trial_id)
         if frozen.state != TrialState.RUNNING:
             return False
-        self._release(study, trial_id, why)
+        self._release(trial_id, why)
         # the copy is a new trial of this study: not owned, not released
         system_attrs = {k: v for k, v in frozen.system_attrs.items() if k not in (OWNER, RELEASED)}
         retried = self._retry_params(
@@ -169,7 +169,7 @@ class TrialBookkeeping:
         )
         counted = [t for t in self._trials(study) if not t.system_attrs.get(RELEASED) and t.number <= trial.number]
         if len(counted) > self.n_trials:
-            self._release(study, trial._trial_id, "surplus")
+            self._release(trial._trial_id, "surplus")
             return None
         if self.custom_search_space:
             self.custom_search_space(self.config, trial)
@@ -202,7 +202,7 @@ class TrialBookkeeping:
         a signal), not because of the trial."""
         if ret.status == JobStatus.COMPLETED:
             return isinstance(ret.return_value, str) and ret.return_value == hpo.INTERRUPTED
-        return isinstance(ret._return_value, hpo.StorageUnavailable)
+        return isinstance(ret._return_value, StorageUnavailable)
 
     def _tell(self, study, trial, ret) -> str:
         if self._infrastructure_stop(ret):

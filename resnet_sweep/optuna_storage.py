@@ -5,10 +5,11 @@
 could not be reached (SQLAlchemy's OperationalError / InterfaceError / DisconnectionError, also when
 Optuna re-raised them as StorageInternalError) for up to ``retry_s`` seconds from the start of the
 outage. An outage is one warning line, a recovery one info line; past ``retry_s`` a call raises
-``resnet_sweep.hpo.StorageUnavailable`` (one line, no traceback). Any other error is raised at once.
+``StorageUnavailable`` (one line, no traceback). Any other error is raised at once.
 
 The outage clock is per database URL and per process, so the sweeper, its heartbeat thread and an
-in-process job share one outage (one warning, one deadline).
+in-process job share one outage (one warning, one deadline). Used by the sweeper plugin and by a
+job's per-epoch reports (``hpo.reporter``).
 """
 
 from __future__ import annotations
@@ -22,11 +23,17 @@ from typing import Any
 import optuna
 from optuna.storages import BaseStorage
 
-from resnet_sweep import hpo
-from resnet_sweep.errors import UserError, first_line
-from resnet_sweep.redaction import redact
+from .errors import UserError, first_line
+from .redaction import redact
 
 log = logging.getLogger(__name__)
+
+STORAGE_RETRY_S = 120  # hydra.sweeper.storage_retry_s when the sweeper's config has none
+
+
+class StorageUnavailable(Exception):
+    """The Optuna storage stayed unreachable for longer than ``hydra.sweeper.storage_retry_s``:
+    an infrastructure stop, not a failure of the trial (a job returns ``INTERRUPTED`` for it)."""
 
 
 def engine_kwargs(url: str) -> dict:
@@ -121,7 +128,7 @@ def retry(url: str, retry_s: float, what: str, fn: Callable, *args, **kwargs):
             if left <= 0:
                 reason = redact(storage_error(e))
                 log.debug("gave up %s after %g s: %s", what, retry_s, reason)
-                error = hpo.StorageUnavailable(
+                error = StorageUnavailable(
                     f"the Optuna storage {redact(url)} has been unreachable for {retry_s:g} s ({reason})"
                 )
                 error.seconds, error.reason = retry_s, reason
@@ -191,7 +198,7 @@ def open_storage(url: str, retry_s: float) -> RetryingStorage:
     return RetryingStorage(optuna.storages.get_storage(rdb), url, retry_s)
 
 
-def open_study_storage(url: str | None, retry_s: float = hpo.STORAGE_RETRY_S, attempts: int = 5):
+def open_study_storage(url: str | None, retry_s: float = STORAGE_RETRY_S, attempts: int = 5):
     """The study's storage: Optuna's RDBStorage behind its trial cache, every call retried through
     database outages of up to ``retry_s``. Several sweeps opening a new database at the same moment
     race to create its tables: the losers retry. A database unreachable at the start is one line
