@@ -138,14 +138,7 @@ def main() -> None:
 
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         cfg = compose("train", overrides=["experiment=bench/resnet18_perceptron", *extra])
-    splits = data.load_splits(
-        cfg.data,
-        cfg.trainer,
-        crop_size=int(cfg.backbone.crop_size),
-        seed=int(cfg.seed),
-        resize=cfg.backbone.get("resize"),
-        crop_seed=cfg.trainer.crop_seed,
-    )  # makes the demo data
+    splits = data.job_splits(cfg)  # makes the demo data
     batch = features.extract_batch(cfg, device)
     # crops the bank holds: bank_views per training image, one per valid/test image
     images = (

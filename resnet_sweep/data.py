@@ -152,6 +152,20 @@ class ImageLoader:
                     shutdown()
 
 
+def job_splits(cfg, device: torch.device | None = None) -> Splits:
+    """The splits the job of config ``cfg`` trains on: its data at its backbone's crop (and resize),
+    shuffled by its seed, cropped by its crop seed."""
+    return load_splits(
+        cfg.data,
+        cfg.trainer,
+        crop_size=int(cfg.backbone.crop_size),
+        seed=int(cfg.seed),
+        resize=cfg.backbone.get("resize"),
+        crop_seed=cfg.trainer.crop_seed,
+        device=device,
+    )
+
+
 def load_splits(
     data_cfg,
     trainer_cfg,

@@ -179,10 +179,10 @@ def check_optimizer(optimizer_cfg, scheduler_cfg) -> None:
         optimizer = make_optimizer(optimizer_cfg, probe)
     except UserError:
         raise
-    except Exception as e:
-        raise UserError(
-            f"optimizer={optimizer_name(optimizer_cfg)}: {first_line(e)}; check the optimizer.* values"
-        ) from None
+    except Exception as e:  # torch names the argument ("Invalid momentum value: -1.0"): so does the error
+        named = [f"optimizer.{k}={v}" for k, v in optimizer_cfg.items() if not k.startswith("_") and k in str(e)]
+        where = named[0] if named else f"optimizer={optimizer_name(optimizer_cfg)}"
+        raise UserError(f"{where}: {first_line(e)}; check the optimizer.* values") from None
     try:
         make_scheduler(scheduler_cfg, optimizer)
     except UserError:

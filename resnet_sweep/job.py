@@ -128,15 +128,7 @@ def train_and_log(cfg, resumer, state) -> tuple[float, str]:
     with job_run(cfg, resume_run_id=state["run_id"] if state else None, on_start=resumer.started) as job:
         seed_everything(cfg.seed)
         device = engine.resolve_device(cfg.trainer.device)
-        splits = data.load_splits(
-            cfg.data,
-            cfg.trainer,
-            crop_size=int(cfg.backbone.crop_size),
-            seed=int(cfg.seed),
-            resize=cfg.backbone.get("resize"),
-            crop_seed=cfg.trainer.crop_seed,
-            device=device,
-        )
+        splits = data.job_splits(cfg, device)
         built = models.build_classifier(cfg.backbone, cfg.head, seed=int(cfg.seed))
         job.tags(weights_source=built.weights_source, data_root=str(splits.root), device=str(device))
         job.params({"model.trainable_params": built.trainable_params, "model.total_params": built.total_params})

@@ -44,7 +44,7 @@ class Row:
     test_acc: float | None
     weights: str
     imagenet_weights: str
-    trains: str = "head"  # the run's `trains` tag (tracking.what_trains): head | all | head + ...
+    trains: str = "head"  # the run's `trains` tag (naming.what_trains): head | all | head + ...
 
 
 def momentum_of(params: dict) -> str:

@@ -1,8 +1,9 @@
 """Typed schemas of the config groups ``trainer``, ``backbone``, ``data`` and ``tracking``, in Hydra's
 ConfigStore: each group's YAML files start from one of them (``defaults: [<schema>, _self_]``), so
 OmegaConf rejects a value of the wrong type (``trainer.batch_size=abc``) while composing, naming
-the key. The ranges and choices that a type cannot say are checked after composing (the job's
-``check_config``). Imports no torch: the CLI checks overrides against these before anything heavy.
+the key. The ranges and choices that a type cannot say are checked after composing (``checks.check_config``,
+for every job and sweep point). Imports no torch: ``checks.check_overrides`` checks the command line's
+overrides against these before Hydra composes.
 
 Registered by ``register()``, which the Hydra plugin ``hydra_plugins/resnet_sweep_schema`` calls when
 Hydra scans its plugins, so ``python train.py``, the compose API and the sweeper plugins all see

@@ -84,6 +84,12 @@ def history_steps(cwd: Path, run, key="valid/loss", client=None) -> list[int]:
             "optimizer.lr=abc: the learning rate must be a number > 0",
         ),
         (["data=imagefolder", "data.root={tree}", "optimizer.momentum=abc"], "optimizer.momentum=abc: "),
+        (["data=imagefolder", "data.root={tree}", "optimizer.lr=abc"], "optimizer.lr=abc: the learning rate must be"),
+        (
+            ["data=imagefolder", "data.root={tree}", "trainer.batch_size=abc"],
+            "trainer.batch_size=abc: must be an integer",
+        ),
+        (["data=imagefolder", "data.root={tree}", "optimizer.momentum=-1"], "optimizer.momentum=-1: Invalid momentum"),
         (["-m", "data=imagefolder", "optimizer.lr=1e-3,1e-2"], "data=imagefolder needs data.root"),
         (
             ["data=imagefolder", "data.root={tree}", "objective=valid/balanced_acc"],
