@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -67,6 +68,151 @@ def run_train(cwd: Path, *args: str, check: bool = True, timeout: int = 600, env
     if check and proc.returncode != 0:
         raise AssertionError(
             f"train.py {' '.join(args)} exited {proc.returncode}\n"
+            f"--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-6000:]}"
+        )
+    return proc
+
+
+# What a fresh process starts without: per-process caches and registries of the app, cleared before
+# each in-process run so that run_app behaves like ``python train.py`` (found by name wherever the
+# module that holds them lives now).
+PROCESS_CACHES = ("_verified", "_needed", "_IN_MEMORY", "_OUTAGES")
+
+
+def _app_modules():
+    return [
+        m
+        for name, m in list(sys.modules.items())
+        if m is not None and (name.startswith("resnet_sweep") or name.startswith("hydra_plugins.resnet_sweep"))
+    ]
+
+
+def _fresh_process_state() -> None:
+    for module in _app_modules():
+        for attr in PROCESS_CACHES:
+            cache = getattr(module, attr, None)
+            if isinstance(cache, dict):
+                cache.clear()
+        stop = getattr(module, "_stop", None)
+        if isinstance(stop, dict) and "signal" in stop:
+            stop.update(signal=None, deferred=0)
+        for lock in getattr(module, "_HELD_LOCKS", None) or []:  # a process's locks end with it
+            with contextlib.suppress(Exception):
+                lock.release(force=True)
+        if isinstance(getattr(module, "_HELD_LOCKS", None), list):
+            module._HELD_LOCKS.clear()
+
+
+def _forget_mlflow_stores() -> None:
+    """MLflow caches a store per URI: ``sqlite:///mlflow.db`` (relative) would stay the first test's file."""
+    from mlflow.tracking._model_registry.registry import ModelRegistryStoreRegistry
+    from mlflow.tracking._tracking_service import utils
+    from mlflow.tracking._tracking_service.registry import TrackingStoreRegistry
+
+    for registry in (TrackingStoreRegistry, ModelRegistryStoreRegistry):
+        getter = getattr(registry, "_get_store_with_resolved_uri", None)
+        if hasattr(getter, "cache_clear"):
+            getter.cache_clear()
+    utils._artifact_repos_cache.clear()
+    from mlflow.store.model_registry.sqlalchemy_store import SqlAlchemyStore as RegistryStore
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    for store in (SqlAlchemyStore, RegistryStore):  # one SQLAlchemy engine per URI, also cached
+        engines = getattr(store, "_engine_map", None)
+        if isinstance(engines, dict):
+            for uri in [u for u in engines if u.startswith("sqlite:///") and not u.startswith("sqlite:////")]:
+                engines.pop(uri).dispose()
+
+
+def run_app(cwd: Path, *args: str, check: bool = True, env: dict | None = None, script: Path = TRAIN_PY):
+    """``python train.py ARGS`` run in this process (no interpreter start, no torch/MLflow import):
+    the same script, arguments, working folder and environment; stdout, stderr and the exit code
+    as ``run_train`` returns them. Process-wide state (cwd, argv, environment, signal handlers,
+    logging, Hydra's current config, MLflow's cached stores, torch threads, the app's per-process
+    caches and atexit handlers) is restored or run after."""
+    import atexit
+    import io
+    import logging
+    import runpy
+    import signal
+    import traceback
+    import warnings
+
+    import mlflow
+    import torch
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+
+    out, err = io.StringIO(), io.StringIO()
+    saved_env, saved_cwd, saved_argv = dict(os.environ), os.getcwd(), sys.argv
+    saved_signals = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    root = logging.getLogger()
+    saved_handlers, saved_level = list(root.handlers), root.level
+    saved_threads = torch.get_num_threads()
+    at_exit = []  # the app's atexit handlers run when "its process" ends, i.e. when this run ends
+    register, unregister = atexit.register, atexit.unregister
+
+    def app_register(fn, *a, **kw):
+        if str(getattr(fn, "__module__", "")).startswith(("resnet_sweep", "hydra_plugins.resnet_sweep")):
+            at_exit.append((fn, a, kw))
+            return fn
+        return register(fn, *a, **kw)
+
+    def app_unregister(fn):
+        at_exit[:] = [h for h in at_exit if h[0] != fn]
+        unregister(fn)
+
+    _fresh_process_state()
+    _forget_mlflow_stores()
+    saved_uri = mlflow.get_tracking_uri() if mlflow.is_tracking_uri_set() else None
+    code = 0
+    try:
+        atexit.register, atexit.unregister = app_register, app_unregister
+        os.environ.update({"PYTHONUNBUFFERED": "1", **(env or {})})
+        os.environ.pop("HYDRA_FULL_ERROR", None)
+        os.chdir(cwd)
+        sys.argv = [str(script), *args]
+        GlobalHydra.instance().clear()
+        with warnings.catch_warnings(), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                runpy.run_path(str(script), run_name="__main__")
+            except SystemExit as e:
+                if isinstance(e.code, str):
+                    print(e.code, file=sys.stderr)
+                code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+            except BaseException:  # what the interpreter prints for an uncaught exception
+                traceback.print_exc()
+                code = 1
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            for fn, a, kw in reversed(at_exit):
+                with contextlib.suppress(Exception):
+                    fn(*a, **kw)
+    finally:
+        atexit.register, atexit.unregister = register, unregister
+        while mlflow.active_run():
+            mlflow.end_run()
+        mlflow.set_tracking_uri(saved_uri)
+        _forget_mlflow_stores()
+        for handler in root.handlers:
+            if handler not in saved_handlers:
+                with contextlib.suppress(Exception):
+                    handler.close()
+        root.handlers[:] = saved_handlers
+        root.setLevel(saved_level)
+        GlobalHydra.instance().clear()
+        HydraConfig.instance().cfg = None  # ConfigStore, plugins and resolvers stay registered, as imports do
+        torch.set_num_threads(saved_threads)
+        for sig, handler in saved_signals.items():
+            signal.signal(sig, handler)
+        sys.argv = saved_argv
+        os.chdir(saved_cwd)
+        os.environ.clear()
+        os.environ.update(saved_env)
+        _fresh_process_state()
+    proc = subprocess.CompletedProcess([str(script), *args], code, out.getvalue(), err.getvalue())
+    if check and code != 0:
+        raise AssertionError(
+            f"{script.name} {' '.join(args)} (in-process) exited {code}\n"
             f"--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-6000:]}"
         )
     return proc

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import FAST, client_for, mlflow_runs, run_train
+from conftest import FAST, client_for, mlflow_runs, run_app, run_train
 from test_data import assert_one_line_error
 
 
@@ -23,21 +23,34 @@ from test_data import assert_one_line_error
     ],
 )
 def test_bad_config_gives_a_one_line_error(tmp_path, args, fragments):
-    proc = run_train(tmp_path, *FAST, *args, check=False)
+    proc = run_app(tmp_path, *FAST, *args, check=False)
     assert_one_line_error(proc, *fragments)
 
 
+@pytest.mark.e2e
+@pytest.mark.parametrize(
+    "args,fragment",
+    [
+        (["backbone=resnet99"], "backbone=resnet99: unknown backbone; choose one of"),  # before Hydra composes
+        (["optimizer.lr=0"], "optimizer.lr=0: the learning rate must be a number > 0"),  # from the job
+    ],
+)
+def test_a_bad_config_is_one_line_on_stderr_and_a_non_zero_exit_from_a_real_process(tmp_path, args, fragment):
+    proc = run_train(tmp_path, *FAST, *args, check=False)
+    assert_one_line_error(proc, fragment)
+
+
 def test_help_and_cfg_job_work_as_in_any_hydra_app(tmp_path):
-    help_out = run_train(tmp_path, "--help").stdout
+    help_out = run_app(tmp_path, "--help").stdout
     for group in ("backbone", "head", "optimizer", "data", "trainer", "tracking"):
         assert f"{group}:" in help_out
-    job = run_train(tmp_path, "--cfg", "job", "optimizer=adam", "optimizer.lr=5e-5").stdout
+    job = run_app(tmp_path, "--cfg", "job", "optimizer=adam", "optimizer.lr=5e-5").stdout
     assert "_target_: torch.optim.Adam" in job and "lr: 5.0e-05" in job
     assert "betas:" in job and "max_epochs:" in job and "uri: sqlite:///mlflow.db" in job
 
 
 def test_single_run_logs_metrics_from_epoch_0_test_metrics_checkpoint_and_model(tmp_path, tiny_tree):
-    run_train(tmp_path, *FAST, "data=imagefolder", f"data.root={tiny_tree}", "trainer.max_epochs=2")
+    run_app(tmp_path, *FAST, "data=imagefolder", f"data.root={tiny_tree}", "trainer.max_epochs=2")
     runs = mlflow_runs(tmp_path)
     assert len(runs.all) == 1 and not runs.children
     run = runs.all[0]
@@ -65,7 +78,7 @@ def test_single_run_logs_metrics_from_epoch_0_test_metrics_checkpoint_and_model(
 def test_grid_makes_one_child_run_per_point_under_one_parent_and_logs_the_best_model(tmp_path, tiny_tree):
     import mlflow
 
-    run_train(
+    run_app(
         tmp_path,
         "-m",
         *FAST,
@@ -95,7 +108,7 @@ def test_grid_makes_one_child_run_per_point_under_one_parent_and_logs_the_best_m
 
 
 def test_a_diverging_run_is_failed_and_the_grid_goes_on(tmp_path, tiny_tree):
-    proc = run_train(
+    proc = run_app(
         tmp_path,
         "-m",
         *FAST,
@@ -119,13 +132,13 @@ def test_a_diverging_run_is_failed_and_the_grid_goes_on(tmp_path, tiny_tree):
 
 
 def test_a_diverging_single_run_exits_non_zero_with_one_line(tmp_path, tiny_tree):
-    proc = run_train(tmp_path, *FAST, "data=imagefolder", f"data.root={tiny_tree}", "optimizer.lr=1e38", check=False)
+    proc = run_app(tmp_path, *FAST, "data=imagefolder", f"data.root={tiny_tree}", "optimizer.lr=1e38", check=False)
     assert_one_line_error(proc, "resnet18-linear-sgd-lr1e+38-s0 failed: loss became")
     assert mlflow_runs(tmp_path).all[0].info.status == "FAILED"
 
 
 def test_the_demo_data_is_the_default(tmp_path):
-    run_train(
+    run_app(
         tmp_path, "backbone.weights=none", "trainer.max_epochs=1", "trainer.num_workers=0", "data.tiles_per_slide=2"
     )
     run = mlflow_runs(tmp_path).all[0]
