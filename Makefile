@@ -20,7 +20,8 @@ $(STAMP): pyproject.toml
 demo: setup
 	$(BIN)/python train.py -m experiment=demo
 
-# The whole suite (what CI runs: about 11 minutes on 2 cores, PostgreSQL test included).
+# The whole suite, both layers (in-process and e2e: real processes, PostgreSQL included), in parallel
+# on every core (pytest-xdist, see [tool.pytest.ini_options]); what CI runs.
 test: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
@@ -34,9 +35,10 @@ format: setup
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
-# Without the tests marked slow (the VGG16, ConvNeXt and Inception runs).
+# The in-process layer only: without the end-to-end tests (real processes: signals, launchers,
+# servers) and those marked slow (the VGG16, ConvNeXt and Inception runs).
 test-fast: setup
-	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "not slow and not e2e" $(PYTEST_ARGS)
 
 # MLflow UI on the default store, bound to this machine only.
 ui: setup

@@ -26,6 +26,11 @@ FAST = [
 ]
 
 
+def pytest_collection_modifyitems(items):
+    """End-to-end tests first: the longest start first, so that the parallel workers end together."""
+    items.sort(key=lambda item: item.get_closest_marker("e2e") is None)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _cache_dir(tmp_path_factory):
     """Demo data and stats caches go to one temp folder for the whole session."""
@@ -124,12 +129,15 @@ def _forget_mlflow_stores() -> None:
                 engines.pop(uri).dispose()
 
 
-def run_app(cwd: Path, *args: str, check: bool = True, env: dict | None = None, script: Path = TRAIN_PY):
+def run_app(
+    cwd: Path, *args: str, check: bool = True, env: dict | None = None, script: Path = TRAIN_PY, module: str = ""
+):
     """``python train.py ARGS`` run in this process (no interpreter start, no torch/MLflow import):
     the same script, arguments, working folder and environment; stdout, stderr and the exit code
     as ``run_train`` returns them. Process-wide state (cwd, argv, environment, signal handlers,
     logging, Hydra's current config, MLflow's cached stores, torch threads, the app's per-process
-    caches and atexit handlers) is restored or run after."""
+    caches and atexit handlers) is restored or run after. ``module="resnet_sweep.cli"``: ``python -m``
+    that module instead (``resnet-sweep report``)."""
     import atexit
     import io
     import logging
@@ -171,11 +179,14 @@ def run_app(cwd: Path, *args: str, check: bool = True, env: dict | None = None, 
         os.environ.update({"PYTHONUNBUFFERED": "1", **(env or {})})
         os.environ.pop("HYDRA_FULL_ERROR", None)
         os.chdir(cwd)
-        sys.argv = [str(script), *args]
+        sys.argv = [module or str(script), *args]
         GlobalHydra.instance().clear()
         with warnings.catch_warnings(), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             try:
-                runpy.run_path(str(script), run_name="__main__")
+                if module:
+                    runpy.run_module(module, run_name="__main__", alter_sys=True)
+                else:
+                    runpy.run_path(str(script), run_name="__main__")
             except SystemExit as e:
                 if isinstance(e.code, str):
                     print(e.code, file=sys.stderr)
@@ -209,10 +220,10 @@ def run_app(cwd: Path, *args: str, check: bool = True, env: dict | None = None, 
         os.environ.clear()
         os.environ.update(saved_env)
         _fresh_process_state()
-    proc = subprocess.CompletedProcess([str(script), *args], code, out.getvalue(), err.getvalue())
+    proc = subprocess.CompletedProcess([module or str(script), *args], code, out.getvalue(), err.getvalue())
     if check and code != 0:
         raise AssertionError(
-            f"{script.name} {' '.join(args)} (in-process) exited {code}\n"
+            f"{module or script.name} {' '.join(args)} (in-process) exited {code}\n"
             f"--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-6000:]}"
         )
     return proc

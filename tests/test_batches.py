@@ -243,6 +243,7 @@ def test_a_bad_augment_is_one_line():
         checks.check_augment(["flip"])
 
 
+@pytest.mark.e2e
 def test_the_cuda_check_and_the_data_path_bench_run_on_the_cpu(tmp_path):
     """benchmarks/cuda_check.py is what a GPU session runs: its tiny mode must work here first."""
     import subprocess

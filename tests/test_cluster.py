@@ -29,6 +29,7 @@ from conftest import (
     assert_interrupted_point_ran_again,
     make_tree,
     mlflow_runs,
+    run_app,
     run_train,
     wait_until_healthy,
 )
@@ -104,6 +105,7 @@ def test_launcher_presets_and_tracking_server_compose(monkeypatch):
     assert tracking.uri == "http://127.0.0.1:5000" and tracking.experiment == "resnet-sweep"
 
 
+@pytest.mark.e2e
 def test_make_server_uses_postgresql_when_given_else_sqlite():
     def dry_run(**env):
         out = subprocess.run(
@@ -131,7 +133,7 @@ def test_make_server_uses_postgresql_when_given_else_sqlite():
 
 
 def test_an_unreachable_optuna_storage_is_one_line_naming_the_key(tmp_path, tiny_tree):
-    proc = run_train(
+    proc = run_app(
         tmp_path,
         "-m",
         "hpo=lr_search",
@@ -314,6 +316,7 @@ def mlflow_server(postgres, tmp_path):
         log.close()
 
 
+@pytest.mark.e2e
 def test_two_sweeps_share_one_optuna_study_in_postgresql_and_log_to_an_mlflow_server(
     tmp_path, postgres, mlflow_server, monkeypatch
 ):
@@ -507,6 +510,7 @@ def optuna_study(postgres: Postgres, monkeypatch, name: str = "outage"):
     return optuna.load_study(study_name=name, storage=postgres.url("optuna"))
 
 
+@pytest.mark.e2e
 def test_a_database_restart_and_a_12s_outage_mid_trial_cost_no_trial(tmp_path, postgres, monkeypatch):
     args = outage_args(postgres, outage_tree(tmp_path), "hydra.sweeper.storage_retry_s=60")
     with sweep_in_background(tmp_path, postgres, args) as sweep:
@@ -530,6 +534,7 @@ def test_a_database_restart_and_a_12s_outage_mid_trial_cost_no_trial(tmp_path, p
     assert all(sorted(t.intermediate_values) == [0, 1, 2] for t in trials), "every epoch reached its trial"
 
 
+@pytest.mark.e2e
 def test_a_database_down_past_the_retry_time_stops_the_sweep_in_one_line_and_the_same_command_resumes(
     tmp_path, postgres, monkeypatch
 ):

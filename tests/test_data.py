@@ -8,7 +8,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import FAST, REPO, make_tree, run_train
+from conftest import FAST, REPO, make_tree, run_app
 from hydra import compose, initialize_config_dir
 from PIL import Image
 
@@ -58,7 +58,7 @@ def break_small_image(root: Path):
 def test_bad_tree_gives_a_one_line_error_naming_the_path(tmp_path, breaker):
     root = make_tree(tmp_path / "tiles")
     fragments = breaker(root)
-    proc = run_train(tmp_path, *FAST, "data=imagefolder", f"data.root={root}", check=False)
+    proc = run_app(tmp_path, *FAST, "data=imagefolder", f"data.root={root}", check=False)
     assert_one_line_error(proc, *fragments)
 
 
@@ -199,7 +199,7 @@ def add_bad_and_convertible_images(root: Path) -> tuple[list[Path], list[Path]]:
 def test_bad_images_are_named_all_at_once_on_one_line_grouped_by_reason(tmp_path):
     root = make_tree(tmp_path / "tiles")
     bad, _ = add_bad_and_convertible_images(root)
-    proc = run_train(tmp_path, *FAST, "data=imagefolder", f"data.root={root}", check=False)
+    proc = run_app(tmp_path, *FAST, "data=imagefolder", f"data.root={root}", check=False)
     last = assert_one_line_error(
         proc,
         f"data.root={root}: 4 bad images: 3 files cannot be read as images (train/a_class/corrupt.png (",
@@ -216,7 +216,7 @@ def test_images_smaller_than_the_crop_are_one_line_with_count_examples_and_both_
     root = make_tree(tmp_path / "tiles")  # 24 tiles of 40x40
     cache = tmp_path / "cache"
     fast = [a for a in FAST if not a.startswith("backbone.crop_size=")]
-    proc = run_train(
+    proc = run_app(
         tmp_path,
         *fast,
         "backbone.crop_size=64",
@@ -249,7 +249,7 @@ def test_skip_leaves_bad_images_out_counts_them_and_convertible_kinds_train(tmp_
 
     root = make_tree(tmp_path / "tiles")
     bad, convertible = add_bad_and_convertible_images(root)
-    run_train(tmp_path, *FAST, "data=imagefolder", f"data.root={root}", "data.on_bad_image=skip")
+    run_app(tmp_path, *FAST, "data=imagefolder", f"data.root={root}", "data.on_bad_image=skip")
     run = mlflow_runs(tmp_path).all[0]
     assert run.info.status == "FINISHED"
     assert run.data.metrics["data/skipped_images"] == 4

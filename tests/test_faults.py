@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FAST, REPO, TRAIN_PY, client_for, make_tree, mlflow_runs, run_train, wait_until_healthy
+from conftest import FAST, REPO, TRAIN_PY, client_for, make_tree, mlflow_runs, run_app, run_train, wait_until_healthy
 
 
 def data_args(tree, *more):
@@ -102,7 +102,7 @@ def test_config_mistakes_are_one_line_before_anything_is_created(tmp_path, tiny_
     work.mkdir()
     args = [a.format(tree=tiny_tree) for a in args]
     flags, overrides = [a for a in args if a == "-m"], [a for a in args if a != "-m"]
-    proc = run_train(work, *flags, *FAST, *overrides, check=False)
+    proc = run_app(work, *flags, *FAST, *overrides, check=False)
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
     assert message.format(tree=tiny_tree) in proc.stderr.strip().splitlines()[-1]
@@ -114,20 +114,21 @@ def test_config_mistakes_are_one_line_before_anything_is_created(tmp_path, tiny_
 
 def test_changed_data_is_a_new_job_not_a_reuse_of_the_old_results(tmp_path):
     tree = make_tree(tmp_path / "tiles")
-    run_train(tmp_path, *data_args(tree))
+    run_app(tmp_path, *data_args(tree))
     make_tree(tmp_path / "more", per_class=(2, 0, 0), seed=1)
     (tmp_path / "more" / "train" / "a_class" / "img0.png").rename(tree / "train" / "a_class" / "new.png")
-    again = run_train(tmp_path, *data_args(tree))
+    again = run_app(tmp_path, *data_args(tree))
     assert "already finished" not in again.stdout + again.stderr
     runs = mlflow_runs(tmp_path).all
     assert len(runs) == 2 and all(r.info.status == "FINISHED" for r in runs)
-    same = run_train(tmp_path, *data_args(tree))  # unchanged data: reused
+    same = run_app(tmp_path, *data_args(tree))  # unchanged data: reused
     assert "already finished" in same.stdout + same.stderr
 
 
 # ---------------------------------------------------------------------------------------------- 5, 10
 
 
+@pytest.mark.e2e
 def test_two_sweeps_at_once_in_a_new_folder_share_the_store_and_say_what_ran_elsewhere(tmp_path):
     tree = make_tree(tmp_path / "tiles", per_class=(24, 6, 6), size=64)
     args = ["-m", *slow_args(tree, "trainer.max_epochs=3"), "optimizer.lr=1e-3,1e-2", "hydra.sweep.dir=multirun/same"]
@@ -162,7 +163,7 @@ def test_two_sweeps_at_once_in_a_new_folder_share_the_store_and_say_what_ran_els
 
 
 def test_a_run_that_never_improves_on_epoch_0_is_flagged(tmp_path, tiny_tree):
-    proc = run_train(
+    proc = run_app(
         tmp_path, "-m", *data_args(tiny_tree, "trainer.max_epochs=2", "objective=valid/acc"), "optimizer.lr=1e-9,1e-2"
     )
     runs = {r.data.params["optimizer.lr"]: r for r in mlflow_runs(tmp_path).children}
@@ -178,6 +179,7 @@ def test_a_run_that_never_improves_on_epoch_0_is_flagged(tmp_path, tiny_tree):
 # ---------------------------------------------------------------------------------------------- 9
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize(
     "sig, loader",
     [(signal.SIGTERM, ["data.tile_store=auto"]), (signal.SIGINT, ["data.tile_store=off", "trainer.num_workers=2"])],
@@ -233,7 +235,7 @@ def small_disk(tmp_path):
 def test_a_full_disk_at_the_final_save_keeps_the_job_and_the_rerun_finishes_it(tmp_path, tiny_tree, small_disk):
     (tmp_path / "mlruns").symlink_to(small_disk)  # the store's artifacts go to the small disk
     args = data_args(tiny_tree, "trainer.max_epochs=2")
-    proc = run_train(tmp_path, *args, check=False)
+    proc = run_app(tmp_path, *args, check=False)
     assert proc.returncode == 75, proc.stderr[-3000:]
     last = proc.stderr.strip().splitlines()[-1]
     assert "interrupted" in last and "No space left on device" in last and "re-run the same command" in last
@@ -242,7 +244,7 @@ def test_a_full_disk_at_the_final_save_keeps_the_job_and_the_rerun_finishes_it(t
     assert run.info.status == "KILLED" and resume_epoch(tmp_path) == 2
 
     subprocess.run(["mount", "-o", "remount,size=200m", str(small_disk)], check=True)  # space freed
-    out = run_train(tmp_path, *args)
+    out = run_app(tmp_path, *args)
     assert "retrain" not in out.stdout and "resuming MLflow run" in out.stdout + out.stderr
     runs = mlflow_runs(tmp_path).all
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
@@ -300,6 +302,7 @@ class Server:
             self.proc.wait()
 
 
+@pytest.mark.e2e
 def test_a_tracking_server_outage_is_waited_out_or_interrupts_without_losing_epochs(tmp_path):
     import mlflow
 
@@ -356,7 +359,7 @@ def test_a_tracking_server_outage_is_waited_out_or_interrupts_without_losing_epo
 
 
 def test_a_single_run_prints_its_test_figures_and_tags_the_code_commit(tmp_path, tiny_tree):
-    proc = run_train(tmp_path, *data_args(tiny_tree))
+    proc = run_app(tmp_path, *data_args(tiny_tree))
     assert "test loss" in proc.stdout and "test acc" in proc.stdout
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
     if head:  # run from a folder that is not the project's checkout: the project's commit all the same

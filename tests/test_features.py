@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from conftest import FAST, REPO, TRAIN_PY, client_for, make_tree, mlflow_runs, run_train
+from conftest import FAST, REPO, TRAIN_PY, client_for, make_tree, mlflow_runs, run_app
 from hydra import compose, initialize_config_dir
 from PIL import Image
 
@@ -111,6 +111,7 @@ def test_a_changed_image_invalidates_the_key_and_the_same_data_reuses_it(tmp_pat
     assert more_views.key not in (first.key, changed.key)
 
 
+@pytest.mark.e2e
 def test_two_concurrent_jobs_build_one_bank(tmp_path, tiny_tree):
     cache = tmp_path / "cache"
     args = [*FAST, "data=imagefolder", f"data.root={tiny_tree}", f"data.cache_dir={cache}"]
@@ -140,7 +141,7 @@ def test_two_concurrent_jobs_build_one_bank(tmp_path, tiny_tree):
 
 
 def test_full_finetune_never_uses_the_bank(tmp_path, tiny_tree):
-    run_train(
+    run_app(
         tmp_path,
         *FAST,
         "data=imagefolder",
@@ -157,7 +158,7 @@ def test_a_banked_run_logs_the_same_metrics_and_a_loadable_full_model(tmp_path, 
     """... and with bank_views >= max_epochs it trains on the naive loop's crops in its order: same curves."""
     import mlflow
 
-    run_train(
+    run_app(
         tmp_path,
         *FAST,
         "data=imagefolder",
@@ -165,7 +166,7 @@ def test_a_banked_run_logs_the_same_metrics_and_a_loadable_full_model(tmp_path, 
         "trainer.max_epochs=2",
         f"data.cache_dir={tmp_path / 'cache'}",
     )
-    run_train(
+    run_app(
         tmp_path,
         *FAST,
         "data=imagefolder",
@@ -241,14 +242,14 @@ def test_a_bank_changed_in_place_is_reported_in_one_line_and_rebuilt_not_read(tm
         f"data.cache_dir={tmp_path / 'cache'}",
         "trainer.resume=false",
     ]  # the same job again, not skipped as finished
-    run_train(tmp_path, *args)
+    run_app(tmp_path, *args)
     target = bank_folder(tmp_path / "cache") / "test.npy"
     original, size = target.read_bytes(), target.stat().st_size
     with open(target, "r+b") as f:  # fp16 0x7b7b = 61280: features no backbone gave
         f.seek(size // 2)
         f.write(b"\x7b" * 512)
     assert target.stat().st_size == size
-    proc = run_train(tmp_path, *args)
+    proc = run_app(tmp_path, *args)
     lines = damage_lines(proc)
     assert len(lines) == 1 and "WARNING" in lines[0], proc.stdout + proc.stderr
     assert str(target.parent) in lines[0] and "test.npy has changed bytes" in lines[0], lines[0]
@@ -268,16 +269,16 @@ def test_a_truncated_bank_is_rebuilt_and_the_jobs_after_it_work(tmp_path, tiny_t
         f"data.cache_dir={tmp_path / 'cache'}",
         "trainer.resume=false",
     ]  # the same job again, not skipped as finished
-    run_train(tmp_path, *args)
+    run_app(tmp_path, *args)
     target = bank_folder(tmp_path / "cache") / "train.npy"
     size = target.stat().st_size
     os.truncate(target, size // 2)
-    proc = run_train(tmp_path, *args)
+    proc = run_app(tmp_path, *args)
     lines = damage_lines(proc)
     assert len(lines) == 1 and "WARNING" in lines[0], proc.stdout + proc.stderr
     assert f"train.npy is {size // 2:,} bytes, not {size:,} (truncated)" in lines[0], lines[0]
     assert target.stat().st_size == size
-    after = run_train(tmp_path, *args)  # the bank is whole again: used as is
+    after = run_app(tmp_path, *args)  # the bank is whole again: used as is
     assert not damage_lines(after) and "building the feature bank" not in after.stdout + after.stderr
     first, rebuilt, later = metrics_on_test_split(tmp_path)
     assert first and rebuilt == first and later == first
@@ -337,6 +338,7 @@ print(applied, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
 
 
+@pytest.mark.e2e
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
 def test_jobs_reuse_freed_memory_instead_of_page_faulting_it_again(tmp_path):
     """engine.keep_freed_memory (called by every job): 100 MB tensors allocated 10 times page-fault

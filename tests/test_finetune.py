@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from conftest import FAST, REPO, client_for, make_tree, mlflow_runs, run_train
+from conftest import FAST, REPO, client_for, make_tree, mlflow_runs, run_app
 from hydra import compose, initialize_config_dir
 
 import resnet_sweep.resolvers  # noqa: F401  (rs.* resolvers used by the configs)
@@ -51,7 +51,7 @@ def test_trainable_parameter_counts_match_hand_computed_numbers(mode):
 
 def test_unknown_stage_and_bad_unfreeze_are_one_line_errors(tmp_path, tiny_tree):
     common = [*FAST, "data=imagefolder", f"data.root={tiny_tree}"]
-    proc = run_train(tmp_path, *common, "backbone.freeze=stages", "backbone.stages=[layer9]", check=False)
+    proc = run_app(tmp_path, *common, "backbone.freeze=stages", "backbone.stages=[layer9]", check=False)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert "backbone.stages=['layer9']: resnet18 has no submodule 'layer9'" in proc.stderr
     assert "layer4" in proc.stderr
@@ -79,7 +79,7 @@ def test_backbone_lr_scale_puts_two_lrs_in_the_optimizer_and_the_run_logs_both(t
         == 1
     )
 
-    run_train(
+    run_app(
         tmp_path,
         *FAST,
         "data=imagefolder",
@@ -113,9 +113,9 @@ def test_each_scheduler_logs_its_lr_curve(tmp_path, tiny_tree):
         "trainer.max_epochs=5",
         "trainer.patience=null",
     ]
-    run_train(tmp_path, "-m", *common, "scheduler=none,cosine")
-    run_train(tmp_path, *common, "scheduler=step", "scheduler.step_size=2", "scheduler.gamma=0.5")
-    run_train(tmp_path, *common, "scheduler=plateau", "scheduler.patience=0", "scheduler.factor=0.5")
+    run_app(tmp_path, "-m", *common, "scheduler=none,cosine")
+    run_app(tmp_path, *common, "scheduler=step", "scheduler.step_size=2", "scheduler.gamma=0.5")
+    run_app(tmp_path, *common, "scheduler=plateau", "scheduler.patience=0", "scheduler.factor=0.5")
     runs = {
         r.data.params["scheduler._target_"] if "scheduler._target_" in r.data.params else "none": r
         for r in mlflow_runs(tmp_path).all
@@ -171,7 +171,7 @@ def test_a_one_epoch_run_works_for_each_new_backbone(tmp_path, name):
     extra, size = NEW_BACKBONES[name]
     tree = make_tree(tmp_path / "tiles", per_class=(4, 2, 2), size=size)
     # part of the backbone trains (the whole model runs forward and backward: Inception's aux head must be gone)
-    run_train(
+    run_app(
         tmp_path,
         *FAST,
         "data=imagefolder",

@@ -11,10 +11,12 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import FAST, make_tree, run_train
+from conftest import FAST, make_tree, run_app
 from PIL import Image
 
 from resnet_sweep import cli
+
+pytestmark = pytest.mark.xdist_group("predict_store")  # one worker trains the module's store once
 
 OLD = "path,probability,label\n/earlier/run.png,0.250000,a_class\n"
 
@@ -24,7 +26,7 @@ def store(tmp_path_factory) -> Path:
     """A folder with mlflow.db holding one finished run, trained with backbone.resize=32 on 40x40 tiles."""
     cwd = tmp_path_factory.mktemp("store")
     tiles = make_tree(cwd / "tiles", per_class=(4, 2, 2))
-    run_train(cwd, *FAST, "backbone.resize=32", "data=imagefolder", f"data.root={tiles}")
+    run_app(cwd, *FAST, "backbone.resize=32", "data=imagefolder", f"data.root={tiles}")
     return cwd
 
 
@@ -59,6 +61,7 @@ def predict_main(store: Path, capsys, *args: str):
     return rc, out, err
 
 
+@pytest.mark.e2e
 def test_an_empty_folder_is_a_one_line_error_and_the_earlier_csv_is_kept(store, tmp_path, earlier):
     empty = tmp_path / "new"
     empty.mkdir()

@@ -10,7 +10,7 @@ import time
 
 import pytest
 import torch
-from conftest import FAST, TRAIN_PY, client_for, make_tree, mlflow_runs, run_train
+from conftest import FAST, TRAIN_PY, client_for, make_tree, mlflow_runs, run_app, run_train
 
 
 def slow_args(tree):
@@ -38,6 +38,7 @@ def resume_state(cwd):
         return None
 
 
+@pytest.mark.e2e
 def test_sigkill_mid_training_then_rerun_continues_the_same_run_exactly(tmp_path):
     tree = make_tree(tmp_path / "tiles", per_class=(24, 6, 6), size=64)
     killed, clean = tmp_path / "killed", tmp_path / "clean"
@@ -92,19 +93,19 @@ def test_sigkill_mid_training_then_rerun_continues_the_same_run_exactly(tmp_path
 
 def test_a_finished_job_is_skipped_and_resume_false_starts_fresh(tmp_path, tiny_tree):
     args = [*FAST, "data=imagefolder", f"data.root={tiny_tree}"]
-    run_train(tmp_path, *args)
-    again = run_train(tmp_path, *args)
+    run_app(tmp_path, *args)
+    again = run_app(tmp_path, *args)
     assert "already finished" in again.stdout + again.stderr
     assert len(mlflow_runs(tmp_path).all) == 1
-    run_train(tmp_path, *args, "trainer.resume=false")
+    run_app(tmp_path, *args, "trainer.resume=false")
     assert len(mlflow_runs(tmp_path).all) == 2
 
 
 def test_rerunning_a_grid_reuses_by_config_and_leaves_the_runs_with_their_sweep(tmp_path, tiny_tree):
     args = ["-m", *FAST, "data=imagefolder", f"data.root={tiny_tree}", "optimizer.lr=1e-3,1e-2"]
-    run_train(tmp_path, *args)
+    run_app(tmp_path, *args)
     first = mlflow_runs(tmp_path).parents[0]
-    out = run_train(tmp_path, *args)  # a new time-stamped sweep folder, the same jobs
+    out = run_app(tmp_path, *args)  # a new time-stamped sweep folder, the same jobs
     assert (out.stdout + out.stderr).count("already finished") == 2
     assert "0 finished, 0 failed, 2 reused" in out.stdout
     runs = mlflow_runs(tmp_path)

@@ -8,7 +8,7 @@ import re
 
 import pytest
 import torch
-from conftest import FAST, client_for, mlflow_runs, run_train
+from conftest import FAST, client_for, mlflow_runs, run_app, run_train
 
 from resnet_sweep import models
 from resnet_sweep.errors import UserError
@@ -42,6 +42,7 @@ def test_checkpoints_with_pickled_objects_are_refused(tmp_path, monkeypatch):
     assert not (tmp_path / "pwned.txt").exists()
 
 
+@pytest.mark.e2e
 def test_passwords_never_reach_params_tags_artifacts_files_or_console(tmp_path, tiny_tree):
     proc = run_train(
         tmp_path,
@@ -71,7 +72,7 @@ def test_passwords_never_reach_params_tags_artifacts_files_or_console(tmp_path, 
 
 
 def test_an_unreachable_tracking_store_fails_fast_in_one_line_without_the_password(tmp_path):
-    proc = run_train(tmp_path, *FAST, "tracking.uri=postgresql://user:secret@127.0.0.1:9/db", check=False)
+    proc = run_app(tmp_path, *FAST, "tracking.uri=postgresql://user:secret@127.0.0.1:9/db", check=False)
     assert proc.returncode != 0
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("tracking.uri=postgresql://user:***@127.0.0.1:9/db: cannot reach the MLflow store")
@@ -81,11 +82,12 @@ def test_an_unreachable_tracking_store_fails_fast_in_one_line_without_the_passwo
 
 def test_an_output_folder_that_is_a_file_fails_fast(tmp_path):
     (tmp_path / "outputs").write_text("a file where the output folder should be")
-    proc = run_train(tmp_path, *FAST, "hydra.run.dir=outputs/run", check=False)
+    proc = run_app(tmp_path, *FAST, "hydra.run.dir=outputs/run", check=False)
     assert proc.returncode != 0
     assert proc.stderr.strip().splitlines()[-1].startswith("hydra.run.dir=outputs/run: not writable")
 
 
+@pytest.mark.e2e
 def test_four_parallel_joblib_jobs_on_one_sqlite_store_lose_nothing(tmp_path, tiny_tree):
     proc = run_train(
         tmp_path,

@@ -233,6 +233,7 @@ def test_copy_copies_and_dst_is_never_silently_mixed(tmp_path, capsys):
     assert rc == 1 and "holds no split.csv" in err and (other / "notes").is_dir()
 
 
+@pytest.mark.e2e
 def test_a_file_the_regex_misses_is_a_one_line_error_naming_it(tmp_path):
     src = make_src(tmp_path / "src")
     (src / "b_class" / "overview.png").write_bytes((src / "b_class" / "slide100_tile000.png").read_bytes())
