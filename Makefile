@@ -40,9 +40,13 @@ format: setup
 test-fast: setup
 	$(BIN)/python -m pytest -m "not slow and not e2e" $(PYTEST_ARGS)
 
-# MLflow UI on the default store, bound to this machine only.
+# MLflow UI on the default store, bound to this machine only; prints the experiment's runs page.
+EXPERIMENT ?= resnet-sweep
+UI_PORT ?= 5000
 ui: setup
-	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
+	@$(BIN)/python -c "from resnet_sweep.store import runs_url; \
+		print('runs of $(EXPERIMENT):', runs_url('sqlite:///mlflow.db', '$(EXPERIMENT)', 'http://127.0.0.1:$(UI_PORT)'))"
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port $(UI_PORT)
 
 # MLflow tracking server for several sweeps or machines: PostgreSQL backend store when
 # MLFLOW_BACKEND_STORE_URI=postgresql://user@dbhost:5432/mlflow is set (password from PGPASSWORD or

@@ -29,6 +29,7 @@ def connect(tracking_cfg) -> str:
         _probe_database(str(tracking_cfg.uri))
         with _creation_lock(str(tracking_cfg.uri)):
             experiment = _set_experiment(str(tracking_cfg.experiment))
+            tag_experiment_kind(experiment)
     except Exception as e:
         reason = redact(first_line(e))
         raise StoreUnreachable(
@@ -82,6 +83,32 @@ def _set_experiment(name: str):
         if "already exist" not in str(e).lower() and "unique" not in str(e).lower():
             raise
         return mlflow.set_experiment(name)
+
+
+# MLflow 3's UI opens an experiment tagged "genai_development" (or untagged, guessing) on its GenAI
+# overview of traces; "custom_model_development" opens it on the runs table (mlflow/server/js:
+# ExperimentKind). A tag the user set is left alone.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+
+
+def tag_experiment_kind(experiment) -> None:
+    """Tag the experiment (new or existing) so that the MLflow UI opens on its runs."""
+    if EXPERIMENT_KIND_TAG not in (experiment.tags or {}):
+        mlflow.set_experiment_tag(EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+
+
+def runs_url(tracking_uri: str, experiment: str, ui: str = "http://127.0.0.1:5000") -> str:
+    """The URL of the experiment's runs page in the MLflow UI at ``ui`` (the experiment tagged on
+    the way, for a store made before the tag existed); the UI's home page where the store has no such
+    experiment yet."""
+    client = MlflowClient(tracking_uri=tracking_uri)
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return f"{ui}/  (no experiment '{experiment}' in {redact(tracking_uri)} yet: run a sweep first)"
+    if EXPERIMENT_KIND_TAG not in found.tags:
+        client.set_experiment_tag(found.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+    return f"{ui}/#/experiments/{found.experiment_id}/runs"
 
 
 def existing_run(run_id: str | None):
