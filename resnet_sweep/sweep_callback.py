@@ -170,7 +170,7 @@ class SweepCallback(Callback):
                 "best model not logged: not every job of this sweep finished here; re-run the same "
                 "command once they have, and the best run's model is logged then"
             )
-        elif "model" not in {m.name for m in logged_models(best)}:
+        elif not logged_models(best):
             log_best_model(best)
 
     def children(self):
@@ -184,6 +184,6 @@ def log_best_model(run) -> None:
     with downloaded_checkpoint(run) as path:
         classifier, ckpt = load_checkpoint(path)
     with mlflow.start_run(run_id=run.info.run_id):
-        log_model(classifier, ckpt)
+        log_model(classifier, ckpt, run.info.run_name)
         mlflow.set_tag("model_logged", "best of sweep")
     log.info("logged the full model of the best run %s", run.info.run_name)

@@ -33,3 +33,33 @@ def test_the_experiment_opens_on_its_runs_and_make_ui_prints_their_url(sweep):
     assert runs_url(uri, "resnet-sweep") == f"http://127.0.0.1:5000/#/experiments/{experiment.experiment_id}/runs"
     assert "no experiment 'other'" in runs_url(uri, "other")
     assert len(mlflow_runs(sweep).children) == 2
+
+
+def test_the_best_runs_model_is_named_after_it_and_linked_to_its_best_epoch_and_test_metrics(sweep):
+    import mlflow
+
+    runs = mlflow_runs(sweep)
+    parent = runs.parents[0]
+    best = next(r for r in runs.children if r.info.run_id == parent.data.tags["best_run_id"])
+    best_epoch = int(best.data.metrics["best_epoch"])
+    assert best_epoch >= 1  # never-improved runs are not the best
+    mlflow.set_tracking_uri(f"sqlite:///{sweep / 'mlflow.db'}")
+    (model,) = mlflow.search_logged_models(experiment_ids=[best.info.experiment_id], output_format="list")
+    assert model.source_run_id == best.info.run_id
+    assert model.name == best.info.run_name.replace(".", "p")
+    linked = {m.key: m for m in model.metrics}
+    assert {m.step for m in linked.values()} == {best_epoch}
+    assert {"valid/loss", "valid/acc", "train/loss", "test/acc", "test/auroc", "best/valid/loss"} <= set(linked)
+    assert linked["valid/loss"].value == best.data.metrics["best/valid/loss"]  # the best epoch's, not epoch 0's
+    assert linked["test/acc"].value == best.data.metrics["test/acc"]
+
+
+def test_metric_values_carry_no_float32_noise(sweep):
+    client = client_for(sweep)
+    runs = mlflow_runs(sweep)
+    for run in runs.all:
+        for key, value in run.data.metrics.items():
+            assert value == float(f"{value:.6g}"), (run.info.run_name, key, value)
+    for run in runs.children:
+        for m in client.get_metric_history(run.info.run_id, "valid/loss"):
+            assert m.value == float(f"{m.value:.6g}"), (run.info.run_name, m.step, m.value)
