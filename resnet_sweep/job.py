@@ -129,9 +129,9 @@ def train_and_log(cfg, resumer, state) -> tuple[float, str]:
         seed_everything(cfg.seed)
         device = engine.resolve_device(cfg.trainer.device)
         splits = data.job_splits(cfg, device)
-        built = models.build_classifier(cfg.backbone, cfg.head, seed=int(cfg.seed))
+        built = models.build_classifier(cfg.backbone, cfg.head, seed=int(cfg.seed), num_classes=len(splits.classes))
         job.tags(weights_source=built.weights_source, data_root=str(splits.root), device=str(device))
-        job.params({"model.trainable_params": built.trainable_params, "model.total_params": built.total_params})
+        job.tags(**{"model.trainable_params": built.trainable_params, "model.total_params": built.total_params})
         log.info(
             "%s: %s of %s parameters train (backbone.freeze=%s)",
             job.name,
@@ -167,7 +167,9 @@ def train_and_log(cfg, resumer, state) -> tuple[float, str]:
         )
         job.history(history)
         built.model.load_state_dict(history.best_state, strict=False)
-        test = job.test_metrics(engine.evaluate(model, inputs.test, device, cfg.trainer.precision), splits.classes)
+        test = job.test_metrics(
+            engine.evaluate(model, inputs.test, device, cfg.trainer.precision, len(splits.classes)), splits.classes
+        )
         ckpt = models.checkpoint(
             built,
             history.best_state,

@@ -28,6 +28,34 @@ def app_config(cfg) -> dict:
     return container
 
 
+# What does not describe the experiment: where things are stored, how fast they run, Hydra's
+# instantiation keys, the run's own name. In config.yaml and the run's tags, not in its params.
+PLUMBING = (
+    "tracking.",
+    "data.cache_dir",
+    "data.tile_store",
+    "data.root",  # the data_root tag; the data set itself is the run's input
+    "trainer.num_workers",
+    "trainer.device",  # the device tag says which one ran
+    "trainer.resume",
+    "trainer.bank_batch_size",
+    "run_name",
+    "hpo_trial.",  # the optuna_trial tag: a param cannot change, and a replacement trial continues the run
+)
+
+
+def experiment_params(config: dict) -> dict[str, str]:
+    """The run's params: the flattened config that describes the experiment (no plumbing, no
+    ``_target_``/``_partial_``, no empty values), what the runs table and compare page show."""
+    return {
+        k: v
+        for k, v in flatten(config).items()
+        if not k.startswith(PLUMBING)
+        and not k.endswith(("._target_", "._partial_"))
+        and v not in ("None", "{}", "[]", "")
+    }
+
+
 def lr_label(lr: float) -> str:
     """``1e-04`` where one significant digit says it exactly, else three (``2.5e-05``)."""
     short = f"{lr:.0e}"

@@ -24,7 +24,7 @@ from mlflow.tracking import MlflowClient
 from . import faults, plots
 from .errors import first_line
 from .hpo import Pruned
-from .naming import app_config, flatten, optimizer_name, run_name, what_trains
+from .naming import app_config, experiment_params, optimizer_name, run_name, what_trains
 from .redaction import redact
 from .store import connect, existing_run
 from .sweep_dir import in_multirun
@@ -56,6 +56,14 @@ def rounded(metrics: dict) -> dict:
 def model_name(run_name: str) -> str:
     """The logged model's name: the run's, in the characters MLflow allows (no ``. / : % ' "``)."""
     return "".join("p" if c == "." else "_" if c in "/:%'\"" else c for c in run_name)
+
+
+def _scheduler_name(cfg) -> str:
+    """The scheduler config chosen (``cosine``, ``step``, ``plateau``, ``none``)."""
+    if HydraConfig.initialized() and "scheduler" in HydraConfig.get().runtime.choices:
+        return str(HydraConfig.get().runtime.choices["scheduler"])
+    target = (cfg.get("scheduler") or {}).get("_target_")
+    return str(target).rsplit(".", 1)[-1] if target else "none"
 
 
 def _hydra_overrides() -> str:
@@ -111,6 +119,11 @@ class JobLog:
     def history(self, history) -> None:
         best = history.best_metrics()
         self.best_epoch = history.best_epoch
+        self.fit_summary = (
+            f"best epoch {history.best_epoch} of {len(history.epochs) - 1}"
+            + (" (stopped early)" if history.stopped_early else "")
+            + f": {self.cfg.objective} {best.get(self.cfg.objective, float('nan')):.4g}"
+        )
         # at the best epoch's step: the model logged at that step is linked to them (and to the
         # epoch's own train/valid values), not to the untrained epoch 0
         self._call(
@@ -120,7 +133,7 @@ class JobLog:
                 {
                     "best_epoch": history.best_epoch,
                     "epochs_run": len(history.epochs) - 1,
-                    **{f"best/{k}": v for k, v in best.items()},
+                    **{f"best/{k}": v for k, v in best.items() if not k.startswith("lr/")},
                 }
             ),
             step=self.best_epoch,
@@ -143,6 +156,7 @@ class JobLog:
         matrix = metrics.pop("confusion_matrix")
         metrics = rounded(metrics)
         self._call("log_metrics", mlflow.log_metrics, metrics, step=self.best_epoch)
+        self._call("set_tag", mlflow.set_tag, "mlflow.note.content", self.description(metrics))
         self._call(
             "log_dict",
             mlflow.log_dict,
@@ -153,6 +167,28 @@ class JobLog:
         self._call("log_figure", mlflow.log_figure, fig, "plots/confusion_matrix.png")
         plots.close(fig)
         return metrics
+
+    def description(self, test: dict) -> str:
+        """The run's description in the UI (``mlflow.note.content``): what ran, its best epoch, its
+        test figures."""
+        cfg = self.cfg
+        trains = what_trains(cfg.backbone).description
+        figures = ", ".join(
+            f"{label} {test[key]:.3f}"
+            for key, label in (
+                ("test/acc", "acc"),
+                ("test/auroc", "AUROC"),
+                ("test/f1", "F1"),
+                ("test/balanced_acc", "balanced acc"),
+            )
+            if key in test
+        )
+        return (
+            f"**{self.name}**: {cfg.backbone.name} with a {cfg.head.name} head, {optimizer_name(cfg.optimizer)} at "
+            f"lr {float(cfg.optimizer.lr):g}, trains {trains}, seed {cfg.seed}.\n\n"
+            f"{getattr(self, 'fit_summary', '')}.\n\n"
+            f"Test (best epoch's weights): {figures}."
+        )
 
     def checkpoint(self, ckpt: dict) -> None:
         with tempfile.TemporaryDirectory() as tmp:
@@ -221,6 +257,7 @@ def job_run(cfg, resume_run_id: str | None = None, on_start=None):
         "backbone": cfg.backbone.name,
         "head": cfg.head.name,
         "optimizer": optimizer_name(cfg.optimizer),
+        "scheduler": _scheduler_name(cfg),
         "trains": what_trains(cfg.backbone).description,
         "objective": cfg.objective,
         "hydra_overrides": redact(_hydra_overrides()),
@@ -244,9 +281,7 @@ def job_run(cfg, resume_run_id: str | None = None, on_start=None):
             if previous is not None and trial:  # an interrupted trial's point, continued by its replacement
                 job.tags(optuna_trial=str(trial.number), optuna_state="RUNNING")
             config = app_config(cfg)
-            # the trial's number and id are tags (optuna_trial): a params value cannot change, and the
-            # trial that replaces an interrupted one continues its run
-            job.params({k: v for k, v in flatten(config).items() if not k.startswith("hpo_trial.")})
+            job.params(experiment_params(config))
             job._call("log_text", mlflow.log_text, redact(yaml.safe_dump(config, sort_keys=False)), "config.yaml")
             yield job
             if trial:

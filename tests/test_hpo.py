@@ -93,7 +93,7 @@ def test_trial_jobs_log_failed_pruned_and_group_choice_runs_under_one_study_run(
         assert run.data.tags["optuna_state"] == "PRUNED" and run.data.tags["pruned_at_epoch"] == "1"
         assert "test/acc" not in run.data.metrics  # stopped at epoch 1 of 3
     assert sorted(r.data.tags["optimizer"] for r in runs.children) == ["adam", "adam", "sgd", "sgd"]
-    assert {r.data.params["optimizer._target_"] for r in runs.children} == {"torch.optim.Adam", "torch.optim.SGD"}
+    assert not any(k.endswith("._target_") for r in runs.children for k in r.data.params)  # plumbing: not params
 
 
 def mid_trial(cwd) -> bool:

@@ -63,3 +63,32 @@ def test_metric_values_carry_no_float32_noise(sweep):
     for run in runs.children:
         for m in client.get_metric_history(run.info.run_id, "valid/loss"):
             assert m.value == float(f"{m.value:.6g}"), (run.info.run_name, m.step, m.value)
+
+
+def test_params_describe_the_experiment_and_the_plumbing_is_in_tags(sweep):
+    runs = mlflow_runs(sweep)
+    child = runs.children[0]
+    params = child.data.params
+    for key in ("backbone.name", "head.name", "optimizer.lr", "optimizer.momentum", "trainer.batch_size", "seed"):
+        assert key in params, key
+    for key in params:
+        assert not key.startswith(("tracking.", "trainer.resume", "data.cache_dir", "data.tile_store", "hpo_trial.")), (
+            key
+        )
+        assert not key.endswith(("._target_", "._partial_")) and key not in ("run_name", "data.root"), key
+        assert params[key] not in ("None", "{}", "[]"), key
+    assert len(params) < 30
+    tags = child.data.tags
+    assert tags["optimizer"] == "sgd" and tags["scheduler"] == "none"
+    assert int(tags["model.total_params"]) > int(tags["model.trainable_params"]) > 0
+    assert tags["data_root"] == str(sweep / "tiles")
+    assert not any(k.startswith("best/lr/") for k in child.data.metrics)
+
+
+def test_each_run_has_a_short_description_of_what_ran_and_how_it_did(sweep):
+    for child in mlflow_runs(sweep).children:
+        note = child.data.tags["mlflow.note.content"]
+        best_epoch = int(child.data.metrics["best_epoch"])
+        assert child.info.run_name in note and "resnet18 with a linear head, sgd at lr" in note
+        assert f"best epoch {best_epoch} of 3" in note
+        assert f"acc {child.data.metrics['test/acc']:.3f}" in note and "AUROC" in note
