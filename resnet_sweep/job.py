@@ -132,6 +132,7 @@ def train_and_log(cfg, resumer, state) -> tuple[float, str]:
         built = models.build_classifier(cfg.backbone, cfg.head, seed=int(cfg.seed), num_classes=len(splits.classes))
         job.tags(weights_source=built.weights_source, data_root=str(splits.root), device=str(device))
         job.tags(**{"model.trainable_params": built.trainable_params, "model.total_params": built.total_params})
+        job.dataset(splits, cfg.data)
         log.info(
             "%s: %s of %s parameters train (backbone.freeze=%s)",
             job.name,

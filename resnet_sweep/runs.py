@@ -7,6 +7,7 @@ Metric names: ``train/loss train/acc valid/loss valid/acc`` with ``step=epoch`` 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import subprocess
@@ -190,6 +191,18 @@ class JobLog:
             f"Test (best epoch's weights): {figures}."
         )
 
+    def dataset(self, splits, data_cfg) -> None:
+        """The data set as the run's input (the runs table's *Dataset* column and filter): named
+        after the root (``demo`` for the embedded data), its digest the file list's (paths and
+        labels), its source the root, per-split class counts as the input's tags."""
+        self._call(
+            "log_input",
+            mlflow.log_input,
+            dataset_input(splits, data_cfg),
+            context="training",
+            tags=class_counts(splits),
+        )
+
     def checkpoint(self, ckpt: dict) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "best.pt"
@@ -198,6 +211,36 @@ class JobLog:
 
     def model(self, classifier, ckpt: dict) -> None:
         self._call("log_model", log_model, classifier, ckpt, self.name)
+
+
+def class_counts(splits) -> dict[str, str]:
+    """``{"train": "a_class 6, b_class 6", ...}``: images per class of each split."""
+    counts = {}
+    for split in ("train", "valid", "test"):
+        labels = [label for _, label in getattr(splits, split).dataset.samples]
+        counts[split] = ", ".join(f"{c} {labels.count(i)}" for i, c in enumerate(splits.classes))
+    return counts
+
+
+def dataset_input(splits, data_cfg):
+    """An MLflow dataset of metadata only (the images stay where they are)."""
+    import warnings
+
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+
+    root = Path(splits.root)
+    files = sorted(
+        f"{split}/{Path(path).relative_to(root / split).as_posix()}\t{label}"
+        for split in ("train", "valid", "test")
+        for path, label in getattr(splits, split).dataset.samples
+    )
+    digest = hashlib.sha256("\n".join(files).encode()).hexdigest()[:16]
+    with warnings.catch_warnings():  # two local-path source types match a folder; they are the same
+        warnings.simplefilter("ignore")
+        source = resolve_dataset_source(str(root))
+    name = "demo" if str(data_cfg.get("kind")) == "demo" else root.name
+    return MetaDataset(source=source, name=name, digest=digest)
 
 
 def log_model(classifier, ckpt: dict, run_name: str) -> None:

@@ -92,3 +92,19 @@ def test_each_run_has_a_short_description_of_what_ran_and_how_it_did(sweep):
         assert child.info.run_name in note and "resnet18 with a linear head, sgd at lr" in note
         assert f"best epoch {best_epoch} of 3" in note
         assert f"acc {child.data.metrics['test/acc']:.3f}" in note and "AUROC" in note
+
+
+def test_the_data_set_is_each_runs_input_with_its_digest_source_and_class_counts(sweep):
+    import json
+
+    digests = set()
+    for child in mlflow_runs(sweep).children:
+        (inp,) = child.inputs.dataset_inputs
+        dataset = inp.dataset
+        assert dataset.name == "tiles"
+        assert json.loads(dataset.source)["uri"] == str(sweep / "tiles")
+        tags = {t.key: t.value for t in inp.tags}
+        assert tags["mlflow.data.context"] == "training"
+        assert tags["train"] == "a_class 6, b_class 6" and tags["valid"] == tags["test"] == "a_class 3, b_class 3"
+        digests.add(dataset.digest)
+    assert len(digests) == 1 and len(digests.pop()) == 16  # the same files, the same digest
