@@ -45,6 +45,9 @@ class Row:
     weights: str
     imagenet_weights: str
     trains: str = "head"  # the run's `trains` tag (naming.what_trains): head | all | head + ...
+    test_balanced_acc: float | None = None  # macro for three or more classes
+    test_auroc: float | None = None  # macro one-vs-rest for three or more classes
+    test_f1: float | None = None  # macro for three or more classes
 
 
 def momentum_of(params: dict) -> str:
@@ -76,6 +79,9 @@ def to_row(run, objective: str) -> Row:
         weights=t.get("weights_source", "?"),
         imagenet_weights=p.get("backbone.imagenet_weights", ""),
         trains=t.get("trains", "head"),
+        test_balanced_acc=m.get("test/balanced_acc"),
+        test_auroc=m.get("test/auroc"),
+        test_f1=m.get("test/f1"),
     )
 
 
@@ -106,6 +112,11 @@ def md_table(header: list[str], rows: list[list[str]]) -> str:
 
 
 STUDY_HEADER = ["Optimizer", "Learning rate", "Momentum", "Epochs (best)", "Batch size", "Test loss", "Test acc"]
+MACRO_HEADER = ["Test balanced acc", "Test AUROC", "Test F1"]  # beside the study's columns
+
+
+def score_text(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
 
 
 def study_table(rows: list[Row], objective: str) -> str:
@@ -126,8 +137,9 @@ def study_table(rows: list[Row], objective: str) -> str:
         ]
         if r.status != "FINISHED":
             cells[-1] = f"{r.status.lower()}"
+        cells += [acc_text(r.test_balanced_acc), score_text(r.test_auroc), score_text(r.test_f1)]
         out.append(_bold(cells) if r is best else cells)
-    return md_table(STUDY_HEADER, out)
+    return md_table(STUDY_HEADER + MACRO_HEADER, out)
 
 
 SEED_HEADER = [
@@ -352,4 +364,19 @@ def write(tracking_uri: str, experiment: str | None, parent_id: str | None, out_
         fig.savefig(folder / f"{name}.png", dpi=110)
         plots.close(fig)
     client.log_artifacts(parent.info.run_id, str(folder), "report")
+    client.set_tag(parent.info.run_id, "mlflow.note.content", description(client.get_run(parent.info.run_id), text))
     return text, folder
+
+
+def description(parent, text: str) -> str:
+    """The parent run's description in the MLflow UI: its summary, a link to its best run, the
+    report's tables."""
+    tags = parent.data.tags
+    head = []
+    if "summary" in tags:
+        head.append(f"**{tags['summary']}**")
+    if "best_run_id" in tags:
+        url = f"#/experiments/{parent.info.experiment_id}/runs/{tags['best_run_id']}"
+        head.append(f"Best run (on validation): [{tags.get('best_run_name', tags['best_run_id'])}]({url})")
+    body = text.split("\n", 1)[1] if text.startswith("# ") else text  # the run's name is the page's title
+    return "\n\n".join([*head, body.strip()]) + "\n"

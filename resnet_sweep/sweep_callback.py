@@ -13,11 +13,12 @@ import mlflow
 from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
+from mlflow.entities import Param
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
 
 from . import faults
-from .errors import exit_with
+from .errors import exit_with, first_line
 from .lookup import best_run, child_runs, downloaded_checkpoint, logged_models
 from .preflight import check_store_and_folders, check_sweep, is_study
 from .redaction import redact, redact_files
@@ -71,6 +72,7 @@ class SweepCallback(Callback):
             },
         )
         self.parent_id = run.info.run_id
+        self.client.log_batch(self.parent_id, params=[Param(k, v) for k, v in override_params(config).items()])
         set_parent(config, self.parent_id)
         atexit.register(self._abandon)
         log.info("MLflow parent run %s (%s)", self.parent_id, redact(config.tracking.uri))
@@ -102,6 +104,10 @@ class SweepCallback(Callback):
         if study:  # FAIL and PRUNED trials are part of a study: counted by the sweeper, no error
             best = best_run([r for r in self.children() if r.info.status == "FINISHED"], objective)
             self._record_best(config, best, objective)
+            for key, value in override_params(config).items():  # a resumed study has them already
+                with contextlib.suppress(Exception):
+                    client.log_param(self.parent_id, key, value)
+            self._report(config)
             os.environ.pop(PARENT_ENV, None)
             client.set_terminated(self.parent_id, "FINISHED")
             return
@@ -141,6 +147,7 @@ class SweepCallback(Callback):
                 for j in problems
             )
         client.set_tag(self.parent_id, "summary", redact(summary))
+        self._report(config)
         client.set_terminated(self.parent_id, "FAILED" if problems else "FINISHED")
         atexit.unregister(self._abandon)
         os.environ.pop(PARENT_ENV, None)
@@ -173,8 +180,31 @@ class SweepCallback(Callback):
         elif not logged_models(best):
             log_best_model(best)
 
+    def _report(self, config) -> None:
+        """The sweep's report on its parent run (description, report/ artifacts); a report that
+        cannot be made is a warning, never the sweep's failure."""
+        from . import report
+
+        try:
+            report.write(
+                str(config.tracking.uri), None, self.parent_id, str(Path(str(config.hydra.sweep.dir)) / "report")
+            )
+        except Exception as e:
+            log.warning("the sweep's report was not made (%s); `resnet-sweep report` makes it later", first_line(e))
+
     def children(self):
         return child_runs(self.client, self.client.get_run(self.parent_id))
+
+
+def override_params(config) -> dict[str, str]:
+    """The sweep's command-line overrides as the parent run's params: ``optimizer.lr`` ->
+    ``1e-3,1e-2``, ``head`` -> ``linear,mlp_relu`` (a leading ``+``/``~`` dropped)."""
+    params = {}
+    for override in config.hydra.overrides.task:
+        key, sep, value = str(override).partition("=")
+        if sep:
+            params[key.lstrip("+~")] = redact(value)[:6000]
+    return params
 
 
 def log_best_model(run) -> None:

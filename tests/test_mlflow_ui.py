@@ -108,3 +108,20 @@ def test_the_data_set_is_each_runs_input_with_its_digest_source_and_class_counts
         assert tags["train"] == "a_class 6, b_class 6" and tags["valid"] == tags["test"] == "a_class 3, b_class 3"
         digests.add(dataset.digest)
     assert len(digests) == 1 and len(digests.pop()) == 16  # the same files, the same digest
+
+
+def test_the_sweeps_parent_run_holds_its_report_overrides_and_a_link_to_the_best_run(sweep):
+    runs = mlflow_runs(sweep)
+    (parent,) = runs.parents
+    assert parent.data.params["optimizer.lr"] == "1e-3,1e-2"
+    assert parent.data.params["trainer.max_epochs"] == "3"
+    note = parent.data.tags["mlflow.note.content"]
+    best_id = parent.data.tags["best_run_id"]
+    assert note.startswith("**2 finished, 0 failed**")
+    assert f"[{parent.data.tags['best_run_name']}](#/experiments/{parent.info.experiment_id}/runs/{best_id})" in note
+    assert "| Backbone |" in note or "| Optimizer |" in note  # the report's tables
+    assert "## Best learning" in note
+    client = client_for(sweep)
+    report = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
+    assert {"report/report.md", "report/runs.csv", "report/test_acc_vs_lr.png", "report/learning_curves.png"} <= report
+    assert (sweep / "multirun").exists()
