@@ -113,7 +113,11 @@ def main(argv: list[str] | None = None) -> int:
     which.add_argument("--run", help="the run id whose model predicts")
     which.add_argument("--best", action="store_true", help="the best run of the experiment (on validation)")
     tracking_args(p)
-    p.add_argument("--out", default="predictions.csv", help="CSV path,probability,label (default: %(default)s)")
+    p.add_argument(
+        "--out",
+        default="predictions.csv",
+        help="CSV path,probability,label; three or more classes: path,p_<class>...,label (default: %(default)s)",
+    )
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument(
         "--logged-model",

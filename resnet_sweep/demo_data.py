@@ -1,11 +1,12 @@
-"""The embedded demo data set: synthetic H&E-like tiles of two classes.
+"""The embedded demo data set: synthetic H&E-like tiles of two classes (or three, ``data.classes=3``).
 
 Tiles are rendered with the Beer-Lambert stain model (haematoxylin colours nuclei purple, eosin
 colours stroma and cytoplasm pink) and differ in morphology:
 
 - ``poorly_differentiated``: dense, small, round, dark nuclei with scant cytoplasm;
 - ``differentiating``: sparser, larger, paler and more oval nuclei with a rim of pink cytoplasm and
-  more fibrillary stroma between them.
+  more fibrillary stroma between them;
+- ``stroma`` (only with ``data.classes=3``): few, scattered nuclei in dense fibrillary eosin.
 
 Each tile draws a differentiation level from a class-specific Beta distribution; the two
 distributions overlap, so some tiles of one class look like the other and a linear probe cannot
@@ -35,6 +36,18 @@ log = logging.getLogger(__name__)
 
 GENERATOR_VERSION = 3
 CLASSES = ("differentiating", "poorly_differentiated")
+THIRD_CLASS = "stroma"  # data.classes=3
+
+
+def classes_of(data_cfg) -> tuple[str, ...]:
+    """The demo's class folders for ``data.classes`` (2: the study's two; 3: plus stroma)."""
+    n = data_cfg.get("classes", 2)
+    if n not in (2, 3):
+        from .errors import UserError
+
+        raise UserError(f"data.classes={n}: the demo data has 2 or 3 classes (3 adds {THIRD_CLASS})")
+    return CLASSES if n == 2 else (*CLASSES, THIRD_CLASS)
+
 
 # Ruifrok & Johnston optical-density vectors (RGB) of haematoxylin and eosin.
 _H = np.array([0.650, 0.704, 0.286])
@@ -50,6 +63,9 @@ def ensure(data_cfg) -> Path:
         "slides_per_class": [int(n) for n in data_cfg.slides_per_class],
         "tiles_per_slide": int(data_cfg.tiles_per_slide),
     }
+    classes = classes_of(data_cfg)
+    if len(classes) != 2:  # two classes keep their key (and cached trees) from before data.classes
+        params["classes"] = list(classes)
     if len(params["slides_per_class"]) != 3 or min(params["slides_per_class"]) < 1:
         from .errors import UserError
 
@@ -75,10 +91,10 @@ def ensure(data_cfg) -> Path:
     return root
 
 
-def _generate(out: Path, seed: int, tile_size: int, slides_per_class, tiles_per_slide: int) -> None:
+def _generate(out: Path, seed: int, tile_size: int, slides_per_class, tiles_per_slide: int, classes=CLASSES) -> None:
     rng = np.random.default_rng(seed)
     for split, n_slides in zip(SPLITS, slides_per_class):
-        for label, cls in enumerate(CLASSES):
+        for label, cls in enumerate(classes):
             folder = out / split / cls
             folder.mkdir(parents=True)
             for s in range(n_slides):
@@ -108,14 +124,15 @@ def _slide_params(rng: np.random.Generator) -> dict:
 
 def render_tile(rng: np.random.Generator, size: int, cls: str, slide: dict) -> np.ndarray:
     """One RGB uint8 tile. Morphology follows a per-tile differentiation level d in [0, 1]."""
-    d = rng.beta(6, 2) if cls == "differentiating" else rng.beta(2, 6)
+    d = rng.beta(6, 2) if cls == "differentiating" else rng.beta(4, 4) if cls == THIRD_CLASS else rng.beta(2, 6)
+    stroma = cls == THIRD_CLASS
     scale = slide["scale"]
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
 
     # Eosin: stroma background with low-frequency variation and fibrillary streaks (more when
     # differentiated: neuropil).
     eosin = 0.25 + 0.15 * _smooth_noise(rng, size, 24) + rng.uniform(-0.05, 0.05)
-    for _ in range(int(10 + 40 * d)):
+    for _ in range(int(10 + 40 * d) + (80 if stroma else 0)):
         x0, y0 = rng.uniform(0, size, 2)
         angle = rng.uniform(0, np.pi)
         length = rng.uniform(20, 80)
@@ -126,7 +143,7 @@ def render_tile(rng: np.random.Generator, size: int, cls: str, slide: dict) -> n
     haem = 0.03 + 0.03 * _smooth_noise(rng, size, 12)
 
     # Cells: count falls, nucleus size, ovality, pallor and cytoplasm grow with differentiation.
-    n_cells = int(rng.normal(140 - 95 * d, 12) / scale**2)
+    n_cells = int(rng.normal(140 - 95 * d, 12) / scale**2) // (6 if stroma else 1)
     for _ in range(max(n_cells, 5)):
         cx, cy = rng.uniform(-5, size + 5, 2)
         r = rng.normal(4.5 + 4.0 * d, 0.8) * scale

@@ -96,19 +96,84 @@ class History:
         return self.epochs[self.best_epoch]
 
 
-class _Meter:
-    """Mean BCE loss and accuracy over an epoch (torchmetrics)."""
+def probabilities(logits: torch.Tensor) -> torch.Tensor:
+    """P(second class) from one logit each (sigmoid); one probability per class from C logits
+    (softmax). ``models.ProbabilityModel`` serves the same (engine and models are one layer)."""
+    return torch.sigmoid(logits) if logits.dim() == 1 else torch.softmax(logits, dim=-1)
 
-    def __init__(self, device):
+
+def criterion(num_classes: int, reduction: str = "mean") -> nn.Module:
+    """Two classes: the study's BCE on one logit; three or more: cross-entropy on N logits."""
+    return nn.BCEWithLogitsLoss(reduction=reduction) if num_classes == 2 else nn.CrossEntropyLoss(reduction=reduction)
+
+
+def targets(y: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """What the loss compares the logits with: 0./1. for BCE, class indices for cross-entropy."""
+    return y.float() if num_classes == 2 else y.long()
+
+
+def class_metrics(num_classes: int) -> dict:
+    """acc, balanced_acc (mean per-class recall), auroc (macro one-vs-rest for N >= 3), f1 (macro for
+    N >= 3), on probabilities (``models.probabilities``) and integer labels."""
+    c = torchmetrics.classification
+    if num_classes == 2:
+        return {
+            "acc": c.BinaryAccuracy(),
+            "auroc": c.BinaryAUROC(),
+            "f1": c.BinaryF1Score(),
+            "balanced_acc": _BinaryBalancedAccuracy(),
+        }
+    return {
+        "acc": c.MulticlassAccuracy(num_classes=num_classes, average="micro"),
+        "auroc": c.MulticlassAUROC(num_classes=num_classes, average="macro"),
+        "f1": c.MulticlassF1Score(num_classes=num_classes, average="macro"),
+        "balanced_acc": c.MulticlassAccuracy(num_classes=num_classes, average="macro"),
+    }
+
+
+class _BinaryBalancedAccuracy(torchmetrics.classification.MulticlassAccuracy):
+    """Mean recall of the two classes, from P(second class) thresholded at 0.5."""
+
+    def __init__(self):
+        super().__init__(num_classes=2, average="macro")
+
+    def update(self, probs, y):
+        super().update((probs >= 0.5).long(), y)
+
+
+def confusion(num_classes: int):
+    c = torchmetrics.classification
+    return c.BinaryConfusionMatrix() if num_classes == 2 else c.MulticlassConfusionMatrix(num_classes=num_classes)
+
+
+class _Meter:
+    """Mean loss and accuracy over an epoch (torchmetrics); ``full`` adds balanced accuracy and AUROC
+    (what validation measures, so either can be the objective)."""
+
+    def __init__(self, device, num_classes: int = 2, full: bool = False):
+        self.num_classes = num_classes
         self.loss = torchmetrics.MeanMetric().to(device)
-        self.acc = torchmetrics.classification.BinaryAccuracy().to(device)
+        metrics = class_metrics(num_classes)
+        # the two-class accuracy reads the logits as it always has (torchmetrics applies the sigmoid)
+        self.acc = metrics["acc"].to(device)
+        self.more = (
+            torchmetrics.MetricCollection({k: metrics[k] for k in ("balanced_acc", "auroc")}).to(device)
+            if full
+            else None
+        )
 
     def update(self, loss, logits, y):
         self.loss.update(loss.detach().float(), weight=y.numel())
-        self.acc.update(logits.detach().float(), y.int())
+        logits = logits.detach().float()
+        self.acc.update(logits if self.num_classes == 2 else logits.argmax(-1), y.int() if self.num_classes == 2 else y)
+        if self.more is not None:
+            self.more.update(probabilities(logits), y.long())
 
     def compute(self, prefix: str) -> dict:
-        return {f"{prefix}/loss": self.loss.compute().item(), f"{prefix}/acc": self.acc.compute().item()}
+        out = {f"{prefix}/loss": self.loss.compute().item(), f"{prefix}/acc": self.acc.compute().item()}
+        if self.more is not None:
+            out.update({f"{prefix}/{k}": v.item() for k, v in self.more.compute().items()})
+        return out
 
 
 def _to_device(x: torch.Tensor, device) -> torch.Tensor:
@@ -122,12 +187,13 @@ def _check_finite(loss: torch.Tensor, epoch: int) -> None:
         raise Diverged(f"loss became {'NaN' if torch.isnan(loss) else 'inf'} at epoch {epoch}")
 
 
-def run_epoch(model, loader, device, precision, prefix, epoch, optimizer=None, desc="") -> dict:
-    """One pass over ``loader``; trains when an optimizer is given."""
+def run_epoch(model, loader, device, precision, prefix, epoch, optimizer=None, desc="", num_classes: int = 2) -> dict:
+    """One pass over ``loader``; trains when an optimizer is given. Evaluation passes also measure
+    balanced accuracy and AUROC."""
     training = optimizer is not None
     model.train(training)
-    criterion = nn.BCEWithLogitsLoss()
-    meter = _Meter(device)
+    loss_fn = criterion(num_classes)
+    meter = _Meter(device, num_classes, full=not training and prefix != "train")
     grad = contextlib.nullcontext() if training else torch.inference_mode()
     with grad:
         for x, y in tqdm(loader, desc=desc, leave=False, disable=None):
@@ -136,7 +202,7 @@ def run_epoch(model, loader, device, precision, prefix, epoch, optimizer=None, d
             y = y.to(device, non_blocking=True)
             with autocast(device, precision):
                 logits = model(x).float()
-            loss = criterion(logits, y.float())
+            loss = loss_fn(logits, targets(y, num_classes))
             _check_finite(loss, epoch)
             if training:
                 optimizer.zero_grad(set_to_none=True)
@@ -239,6 +305,7 @@ def fit(
     previous attempt (``restore(model, optimizer, history) -> next epoch``) and saves
     after every epoch (``save(epoch, model, optimizer, history)``)."""
     direction(objective)  # a metric that cannot pick an epoch: one line, before any work
+    num_classes = len(getattr(splits, "classes", None) or (0, 1))
     history = History()
     model.to(device).to(memory_format=torch.channels_last)
     optimizer = make_optimizer(optimizer_cfg, model)
@@ -255,11 +322,13 @@ def fit(
         splits.train.set_epoch(epoch)  # the epoch's crops (view) and order
         desc = f"epoch {epoch}/{max_epochs}"
         lrs = learning_rates(optimizer)  # what this epoch trains with (epoch 0: the starting LR)
-        if epoch == 0:
-            metrics = run_epoch(model, splits.train, device, precision, "train", epoch, desc=desc + " train")
-        else:
-            metrics = run_epoch(model, splits.train, device, precision, "train", epoch, optimizer, desc=desc + " train")
-        metrics.update(run_epoch(model, splits.valid, device, precision, "valid", epoch, desc=desc + " valid"))
+        train = optimizer if epoch > 0 else None
+        metrics = run_epoch(model, splits.train, device, precision, "train", epoch, train, desc + " train", num_classes)
+        metrics.update(
+            run_epoch(
+                model, splits.valid, device, precision, "valid", epoch, desc=desc + " valid", num_classes=num_classes
+            )
+        )
         metrics.update(lrs)
         history.epochs.append(metrics)
         value = metrics[objective]
@@ -288,19 +357,13 @@ def fit(
     return history
 
 
-def evaluate(model, loader, device, precision) -> dict:
-    """Test metrics of ``model``: loss, accuracy, AUROC, F1, balanced accuracy, confusion matrix."""
+def evaluate(model, loader, device, precision, num_classes: int = 2) -> dict:
+    """Test metrics of ``model``: loss, accuracy, AUROC, F1, balanced accuracy (macro for N >= 3
+    classes), confusion matrix (rows: true, columns: predicted)."""
     model.to(device).eval()
-    criterion = nn.BCEWithLogitsLoss(reduction="sum")
-    metrics = torchmetrics.MetricCollection(
-        {
-            "acc": torchmetrics.classification.BinaryAccuracy(),
-            "auroc": torchmetrics.classification.BinaryAUROC(),
-            "f1": torchmetrics.classification.BinaryF1Score(),
-            "balanced_acc": torchmetrics.classification.MulticlassAccuracy(num_classes=2, average="macro"),
-        }
-    ).to(device)
-    confusion = torchmetrics.classification.BinaryConfusionMatrix().to(device)
+    loss_fn = criterion(num_classes, reduction="sum")
+    metrics = torchmetrics.MetricCollection(class_metrics(num_classes)).to(device)
+    matrix = confusion(num_classes).to(device)
     loss_sum, n = 0.0, 0
     with torch.inference_mode():
         for x, y in tqdm(loader, desc="test", leave=False, disable=None):
@@ -308,16 +371,12 @@ def evaluate(model, loader, device, precision) -> dict:
             y = y.to(device)
             with autocast(device, precision):
                 logits = model(x).float()
-            loss_sum += criterion(logits, y.float()).item()
+            loss_sum += loss_fn(logits, targets(y, num_classes)).item()
             n += y.numel()
-            probs = torch.sigmoid(logits)
-            for name, metric in metrics.items():
-                if name == "balanced_acc":
-                    metric.update((probs >= 0.5).long(), y)
-                else:
-                    metric.update(probs, y)
-            confusion.update(probs, y)
+            probs = probabilities(logits)
+            metrics.update(probs, y)
+            matrix.update(probs, y)
     out = {f"test/{k}": v.item() for k, v in metrics.compute().items()}
     out["test/loss"] = loss_sum / max(n, 1)
-    out["confusion_matrix"] = confusion.compute().cpu().tolist()
+    out["confusion_matrix"] = matrix.compute().cpu().tolist()
     return out

@@ -54,11 +54,11 @@ def scan_tree(root: Path, crop_size: int, cache_dir=None, on_bad_image: str = "e
                 "test/, each with one folder per class"
             )
         classes = class_folders(folder)
-        if len(classes) != 2:
+        if len(classes) < 2:
             shown = ", ".join(f"'{c}'" for c in classes) or "none"
             raise UserError(
                 f"{where}: split '{split}' has {len(classes)} class folder"
-                f"{'' if len(classes) == 1 else 's'} ({shown}); expected exactly 2"
+                f"{'' if len(classes) == 1 else 's'} ({shown}); expected 2 or more, one per class"
             )
         classes_by_split[split] = classes
         files[split] = []
@@ -70,9 +70,16 @@ def scan_tree(root: Path, crop_size: int, cache_dir=None, on_bad_image: str = "e
     train_classes = classes_by_split["train"]
     for split in ("valid", "test"):
         if classes_by_split[split] != train_classes:
+            missing = [c for c in train_classes if c not in classes_by_split[split]]
+            extra = [c for c in classes_by_split[split] if c not in train_classes]
+            what = (
+                f"{split}/ has no folder '{missing[0]}' ({root / split / missing[0]})"
+                if missing
+                else f"{split}/{extra[0]} is not a class folder of train/"
+            )
             raise UserError(
-                f"{where}: class folders differ between splits: train has {train_classes}, "
-                f"{split} has {classes_by_split[split]}; use the same two names in every split"
+                f"{where}: class folders differ between splits: {what}; train has {train_classes}, "
+                f"{split} has {classes_by_split[split]}; use the same class folders in every split"
             )
     all_files = [p for split in SPLITS for p in files[split]]
     bad = check_images(all_files, crop_size, cache_dir)

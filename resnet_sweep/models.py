@@ -1,7 +1,8 @@
 """torchvision backbone + the study's heads, with freezing and where the weights came from.
 
 Heads output logits: the study's Sigmoid lives in BCEWithLogitsLoss during training (the same maths,
-numerically stable) and in ``ProbabilityModel`` at prediction time.
+numerically stable) and in ``ProbabilityModel`` at prediction time. Two classes: one logit (the study);
+three or more: one logit per class (cross-entropy, softmax at prediction time).
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ log = logging.getLogger(__name__)
 
 
 class Head(nn.Sequential):
-    """``Linear(in, 1)``, or ``Linear(in, hidden) + activation [+ Dropout] + Linear(hidden, 1)``."""
+    """``Linear(in, out)``, or ``Linear(in, hidden) + activation [+ Dropout] + Linear(hidden, out)``;
+    ``out_features`` is sized from the data (``outputs_for``): 1 for two classes, N for N >= 3."""
 
     def __init__(
         self,
@@ -34,22 +36,23 @@ class Head(nn.Sequential):
         hidden: int | None = None,
         activation: nn.Module | None = None,
         dropout: float = 0.0,
+        out_features: int = 1,
     ):
         if hidden is None:
-            layers = [nn.Linear(in_features, 1)]
+            layers = [nn.Linear(in_features, out_features)]
         else:
             layers = [nn.Linear(in_features, hidden)]
             if activation is not None:
                 layers.append(activation)
             if dropout:
                 layers.append(nn.Dropout(dropout))
-            layers.append(nn.Linear(hidden, 1))
+            layers.append(nn.Linear(hidden, out_features))
         super().__init__(*layers)
         self.name = name
 
 
 class Classifier(nn.Module):
-    """``head(backbone(x))`` -> one logit per image. Frozen backbone modules stay in eval mode
+    """``head(backbone(x))`` -> one logit per image (two classes) or N per image. Frozen backbone modules stay in eval mode
     whatever ``train()`` says, so their BatchNorm statistics never change."""
 
     def __init__(self, backbone: nn.Module, head: nn.Module):
@@ -68,15 +71,26 @@ class Classifier(nn.Module):
         return self
 
 
+def outputs_for(num_classes: int) -> int:
+    """The head's output size: one logit for two classes (the study's BCE), else one per class."""
+    return 1 if int(num_classes) == 2 else int(num_classes)
+
+
+def probabilities(logits: torch.Tensor) -> torch.Tensor:
+    """P(second class) per image from one logit each (sigmoid); N x C probabilities from C logits."""
+    return torch.sigmoid(logits) if logits.dim() == 1 else torch.softmax(logits, dim=-1)
+
+
 class ProbabilityModel(nn.Module):
-    """What MLflow serves: normalised 3xHxW images in, P(second class) out."""
+    """What MLflow serves: normalised 3xHxW images in; P(second class) out for two classes, one
+    probability per class (N x C) for three or more."""
 
     def __init__(self, classifier: Classifier):
         super().__init__()
         self.classifier = classifier
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(self.classifier(x))
+        return probabilities(self.classifier(x))
 
 
 @dataclass
@@ -223,13 +237,14 @@ def apply_freeze(model: Classifier, backbone_cfg) -> None:
     model.train()
 
 
-def build_classifier(backbone_cfg, head_cfg, seed: int = 0) -> Built:
-    """Backbone + head, deterministic for a given seed (random inits included), freezing applied."""
+def build_classifier(backbone_cfg, head_cfg, seed: int = 0, num_classes: int = 2) -> Built:
+    """Backbone + head for ``num_classes`` classes, deterministic for a given seed (random inits
+    included), freezing applied."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         backbone, source = load_backbone(backbone_cfg)
         backbone, in_features = strip_classifier(backbone)
-        head = instantiate(head_cfg, in_features=in_features)
+        head = instantiate(head_cfg, in_features=in_features, out_features=outputs_for(num_classes))
     model = Classifier(backbone, head)
     apply_freeze(model, backbone_cfg)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -276,7 +291,9 @@ def load_checkpoint(path) -> tuple[Classifier, dict]:
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(ckpt, dict) or ckpt.get("format") != "resnet-sweep/1":
         raise UserError(f"{path}: not a resnet-sweep checkpoint")
-    built = build_classifier(OmegaConf.create(ckpt["backbone"]), OmegaConf.create(ckpt["head"]), ckpt["seed"])
+    built = build_classifier(
+        OmegaConf.create(ckpt["backbone"]), OmegaConf.create(ckpt["head"]), ckpt["seed"], len(ckpt.get("classes", "ab"))
+    )
     if built.frozen_checksum != ckpt["frozen_checksum"]:
         raise UserError(
             f"{path}: the frozen backbone rebuilt from {built.weights_source} differs from the one "

@@ -85,16 +85,20 @@ def predict(
     model, meta = load(client, run, logged_model)
     transform = crops.eval_transform(int(meta["crop_size"]), meta["mean"], meta["std"], meta.get("resize"))
     bad: list[tuple[str, str]] = []
-    rows: list[tuple[str, float, str]] = []
+    rows: list[tuple] = []  # (path, P(second class) | [P(class) per class], predicted class)
     batch: list[tuple[Path, torch.Tensor]] = []
 
     def flush():
         if not batch:
             return
         with torch.inference_mode():
-            probs = model(torch.stack([x for _, x in batch])).float().reshape(-1).tolist()
-        for (p, _), prob in zip(batch, probs):
-            rows.append((str(p), prob, meta["classes"][int(prob >= 0.5)]))
+            out = model(torch.stack([x for _, x in batch])).float()
+        if out.dim() == 2 and out.shape[1] > 1:  # three or more classes: one probability per class
+            for (p, _), probs in zip(batch, out.tolist()):
+                rows.append((str(p), probs, meta["classes"][max(range(len(probs)), key=probs.__getitem__)]))
+        else:
+            for (p, _), prob in zip(batch, out.reshape(-1).tolist()):
+                rows.append((str(p), prob, meta["classes"][int(prob >= 0.5)]))
         batch.clear()
 
     for p in paths:
@@ -116,12 +120,13 @@ def predict(
             f"{why}); fix them or give the folder holding the images to predict; {out} was not written"
         )
     out_path = Path(out)
-    write_csv(out_path, rows)
+    write_csv(out_path, rows, meta["classes"])
     return out_path, len(rows), bad, run
 
 
-def write_csv(out_path: Path, rows: list[tuple[str, float, str]]) -> None:
-    """path,probability,label to ``out_path``, whole or not at all: written beside it under a temporary
+def write_csv(out_path: Path, rows: list[tuple], classes: list[str] | None = None) -> None:
+    """path,probability,label (two classes: P(second class)), or path,p_<class>...,label (one
+    probability column per class, three or more) to ``out_path``, whole or not at all: written beside it under a temporary
     name and renamed over it, so an interrupted or failed write leaves the earlier file as it was. The
     new file gets the ordinary mode (0666 less the umask)."""
     tmp = out_path.parent / f".{out_path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
@@ -129,9 +134,10 @@ def write_csv(out_path: Path, rows: list[tuple[str, float, str]]) -> None:
         out_path.parent.mkdir(parents=True, exist_ok=True)
         with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "w", newline="") as f:
             writer = csv.writer(f)
-            writer.writerow(["path", "probability", "label"])
+            multi = bool(rows) and isinstance(rows[0][1], list)
+            writer.writerow(["path", *([f"p_{c}" for c in classes] if multi else ["probability"]), "label"])
             for path, prob, label in rows:
-                writer.writerow([path, f"{prob:.6f}", label])
+                writer.writerow([path, *(f"{p:.6f}" for p in (prob if multi else [prob])), label])
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, out_path)

@@ -70,6 +70,7 @@ class DemoDataConf(DataConf):
     tile_size: int = 250
     slides_per_class: list[int] = field(default_factory=lambda: [8, 2, 2])
     tiles_per_slide: int = 10
+    classes: int = 2
 
 
 @dataclass

@@ -40,7 +40,7 @@ def _cache_dir(tmp_path_factory):
 
 
 def make_tree(root: Path, per_class=(6, 3, 3), size=40, classes=("a_class", "b_class"), seed=0) -> Path:
-    """root/{train,valid,test}/{a_class,b_class}/*.png: reddish vs bluish noise tiles."""
+    """root/{train,valid,test}/{a_class,b_class}/*.png: reddish vs bluish noise tiles (a third class: greenish)."""
     rng = np.random.default_rng(seed)
     for split, n in zip(("train", "valid", "test"), per_class):
         for label, cls in enumerate(classes):
@@ -48,7 +48,7 @@ def make_tree(root: Path, per_class=(6, 3, 3), size=40, classes=("a_class", "b_c
             folder.mkdir(parents=True, exist_ok=True)
             for i in range(n):
                 img = rng.integers(0, 120, (size, size, 3), dtype=np.uint8)
-                img[..., 0 if label == 0 else 2] += 120
+                img[..., (0, 2, 1)[label % 3]] += 120
                 Image.fromarray(img).save(folder / f"img{i}.png")
     return root
 

@@ -72,7 +72,10 @@ def test_report_has_the_study_columns_order_bold_best_and_epochs(tmp_path, tiny_
     proc = resnet_sweep(tmp_path, "report", "--out", str(tmp_path / "rep"))
     md = proc.stdout
     rows = table_after(md, "## resnet18, linear head")
-    assert rows[0] == ["Optimizer", "Learning rate", "Momentum", "Epochs (best)", "Batch size", "Test loss", "Test acc"]
+    assert rows[0] == [
+        *["Optimizer", "Learning rate", "Momentum", "Epochs (best)", "Batch size", "Test loss", "Test acc"],
+        *["Test balanced acc", "Test AUROC", "Test F1"],
+    ]
     body = rows[2:]
     plain = [[c.strip("*") for c in r] for r in body]
     assert [(r[0], r[1]) for r in plain] == [("Adam", "1e-04"), ("Adam", "1e-02"), ("SGD", "1e-04"), ("SGD", "1e-02")]
