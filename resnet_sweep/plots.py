@@ -27,17 +27,27 @@ def learning_curves(epochs: list[dict], best_epoch: int, title: str):
 
 
 def confusion_matrix(matrix: list[list[int]], classes: list[str], title: str):
-    fig, ax = plt.subplots(figsize=(4.5, 4))
-    ax.imshow(matrix, cmap="Blues")
+    """Counts and row percentages (of each true class), cells coloured by the row percentage so that
+    an imbalanced test split reads right; white numbers on dark cells, labels inside the figure."""
+    n = len(classes)
+    side = max(5.0, 0.9 * n + 3)
+    fig, ax = plt.subplots(figsize=(side + 1.0, side), layout="constrained")
+    totals = [max(sum(row), 1) for row in matrix]
+    share = [[v / t for v in row] for row, t in zip(matrix, totals)]
+    image = ax.imshow(share, cmap="Blues", vmin=0.0, vmax=1.0)
+    size = 13 if n <= 4 else 10 if n <= 8 else 7
     for i, row in enumerate(matrix):
         for j, v in enumerate(row):
-            ax.text(j, i, str(int(v)), ha="center", va="center", fontsize=14)
-    ax.set_xticks([0, 1], classes, rotation=15)
-    ax.set_yticks([0, 1], classes)
+            colour = "white" if share[i][j] > 0.5 else "black"
+            text = f"{int(v)}\n{100 * share[i][j]:.1f}%"
+            ax.text(j, i, text, ha="center", va="center", fontsize=size, color=colour)
+    ticks = list(range(n))
+    ax.set_xticks(ticks, classes, rotation=0 if n <= 3 else 45, ha="center" if n <= 3 else "right")
+    ax.set_yticks(ticks, classes)
     ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    ax.set_title(title, fontsize=9)
-    fig.tight_layout()
+    ax.set_ylabel("true (row % of the class)")
+    ax.set_title(title, fontsize=10)
+    fig.colorbar(image, ax=ax, shrink=0.8, label="share of the true class")
     return fig
 
 

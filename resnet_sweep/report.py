@@ -48,6 +48,7 @@ class Row:
     test_balanced_acc: float | None = None  # macro for three or more classes
     test_auroc: float | None = None  # macro one-vs-rest for three or more classes
     test_f1: float | None = None  # macro for three or more classes
+    class_counts: str = ""  # "train: a 18, b 2; valid: ...; test: ..." from the run's class_counts.* tags
 
 
 def momentum_of(params: dict) -> str:
@@ -82,6 +83,9 @@ def to_row(run, objective: str) -> Row:
         test_balanced_acc=m.get("test/balanced_acc"),
         test_auroc=m.get("test/auroc"),
         test_f1=m.get("test/f1"),
+        class_counts="; ".join(
+            f"{s}: {t[f'class_counts.{s}']}" for s in ("train", "valid", "test") if f"class_counts.{s}" in t
+        ),
     )
 
 
@@ -259,6 +263,8 @@ def markdown(rows: list[Row], parent, objective: str) -> str:
     weights = sorted({r.weights for r in rows})
     if any(w.startswith("random") for w in weights):
         parts += [f"> Backbone weights: {', '.join(weights)}. Random weights are not transfer learning.", ""]
+    for counts in sorted({r.class_counts for r in rows if r.class_counts}):
+        parts += [f"Tiles per class: {counts}.", ""]
     groups: dict[tuple, list[Row]] = defaultdict(list)
     for r in rows:
         groups[(r.backbone, r.head, r.trains)].append(r)
@@ -311,6 +317,44 @@ def acc_vs_lr_figure(rows: list[Row]):
     return fig
 
 
+def metrics_vs_lr_figure(rows: list[Row]):
+    """Test accuracy (top) and test loss (bottom) against LR (log x), one column per optimizer, one
+    line per backbone/head (what trains), error bars over seeds: the study's hand-drawn figure."""
+    import matplotlib.pyplot as plt
+
+    done = [r for r in rows if r.status == "FINISHED" and r.test_acc is not None]
+    optimizers = sorted({r.optimizer for r in done}) or ["-"]
+    fig, axes = plt.subplots(
+        2, len(optimizers), figsize=(5 * len(optimizers) + 1, 7), squeeze=False, sharex=True, layout="constrained"
+    )
+    for col, optimizer in enumerate(optimizers):
+        lines: dict[tuple, dict[float, list[Row]]] = defaultdict(lambda: defaultdict(list))
+        for r in done:
+            if r.optimizer == optimizer:
+                lines[(r.backbone, r.head, r.trains)][r.lr].append(r)
+        for row, (label, value) in enumerate(
+            (("test accuracy (%)", lambda r: 100 * r.test_acc), ("test loss", lambda r: r.test_loss))
+        ):
+            ax = axes[row][col]
+            for (backbone, head, trains), points in sorted(lines.items()):
+                lrs = sorted(points)
+                values = [[value(r) for r in points[lr] if value(r) is not None] for lr in lrs]
+                means = [statistics.fmean(v) if v else math.nan for v in values]
+                stds = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in values]
+                name = f"{backbone} {head}" + ("" if trains == "head" else f" ({trains})")
+                ax.errorbar(lrs, means, yerr=stds, marker="o", capsize=3, label=name)
+            ax.set_xscale("log")
+            ax.set_ylabel(label)
+            ax.grid(alpha=0.3)
+            if row == 0:
+                ax.set_title(optimizer)
+                if lines:
+                    ax.legend(fontsize=8)
+            else:
+                ax.set_xlabel("learning rate")
+    return fig
+
+
 def curves_figure(client: MlflowClient, rows: list[Row], objective: str):
     """Validation loss and accuracy per epoch of the best run of each backbone/head."""
     import matplotlib.pyplot as plt
@@ -359,6 +403,7 @@ def write(tracking_uri: str, experiment: str | None, parent_id: str | None, out_
     (folder / "runs.csv").write_text(buffer.getvalue())
     for name, fig in (
         ("test_acc_vs_lr", acc_vs_lr_figure(rows)),
+        ("acc_loss_vs_lr_by_optimizer", metrics_vs_lr_figure(rows)),
         ("learning_curves", curves_figure(client, rows, objective)),
     ):
         fig.savefig(folder / f"{name}.png", dpi=110)

@@ -165,7 +165,7 @@ class JobLog:
             "confusion_matrix.json",
         )
         fig = plots.confusion_matrix(matrix, classes, f"{self.name}: test")
-        self._call("log_figure", mlflow.log_figure, fig, "plots/confusion_matrix.png")
+        self._call("log_figure", mlflow.log_figure, fig, "plots/confusion_matrix.png", save_kwargs={"dpi": 150})
         plots.close(fig)
         return metrics
 

@@ -125,3 +125,48 @@ def test_the_sweeps_parent_run_holds_its_report_overrides_and_a_link_to_the_best
     report = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
     assert {"report/report.md", "report/runs.csv", "report/test_acc_vs_lr.png", "report/learning_curves.png"} <= report
     assert (sweep / "multirun").exists()
+
+
+def test_plots_are_readable_confusion_matrix_and_metrics_vs_lr_per_optimizer(sweep, tmp_path):
+    from PIL import Image
+
+    runs = mlflow_runs(sweep)
+    client = client_for(sweep)
+    child = runs.children[0]
+    png = client.download_artifacts(child.info.run_id, "plots/confusion_matrix.png", str(tmp_path))
+    assert min(Image.open(png).size) >= 700  # was 450 x 400
+    parent = runs.parents[0]
+    report = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
+    assert "report/acc_loss_vs_lr_by_optimizer.png" in report
+
+
+def test_the_confusion_matrix_shows_counts_and_row_percentages_in_contrasting_colours():
+    from resnet_sweep import plots
+
+    fig = plots.confusion_matrix([[40, 3], [12, 45]], ["favourable", "unfavourable"], "run: test")
+    texts = {t.get_text(): t.get_color() for t in fig.axes[0].texts}
+    plots.close(fig)
+    assert texts["40\n93.0%"] == "white" and texts["3\n7.0%"] == "black"
+    assert set(texts) == {"40\n93.0%", "3\n7.0%", "12\n21.1%", "45\n78.9%"}
+
+
+def test_a_study_gets_optunas_own_history_slice_importance_and_parallel_coordinate_plots():
+    import optuna
+
+    from hydra_plugins.resnet_sweep_optuna._study_runs import study_plots
+    from resnet_sweep import plots
+
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    study.optimize(
+        lambda t: (
+            t.suggest_float("optimizer.lr", 1e-5, 1e-1, log=True)
+            * (2 if t.suggest_categorical("head", ["a", "b"]) == "a" else 1)
+        ),
+        n_trials=6,
+    )
+    names = []
+    for name, fig in study_plots(study, study.trials[0].distributions, "valid/loss"):
+        names.append(name)
+        plots.close(fig)
+    assert names == ["optimization_history", "objective_vs_optimizer_lr", "param_importances", "parallel_coordinate"]

@@ -117,7 +117,8 @@ def close_study_parent(
 
 
 def study_plots(study, distributions, objective: str):
-    """Optuna's own matplotlib plots: history, objective against LR (log x), importances."""
+    """Optuna's own matplotlib plots: history, objective against LR (log x), importances, parallel
+    coordinates."""
     import optuna
     from optuna.visualization import matplotlib as ovm
 
@@ -132,6 +133,7 @@ def study_plots(study, distributions, objective: str):
         )
     if len(distributions) >= 2 and len(complete) >= 2:
         figures.append(("param_importances", lambda: ovm.plot_param_importances(study, target_name=objective)))
+        figures.append(("parallel_coordinate", lambda: ovm.plot_parallel_coordinate(study, target_name=objective)))
     for name, make in figures:
         try:
             with warnings.catch_warnings():
