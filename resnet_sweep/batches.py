@@ -107,12 +107,13 @@ class StoreLoader:
         crop_seed: int | None = None,
         augment=(),
         resident: bool = False,
+        sampler: str = "shuffle",
     ):
         self.images, self.crop, self.mean, self.std = images, int(crop), mean, std
         self.labels = torch.as_tensor(np.asarray(labels, dtype=np.int64))
         self.batch_size, self.device = int(batch_size), device
         self.seed, self.crop_seed, self.augment = seed, crop_seed, tuple(augment or ())
-        self.epoch = 0
+        self.sampler, self.epoch = sampler, 0
         self.sizes = [images.size(i) for i in range(len(images))]
         self.on_device = None
         if resident:
@@ -134,7 +135,11 @@ class StoreLoader:
 
     def _order(self) -> np.ndarray:
         n = len(self.labels)
-        return crops.shuffled(n, self.seed, self.epoch) if self.training else np.arange(n)
+        return (
+            crops.epoch_order(self.labels.numpy(), self.seed, self.epoch, self.sampler)
+            if self.training
+            else np.arange(n)
+        )
 
     def _window(self, i: int) -> tuple[int, int, tuple]:
         """(top, left, augmentation) of image ``i`` this epoch."""

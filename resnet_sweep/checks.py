@@ -17,6 +17,7 @@ CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 SPLITS = ("train", "valid", "test")  # the folders of an ImageFolder root, in this order
 AUGMENTS = ("hflip", "vflip", "rot90")
+SAMPLERS = ("shuffle", "balanced")  # data.sampler (crops.epoch_order)
 PRECISIONS = {"auto": None, "bf16": True, "bf16-mixed": True, "32": False, "fp32": False}  # choice -> bf16?
 LOG_MODEL = ("all", "best", "none")
 # crops per backbone forward while extracting, unless trainer.bank_batch_size says otherwise: on a
@@ -51,6 +52,7 @@ def check_config(cfg) -> None:
     feature_bank(cfg.trainer)
     log_model(cfg.tracking)
     check_data(cfg.data)
+    class_weight(cfg.get("loss"))
 
 
 def is_int(value) -> bool:
@@ -102,6 +104,33 @@ def check_data(data_cfg) -> None:
     if str(data_cfg.get("normalize")) not in ("imagenet", "dataset"):
         raise UserError(f"data.normalize={data_cfg.get('normalize')}: choose imagenet or dataset")
     check_augment(data_cfg.get("augment"))
+    check_sampler(data_cfg.get("sampler", "shuffle"))
+
+
+def check_sampler(sampler) -> str:
+    if str(sampler) not in SAMPLERS:
+        raise UserError(
+            f"data.sampler={sampler}: choose shuffle (every tile once per epoch) or balanced "
+            "(every class equally likely at each draw)"
+        )
+    return str(sampler)
+
+
+def class_weight(loss_cfg) -> str | list[float]:
+    """``loss.class_weight``: none, balanced, or a list of positive numbers (one per class folder;
+    its length is checked against the data's classes when they are known: ``engine.class_weights``)."""
+    value = "none" if loss_cfg is None else loss_cfg.get("class_weight", "none")
+    if value is None or str(value) in ("none", "balanced"):
+        return "none" if value is None else str(value)
+    if OmegaConf.is_list(value) or isinstance(value, (list, tuple)):
+        weights = list(value)
+        if weights and all(isinstance(w, (int, float)) and not isinstance(w, bool) and w > 0 for w in weights):
+            return [float(w) for w in weights]
+    shown = OmegaConf.to_container(value) if OmegaConf.is_list(value) else value
+    raise UserError(
+        f"loss.class_weight={shown}: choose none, balanced (from the training split's class counts) "
+        "or one positive weight per class folder, e.g. loss.class_weight=[1,9]"
+    )
 
 
 def check_root(data_cfg) -> Path | None:

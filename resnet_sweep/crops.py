@@ -86,6 +86,22 @@ def shuffled(n: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng([int(seed), int(epoch)]).permutation(n)
 
 
+def epoch_order(labels, seed: int, epoch: int, sampler: str = "shuffle") -> np.ndarray:
+    """The training samples of one epoch (``data.sampler``). ``shuffle``: every sample once, in the
+    order ``shuffled(n, seed, epoch)``. ``balanced``: as many draws, with replacement, each class
+    equally likely at every draw (a sample's weight is 1 / its class's count), reproducible from
+    (seed, epoch); rare-class samples repeat, common ones are left out of some epochs."""
+    labels = np.asarray(labels, dtype=np.int64)
+    n = len(labels)
+    if sampler == "shuffle":
+        return shuffled(n, seed, epoch)
+    if sampler != "balanced":
+        raise ValueError(f"data.sampler={sampler}: choose shuffle or balanced")
+    counts = np.bincount(labels)
+    weights = 1.0 / counts[labels]
+    return np.random.default_rng([int(seed), int(epoch), 1]).choice(n, size=n, replace=True, p=weights / weights.sum())
+
+
 def resized(image: Image.Image, resize: int | None) -> Image.Image:
     return TF.resize(image, resize) if resize else image
 
@@ -117,14 +133,16 @@ class Tiles(Dataset):
 
 
 class EpochShuffle(Sampler):
-    def __init__(self, n: int, seed: int):
-        self.n, self.seed, self.epoch = n, seed, 0
+    """The training order of each epoch: ``epoch_order(labels, seed, epoch, sampler)``."""
+
+    def __init__(self, labels, seed: int, sampler: str = "shuffle"):
+        self.labels, self.seed, self.sampler, self.epoch = list(labels), seed, sampler, 0
 
     def __len__(self) -> int:
-        return self.n
+        return len(self.labels)
 
     def __iter__(self):
-        return iter(shuffled(self.n, self.seed, self.epoch).tolist())
+        return iter(epoch_order(self.labels, self.seed, self.epoch, self.sampler).tolist())
 
 
 class Loader(DataLoader):

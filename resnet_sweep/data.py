@@ -17,7 +17,7 @@ from filelock import FileLock
 from torchvision import transforms
 
 from . import demo_data, faults
-from .checks import SPLITS, check_augment, check_root
+from .checks import SPLITS, check_augment, check_root, check_sampler
 from .crops import EpochShuffle, Loader, Tiles
 from .errors import UserError, first_line
 from .images import class_folders, class_images, fingerprint, load_rgb, scan_tree
@@ -42,7 +42,17 @@ class Splits:
     resize: int | None = None  # shorter side resized to this before cropping (None: tiles as they are)
     crop_seed: int = 0
     augment: tuple = ()  # data.augment: flips / quarter turns of the training crops
+    sampler: str = "shuffle"  # data.sampler: shuffle | balanced (crops.epoch_order)
     store: TileStore | None = None
+
+
+def class_counts(splits: Splits) -> dict[str, list[int]]:
+    """Images per class of each split, in class-folder order: ``{"train": [150, 10], ...}``."""
+    counts = {}
+    for split in SPLITS:
+        labels = [y for _, y in getattr(splits, split).dataset.samples]
+        counts[split] = [labels.count(i) for i in range(len(splits.classes))]
+    return counts
 
 
 def resolve_root(data_cfg) -> Path:
@@ -183,6 +193,7 @@ def load_splits(
     if not isinstance(crop_seed, int) or crop_seed < 0:
         raise UserError(f"trainer.crop_seed={crop_seed}: must be an integer >= 0")
     augment = check_augment(data_cfg.get("augment"))
+    sampler = check_sampler(data_cfg.get("sampler", "shuffle"))
     # with a resize, any image can be cropped; without one, images must be at least the crop
     classes, files, skipped = scan_tree(
         root, crop_size if not resize else 1, data_cfg.cache_dir, str(data_cfg.get("on_bad_image", "error"))
@@ -203,7 +214,7 @@ def load_splits(
         pil = Loader(
             ds,
             batch_size=int(trainer_cfg.batch_size),
-            sampler=EpochShuffle(len(ds), seed) if train else None,
+            sampler=EpochShuffle([y for _, y in samples], seed, sampler) if train else None,
             num_workers=workers,
             # not persistent: each epoch's workers get the dataset with that epoch's crops
             persistent_workers=False,
@@ -230,6 +241,7 @@ def load_splits(
                 crop_seed=crop_seed if train else None,
                 augment=augment if train else (),
                 resident=store.resident(split),
+                sampler=sampler,
             )
 
         return ImageLoader(pil, from_store)
@@ -247,6 +259,7 @@ def load_splits(
         resize=resize,
         crop_seed=crop_seed,
         augment=augment,
+        sampler=sampler,
         store=store,
     )
 

@@ -102,9 +102,30 @@ def probabilities(logits: torch.Tensor) -> torch.Tensor:
     return torch.sigmoid(logits) if logits.dim() == 1 else torch.softmax(logits, dim=-1)
 
 
-def criterion(num_classes: int, reduction: str = "mean") -> nn.Module:
-    """Two classes: the study's BCE on one logit; three or more: cross-entropy on N logits."""
-    return nn.BCEWithLogitsLoss(reduction=reduction) if num_classes == 2 else nn.CrossEntropyLoss(reduction=reduction)
+def criterion(num_classes: int, reduction: str = "mean", weight: list[float] | None = None) -> nn.Module:
+    """Two classes: the study's BCE on one logit; three or more: cross-entropy on N logits. ``weight``
+    (one per class): two classes weigh the positive class by ``pos_weight = w2 / w1``; three or more
+    take them as cross-entropy's class weights (a weighted mean over the batch)."""
+    if num_classes == 2:
+        pos_weight = None if weight is None else torch.tensor(weight[1] / weight[0])
+        return nn.BCEWithLogitsLoss(reduction=reduction, pos_weight=pos_weight)
+    return nn.CrossEntropyLoss(reduction=reduction, weight=None if weight is None else torch.tensor(weight))
+
+
+def class_weights(choice, counts: list[int], classes: list[str]) -> list[float] | None:
+    """``loss.class_weight`` for the training split's ``counts`` per class: none -> None; balanced ->
+    n / (classes x count) per class; a list -> itself, one weight per class folder."""
+    choice = checks.class_weight({"class_weight": choice})
+    if choice == "none":
+        return None
+    if choice == "balanced":
+        return [sum(counts) / (len(counts) * c) for c in counts]
+    if len(choice) != len(classes):
+        raise UserError(
+            f"loss.class_weight={[round(w, 6) for w in choice]}: {len(choice)} weight(s) for {len(classes)} "
+            f"classes ({', '.join(classes)}); give one per class folder, in this order"
+        )
+    return choice
 
 
 def targets(y: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -187,12 +208,14 @@ def _check_finite(loss: torch.Tensor, epoch: int) -> None:
         raise Diverged(f"loss became {'NaN' if torch.isnan(loss) else 'inf'} at epoch {epoch}")
 
 
-def run_epoch(model, loader, device, precision, prefix, epoch, optimizer=None, desc="", num_classes: int = 2) -> dict:
+def run_epoch(
+    model, loader, device, precision, prefix, epoch, optimizer=None, desc="", num_classes: int = 2, class_weight=None
+) -> dict:
     """One pass over ``loader``; trains when an optimizer is given. Evaluation passes also measure
-    balanced accuracy and AUROC."""
+    balanced accuracy and AUROC. ``class_weight`` weighs the training loss only (``train/loss``)."""
     training = optimizer is not None
     model.train(training)
-    loss_fn = criterion(num_classes)
+    loss_fn = criterion(num_classes, weight=class_weight if prefix == "train" else None).to(device)
     meter = _Meter(device, num_classes, full=not training and prefix != "train")
     grad = contextlib.nullcontext() if training else torch.inference_mode()
     with grad:
@@ -298,6 +321,7 @@ def fit(
     device: torch.device,
     resume=None,
     scheduler_cfg=None,
+    class_weight: list[float] | None = None,
 ) -> History:
     """Epoch 0 measures the untrained model; epochs 1..max_epochs train. The best epoch on the
     objective is kept (its trainable state via ``state_fn``); ``patience`` epochs without
@@ -323,7 +347,9 @@ def fit(
         desc = f"epoch {epoch}/{max_epochs}"
         lrs = learning_rates(optimizer)  # what this epoch trains with (epoch 0: the starting LR)
         train = optimizer if epoch > 0 else None
-        metrics = run_epoch(model, splits.train, device, precision, "train", epoch, train, desc + " train", num_classes)
+        metrics = run_epoch(
+            model, splits.train, device, precision, "train", epoch, train, desc + " train", num_classes, class_weight
+        )
         metrics.update(
             run_epoch(
                 model, splits.valid, device, precision, "valid", epoch, desc=desc + " valid", num_classes=num_classes

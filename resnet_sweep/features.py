@@ -59,14 +59,14 @@ class Bank:
 
 class BankLoader:
     """Batches of (features, labels) from the bank. The train loader serves view ``view_of(epoch) mod V``
-    in the order ``crops.shuffled(seed, epoch)``, as the naive loop does; eval loaders serve the centre
-    crop in order."""
+    in the order ``crops.epoch_order(labels, seed, epoch, sampler)``, as the naive loop does; eval
+    loaders serve the centre crop in order."""
 
-    def __init__(self, bank: Bank, split: str, batch_size: int, shuffle: bool, seed: int):
+    def __init__(self, bank: Bank, split: str, batch_size: int, shuffle: bool, seed: int, sampler: str = "shuffle"):
         self.features = bank.array(split)
         self.targets = bank.labels(split)
         self.views = bank.views if split == "train" else 1
-        self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
+        self.batch_size, self.shuffle, self.seed, self.sampler = batch_size, shuffle, seed, sampler
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -78,7 +78,7 @@ class BankLoader:
     def __iter__(self):
         feats = self.features[crops.view_of(self.epoch) % self.views] if self.features.ndim == 3 else self.features
         n = len(self.targets)
-        order = crops.shuffled(n, self.seed, self.epoch) if self.shuffle else np.arange(n)
+        order = crops.epoch_order(self.targets, self.seed, self.epoch, self.sampler) if self.shuffle else np.arange(n)
         for i in range(0, n, self.batch_size):
             idx = order[i : i + self.batch_size]
             x = torch.from_numpy(np.asarray(feats[np.sort(idx)], dtype=np.float32))
@@ -195,7 +195,7 @@ def splits_from(bank: Bank, splits, batch_size: int, seed: int):
 
     return replace(
         splits,
-        train=BankLoader(bank, "train", batch_size, shuffle=True, seed=seed),
+        train=BankLoader(bank, "train", batch_size, shuffle=True, seed=seed, sampler=splits.sampler),
         valid=BankLoader(bank, "valid", batch_size, shuffle=False, seed=seed),
         test=BankLoader(bank, "test", batch_size, shuffle=False, seed=seed),
     )

@@ -17,7 +17,7 @@ from .errors import Diverged, Locked, UserError, exit_with, first_line
 from .naming import app_config, run_name, safe_run_name
 from .preflight import check_job
 from .redaction import redact
-from .runs import job_run
+from .runs import class_counts, job_run
 from .store import connect, existing_run
 from .sweep_dir import in_multirun, write_job_status
 
@@ -133,6 +133,9 @@ def train_and_log(cfg, resumer, state) -> tuple[float, str]:
         job.tags(weights_source=built.weights_source, data_root=str(splits.root), device=str(device))
         job.tags(**{"model.trainable_params": built.trainable_params, "model.total_params": built.total_params})
         job.dataset(splits, cfg.data)
+        job.tags(**{f"class_counts.{split}": counts for split, counts in class_counts(splits).items()})
+        weight_choice = (cfg.get("loss") or {}).get("class_weight", "none")
+        weights = engine.class_weights(weight_choice, data.class_counts(splits)["train"], splits.classes)
         log.info(
             "%s: %s of %s parameters train (backbone.freeze=%s)",
             job.name,
@@ -165,6 +168,7 @@ def train_and_log(cfg, resumer, state) -> tuple[float, str]:
             device=device,
             resume=resume.EpochHooks(resumer, state, job),
             scheduler_cfg=cfg.get("scheduler"),
+            class_weight=weights,
         )
         job.history(history)
         built.model.load_state_dict(history.best_state, strict=False)

@@ -9,19 +9,20 @@ from typing import TypeVar
 
 from .errors import UserError
 
-PER_EPOCH = ("loss", "acc")  # the validation metrics measured at every epoch
+PER_EPOCH = ("loss", "acc", "balanced_acc", "auroc")  # the validation metrics measured at every epoch
 
 T = TypeVar("T")
 
 
 def direction(objective: str) -> str:
-    """valid/loss -> minimize; valid/acc -> maximize. Other metrics (auroc, f1, balanced_acc) are
-    measured on the test split only, so they cannot pick an epoch: refused in one line."""
+    """valid/loss -> minimize; valid/acc, valid/balanced_acc, valid/auroc -> maximize. Other metrics
+    (f1, any test/ metric) are not measured on validation every epoch, so they cannot pick an epoch:
+    refused in one line."""
     split, _, metric = str(objective).partition("/")
     if split != "valid" or metric not in PER_EPOCH:
         raise UserError(
             f"objective={objective}: the sweep objective is a validation metric measured every epoch: "
-            "valid/loss (minimised) or valid/acc (maximised)"
+            "valid/loss (minimised), valid/acc, valid/balanced_acc or valid/auroc (maximised)"
         )
     return "minimize" if metric == "loss" else "maximize"
 

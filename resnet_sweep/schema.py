@@ -60,6 +60,7 @@ class DataConf:
     tile_store_max_gb: float = 20.0
     tile_store_device: str = "auto"
     augment: list[str] = field(default_factory=list)
+    sampler: str = "shuffle"
 
 
 @dataclass
@@ -71,6 +72,11 @@ class DemoDataConf(DataConf):
     slides_per_class: list[int] = field(default_factory=lambda: [8, 2, 2])
     tiles_per_slide: int = 10
     classes: int = 2
+
+
+@dataclass
+class LossConf:
+    class_weight: Any = "none"  # none | balanced | [w1, w2, ...]
 
 
 @dataclass
@@ -89,6 +95,7 @@ SCHEMAS = (
     ("data", "imagefolder_schema", DataConf),
     ("data", "demo_schema", DemoDataConf),
     ("tracking", "tracking_schema", TrackingConf),
+    ("loss", "loss_schema", LossConf),
 )
 
 

@@ -92,8 +92,13 @@ def history_steps(cwd: Path, run, key="valid/loss", client=None) -> list[int]:
         (["data=imagefolder", "data.root={tree}", "optimizer.momentum=-1"], "optimizer.momentum=-1: Invalid momentum"),
         (["-m", "data=imagefolder", "optimizer.lr=1e-3,1e-2"], "data=imagefolder needs data.root"),
         (
-            ["data=imagefolder", "data.root={tree}", "objective=valid/balanced_acc"],
-            "objective=valid/balanced_acc: the sweep objective is a validation metric measured every epoch",
+            ["data=imagefolder", "data.root={tree}", "objective=valid/f1"],
+            "objective=valid/f1: the sweep objective is a validation metric measured every epoch",
+        ),
+        (["data=imagefolder", "data.root={tree}", "data.sampler=even"], "data.sampler=even: choose shuffle"),
+        (
+            ["-m", "data=imagefolder", "data.root={tree}", "loss.class_weight=none,heavy"],
+            "loss.class_weight=heavy: choose none, balanced",
         ),
     ],
 )
