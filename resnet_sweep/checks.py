@@ -18,6 +18,7 @@ CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 SPLITS = ("train", "valid", "test")  # the folders of an ImageFolder root, in this order
 AUGMENTS = ("hflip", "vflip", "rot90")
 SAMPLERS = ("shuffle", "balanced")  # data.sampler (crops.epoch_order)
+GROUP_AGGREGATES = ("mean", "majority")  # data.group_aggregate
 PRECISIONS = {"auto": None, "bf16": True, "bf16-mixed": True, "32": False, "fp32": False}  # choice -> bf16?
 LOG_MODEL = ("all", "best", "none")
 # crops per backbone forward while extracting, unless trainer.bank_batch_size says otherwise: on a
@@ -48,6 +49,11 @@ def check_config(cfg) -> None:
     if not is_int(cfg.seed):
         raise UserError(f"seed={cfg.seed}: must be an integer")
     direction(str(cfg.objective))
+    if str(cfg.objective).startswith("valid/slide/") and not cfg.data.get("group"):
+        raise UserError(
+            f"objective={cfg.objective}: slide-level metrics need data.group=REGEX (the group of each file, "
+            "as resnet-sweep split --group)"
+        )
     precision(cfg.trainer.precision)
     feature_bank(cfg.trainer)
     log_model(cfg.tracking)
@@ -105,6 +111,11 @@ def check_data(data_cfg) -> None:
         raise UserError(f"data.normalize={data_cfg.get('normalize')}: choose imagenet or dataset")
     check_augment(data_cfg.get("augment"))
     check_sampler(data_cfg.get("sampler", "shuffle"))
+    if str(data_cfg.get("group_aggregate", "mean")) not in GROUP_AGGREGATES:
+        raise UserError(
+            f"data.group_aggregate={data_cfg.get('group_aggregate')}: choose mean (mean tile probability) "
+            "or majority (share of tile votes)"
+        )
 
 
 def check_sampler(sampler) -> str:

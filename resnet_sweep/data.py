@@ -20,7 +20,7 @@ from . import demo_data, faults
 from .checks import SPLITS, check_augment, check_root, check_sampler
 from .crops import EpochShuffle, Loader, Tiles
 from .errors import UserError, first_line
-from .images import class_folders, class_images, fingerprint, load_rgb, scan_tree
+from .images import class_folders, class_images, file_groups, fingerprint, load_rgb, scan_tree
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +43,8 @@ class Splits:
     crop_seed: int = 0
     augment: tuple = ()  # data.augment: flips / quarter turns of the training crops
     sampler: str = "shuffle"  # data.sampler: shuffle | balanced (crops.epoch_order)
+    groups: dict[str, list[str]] | None = None  # data.group: each split's file groups, in loader order
+    group_aggregate: str = "mean"  # data.group_aggregate: mean | majority
     store: TileStore | None = None
 
 
@@ -198,6 +200,7 @@ def load_splits(
     classes, files, skipped = scan_tree(
         root, crop_size if not resize else 1, data_cfg.cache_dir, str(data_cfg.get("on_bad_image", "error"))
     )
+    groups = file_groups(root, files, data_cfg.group) if data_cfg.get("group") else None
     if data_cfg.normalize == "imagenet":
         mean, std = IMAGENET_MEAN, IMAGENET_STD
     elif data_cfg.normalize == "dataset":
@@ -260,6 +263,8 @@ def load_splits(
         crop_seed=crop_seed,
         augment=augment,
         sampler=sampler,
+        groups=groups,
+        group_aggregate=str(data_cfg.get("group_aggregate", "mean")),
         store=store,
     )
 

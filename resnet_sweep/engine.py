@@ -167,12 +167,53 @@ def confusion(num_classes: int):
     return c.BinaryConfusionMatrix() if num_classes == 2 else c.MulticlassConfusionMatrix(num_classes=num_classes)
 
 
+def group_results(
+    probs: torch.Tensor, labels: torch.Tensor, groups: list[str], num_classes: int, aggregate: str = "mean"
+):
+    """Slide/patient results (``data.group``) from tile probabilities in loader order: each group's
+    score per class is its tiles' mean probability (``mean``) or their share of tile votes
+    (``majority``); its prediction the second class at score >= 0.5 (two classes) or the best score.
+    -> (metrics: acc, balanced_acc, auroc, f1 as ``class_metrics`` on the groups, and n: groups;
+    rows: one per group in first-seen order: group, class index, tiles, scores per class, predicted)."""
+    probs, labels = probs.detach().float().cpu(), labels.detach().long().cpu()
+    if len(groups) != len(labels):
+        raise ValueError(f"{len(groups)} groups for {len(labels)} tiles")
+    per_class = torch.stack([1 - probs, probs], 1) if probs.dim() == 1 else probs
+    tile_pred = (probs >= 0.5).long() if probs.dim() == 1 else probs.argmax(1)
+    votes = torch.nn.functional.one_hot(tile_pred, per_class.shape[1]).float()
+    members: dict[str, list[int]] = {}
+    for i, key in enumerate(groups):
+        members.setdefault(key, []).append(i)
+    rows, scores = [], []
+    for key, idx in members.items():
+        score = (per_class[idx] if aggregate == "mean" else votes[idx]).mean(0)
+        predicted = int(score[1] >= 0.5) if num_classes == 2 else int(score.argmax())
+        rows.append(
+            {
+                "group": key,
+                "class": int(labels[idx[0]]),
+                "tiles": len(idx),
+                "scores": score.tolist(),
+                "predicted": predicted,
+            }
+        )
+        scores.append(score)
+    scores_t, truth = torch.stack(scores), torch.tensor([r["class"] for r in rows])
+    metrics = torchmetrics.MetricCollection(class_metrics(num_classes))
+    metrics.update(scores_t[:, 1] if num_classes == 2 else scores_t, truth)
+    out = {k: v.item() for k, v in metrics.compute().items()}
+    out["n"] = len(rows)
+    return out, rows
+
+
 class _Meter:
     """Mean loss and accuracy over an epoch (torchmetrics); ``full`` adds balanced accuracy and AUROC
-    (what validation measures, so either can be the objective)."""
+    (what validation measures, so either can be the objective); ``groups`` (one per tile, in loader
+    order) adds the slide-level metrics (``group_results``)."""
 
-    def __init__(self, device, num_classes: int = 2, full: bool = False):
-        self.num_classes = num_classes
+    def __init__(self, device, num_classes: int = 2, full: bool = False, groups=None, aggregate: str = "mean"):
+        self.num_classes, self.groups, self.aggregate = num_classes, groups, aggregate
+        self.probs, self.labels = [], []
         self.loss = torchmetrics.MeanMetric().to(device)
         metrics = class_metrics(num_classes)
         # the two-class accuracy reads the logits as it always has (torchmetrics applies the sigmoid)
@@ -189,11 +230,19 @@ class _Meter:
         self.acc.update(logits if self.num_classes == 2 else logits.argmax(-1), y.int() if self.num_classes == 2 else y)
         if self.more is not None:
             self.more.update(probabilities(logits), y.long())
+        if self.groups is not None:
+            self.probs.append(probabilities(logits).cpu())
+            self.labels.append(y.cpu())
 
     def compute(self, prefix: str) -> dict:
         out = {f"{prefix}/loss": self.loss.compute().item(), f"{prefix}/acc": self.acc.compute().item()}
         if self.more is not None:
             out.update({f"{prefix}/{k}": v.item() for k, v in self.more.compute().items()})
+        if self.groups is not None:
+            slide, _ = group_results(
+                torch.cat(self.probs), torch.cat(self.labels), self.groups, self.num_classes, self.aggregate
+            )
+            out.update({f"{prefix}/slide/{k}": v for k, v in slide.items()})
         return out
 
 
@@ -209,14 +258,26 @@ def _check_finite(loss: torch.Tensor, epoch: int) -> None:
 
 
 def run_epoch(
-    model, loader, device, precision, prefix, epoch, optimizer=None, desc="", num_classes: int = 2, class_weight=None
+    model,
+    loader,
+    device,
+    precision,
+    prefix,
+    epoch,
+    optimizer=None,
+    desc="",
+    num_classes: int = 2,
+    class_weight=None,
+    groups=None,
+    aggregate: str = "mean",
 ) -> dict:
     """One pass over ``loader``; trains when an optimizer is given. Evaluation passes also measure
     balanced accuracy and AUROC. ``class_weight`` weighs the training loss only (``train/loss``)."""
     training = optimizer is not None
     model.train(training)
     loss_fn = criterion(num_classes, weight=class_weight if prefix == "train" else None).to(device)
-    meter = _Meter(device, num_classes, full=not training and prefix != "train")
+    evaluating = not training and prefix != "train"
+    meter = _Meter(device, num_classes, full=evaluating, groups=groups if evaluating else None, aggregate=aggregate)
     grad = contextlib.nullcontext() if training else torch.inference_mode()
     with grad:
         for x, y in tqdm(loader, desc=desc, leave=False, disable=None):
@@ -330,6 +391,8 @@ def fit(
     after every epoch (``save(epoch, model, optimizer, history)``)."""
     direction(objective)  # a metric that cannot pick an epoch: one line, before any work
     num_classes = len(getattr(splits, "classes", None) or (0, 1))
+    groups = getattr(splits, "groups", None) or {}
+    aggregate = getattr(splits, "group_aggregate", "mean")
     history = History()
     model.to(device).to(memory_format=torch.channels_last)
     optimizer = make_optimizer(optimizer_cfg, model)
@@ -352,7 +415,16 @@ def fit(
         )
         metrics.update(
             run_epoch(
-                model, splits.valid, device, precision, "valid", epoch, desc=desc + " valid", num_classes=num_classes
+                model,
+                splits.valid,
+                device,
+                precision,
+                "valid",
+                epoch,
+                desc=desc + " valid",
+                num_classes=num_classes,
+                groups=groups.get("valid"),
+                aggregate=aggregate,
             )
         )
         metrics.update(lrs)
@@ -383,9 +455,11 @@ def fit(
     return history
 
 
-def evaluate(model, loader, device, precision, num_classes: int = 2) -> dict:
+def evaluate(model, loader, device, precision, num_classes: int = 2, groups=None, aggregate: str = "mean") -> dict:
     """Test metrics of ``model``: loss, accuracy, AUROC, F1, balanced accuracy (macro for N >= 3
-    classes), confusion matrix (rows: true, columns: predicted)."""
+    classes), confusion matrix (rows: true, columns: predicted); with ``groups`` (one per tile, in
+    loader order) also ``test/slide/*`` and the per-group rows (``group_rows``)."""
+    all_probs, all_labels = [], []
     model.to(device).eval()
     loss_fn = criterion(num_classes, reduction="sum")
     metrics = torchmetrics.MetricCollection(class_metrics(num_classes)).to(device)
@@ -402,7 +476,15 @@ def evaluate(model, loader, device, precision, num_classes: int = 2) -> dict:
             probs = probabilities(logits)
             metrics.update(probs, y)
             matrix.update(probs, y)
+            if groups is not None:
+                all_probs.append(probs.cpu())
+                all_labels.append(y.cpu())
     out = {f"test/{k}": v.item() for k, v in metrics.compute().items()}
     out["test/loss"] = loss_sum / max(n, 1)
     out["confusion_matrix"] = matrix.compute().cpu().tolist()
+    if groups is not None:
+        slide, out["group_rows"] = group_results(
+            torch.cat(all_probs), torch.cat(all_labels), groups, num_classes, aggregate
+        )
+        out.update({f"test/slide/{k}": v for k, v in slide.items()})
     return out

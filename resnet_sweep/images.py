@@ -98,6 +98,56 @@ def scan_tree(root: Path, crop_size: int, cache_dir=None, on_bad_image: str = "e
     return train_classes, files, bad
 
 
+def group_of(name: str, pattern: re.Pattern | None) -> str | None:
+    """The group key of a file (slide, patient...): the regex's first capture group (the whole match
+    if it has none) searched in ``name``, the file's path below its class folder; None if it does not
+    match or captures nothing. Without a regex, the file is its own group. ``resnet-sweep split
+    --group`` and ``data.group`` share this rule."""
+    if pattern is None:
+        return name
+    m = pattern.search(name)
+    if m is None:
+        return None
+    key = m.group(1) if pattern.groups else m.group(0)
+    return key or None
+
+
+def compile_group(regex: str | None, key: str = "--group") -> re.Pattern | None:
+    if regex is None:
+        return None
+    try:
+        return re.compile(regex)
+    except re.error as e:
+        raise UserError(f"{key} '{regex}': not a regular expression ({e})") from None
+
+
+def file_groups(root: Path, files: dict[str, list[Path]], regex: str) -> dict[str, list[str]]:
+    """``data.group``: the group of every file of each split (in ``files``' order). A file the regex
+    does not match, or a group with tiles in two classes, is one line naming it."""
+    pattern = compile_group(str(regex), "data.group")
+    groups: dict[str, list[str]] = {}
+    for split, paths in files.items():
+        class_of: dict[str, tuple[str, Path]] = {}
+        keys = []
+        for path in paths:
+            cls, *below = path.relative_to(root / split).parts
+            key = group_of("/".join(below), pattern)
+            if key is None:
+                raise UserError(
+                    f"{path}: data.group='{regex}' does not match '{'/'.join(below)}' (or captures nothing); "
+                    "fix the regex or move the file"
+                )
+            seen = class_of.setdefault(key, (cls, path))
+            if seen[0] != cls:
+                raise UserError(
+                    f"data.group='{regex}': group '{key}' of split '{split}' has tiles in two classes "
+                    f"('{seen[0]}': {seen[1]}, '{cls}': {path}); a slide or patient has one class"
+                )
+            keys.append(key)
+        groups[split] = keys
+    return groups
+
+
 def check_image(path: Path, crop_size: int) -> str | None:
     """None if the file decodes fully to an image at least crop x crop, else why not."""
     if path.stat().st_size == 0:

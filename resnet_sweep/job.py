@@ -173,7 +173,16 @@ def train_and_log(cfg, resumer, state) -> tuple[float, str]:
         job.history(history)
         built.model.load_state_dict(history.best_state, strict=False)
         test = job.test_metrics(
-            engine.evaluate(model, inputs.test, device, cfg.trainer.precision, len(splits.classes)), splits.classes
+            engine.evaluate(
+                model,
+                inputs.test,
+                device,
+                cfg.trainer.precision,
+                len(splits.classes),
+                groups=splits.groups["test"] if splits.groups else None,
+                aggregate=splits.group_aggregate,
+            ),
+            splits.classes,
         )
         ckpt = models.checkpoint(
             built,

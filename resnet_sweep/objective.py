@@ -19,10 +19,13 @@ def direction(objective: str) -> str:
     (f1, any test/ metric) are not measured on validation every epoch, so they cannot pick an epoch:
     refused in one line."""
     split, _, metric = str(objective).partition("/")
-    if split != "valid" or metric not in PER_EPOCH:
+    slide = metric.startswith("slide/")  # valid/slide/...: per slide or patient (data.group)
+    metric = metric.removeprefix("slide/")
+    if split != "valid" or metric not in PER_EPOCH or (slide and metric == "loss"):
         raise UserError(
             f"objective={objective}: the sweep objective is a validation metric measured every epoch: "
-            "valid/loss (minimised), valid/acc, valid/balanced_acc or valid/auroc (maximised)"
+            "valid/loss (minimised), valid/acc, valid/balanced_acc or valid/auroc (maximised), or their "
+            "valid/slide/ forms with data.group"
         )
     return "minimize" if metric == "loss" else "maximize"
 

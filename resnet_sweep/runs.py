@@ -7,7 +7,9 @@ Metric names: ``train/loss train/acc valid/loss valid/acc`` with ``step=epoch`` 
 from __future__ import annotations
 
 import contextlib
+import csv
 import hashlib
+import io
 import logging
 import os
 import subprocess
@@ -155,7 +157,10 @@ class JobLog:
     def test_metrics(self, metrics: dict, classes: list[str]) -> dict:
         metrics = dict(metrics)
         matrix = metrics.pop("confusion_matrix")
+        group_rows = metrics.pop("group_rows", None)
         metrics = rounded(metrics)
+        if group_rows is not None:
+            self._call("log_text", mlflow.log_text, group_csv(group_rows, classes), "test_groups.csv")
         self._call("log_metrics", mlflow.log_metrics, metrics, step=self.best_epoch)
         self._call("set_tag", mlflow.set_tag, "mlflow.note.content", self.description(metrics))
         self._call(
@@ -211,6 +216,18 @@ class JobLog:
 
     def model(self, classifier, ckpt: dict) -> None:
         self._call("log_model", log_model, classifier, ckpt, self.name)
+
+
+def group_csv(rows: list[dict], classes: list[str]) -> str:
+    """The test split's groups (``data.group``): group, true class, tiles, the group's score per class
+    (mean probability, or share of tile votes), predicted class."""
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(["group", "class", "tiles", *(f"p_{c}" for c in classes), "predicted"])
+    for r in rows:
+        scores = [f"{s:.6f}" for s in r["scores"]]
+        writer.writerow([r["group"], classes[r["class"]], r["tiles"], *scores, classes[r["predicted"]]])
+    return out.getvalue()
 
 
 def class_counts(splits) -> dict[str, str]:

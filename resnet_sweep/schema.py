@@ -61,6 +61,8 @@ class DataConf:
     tile_store_device: str = "auto"
     augment: list[str] = field(default_factory=list)
     sampler: str = "shuffle"
+    group: str | None = None
+    group_aggregate: str = "mean"
 
 
 @dataclass

@@ -38,7 +38,6 @@ import csv
 import math
 import os
 import random
-import re
 import secrets
 import shutil
 import stat
@@ -51,6 +50,7 @@ from typing import NamedTuple
 
 from .checks import SPLITS
 from .errors import UserError
+from .images import compile_group, group_of
 
 
 class Item(NamedTuple):
@@ -84,27 +84,6 @@ def parse_ratios(text: str) -> tuple[float, float, float]:
     if abs(total - 1) > 1e-3:
         raise UserError(f"{where}: the ratios sum to {total:g}; they must sum to 1")
     return tuple(v / total for v in values)
-
-
-def group_of(name: str, pattern: re.Pattern | None) -> str | None:
-    """The group key of a file: the regex's first capture group (the whole match if it has none);
-    None if it does not match or captures nothing. Without a regex, the file is its own group."""
-    if pattern is None:
-        return name
-    m = pattern.search(name)
-    if m is None:
-        return None
-    key = m.group(1) if pattern.groups else m.group(0)
-    return key or None
-
-
-def compile_group(regex: str | None) -> re.Pattern | None:
-    if regex is None:
-        return None
-    try:
-        return re.compile(regex)
-    except re.error as e:
-        raise UserError(f"--group '{regex}': not a regular expression ({e})") from None
 
 
 def scan(src: Path, regex: str | None) -> list[Item]:
