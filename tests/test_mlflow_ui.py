@@ -170,3 +170,108 @@ def test_a_study_gets_optunas_own_history_slice_importance_and_parallel_coordina
         names.append(name)
         plots.close(fig)
     assert names == ["optimization_history", "objective_vs_optimizer_lr", "param_importances", "parallel_coordinate"]
+
+
+def _browser():
+    """Headless Debian chromium through Selenium, or a one-line skip where there is none."""
+    import shutil
+
+    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium not installed (pip install selenium)")
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver = shutil.which("chromedriver")
+    if not chromium or not driver:
+        pytest.skip("no chromium/chromedriver (apt-get install chromium chromium-driver)")
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1600,1000"):
+        options.add_argument(arg)
+    return webdriver.Chrome(service=Service(driver), options=options)
+
+
+@pytest.mark.e2e
+def test_a_browser_on_mlflow_ui_sees_the_runs_the_report_the_models_best_epoch_and_the_plots(sweep, tmp_path):
+    """`mlflow ui` on the sweep's store, driven by headless chromium: what a researcher sees.
+    Screenshots go to $RESNET_SWEEP_SCREENSHOTS (default: the test's temporary folder)."""
+    import contextlib
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    import mlflow
+    from conftest import wait_until_healthy
+
+    from resnet_sweep.store import runs_url
+
+    browser = _browser()
+    shots = Path(os.environ.get("RESNET_SWEEP_SCREENSHOTS") or tmp_path)
+    shots.mkdir(parents=True, exist_ok=True)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ui = f"http://127.0.0.1:{port}"
+    log_path = tmp_path / "mlflow-ui.log"
+    db = f"sqlite:///{sweep / 'mlflow.db'}"
+    mlflow_bin = Path(sys.executable).parent / "mlflow"
+    cmd = [str(mlflow_bin), "ui", "--backend-store-uri", db, "--host", "127.0.0.1", "--port", str(port)]
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, cwd=sweep, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_until_healthy(ui, proc, log_path)
+        runs = mlflow_runs(sweep)
+        (parent,) = runs.parents
+        best_id = parent.data.tags["best_run_id"]
+        experiment_id = parent.info.experiment_id
+
+        def page(url: str, *texts: str, shot: str, timeout: float = 90) -> str:
+            browser.get(url)
+            deadline = time.time() + timeout
+            while True:
+                for more in browser.find_elements("xpath", "//*[normalize-space(text())='Show more']"):
+                    with contextlib.suppress(Exception):  # a long description is folded
+                        more.click()
+                body = browser.find_element("tag name", "body").text
+                if all(t in body for t in texts) or time.time() > deadline:
+                    break
+                time.sleep(1)
+            browser.save_screenshot(str(shots / f"{shot}.png"))
+            missing = [t for t in texts if t not in body]
+            assert not missing, f"{url}: {missing} not on the page ({shots / shot}.png)\n{body[:2000]}"
+            return body
+
+        # the experiment's URL lands on the runs table (not the GenAI overview), parent and children named
+        url = runs_url(db, "resnet-sweep", ui)
+        page(url, parent.info.run_name, shot="runs")
+        assert "/runs" in browser.current_url
+        # the parent run: its description holds the report's tables and the best run's link
+        page(
+            f"{ui}/#/experiments/{experiment_id}/runs/{parent.info.run_id}",
+            "2 finished, 0 failed",
+            "Best learning",
+            parent.data.tags["best_run_name"],
+            shot="parent_run",
+        )
+        # a child run: its description, its dataset
+        best = next(r for r in runs.children if r.info.run_id == best_id)
+        page(f"{ui}/#/experiments/{experiment_id}/runs/{best_id}", "best epoch", "tiles", shot="child_run")
+        # the model page: the best epoch's metrics, not epoch 0's
+        mlflow.set_tracking_uri(db)
+        (model,) = mlflow.search_logged_models(experiment_ids=[experiment_id], output_format="list")
+        body = page(f"{ui}/#/experiments/{experiment_id}/models/{model.model_id}", "valid/loss", shot="model")
+        assert f"{best.data.metrics['best/valid/loss']:g}"[:5] in body
+        # the confusion matrix renders
+        page(
+            f"{ui}/#/experiments/{experiment_id}/runs/{best_id}/artifacts/plots/confusion_matrix.png",
+            "confusion_matrix.png",
+            shot="confusion_matrix",
+        )
+        images = browser.find_elements("css selector", "img")
+        assert any(img.get_property("naturalWidth") >= 700 for img in images), "the confusion matrix did not render"
+    finally:
+        browser.quit()
+        proc.terminate()
+        proc.wait(timeout=30)
