@@ -49,6 +49,9 @@ class Row:
     test_auroc: float | None = None  # macro one-vs-rest for three or more classes
     test_f1: float | None = None  # macro for three or more classes
     class_counts: str = ""  # "train: a 18, b 2; valid: ...; test: ..." from the run's class_counts.* tags
+    test_slide_acc: float | None = None  # per slide/patient (data.group)
+    test_slide_balanced_acc: float | None = None
+    test_slide_auroc: float | None = None
 
 
 def momentum_of(params: dict) -> str:
@@ -83,6 +86,9 @@ def to_row(run, objective: str) -> Row:
         test_balanced_acc=m.get("test/balanced_acc"),
         test_auroc=m.get("test/auroc"),
         test_f1=m.get("test/f1"),
+        test_slide_acc=m.get("test/slide/acc"),
+        test_slide_balanced_acc=m.get("test/slide/balanced_acc"),
+        test_slide_auroc=m.get("test/slide/auroc"),
         class_counts="; ".join(
             f"{s}: {t[f'class_counts.{s}']}" for s in ("train", "valid", "test") if f"class_counts.{s}" in t
         ),
@@ -117,6 +123,7 @@ def md_table(header: list[str], rows: list[list[str]]) -> str:
 
 STUDY_HEADER = ["Optimizer", "Learning rate", "Momentum", "Epochs (best)", "Batch size", "Test loss", "Test acc"]
 MACRO_HEADER = ["Test balanced acc", "Test AUROC", "Test F1"]  # beside the study's columns
+SLIDE_HEADER = ["Slide acc", "Slide balanced acc", "Slide AUROC"]  # runs with data.group
 
 
 def score_text(value: float | None) -> str:
@@ -127,6 +134,7 @@ def study_table(rows: list[Row], objective: str) -> str:
     """One row per run, the study's columns; sorted by optimizer, then learning rate."""
     rows = sorted(rows, key=lambda r: (r.optimizer, r.lr))
     best = objectives.best([r for r in rows if r.status == "FINISHED"], lambda r: r.objective, objective)
+    slides = any(r.test_slide_acc is not None for r in rows)
     out = []
     for r in rows:
         epochs = f"{r.max_epochs} ({r.best_epoch})" if r.best_epoch is not None else f"{r.max_epochs} (-)"
@@ -142,8 +150,10 @@ def study_table(rows: list[Row], objective: str) -> str:
         if r.status != "FINISHED":
             cells[-1] = f"{r.status.lower()}"
         cells += [acc_text(r.test_balanced_acc), score_text(r.test_auroc), score_text(r.test_f1)]
+        if slides:
+            cells += [acc_text(r.test_slide_acc), acc_text(r.test_slide_balanced_acc), score_text(r.test_slide_auroc)]
         out.append(_bold(cells) if r is best else cells)
-    return md_table(STUDY_HEADER + MACRO_HEADER, out)
+    return md_table(STUDY_HEADER + MACRO_HEADER + (SLIDE_HEADER if slides else []), out)
 
 
 SEED_HEADER = [

@@ -93,6 +93,7 @@ def test_a_run_with_groups_logs_slide_metrics_every_epoch_and_the_test_groups(tm
     root = slide_tree(tmp_path / "tiles")
     run_app(
         tmp_path,
+        "-m",  # a sweep of one job: it has a report
         *FAST,
         "data=imagefolder",
         f"data.root={root}",
@@ -102,7 +103,7 @@ def test_a_run_with_groups_logs_slide_metrics_every_epoch_and_the_test_groups(tm
         "optimizer.lr=1e-2",
         "objective=valid/slide/balanced_acc",
     )
-    run = mlflow_runs(tmp_path).all[0]
+    (run,) = mlflow_runs(tmp_path).children
     client = client_for(tmp_path)
     for key in ("acc", "balanced_acc", "auroc", "f1", "n"):
         history = client.get_metric_history(run.info.run_id, f"valid/slide/{key}")
@@ -123,6 +124,12 @@ def test_a_run_with_groups_logs_slide_metrics_every_epoch_and_the_test_groups(tm
         ("s10", "b_class", "2"),
         ("s11", "b_class", "1"),
     ]
+    # the report's study table adds the slide-level columns beside the tile-level ones
+    report = run_app(tmp_path, "report", module="resnet_sweep.cli")
+    header = next(l for l in report.stdout.splitlines() if l.startswith("| Optimizer"))
+    assert header.endswith(
+        "| Test loss | Test acc | Test balanced acc | Test AUROC | Test F1 | Slide acc | Slide balanced acc | Slide AUROC |"
+    )
 
 
 def test_slide_objectives_need_data_group(tmp_path, tiny_tree):
