@@ -85,8 +85,12 @@ def cmd_predict(args) -> None:
         args.out,
         args.batch_size,
         args.logged_model,
+        args.group,
+        args.aggregate,
     )
     print(f"{n} predictions from run {run.info.run_name} ({run.info.run_id}) -> {out}")
+    if args.group:
+        print(f"per group ({args.aggregate}) -> {out.with_name(out.stem + '_groups.csv')}")
     if bad:
         print(f"{len(bad)} file(s) could not be read and were skipped:", file=sys.stderr)
         for path, why in bad:
@@ -119,6 +123,11 @@ def main(argv: list[str] | None = None) -> int:
         help="CSV path,probability,label; three or more classes: path,p_<class>...,label (default: %(default)s)",
     )
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument(
+        "--group",
+        help="REGEX: the group (slide, patient) of each file, as split --group; adds <out stem>_groups.csv",
+    )
+    p.add_argument("--aggregate", default="mean", help="per group: mean (probability) or majority (of tile votes)")
     p.add_argument(
         "--logged-model",
         action="store_true",

@@ -13,7 +13,7 @@ from mlflow.tracking import MlflowClient
 
 from . import crops, lookup, models
 from .errors import UserError, first_line
-from .images import load_rgb
+from .images import compile_group, group_of, load_rgb
 from .lookup import find_parent
 
 
@@ -60,7 +60,11 @@ def predict(
     out: str,
     batch_size: int = 32,
     logged_model: bool = False,
+    group: str | None = None,
+    aggregate: str = "mean",
 ):
+    """Probabilities for the images under ``images_dir`` -> ``out``; with ``group``, also one row per
+    group (slide, patient) -> ``<out stem>_groups.csv``."""
     root = Path(images_dir)
     if not root.is_dir():
         raise UserError(f"{images_dir}: no such directory")
@@ -70,6 +74,9 @@ def predict(
             f"{images_dir}: no images in this folder (hidden files are ignored); give the folder "
             f"holding the images to predict; {out} was not written"
         )
+    if aggregate not in ("mean", "majority"):
+        raise UserError(f"--aggregate {aggregate}: choose mean or majority")
+    keys = groups_of(root, paths, group) if group else None  # a file the regex misses: before any work
     mlflow.set_tracking_uri(tracking_uri)
     client = MlflowClient()
     if best:
@@ -121,12 +128,51 @@ def predict(
         )
     out_path = Path(out)
     write_csv(out_path, rows, meta["classes"])
+    if keys is not None:
+        classes = meta["classes"]
+        header = ["group", "tiles", *(f"p_{c}" for c in classes), "predicted"]
+        groups_path = out_path.with_name(f"{out_path.stem}_groups.csv")
+        write_csv(groups_path, [], table=(header, group_rows(rows, keys, classes, aggregate)))
     return out_path, len(rows), bad, run
 
 
-def write_csv(out_path: Path, rows: list[tuple], classes: list[str] | None = None) -> None:
+def groups_of(root: Path, paths: list[Path], regex: str) -> dict[str, str]:
+    """``--group REGEX``: each file's group (``split --group``'s rule, on the path below the folder
+    given); a file it does not match is one line naming it."""
+    pattern = compile_group(regex)
+    keys = {}
+    for p in paths:
+        below = p.relative_to(root).as_posix()
+        key = group_of(below, pattern)
+        if key is None:
+            raise UserError(
+                f"{p}: --group '{regex}' does not match '{below}' (or captures nothing); fix the regex or move the file"
+            )
+        keys[str(p)] = key
+    return keys
+
+
+def group_rows(rows: list[tuple], keys: dict[str, str], classes: list[str], aggregate: str = "mean") -> list[list]:
+    """One row per group: group, tiles, its score per class (mean probability, or share of tile
+    votes with ``majority``), predicted class (two classes: the second at >= 0.5)."""
+    members: dict[str, list[list[float]]] = {}
+    for path, prob, label in rows:
+        scores = prob if isinstance(prob, list) else [1 - prob, prob]
+        if aggregate == "majority":
+            scores = [float(c == label) for c in classes]
+        members.setdefault(keys[path], []).append(scores)
+    out = []
+    for key, tiles in members.items():
+        mean = [sum(col) / len(tiles) for col in zip(*tiles)]
+        best = int(mean[1] >= 0.5) if len(classes) == 2 else max(range(len(mean)), key=mean.__getitem__)
+        out.append([key, len(tiles), *(f"{s:.6f}" for s in mean), classes[best]])
+    return out
+
+
+def write_csv(out_path: Path, rows: list[tuple], classes: list[str] | None = None, table=None) -> None:
     """path,probability,label (two classes: P(second class)), or path,p_<class>...,label (one
-    probability column per class, three or more) to ``out_path``, whole or not at all: written beside it under a temporary
+    probability column per class, three or more) to ``out_path``; or ``table`` (header, rows) as it
+    is. Whole or not at all: written beside it under a temporary
     name and renamed over it, so an interrupted or failed write leaves the earlier file as it was. The
     new file gets the ordinary mode (0666 less the umask)."""
     tmp = out_path.parent / f".{out_path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
@@ -134,10 +180,14 @@ def write_csv(out_path: Path, rows: list[tuple], classes: list[str] | None = Non
         out_path.parent.mkdir(parents=True, exist_ok=True)
         with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "w", newline="") as f:
             writer = csv.writer(f)
-            multi = bool(rows) and isinstance(rows[0][1], list)
-            writer.writerow(["path", *([f"p_{c}" for c in classes] if multi else ["probability"]), "label"])
-            for path, prob, label in rows:
-                writer.writerow([path, *(f"{p:.6f}" for p in (prob if multi else [prob])), label])
+            if table is not None:
+                writer.writerow(table[0])
+                writer.writerows(table[1])
+            else:
+                multi = bool(rows) and isinstance(rows[0][1], list)
+                writer.writerow(["path", *([f"p_{c}" for c in classes] if multi else ["probability"]), "label"])
+                for path, prob, label in rows:
+                    writer.writerow([path, *(f"{p:.6f}" for p in (prob if multi else [prob])), label])
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, out_path)
