@@ -13,7 +13,7 @@ import time
 
 import optuna
 import pytest
-from conftest import FAST, TRAIN_PY, mlflow_runs, run_app, run_train
+from conftest import FAST, TRAIN_PY, client_for, mlflow_runs, run_app, run_train
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
 from hydra_plugins.resnet_sweep_optuna._space import search_space
@@ -94,6 +94,13 @@ def test_trial_jobs_log_failed_pruned_and_group_choice_runs_under_one_study_run(
         assert "test/acc" not in run.data.metrics  # stopped at epoch 1 of 3
     assert sorted(r.data.tags["optimizer"] for r in runs.children) == ["adam", "adam", "sgd", "sgd"]
     assert not any(k.endswith("._target_") for r in runs.children for k in r.data.params)  # plumbing: not params
+    # the study's parent run: its overrides as params, its report (description and report/)
+    parent = runs.parents[0]
+    assert parent.data.params["optimizer.lr"] == "choice(1e-3, 1e38)"
+    assert "Sweep report" not in parent.data.tags["mlflow.note.content"]  # the title is the run's name
+    assert "Runs that did not finish" in parent.data.tags["mlflow.note.content"]
+    artifacts = {a.path for a in client_for(tmp_path).list_artifacts(parent.info.run_id, "report")}
+    assert {"report/report.md", "report/runs.csv"} <= artifacts
 
 
 def mid_trial(cwd) -> bool:
