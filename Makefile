@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-fast lint format ui server bench bench-data clean
+.PHONY: setup demo test test-fast lint format ui screenshots server bench bench-data clean
 
 setup: $(STAMP)
 
@@ -47,6 +47,12 @@ ui: setup
 	@$(BIN)/python -c "from resnet_sweep.store import runs_url; \
 		print('runs of $(EXPERIMENT):', runs_url('sqlite:///mlflow.db', '$(EXPERIMENT)', 'http://127.0.0.1:$(UI_PORT)'))"
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port $(UI_PORT)
+
+# Screenshots of the MLflow UI on a small sweep (runs page, parent run, child run, model page,
+# confusion matrix) into screenshots/: the browser test of tests/test_mlflow_ui.py (headless
+# chromium + chromium-driver from apt, selenium from the dev extras).
+screenshots: setup
+	RESNET_SWEEP_SCREENSHOTS=$(CURDIR)/screenshots $(BIN)/python -m pytest -q -n 0 tests/test_mlflow_ui.py -k browser
 
 # MLflow tracking server for several sweeps or machines: PostgreSQL backend store when
 # MLFLOW_BACKEND_STORE_URI=postgresql://user@dbhost:5432/mlflow is set (password from PGPASSWORD or
