@@ -129,7 +129,7 @@ def check_sampler(sampler) -> str:
 
 def class_weight(loss_cfg) -> str | list[float]:
     """``loss.class_weight``: none, balanced, or a list of positive numbers (one per class folder;
-    its length is checked against the data's classes when they are known: ``engine.class_weights``)."""
+    its length is checked against the data's classes when they are known: ``metrics.class_weights``)."""
     value = "none" if loss_cfg is None else loss_cfg.get("class_weight", "none")
     if value is None or str(value) in ("none", "balanced"):
         return "none" if value is None else str(value)

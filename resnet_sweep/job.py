@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from hydra.core.hydra_config import HydraConfig
 
-from . import cores, data, engine, faults, features, hpo, models, resume
+from . import cores, data, engine, faults, features, hpo, metrics, models, resume
 from .checks import log_model
 from .errors import Diverged, Locked, UserError, exit_with, first_line
 from .naming import app_config, run_name, safe_run_name
@@ -135,7 +135,7 @@ def train_and_log(cfg, resumer, state) -> tuple[float, str]:
         job.dataset(splits, cfg.data)
         job.tags(**{f"class_counts.{split}": counts for split, counts in class_counts(splits).items()})
         weight_choice = (cfg.get("loss") or {}).get("class_weight", "none")
-        weights = engine.class_weights(weight_choice, data.class_counts(splits)["train"], splits.classes)
+        weights = metrics.class_weights(weight_choice, data.class_counts(splits)["train"], splits.classes)
         log.info(
             "%s: %s of %s parameters train (backbone.freeze=%s)",
             job.name,

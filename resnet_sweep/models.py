@@ -21,6 +21,7 @@ from torch import nn
 from torchvision import models as tvm
 
 from .errors import UserError, first_line
+from .metrics import probabilities
 
 log = logging.getLogger(__name__)
 
@@ -74,11 +75,6 @@ class Classifier(nn.Module):
 def outputs_for(num_classes: int) -> int:
     """The head's output size: one logit for two classes (the study's BCE), else one per class."""
     return 1 if int(num_classes) == 2 else int(num_classes)
-
-
-def probabilities(logits: torch.Tensor) -> torch.Tensor:
-    """P(second class) per image from one logit each (sigmoid); N x C probabilities from C logits."""
-    return torch.sigmoid(logits) if logits.dim() == 1 else torch.softmax(logits, dim=-1)
 
 
 class ProbabilityModel(nn.Module):

@@ -11,7 +11,7 @@ import torch
 from conftest import FAST, REPO, client_for, make_tree, mlflow_runs, run_app
 from hydra import compose, initialize_config_dir
 
-from resnet_sweep import demo_data, engine, images, models
+from resnet_sweep import demo_data, images, metrics, models
 from resnet_sweep.errors import UserError
 
 THREE = ("a_class", "b_class", "c_class")
@@ -93,11 +93,11 @@ def test_heads_are_sized_from_the_classes():
 
 def test_three_class_loss_is_cross_entropy_and_two_class_loss_is_bce():
     logits3, y3 = torch.tensor([[2.0, 0.0, -1.0], [0.0, 1.0, 0.0]]), torch.tensor([0, 2])
-    assert engine.criterion(3)(logits3, engine.targets(y3, 3)) == pytest.approx(
+    assert metrics.criterion(3)(logits3, metrics.targets(y3, 3)) == pytest.approx(
         float(torch.nn.functional.cross_entropy(logits3, y3))
     )
     logits2, y2 = torch.tensor([0.5, -2.0]), torch.tensor([1, 0])
-    assert engine.criterion(2)(logits2, engine.targets(y2, 2)) == pytest.approx(
+    assert metrics.criterion(2)(logits2, metrics.targets(y2, 2)) == pytest.approx(
         float(torch.nn.functional.binary_cross_entropy(torch.sigmoid(logits2), y2.float()))
     )
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import FAST, client_for, make_tree, mlflow_runs, run_app
 
-from resnet_sweep import engine, images
+from resnet_sweep import images, metrics
 from resnet_sweep.errors import UserError
 
 # 4 slides x 5 tiles with known P(second class); A, B are class 0, C, D class 1
@@ -36,7 +36,7 @@ def tiles_interleaved():
 
 def test_slide_metrics_equal_a_hand_computation():
     probs, labels, groups = tiles_interleaved()
-    metrics, rows = engine.group_results(probs, labels, groups, 2, "mean")
+    results, rows = metrics.group_results(probs, labels, groups, 2, "mean")
     assert [(r["group"], r["class"], r["tiles"], r["predicted"]) for r in rows] == [
         ("A", 0, 5, 0),
         ("B", 0, 5, 1),
@@ -46,21 +46,21 @@ def test_slide_metrics_equal_a_hand_computation():
     assert [r["scores"][1] for r in rows] == pytest.approx([0.28, 0.60, 0.68, 0.38])
     # acc 2/4; balanced acc (1/2 + 1/2) / 2; AUROC: of the 4 (positive, negative) pairs, C > A, C > B,
     # D > A rank right and D < B wrong -> 3/4; F1: TP 1 (C), FP 1 (B), FN 1 (D) -> 0.5
-    assert metrics == pytest.approx({"acc": 0.5, "balanced_acc": 0.5, "auroc": 0.75, "f1": 0.5, "n": 4})
+    assert results == pytest.approx({"acc": 0.5, "balanced_acc": 0.5, "auroc": 0.75, "f1": 0.5, "n": 4})
 
-    metrics, rows = engine.group_results(probs, labels, groups, 2, "majority")
+    results, rows = metrics.group_results(probs, labels, groups, 2, "majority")
     assert [r["scores"][1] for r in rows] == pytest.approx([0.2, 0.8, 0.8, 0.2])
     assert [r["predicted"] for r in rows] == [0, 1, 1, 0]
     # AUROC on vote shares: C (0.8) > A (0.2) right, C = B and D = A ties (1/2 each), D < B wrong
-    assert metrics == pytest.approx({"acc": 0.5, "balanced_acc": 0.5, "auroc": 0.5, "f1": 0.5, "n": 4})
+    assert results == pytest.approx({"acc": 0.5, "balanced_acc": 0.5, "auroc": 0.5, "f1": 0.5, "n": 4})
 
 
 def test_three_class_groups_take_the_best_mean_probability():
     probs = torch.tensor([[0.6, 0.3, 0.1], [0.2, 0.3, 0.5], [0.1, 0.1, 0.8], [0.1, 0.7, 0.2]])
-    metrics, rows = engine.group_results(probs, torch.tensor([0, 0, 2, 1]), ["s1", "s1", "s2", "s3"], 3)
+    results, rows = metrics.group_results(probs, torch.tensor([0, 0, 2, 1]), ["s1", "s1", "s2", "s3"], 3)
     assert rows[0]["scores"] == pytest.approx([0.4, 0.3, 0.3]) and rows[0]["predicted"] == 0
     assert [r["predicted"] for r in rows] == [0, 2, 1]
-    assert metrics["acc"] == 1.0 and metrics["n"] == 3
+    assert results["acc"] == 1.0 and results["n"] == 3
 
 
 def slide_tree(root):

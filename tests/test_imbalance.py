@@ -12,7 +12,7 @@ import torch
 from conftest import FAST, REPO, client_for, make_tree, mlflow_runs, run_app
 from hydra import compose, initialize_config_dir
 
-from resnet_sweep import checks, crops, data, engine, features
+from resnet_sweep import checks, crops, data, features, metrics
 from resnet_sweep.errors import UserError
 from resnet_sweep.objective import direction
 
@@ -78,21 +78,21 @@ def test_weighted_losses_equal_their_formulas():
     w = [1.0, 2.0, 3.0]
     ce = torch.nn.functional.cross_entropy(logits, y, reduction="none")
     expected = float((torch.tensor(w)[y] * ce).sum() / torch.tensor(w)[y].sum())
-    assert float(engine.criterion(3, weight=w)(logits, y)) == pytest.approx(expected, rel=1e-6)
+    assert float(metrics.criterion(3, weight=w)(logits, y)) == pytest.approx(expected, rel=1e-6)
 
     z, t = torch.tensor([0.3, -1.2, 2.0, 0.0]), torch.tensor([1.0, 0.0, 1.0, 0.0])
     w0, w1 = 0.5, 4.5  # two classes: pos_weight = w1 / w0
     p = torch.sigmoid(z)
     expected = float((-(w1 / w0) * t * torch.log(p) - (1 - t) * torch.log(1 - p)).mean())
-    assert float(engine.criterion(2, weight=[w0, w1])(z, t)) == pytest.approx(expected, rel=1e-5)
+    assert float(metrics.criterion(2, weight=[w0, w1])(z, t)) == pytest.approx(expected, rel=1e-5)
 
 
 def test_class_weights_from_the_config():
-    assert engine.class_weights("none", [90, 10], ["a", "b"]) is None
-    assert engine.class_weights("balanced", [90, 10], ["a", "b"]) == pytest.approx([100 / 180, 100 / 20])
-    assert engine.class_weights([1, 9], [90, 10], ["a", "b"]) == [1.0, 9.0]
+    assert metrics.class_weights("none", [90, 10], ["a", "b"]) is None
+    assert metrics.class_weights("balanced", [90, 10], ["a", "b"]) == pytest.approx([100 / 180, 100 / 20])
+    assert metrics.class_weights([1, 9], [90, 10], ["a", "b"]) == [1.0, 9.0]
     with pytest.raises(UserError) as e:
-        engine.class_weights([1, 2], [5, 5, 5], ["a", "b", "c"])
+        metrics.class_weights([1, 2], [5, 5, 5], ["a", "b", "c"])
     assert str(e.value) == (
         "loss.class_weight=[1.0, 2.0]: 2 weight(s) for 3 classes (a, b, c); give one per class folder, in this order"
     )

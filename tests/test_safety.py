@@ -104,10 +104,12 @@ def test_four_parallel_joblib_jobs_on_one_sqlite_store_lose_nothing(tmp_path, ti
     runs = mlflow_runs(tmp_path)
     assert len(runs.parents) == 1 and len(runs.children) == 4
     client = client_for(tmp_path)
+    # every run has every param (none lost to the concurrent writes): the same keys in all four
+    keys = [set(r.data.params) for r in runs.children]
+    assert all(k == keys[0] for k in keys) and {"optimizer.lr", "backbone.name", "trainer.max_epochs"} <= keys[0]
     for run in runs.children:
         assert run.info.status == "FINISHED"
         for key in ("train/loss", "train/acc", "valid/loss", "valid/acc"):
             assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == [0, 1, 2]
         assert {"test/acc", "test/loss", "test/auroc", "best_epoch"} <= set(run.data.metrics)
-        assert len(run.data.params) > 30
         assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"checkpoint", "config.yaml", "plots"}

@@ -1,0 +1,162 @@
+"""Losses and metrics of a classifier with two classes (one logit, the study's BCE) or more (N logits,
+cross-entropy): class weights, torchmetrics' tile-level metrics, the confusion matrix, and the
+slide/patient-level results aggregated from tile probabilities (``data.group``)."""
+
+from __future__ import annotations
+
+import torch
+import torchmetrics
+from torch import nn
+
+from . import checks
+from .errors import UserError
+
+
+def probabilities(logits: torch.Tensor) -> torch.Tensor:
+    """P(second class) from one logit each (sigmoid); one probability per class from C logits
+    (softmax): what training measures and what ``models.ProbabilityModel`` serves."""
+    return torch.sigmoid(logits) if logits.dim() == 1 else torch.softmax(logits, dim=-1)
+
+
+def criterion(num_classes: int, reduction: str = "mean", weight: list[float] | None = None) -> nn.Module:
+    """Two classes: the study's BCE on one logit; three or more: cross-entropy on N logits. ``weight``
+    (one per class): two classes weigh the positive class by ``pos_weight = w2 / w1``; three or more
+    take them as cross-entropy's class weights (a weighted mean over the batch)."""
+    if num_classes == 2:
+        pos_weight = None if weight is None else torch.tensor(weight[1] / weight[0])
+        return nn.BCEWithLogitsLoss(reduction=reduction, pos_weight=pos_weight)
+    return nn.CrossEntropyLoss(reduction=reduction, weight=None if weight is None else torch.tensor(weight))
+
+
+def class_weights(choice, counts: list[int], classes: list[str]) -> list[float] | None:
+    """``loss.class_weight`` for the training split's ``counts`` per class: none -> None; balanced ->
+    n / (classes x count) per class; a list -> itself, one weight per class folder."""
+    choice = checks.class_weight({"class_weight": choice})
+    if choice == "none":
+        return None
+    if choice == "balanced":
+        return [sum(counts) / (len(counts) * c) for c in counts]
+    if len(choice) != len(classes):
+        raise UserError(
+            f"loss.class_weight={[round(w, 6) for w in choice]}: {len(choice)} weight(s) for {len(classes)} "
+            f"classes ({', '.join(classes)}); give one per class folder, in this order"
+        )
+    return choice
+
+
+def targets(y: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """What the loss compares the logits with: 0./1. for BCE, class indices for cross-entropy."""
+    return y.float() if num_classes == 2 else y.long()
+
+
+def class_metrics(num_classes: int) -> dict:
+    """acc, balanced_acc (mean per-class recall), auroc (macro one-vs-rest for N >= 3), f1 (macro for
+    N >= 3), on probabilities (``probabilities``) and integer labels."""
+    c = torchmetrics.classification
+    if num_classes == 2:
+        return {
+            "acc": c.BinaryAccuracy(),
+            "auroc": c.BinaryAUROC(),
+            "f1": c.BinaryF1Score(),
+            "balanced_acc": _BinaryBalancedAccuracy(),
+        }
+    return {
+        "acc": c.MulticlassAccuracy(num_classes=num_classes, average="micro"),
+        "auroc": c.MulticlassAUROC(num_classes=num_classes, average="macro"),
+        "f1": c.MulticlassF1Score(num_classes=num_classes, average="macro"),
+        "balanced_acc": c.MulticlassAccuracy(num_classes=num_classes, average="macro"),
+    }
+
+
+class _BinaryBalancedAccuracy(torchmetrics.classification.MulticlassAccuracy):
+    """Mean recall of the two classes, from P(second class) thresholded at 0.5."""
+
+    def __init__(self):
+        super().__init__(num_classes=2, average="macro")
+
+    def update(self, probs, y):
+        super().update((probs >= 0.5).long(), y)
+
+
+def confusion(num_classes: int):
+    c = torchmetrics.classification
+    return c.BinaryConfusionMatrix() if num_classes == 2 else c.MulticlassConfusionMatrix(num_classes=num_classes)
+
+
+def group_results(
+    probs: torch.Tensor, labels: torch.Tensor, groups: list[str], num_classes: int, aggregate: str = "mean"
+):
+    """Slide/patient results (``data.group``) from tile probabilities in loader order: each group's
+    score per class is its tiles' mean probability (``mean``) or their share of tile votes
+    (``majority``); its prediction the second class at score >= 0.5 (two classes) or the best score.
+    -> (metrics: acc, balanced_acc, auroc, f1 as ``class_metrics`` on the groups, and n: groups;
+    rows: one per group in first-seen order: group, class index, tiles, scores per class, predicted)."""
+    probs, labels = probs.detach().float().cpu(), labels.detach().long().cpu()
+    if len(groups) != len(labels):
+        raise ValueError(f"{len(groups)} groups for {len(labels)} tiles")
+    per_class = torch.stack([1 - probs, probs], 1) if probs.dim() == 1 else probs
+    tile_pred = (probs >= 0.5).long() if probs.dim() == 1 else probs.argmax(1)
+    votes = torch.nn.functional.one_hot(tile_pred, per_class.shape[1]).float()
+    members: dict[str, list[int]] = {}
+    for i, key in enumerate(groups):
+        members.setdefault(key, []).append(i)
+    rows, scores = [], []
+    for key, idx in members.items():
+        score = (per_class[idx] if aggregate == "mean" else votes[idx]).mean(0)
+        predicted = int(score[1] >= 0.5) if num_classes == 2 else int(score.argmax())
+        rows.append(
+            {
+                "group": key,
+                "class": int(labels[idx[0]]),
+                "tiles": len(idx),
+                "scores": score.tolist(),
+                "predicted": predicted,
+            }
+        )
+        scores.append(score)
+    scores_t, truth = torch.stack(scores), torch.tensor([r["class"] for r in rows])
+    metrics = torchmetrics.MetricCollection(class_metrics(num_classes))
+    metrics.update(scores_t[:, 1] if num_classes == 2 else scores_t, truth)
+    out = {k: v.item() for k, v in metrics.compute().items()}
+    out["n"] = len(rows)
+    return out, rows
+
+
+class Meter:
+    """Mean loss and accuracy over an epoch (torchmetrics); ``full`` adds balanced accuracy and AUROC
+    (what validation measures, so either can be the objective); ``groups`` (one per tile, in loader
+    order) adds the slide-level metrics (``group_results``)."""
+
+    def __init__(self, device, num_classes: int = 2, full: bool = False, groups=None, aggregate: str = "mean"):
+        self.num_classes, self.groups, self.aggregate = num_classes, groups, aggregate
+        self.probs, self.labels = [], []
+        self.loss = torchmetrics.MeanMetric().to(device)
+        metrics = class_metrics(num_classes)
+        # the two-class accuracy reads the logits as it always has (torchmetrics applies the sigmoid)
+        self.acc = metrics["acc"].to(device)
+        self.more = (
+            torchmetrics.MetricCollection({k: metrics[k] for k in ("balanced_acc", "auroc")}).to(device)
+            if full
+            else None
+        )
+
+    def update(self, loss, logits, y):
+        self.loss.update(loss.detach().float(), weight=y.numel())
+        logits = logits.detach().float()
+        self.acc.update(logits if self.num_classes == 2 else logits.argmax(-1), y.int() if self.num_classes == 2 else y)
+        if self.more is not None:
+            self.more.update(probabilities(logits), y.long())
+        if self.groups is not None:
+            self.probs.append(probabilities(logits).cpu())
+            self.labels.append(y.cpu())
+
+    def compute(self, prefix: str) -> dict:
+        out = {f"{prefix}/loss": self.loss.compute().item(), f"{prefix}/acc": self.acc.compute().item()}
+        if self.more is not None:
+            out.update({f"{prefix}/{k}": v.item() for k, v in self.more.compute().items()})
+        if self.groups is not None:
+            slide, _ = group_results(
+                torch.cat(self.probs), torch.cat(self.labels), self.groups, self.num_classes, self.aggregate
+            )
+            out.update({f"{prefix}/slide/{k}": v for k, v in slide.items()})
+        return out
