@@ -55,7 +55,8 @@ class Sweep:
 
     def __init__(self, cluster: Cluster, cwd: Path, *args: str, env: dict | None = None):
         self.cluster, self.cwd = cluster, cwd
-        self.seen: dict[str, set[str]] = {}  # SLURM job id -> states seen
+        self.seen: dict[str, set[str]] = {}  # SLURM job id -> states seen (this sweep's jobs only)
+        self.earlier = {job["id"] for job in cluster.jobs()}  # the module's earlier tests' jobs
         self.proc = subprocess.Popen(
             [sys.executable, str(TRAIN_PY), "-m", *args, f"hydra.sweep.dir={cwd / 'multirun'}"],
             cwd=cwd,
@@ -74,7 +75,8 @@ class Sweep:
 
     def watch(self) -> None:
         for job in self.cluster.jobs():
-            if job["name"] == "train" and "[" not in job["id"]:  # not a pending array's summary line
+            if job["name"] == "train" and "[" not in job["id"] and job["id"] not in self.earlier:
+                # ("[" marks a pending array's summary line, not a job)
                 self.seen.setdefault(job["id"], set()).add(job["state"])
 
     def log_of(self, job_id: str) -> str:
