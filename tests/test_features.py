@@ -232,16 +232,21 @@ def damage_lines(proc):
     return [line for line in (proc.stdout + proc.stderr).splitlines() if "is damaged" in line]
 
 
+def again_args(tmp_path, tree) -> list[str]:
+    """A banked job that runs again when repeated (not skipped as finished)."""
+    return [
+        *FAST,
+        "data=imagefolder",
+        f"data.root={tree}",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        "trainer.resume=false",
+    ]
+
+
 def test_a_bank_changed_in_place_is_reported_in_one_line_and_rebuilt_not_read(tmp_path, tiny_tree):
     """Same size, other bytes (the issue: test acc 0.70 instead of 0.925, FINISHED): the next job
     says so in one warning line, rebuilds the bank and gets the undamaged bank's test metrics."""
-    args = [
-        *FAST,
-        "data=imagefolder",
-        f"data.root={tiny_tree}",
-        f"data.cache_dir={tmp_path / 'cache'}",
-        "trainer.resume=false",
-    ]  # the same job again, not skipped as finished
+    args = again_args(tmp_path, tiny_tree)
     run_app(tmp_path, *args)
     target = bank_folder(tmp_path / "cache") / "test.npy"
     original, size = target.read_bytes(), target.stat().st_size
@@ -262,13 +267,7 @@ def test_a_bank_changed_in_place_is_reported_in_one_line_and_rebuilt_not_read(tm
 def test_a_truncated_bank_is_rebuilt_and_the_jobs_after_it_work(tmp_path, tiny_tree):
     """Truncated (an interrupted copy, a full disk): not 'mmap length is greater than file size' in
     every later job until the cache folder is deleted by hand, but one warning and one rebuild."""
-    args = [
-        *FAST,
-        "data=imagefolder",
-        f"data.root={tiny_tree}",
-        f"data.cache_dir={tmp_path / 'cache'}",
-        "trainer.resume=false",
-    ]  # the same job again, not skipped as finished
+    args = again_args(tmp_path, tiny_tree)
     run_app(tmp_path, *args)
     target = bank_folder(tmp_path / "cache") / "train.npy"
     size = target.stat().st_size
