@@ -164,6 +164,18 @@ PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP OverSubsc
         return [dict(zip(("id", "name", "state", "reason"), line.split("|"))) for line in out.splitlines()]
 
     def stop(self) -> None:
+        """Cancel what is left, wait until no job is running or completing (so that every
+        slurmstepd has ended: slurmd's steps run in sessions of their own), then stop the daemons."""
+        if self.procs and all(p.poll() is None for p in self.procs):
+            try:
+                self.run("scancel", "--state=PENDING,RUNNING,SUSPENDED", "--full", f"--user={os.getuid()}", check=False)
+                deadline = time.monotonic() + 30
+                while time.monotonic() < deadline and any(
+                    j["state"] in ("PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "SUSPENDED") for j in self.jobs()
+                ):
+                    time.sleep(0.5)
+            except (RuntimeError, subprocess.TimeoutExpired):
+                pass  # the controller is not answering: stop the daemons regardless
         for p in reversed(self.procs):
             if p.poll() is None:
                 os.killpg(p.pid, signal.SIGTERM)
