@@ -169,26 +169,41 @@ def test_a_requeued_job_resumes_from_its_last_epoch_in_the_same_mlflow_run(clust
     assert_resumed_in_one_run(sweep, tmp_path, job_id, epochs)
 
 
+def elapsed_s(cluster: Cluster, job_id: str) -> int:
+    """How long the job has run (squeue's [[D-]H:]M:SS)."""
+    text = cluster.run("squeue", "-h", "-j", job_id, "-o", "%M").strip().replace("-", ":")
+    seconds = 0
+    for part in text.split(":"):
+        seconds = seconds * 60 + int(part)
+    return seconds
+
+
 def test_a_job_past_its_time_limit_is_signalled_checkpointed_requeued_and_finishes(cluster, cache, tmp_path):
-    """A 2-minute limit and SIGUSR2 30 s before it. SLURM checks limits about every 30 s and may
-    signal up to a minute early, so the signal comes 30-90 s after each start: the job needs about
-    two minutes of training (64-px crops), so it is signalled at least once whatever the timing."""
-    epochs = 30
+    """Once the job trains, its time limit is cut to 1 minute (``scontrol update``, as an admin
+    would), to 45-105 s ahead: SLURM sends SIGUSR2 at its next check (``signal_delay_s=30``),
+    submitit checkpoints and requeues the job. The limit is then given back, so the requeued job
+    finishes whatever this machine's speed (SLURM checks limits about every 30 s and may signal up
+    to a minute early: a job sized to outlast a real 1-2 minute limit was not reliably signalled)."""
+    epochs = 40
     sweep = Sweep(
         cluster,
         tmp_path,
         *SLURM,
-        "hydra.launcher.timeout_min=2",
         "hydra.launcher.signal_delay_s=30",
         *NAIVE,
-        "backbone.crop_size=64",
         f"data.cache_dir={cache}",
         f"trainer.max_epochs={epochs}",
     )
-    out = sweep.finish(timeout=900)
+    job_id = sweep.wait_for(
+        lambda: next((j for j in sweep.seen if "epoch 2:" in sweep.log_of(j)), None), 300, "epoch 2 of the job"
+    )
+    # a limit 45-105 s ahead: signalled at the next check, never killed before it
+    minutes = (elapsed_s(cluster, job_id) + 45) // 60 + 1
+    cluster.run("scontrol", "update", f"JobId={job_id}", f"TimeLimit={minutes}")
+    sweep.wait_for(lambda: "this job is timed-out" in sweep.log_of(job_id), 180, "SIGUSR2 at the time limit")
+    cluster.run("scontrol", "update", f"JobId={job_id}", "TimeLimit=10")
+    out = sweep.finish(timeout=600)
     assert "1 finished, 0 failed" in out
-    (job_id,) = sweep.seen
-    assert "this job is timed-out" in sweep.log_of(job_id)
     assert_resumed_in_one_run(sweep, tmp_path, job_id, epochs)
 
 
