@@ -158,23 +158,16 @@ def test_a_banked_run_logs_the_same_metrics_and_a_loadable_full_model(tmp_path, 
     """... and with bank_views >= max_epochs it trains on the naive loop's crops in its order: same curves."""
     import mlflow
 
-    run_app(
-        tmp_path,
-        *FAST,
-        "data=imagefolder",
-        f"data.root={tiny_tree}",
-        "trainer.max_epochs=2",
-        f"data.cache_dir={tmp_path / 'cache'}",
-    )
-    run_app(
-        tmp_path,
-        *FAST,
-        "data=imagefolder",
-        f"data.root={tiny_tree}",
-        "trainer.max_epochs=2",
-        f"data.cache_dir={tmp_path / 'cache'}",
-        "trainer.feature_bank=off",
-    )
+    for more in ([], ["trainer.feature_bank=off"]):
+        run_app(
+            tmp_path,
+            *FAST,
+            "data=imagefolder",
+            f"data.root={tiny_tree}",
+            "trainer.max_epochs=2",
+            f"data.cache_dir={tmp_path / 'cache'}",
+            *more,
+        )
     runs = mlflow_runs(tmp_path).all
     banked = next(r for r in runs if "feature_bank" in r.data.tags)
     naive = next(r for r in runs if "feature_bank" not in r.data.tags)
