@@ -85,11 +85,12 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--tiles-per-slide", type=int, default=25)
     parser.add_argument("--plain-batches", type=int, default=20)
+    parser.add_argument("--plain-batch", type=int, default=256)
     parser.add_argument("--cpu", action="store_true", help="dry run of this script on the CPU")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes: seconds, for the test suite")
     args = parser.parse_args()
     if args.smoke:
-        args.tiles_per_slide, args.plain_batches = 2, 1
+        args.tiles_per_slide, args.plain_batches, args.plain_batch = 2, 1, 4
     device = engine.resolve_device("cpu" if args.cpu else "auto")
     if not args.cpu:
         assert device.type == "cuda", "no CUDA device"
@@ -175,8 +176,8 @@ def main() -> None:
     # 4. plain inference
     for name in ("resnet18", "resnet50"):
         print(
-            f"4. plain {name} bf16 channels_last inference, batch 256: "
-            f"{plain(name, device, batches=args.plain_batches):.0f} img/s"
+            f"4. plain {name} bf16 channels_last inference, batch {args.plain_batch}: "
+            f"{plain(name, device, batch=args.plain_batch, batches=args.plain_batches):.0f} img/s"
         )
     print("CUDA CHECK OK", flush=True)
 

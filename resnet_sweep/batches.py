@@ -28,9 +28,9 @@ class Batcher:
     """uint8 HxWx3 crops, copied into a preallocated NHWC buffer, become one normalised float batch,
     channels_last (``Normalise``: the loaders' to_tensor + normalize ``(u8/255 - mean)/std``).
 
-    On the CPU the float batch is a preallocated buffer too, filled in two passes (converting copy,
-    then one fused multiply-add): a fresh 38 MB tensor per batch costs more in page faults than the
-    arithmetic (about 17 ms against 4 ms per 64 crops of 224 px on the 2-core CI machine). On CUDA
+    On the CPU the float batch is a preallocated buffer too (a fresh 38 MB tensor per batch costs
+    more in page faults than the arithmetic: about 17 ms against 4 ms per 64 crops of 224 px on the
+    2-core CI machine), converted and normalised two crops at a time while they are in cache. On CUDA
     the uint8 buffer is pinned, the copy is non-blocking and the arithmetic runs on the device; an
     event recorded after the copy guards the buffer until the copy has read it."""
 
@@ -60,21 +60,27 @@ class Batcher:
             x = self.buf[:n].to(self.device, non_blocking=True)
             self.copied.record()
             x = x.float()
-        else:
-            x = self.out[:n]
-            x.copy_(self.buf[:n])
-        return self.normalise(x).permute(0, 3, 1, 2)
+            return self.normalise(x).permute(0, 3, 1, 2)
+        x = self.out[:n]
+        for k in range(0, n, 2):  # two crops at a time: the four passes over them stay in the core's cache
+            self.normalise(x[k : k + 2].copy_(self.buf[k : k + 2]))
+        return x.permute(0, 3, 1, 2)
 
 
 class Normalise:
-    """In place on an NHWC float tensor of 0..255 values (mean/std broadcast over the last dim).
+    """In place on an NHWC float tensor of 0..255 values (mean/std per channel, the last dim).
     ``exact``: torchvision's to_tensor + normalize, operation for operation (``x / 255 - mean``, then
     ``/ std``, in fp32), so the pixels equal the PIL path's bit for bit: training on the store logs
     the losses training on PIL would. Otherwise one fused multiply-add ``x * 1/(255 std) - mean/std``
-    (the feature bank's extraction, where 2 extra passes per batch cost about 2% on a CPU)."""
+    (the feature bank's extraction, where 2 extra passes per batch cost about 2% on a CPU).
+
+    The per-channel constants are applied as one image row's pattern (``mean`` repeated ``W`` times,
+    ``W * 3`` contiguous values) to the batch seen as ``(N * H, W * 3)`` rows: the same arithmetic on
+    the same values, but every pass runs over long contiguous rows (broadcasting a 3-long last
+    dimension made each pass about 3x slower on a CPU)."""
 
     def __init__(self, mean, std, device, exact: bool):
-        self.exact = exact
+        self.exact, self.rows = exact, {}
         if exact:
             self.mean = torch.as_tensor(mean, dtype=torch.float32).to(device)
             self.std = torch.as_tensor(std, dtype=torch.float32).to(device)
@@ -82,10 +88,23 @@ class Normalise:
             mean, std = torch.as_tensor(mean, dtype=torch.float64), torch.as_tensor(std, dtype=torch.float64)
             self.scale, self.bias = (1 / (255 * std)).float().to(device), (-mean / std).float().to(device)
 
+    def _row(self, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if width not in self.rows:
+            pair = (self.mean, self.std) if self.exact else (self.scale, self.bias)
+            self.rows[width] = tuple(t.repeat(width) for t in pair)
+        return self.rows[width]
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_contiguous():
+            rows = x.view(-1, x.shape[-2] * x.shape[-1])
+            a, b = self._row(x.shape[-2])
+        else:  # broadcast over the channels as they lie
+            rows, a, b = x, *self._row(1)
         if self.exact:
-            return x.div_(255).sub_(self.mean).div_(self.std)
-        return torch.addcmul(self.bias, x, self.scale, out=x)
+            rows.div_(255).sub_(a).div_(b)
+        else:
+            torch.addcmul(b, rows, a, out=rows)
+        return x
 
 
 class StoreLoader:
@@ -141,49 +160,48 @@ class StoreLoader:
             else np.arange(n)
         )
 
-    def _window(self, i: int) -> tuple[int, int, tuple]:
-        """(top, left, augmentation) of image ``i`` this epoch."""
-        size = self.sizes[i]
+    def _windows(self) -> list[tuple[int, int, tuple]]:
+        """(top, left, augmentation) of every image this epoch, drawn at once (``crops.train_windows``)."""
         if not self.training:
-            return (*crops.centre_offset(size, self.crop), ())
+            return [(*crops.centre_offset(size, self.crop), ()) for size in self.sizes]
         view = crops.view_of(self.epoch)
-        top, left = crops.crop_offset(size, self.crop, self.crop_seed, i, view)
-        return top, left, crops.augment_ops(self.augment, self.crop_seed, i, view)
+        return crops.train_windows(
+            self.sizes, self.crop, self.crop_seed, np.arange(len(self.sizes)), view, self.augment
+        )
 
-    def _fill(self, batcher: Batcher, idx: np.ndarray) -> None:
+    def _fill(self, batcher: Batcher, idx: np.ndarray, windows) -> None:
         batcher.ready()
         batcher.n = 0
         c = self.crop
-        for i in idx:
-            top, left, ops = self._window(int(i))
-            crop = self.images.crop(int(i), left, top, c)
+        for i in idx.tolist():
+            top, left, ops = windows[i]
+            crop = self.images.crop(i, left, top, c)
             batcher.add(crops.apply_augment(crop, ops) if ops else crop)
 
     def __iter__(self):
-        order = self._order()
+        order, windows = self._order(), self._windows()
         batches = [order[k : k + self.batch_size] for k in range(0, len(order), self.batch_size)]
         if self.on_device is not None:
             for idx in batches:
-                yield self._gather_on_device(idx), self.labels[idx]
+                yield self._gather_on_device(idx, windows), self.labels[idx]
             return
         # two buffers of this pass's own (an abandoned pass may still be closing): one trains while the
         # other is filled
         buffers = [Batcher(self.batch_size, self.crop, self.mean, self.std, self.device, exact=True) for _ in range(2)]
         pool = ThreadPoolExecutor(1, thread_name_prefix="tile-store")
         try:
-            pending = pool.submit(self._fill, buffers[0], batches[0]) if batches else None
+            pending = pool.submit(self._fill, buffers[0], batches[0], windows) if batches else None
             for k, idx in enumerate(batches):
                 pending.result()
                 if k + 1 < len(batches):  # the next batch is gathered while this one trains
-                    pending = pool.submit(self._fill, buffers[(k + 1) % 2], batches[k + 1])
+                    pending = pool.submit(self._fill, buffers[(k + 1) % 2], batches[k + 1], windows)
                 yield buffers[k % 2].take(), self.labels[idx]
         finally:  # Ctrl-C / SIGTERM / an early stop: no thread left behind
             pool.shutdown(wait=True, cancel_futures=True)
 
-    def _gather_on_device(self, idx: np.ndarray) -> torch.Tensor:
+    def _gather_on_device(self, idx: np.ndarray, windows) -> torch.Tensor:
         """One advanced-indexing gather of every crop of the batch from the device-resident split."""
-        windows = [self._window(int(i)) for i in idx]
-        return gather_crops(self.on_device, idx, windows, self.crop, self.normalise)
+        return gather_crops(self.on_device, idx, [windows[i] for i in idx.tolist()], self.crop, self.normalise)
 
 
 def gather_crops(images: torch.Tensor, index, windows, crop: int, normalise: Normalise) -> torch.Tensor:

@@ -118,14 +118,10 @@ def _device_crop_batches(
         for k in range(0, len(entries), batch_size):
             where = entries[k : k + batch_size]
             first, last = where[0][1], where[-1][1]
-            windows = [
-                (
-                    (*crops.crop_offset(size, crop, seed, i, v), crops.augment_ops(augment, seed, i, v))
-                    if split == "train"
-                    else (*crops.centre_offset(size, crop), ())
-                )
-                for v, i in where
-            ]
+            if split == "train":
+                windows = crops.train_windows(size, crop, seed, [i for _, i in where], [v for v, _ in where], augment)
+            else:
+                windows = [(*crops.centre_offset(size, crop), ())] * len(where)
             with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
                 images = sender.send(rows[first : last + 1])
                 x = gather_crops(images, [i - first for _, i in where], windows, crop, normalise)

@@ -14,10 +14,11 @@ from hydra.core.hydra_config import HydraConfig
 from . import cores, data, engine, faults, features, hpo, metrics, models, resume
 from .checks import log_model
 from .errors import Diverged, Locked, UserError, exit_with, first_line
+from .logged import class_counts
 from .naming import app_config, run_name, safe_run_name
 from .preflight import check_job
 from .redaction import redact
-from .runs import class_counts, job_run
+from .runs import job_run
 from .store import connect, existing_run
 from .sweep_dir import in_multirun, write_job_status
 

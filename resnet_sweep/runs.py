@@ -7,9 +7,6 @@ Metric names: ``train/loss train/acc valid/loss valid/acc`` with ``step=epoch`` 
 from __future__ import annotations
 
 import contextlib
-import csv
-import hashlib
-import io
 import logging
 import os
 import subprocess
@@ -17,7 +14,6 @@ import tempfile
 from pathlib import Path
 
 import mlflow
-import numpy as np
 import torch
 import yaml
 from hydra.core.hydra_config import HydraConfig
@@ -27,6 +23,7 @@ from mlflow.tracking import MlflowClient
 from . import faults, plots
 from .errors import first_line
 from .hpo import Pruned
+from .logged import class_counts, dataset_input, group_csv, log_model
 from .naming import app_config, experiment_params, optimizer_name, run_name, what_trains
 from .redaction import redact
 from .store import connect, existing_run
@@ -54,11 +51,6 @@ def rounded(metrics: dict) -> dict:
     """Metric values to 6 significant digits: what they mean, without float32 noise
     (``0.77499997`` -> ``0.775``); 6 digits keep every accuracy of up to a million images exact."""
     return {k: float(f"{float(v):.6g}") for k, v in metrics.items()}
-
-
-def model_name(run_name: str) -> str:
-    """The logged model's name: the run's, in the characters MLflow allows (no ``. / : % ' "``)."""
-    return "".join("p" if c == "." else "_" if c in "/:%'\"" else c for c in run_name)
 
 
 def _scheduler_name(cfg) -> str:
@@ -216,75 +208,6 @@ class JobLog:
 
     def model(self, classifier, ckpt: dict) -> None:
         self._call("log_model", log_model, classifier, ckpt, self.name)
-
-
-def group_csv(rows: list[dict], classes: list[str]) -> str:
-    """The test split's groups (``data.group``): group, true class, tiles, the group's score per class
-    (mean probability, or share of tile votes), predicted class."""
-    out = io.StringIO()
-    writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(["group", "class", "tiles", *(f"p_{c}" for c in classes), "predicted"])
-    for r in rows:
-        scores = [f"{s:.6f}" for s in r["scores"]]
-        writer.writerow([r["group"], classes[r["class"]], r["tiles"], *scores, classes[r["predicted"]]])
-    return out.getvalue()
-
-
-def class_counts(splits) -> dict[str, str]:
-    """``{"train": "a_class 6, b_class 6", ...}``: images per class of each split."""
-    counts = {}
-    for split in ("train", "valid", "test"):
-        labels = [label for _, label in getattr(splits, split).dataset.samples]
-        counts[split] = ", ".join(f"{c} {labels.count(i)}" for i, c in enumerate(splits.classes))
-    return counts
-
-
-def dataset_input(splits, data_cfg):
-    """An MLflow dataset of metadata only (the images stay where they are)."""
-    import warnings
-
-    from mlflow.data.dataset_source_registry import resolve_dataset_source
-    from mlflow.data.meta_dataset import MetaDataset
-
-    root = Path(splits.root)
-    files = sorted(
-        f"{split}/{Path(path).relative_to(root / split).as_posix()}\t{label}"
-        for split in ("train", "valid", "test")
-        for path, label in getattr(splits, split).dataset.samples
-    )
-    digest = hashlib.sha256("\n".join(files).encode()).hexdigest()[:16]
-    with warnings.catch_warnings():  # two local-path source types match a folder; they are the same
-        warnings.simplefilter("ignore")
-        source = resolve_dataset_source(str(root))
-    name = "demo" if str(data_cfg.get("kind")) == "demo" else root.name
-    return MetaDataset(source=source, name=name, digest=digest)
-
-
-def log_model(classifier, ckpt: dict, run_name: str) -> None:
-    """Log the full model (backbone + head) with the pytorch flavor into the active run, named after
-    the run and at the best epoch's step, so that MLflow links it to that epoch's metrics and the
-    test metrics (logged at the same step); its pyfunc takes normalised ``N x 3 x crop x crop``
-    float32 images and returns P(ckpt['classes'][1])."""
-    from mlflow.models import infer_signature
-
-    from .models import ProbabilityModel
-
-    model = ProbabilityModel(classifier).cpu().eval()
-    crop = int(ckpt["crop_size"])
-    example = np.zeros((1, 3, crop, crop), dtype=np.float32)
-    with torch.inference_mode():
-        output = model(torch.from_numpy(example)).numpy()
-    mlflow.pytorch.log_model(
-        model,
-        name=model_name(run_name),
-        step=int(ckpt.get("epoch", 0)),
-        signature=infer_signature(example, output),
-        input_example=example,
-        metadata={k: ckpt[k] for k in ("classes", "mean", "std", "crop_size")},
-        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "torchvision"],
-        serialization_format="pickle",  # torch.export would fix the batch size to the example's
-        code_paths=[str(Path(__file__).resolve().parent)],  # unpickling needs resnet_sweep.models
-    )
 
 
 def adopt_run(run) -> None:

@@ -19,10 +19,11 @@ from omegaconf import DictConfig
 
 from . import faults
 from .errors import exit_with, first_line
+from .logged import log_model
 from .lookup import best_run, child_runs, downloaded_checkpoint, logged_models
 from .preflight import check_store_and_folders, check_sweep, is_study
 from .redaction import redact, redact_files
-from .runs import FAILURE_TAG, PARENT_ENV, log_model, set_parent
+from .runs import FAILURE_TAG, PARENT_ENV, set_parent
 from .store import existing_run
 from .sweep_dir import claim_sweep_dir, read_job_statuses
 

@@ -39,6 +39,30 @@ def _cache_dir(tmp_path_factory):
     yield cache
 
 
+def fresh_store(cwd: Path) -> None:
+    """Put an empty, migrated MLflow store at ``cwd/mlflow.db`` (the default ``sqlite:///mlflow.db``)
+    unless one is there: what the first run's MLflow would create, copied from one it created once
+    per session (creating it runs MLflow's ~50 schema migrations, about 2 s of CPU per test)."""
+    import shutil
+
+    from filelock import FileLock
+
+    target = Path(cwd) / "mlflow.db"
+    if target.exists():
+        return
+    template = Path(os.environ["RESNET_SWEEP_CACHE"]) / "empty-mlflow.db"
+    with FileLock(str(template) + ".lock"):  # one xdist worker makes it, the others wait
+        if not template.exists():
+            import mlflow
+
+            partial = template.with_suffix(".partial")
+            partial.unlink(missing_ok=True)
+            mlflow.MlflowClient(tracking_uri=f"sqlite:///{partial}").search_experiments()
+            _forget_mlflow_stores()
+            partial.rename(template)
+    shutil.copyfile(template, target)
+
+
 def make_tree(root: Path, per_class=(6, 3, 3), size=40, classes=("a_class", "b_class"), seed=0) -> Path:
     """root/{train,valid,test}/{a_class,b_class}/*.png: reddish vs bluish noise tiles (a third class: greenish)."""
     rng = np.random.default_rng(seed)
@@ -60,6 +84,7 @@ def tiny_tree(tmp_path) -> Path:
 
 def run_train(cwd: Path, *args: str, check: bool = True, timeout: int = 600, env: dict | None = None):
     """``python train.py ARGS`` as a user runs it, in ``cwd`` (mlflow.db, outputs/ land there)."""
+    fresh_store(cwd)
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     full_env.pop("HYDRA_FULL_ERROR", None)
     proc = subprocess.run(
@@ -130,14 +155,21 @@ def _forget_mlflow_stores() -> None:
 
 
 def run_app(
-    cwd: Path, *args: str, check: bool = True, env: dict | None = None, script: Path = TRAIN_PY, module: str = ""
+    cwd: Path,
+    *args: str,
+    check: bool = True,
+    env: dict | None = None,
+    script: Path = TRAIN_PY,
+    module: str = "",
+    store: bool = True,
 ):
     """``python train.py ARGS`` run in this process (no interpreter start, no torch/MLflow import):
     the same script, arguments, working folder and environment; stdout, stderr and the exit code
     as ``run_train`` returns them. Process-wide state (cwd, argv, environment, signal handlers,
     logging, Hydra's current config, MLflow's cached stores, torch threads, the app's per-process
     caches and atexit handlers) is restored or run after. ``module="resnet_sweep.cli"``: ``python -m``
-    that module instead (``resnet-sweep report``)."""
+    that module instead (``resnet-sweep report``). ``store=False``: no ``fresh_store`` in ``cwd``
+    first (a test that checks what the run creates)."""
     import atexit
     import io
     import logging
@@ -170,6 +202,8 @@ def run_app(
         at_exit[:] = [h for h in at_exit if h[0] != fn]
         unregister(fn)
 
+    if store:
+        fresh_store(cwd)
     _fresh_process_state()
     _forget_mlflow_stores()
     saved_uri = mlflow.get_tracking_uri() if mlflow.is_tracking_uri_set() else None

@@ -12,7 +12,7 @@ from conftest import FAST, REPO, make_tree
 from hydra import compose, initialize_config_dir
 from PIL import Image
 
-from resnet_sweep import batches, checks, crops, data, engine, features, models
+from resnet_sweep import batches, checks, crops, data, draws, engine, features, models
 from resnet_sweep.images import load_rgb
 
 
@@ -99,6 +99,36 @@ def test_a_device_resident_split_gives_the_same_batches(tmp_path):
         assert_same_batches(epochs_of(getattr(resident, split)), epochs_of(getattr(host, split)))
 
 
+@pytest.mark.parametrize("seed", [0, 7, 2**32 + 3, 2**63 - 1])
+def test_crops_drawn_for_a_whole_epoch_at_once_equal_the_per_image_draws(seed):
+    """The store's loaders draw an epoch's crops and flips in one vectorised pass (crops.train_windows);
+    every image gets what crop_offset / augment_ops (one numpy generator per image) give it."""
+    rng = np.random.default_rng(5)
+    n, crop = 2000, 224
+    indices = np.concatenate([np.arange(100), rng.integers(100, 2**32, n - 100)])
+    views = rng.integers(0, 100, n)
+    sizes = np.stack([rng.integers(crop, crop + 300, n), rng.integers(crop, crop + 300, n)], axis=1)
+    sizes[:30] = crop  # no room to move: nothing drawn
+    sizes[30:60, 1] = crop  # rows fixed, columns drawn
+    for augment in [(), ("hflip", "vflip", "rot90"), ("rot90",)]:
+        got = crops.train_windows(sizes, crop, seed, indices, views, augment)
+        want = [
+            (
+                *crops.crop_offset(tuple(sizes[k]), crop, seed, indices[k], views[k]),
+                crops.augment_ops(augment, seed, indices[k], views[k]),
+            )
+            for k in range(n)
+        ]
+        assert got == want
+    # bounds near 2**32 make numpy's bounded draw reject some outputs and draw again: equal there too
+    keys = np.stack([np.full(n, seed), indices, views], axis=1)
+    bounds = rng.integers(2**31, 2**32 - 1, (n, 2))
+    got = draws.integers(keys, bounds)
+    for k in range(n):
+        g = np.random.default_rng([int(seed), int(indices[k]), int(views[k])])
+        assert got[k].tolist() == [g.integers(int(b)) for b in bounds[k]]
+
+
 def test_augmentation_draws_flips_and_turns_per_image_and_view():
     crop = np.arange(4 * 4 * 3, dtype=np.uint8).reshape(4, 4, 3)
     assert np.array_equal(crops.apply_augment(crop, (True, False, 0)), crop[:, ::-1])
@@ -110,8 +140,8 @@ def test_augmentation_draws_flips_and_turns_per_image_and_view():
         crops.apply_augment_tensor(torch.from_numpy(crop), (True, True, 3)), torch.from_numpy(both.copy())
     )
     assert crops.augment_ops((), 0, 1, 2) == ()
-    draws = {crops.augment_ops(("hflip", "vflip", "rot90"), 0, i, v) for i in range(20) for v in range(4)}
-    assert len(draws) > 8 and {d[2] for d in draws} == {0, 1, 2, 3}  # varied, every turn drawn
+    drawn = {crops.augment_ops(("hflip", "vflip", "rot90"), 0, i, v) for i in range(20) for v in range(4)}
+    assert len(drawn) > 8 and {d[2] for d in drawn} == {0, 1, 2, 3}  # varied, every turn drawn
     assert all(d[0] is False and d[2] == 0 for d in (crops.augment_ops(("vflip",), 0, i, 0) for i in range(20)))
     assert crops.augment_ops(("hflip",), 3, 5, 1) == crops.augment_ops(("hflip",), 3, 5, 1)  # a pure function
 

@@ -14,7 +14,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FAST, REPO, TRAIN_PY, client_for, make_tree, mlflow_runs, run_app, run_train, wait_until_healthy
+from conftest import (
+    FAST,
+    REPO,
+    TRAIN_PY,
+    client_for,
+    fresh_store,
+    make_tree,
+    mlflow_runs,
+    run_app,
+    run_train,
+    wait_until_healthy,
+)
 
 
 def data_args(tree, *more):
@@ -45,6 +56,7 @@ def resume_epoch(cwd: Path) -> int:
 
 
 def start(cwd: Path, *args, env=None) -> subprocess.Popen:
+    fresh_store(cwd)
     return subprocess.Popen(
         [sys.executable, str(TRAIN_PY), *args],
         cwd=cwd,
@@ -107,7 +119,7 @@ def test_config_mistakes_are_one_line_before_anything_is_created(tmp_path, tiny_
     work.mkdir()
     args = [a.format(tree=tiny_tree) for a in args]
     flags, overrides = [a for a in args if a == "-m"], [a for a in args if a != "-m"]
-    proc = run_app(work, *flags, *FAST, *overrides, check=False)
+    proc = run_app(work, *flags, *FAST, *overrides, check=False, store=False)
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
     assert message.format(tree=tiny_tree) in proc.stderr.strip().splitlines()[-1]

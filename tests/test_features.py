@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from conftest import FAST, REPO, TRAIN_PY, client_for, make_tree, mlflow_runs, run_app
+from conftest import FAST, REPO, TRAIN_PY, client_for, fresh_store, make_tree, mlflow_runs, run_app
 from hydra import compose, initialize_config_dir
 from PIL import Image
 
@@ -116,6 +116,7 @@ def test_two_concurrent_jobs_build_one_bank(tmp_path, tiny_tree):
     cache = tmp_path / "cache"
     args = [*FAST, "data=imagefolder", f"data.root={tiny_tree}", f"data.cache_dir={cache}"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    fresh_store(tmp_path)
     procs = [
         subprocess.Popen(
             [

@@ -13,7 +13,7 @@ import time
 
 import optuna
 import pytest
-from conftest import FAST, TRAIN_PY, client_for, mlflow_runs, run_app, run_train
+from conftest import FAST, TRAIN_PY, client_for, fresh_store, mlflow_runs, run_app, run_train
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
 from hydra_plugins.resnet_sweep_optuna._space import search_space
@@ -130,6 +130,7 @@ def test_resume_after_sigkill_reaches_exactly_n_trials_under_one_study_run(tmp_p
     )
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.pop("HYDRA_FULL_ERROR", None)
+    fresh_store(tmp_path)
     proc = subprocess.Popen(
         [sys.executable, str(TRAIN_PY), *args],
         cwd=tmp_path,

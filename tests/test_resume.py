@@ -10,7 +10,7 @@ import time
 
 import pytest
 import torch
-from conftest import FAST, TRAIN_PY, client_for, make_tree, mlflow_runs, run_app, run_train
+from conftest import FAST, TRAIN_PY, client_for, fresh_store, make_tree, mlflow_runs, run_app, run_train
 
 
 def slow_args(tree):
@@ -44,6 +44,7 @@ def test_sigkill_mid_training_then_rerun_continues_the_same_run_exactly(tmp_path
     killed, clean = tmp_path / "killed", tmp_path / "clean"
     killed.mkdir(), clean.mkdir()
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    fresh_store(killed)
     proc = subprocess.Popen(
         [sys.executable, str(TRAIN_PY), *slow_args(tree)],
         cwd=killed,

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import FAST, TRAIN_PY
+from conftest import FAST, TRAIN_PY, fresh_store
 from slurm_cluster import Cluster, missing
 from test_cluster import postgres  # noqa: F401  (the PostgreSQL fixture)
 
@@ -57,6 +57,7 @@ class Sweep:
         self.cluster, self.cwd = cluster, cwd
         self.seen: dict[str, set[str]] = {}  # SLURM job id -> states seen (this sweep's jobs only)
         self.earlier = {job["id"] for job in cluster.jobs()}  # the module's earlier tests' jobs
+        fresh_store(cwd)
         self.proc = subprocess.Popen(
             [sys.executable, str(TRAIN_PY), "-m", *args, f"hydra.sweep.dir={cwd / 'multirun'}"],
             cwd=cwd,

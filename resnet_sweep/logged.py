@@ -1,0 +1,89 @@
+"""What a job's run holds besides its metrics: the data set it read (an MLflow dataset input of
+metadata only, its class counts), the test split's groups as a CSV, and the full model (the pytorch
+flavor), named after the run."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import torch
+
+from . import data
+
+
+def model_name(run_name: str) -> str:
+    """The logged model's name: the run's, in the characters MLflow allows (no ``. / : % ' "``)."""
+    return "".join("p" if c == "." else "_" if c in "/:%'\"" else c for c in run_name)
+
+
+def group_csv(rows: list[dict], classes: list[str]) -> str:
+    """The test split's groups (``data.group``): group, true class, tiles, the group's score per class
+    (mean probability, or share of tile votes), predicted class."""
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(["group", "class", "tiles", *(f"p_{c}" for c in classes), "predicted"])
+    for r in rows:
+        scores = [f"{s:.6f}" for s in r["scores"]]
+        writer.writerow([r["group"], classes[r["class"]], r["tiles"], *scores, classes[r["predicted"]]])
+    return out.getvalue()
+
+
+def class_counts(splits) -> dict[str, str]:
+    """``{"train": "a_class 6, b_class 6", ...}``: images per class of each split (a run's tags)."""
+    return {
+        split: ", ".join(f"{c} {n}" for c, n in zip(splits.classes, counts))
+        for split, counts in data.class_counts(splits).items()
+    }
+
+
+def dataset_input(splits, data_cfg):
+    """An MLflow dataset of metadata only (the images stay where they are)."""
+    import warnings
+
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+
+    root = Path(splits.root)
+    files = sorted(
+        f"{split}/{Path(path).relative_to(root / split).as_posix()}\t{label}"
+        for split in ("train", "valid", "test")
+        for path, label in getattr(splits, split).dataset.samples
+    )
+    digest = hashlib.sha256("\n".join(files).encode()).hexdigest()[:16]
+    with warnings.catch_warnings():  # two local-path source types match a folder; they are the same
+        warnings.simplefilter("ignore")
+        source = resolve_dataset_source(str(root))
+    name = "demo" if str(data_cfg.get("kind")) == "demo" else root.name
+    return MetaDataset(source=source, name=name, digest=digest)
+
+
+def log_model(classifier, ckpt: dict, run_name: str) -> None:
+    """Log the full model (backbone + head) with the pytorch flavor into the active run, named after
+    the run and at the best epoch's step, so that MLflow links it to that epoch's metrics and the
+    test metrics (logged at the same step); its pyfunc takes normalised ``N x 3 x crop x crop``
+    float32 images and returns P(ckpt['classes'][1])."""
+    from mlflow.models import infer_signature
+
+    from .models import ProbabilityModel
+
+    model = ProbabilityModel(classifier).cpu().eval()
+    crop = int(ckpt["crop_size"])
+    example = np.zeros((1, 3, crop, crop), dtype=np.float32)
+    with torch.inference_mode():
+        output = model(torch.from_numpy(example)).numpy()
+    mlflow.pytorch.log_model(
+        model,
+        name=model_name(run_name),
+        step=int(ckpt.get("epoch", 0)),
+        signature=infer_signature(example, output),
+        input_example=example,
+        metadata={k: ckpt[k] for k in ("classes", "mean", "std", "crop_size")},
+        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "torchvision"],
+        serialization_format="pickle",  # torch.export would fix the batch size to the example's
+        code_paths=[str(Path(__file__).resolve().parent)],  # unpickling needs resnet_sweep.models
+    )
