@@ -63,7 +63,7 @@ class Batcher:
             return self.normalise(x).permute(0, 3, 1, 2)
         x = self.out[:n]
         for k in range(0, n, 2):  # two crops at a time: the four passes over them stay in the core's cache
-            self.normalise(x[k : k + 2].copy_(self.buf[k : k + 2]))
+            self.normalise(x[k : k + 2].copy_(self.buf[k : min(k + 2, n)]))
         return x.permute(0, 3, 1, 2)
 
 

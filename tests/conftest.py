@@ -169,7 +169,7 @@ def run_app(
     logging, Hydra's current config, MLflow's cached stores, torch threads, the app's per-process
     caches and atexit handlers) is restored or run after. ``module="resnet_sweep.cli"``: ``python -m``
     that module instead (``resnet-sweep report``). ``store=False``: no ``fresh_store`` in ``cwd``
-    first (a test that checks what the run creates)."""
+    first (a test that checks what the run creates); never for ``module``."""
     import atexit
     import io
     import logging
@@ -202,7 +202,7 @@ def run_app(
         at_exit[:] = [h for h in at_exit if h[0] != fn]
         unregister(fn)
 
-    if store:
+    if store and not module:  # the tools (resnet-sweep report, ...) read a store, they do not start one
         fresh_store(cwd)
     _fresh_process_state()
     _forget_mlflow_stores()

@@ -30,7 +30,6 @@ from conftest import (
     make_tree,
     mlflow_runs,
     run_app,
-    run_train,
     wait_until_healthy,
 )
 from omegaconf import OmegaConf
@@ -560,6 +559,6 @@ def test_a_database_down_past_the_retry_time_stops_the_sweep_in_one_line_and_the
     assert parent.info.status == "FAILED" and "unreachable" in parent.data.tags["failure_reason"]
 
     postgres.pg_ctl("start")
-    out = run_train(tmp_path, *args, env={"PGPASSWORD": postgres.password}).stdout
+    out = run_app(tmp_path, *args, env={"PGPASSWORD": postgres.password}).stdout
     assert "2 finished trials (2 COMPLETE, 0 PRUNED, 0 FAIL)" in out
     assert_interrupted_point_ran_again(optuna_study(postgres, monkeypatch).trials)

@@ -13,7 +13,7 @@ import time
 
 import optuna
 import pytest
-from conftest import FAST, TRAIN_PY, client_for, fresh_store, mlflow_runs, run_app, run_train
+from conftest import FAST, TRAIN_PY, client_for, fresh_store, mlflow_runs, run_app
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
 from hydra_plugins.resnet_sweep_optuna._space import search_space
@@ -164,7 +164,7 @@ def test_resume_after_sigkill_reaches_exactly_n_trials_under_one_study_run(tmp_p
     assert re.fullmatch(r"lr_search-resnet18-linear-imagefolder-[0-9a-f]{8}", name)
     assert any(t.state.name == "RUNNING" for t in study(tmp_path, name).trials)
     [killed_run] = [r for r in mlflow_runs(tmp_path).children if r.info.status == "RUNNING"]
-    out = run_train(tmp_path, *args).stdout
+    out = run_app(tmp_path, *args).stdout
     assert study_names(tmp_path) == [name], "the same command resumes the same auto-named study"
     trials = study(tmp_path, name).trials
     released = [t for t in trials if t.system_attrs.get("resnet_sweep:released")]

@@ -10,7 +10,7 @@ import time
 
 import pytest
 import torch
-from conftest import FAST, TRAIN_PY, client_for, fresh_store, make_tree, mlflow_runs, run_app, run_train
+from conftest import FAST, TRAIN_PY, client_for, fresh_store, make_tree, mlflow_runs, run_app
 
 
 def slow_args(tree):
@@ -65,9 +65,9 @@ def test_sigkill_mid_training_then_rerun_continues_the_same_run_exactly(tmp_path
         proc.wait()
     assert resume_state(killed)["epoch"] in (2, 3)
 
-    out = run_train(killed, *slow_args(tree))
+    out = run_app(killed, *slow_args(tree))
     assert "resuming MLflow run" in out.stdout + out.stderr
-    run_train(clean, *slow_args(tree))
+    run_app(clean, *slow_args(tree))
 
     runs = mlflow_runs(killed).all
     assert len(runs) == 1, "no duplicate run"
