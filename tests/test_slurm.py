@@ -181,16 +181,18 @@ def elapsed_s(cluster: Cluster, job_id: str) -> int:
 
 def test_a_job_past_its_time_limit_is_signalled_checkpointed_requeued_and_finishes(cluster, cache, tmp_path):
     """Once the job trains, its time limit is cut (``scontrol update``, as an admin would) to
-    45-105 s ahead: SLURM sends SIGUSR2 at its next check (``signal_delay_s=30``),
-    submitit checkpoints and requeues the job. The limit is then given back, so the requeued job
-    finishes whatever this machine's speed (SLURM checks limits about every 30 s and may signal up
-    to a minute early: a job sized to outlast a real 1-2 minute limit was not reliably signalled)."""
-    epochs = 40
+    45-105 s ahead: with ``signal_delay_s=90`` SLURM sends SIGUSR2 at its next check after the
+    remaining time falls under 90 s (within about 45 s, at least 15 s before the limit), submitit
+    checkpoints and requeues the job. The limit is then given back, so the requeued job finishes
+    whatever this machine's speed (SLURM checks limits about every 30 s and may signal up to a
+    minute early: a job sized to outlast a real 1-2 minute limit was not reliably signalled, and
+    with ``signal_delay_s=30`` a 40-epoch job sometimes finished inside the 105 s window)."""
+    epochs = 60
     sweep = Sweep(
         cluster,
         tmp_path,
         *SLURM,
-        "hydra.launcher.signal_delay_s=30",
+        "hydra.launcher.signal_delay_s=90",
         *NAIVE,
         f"data.cache_dir={cache}",
         f"trainer.max_epochs={epochs}",
