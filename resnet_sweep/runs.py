@@ -12,6 +12,7 @@ import os
 import subprocess
 import tempfile
 from pathlib import Path
+from urllib.parse import urlparse
 
 import mlflow
 import torch
@@ -33,6 +34,7 @@ log = logging.getLogger(__name__)
 
 PARENT_ENV = "RESNET_SWEEP_PARENT_RUN_ID"
 FAILURE_TAG = "failure_reason"
+DATABASE_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")
 
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
@@ -69,7 +71,15 @@ def _hydra_overrides() -> str:
 
 class JobLog:
     """What a job writes to its MLflow run. Every call is retried for ``tracking.retry_s`` seconds
-    when the store does not answer (a restarting server or database), then raises."""
+    when the store does not answer (a restarting server or database), then raises.
+
+    On a database store (``sqlite:``, ``postgresql:``...) each attempt finishes before a SIGTERM or
+    Ctrl-C stops the job (``faults.deferred``; the training loop's next ``faults.check`` stops it):
+    an exception raised inside SQLAlchemy mid-write can leave this process's connection in an open
+    transaction that holds the database's lock, which the clean-up marking the runs KILLED then waits
+    on. (Once in CI a sweep SIGTERM'd right after an epoch, when it writes to MLflow, printed its last
+    line and did not exit within 60 s; this is the likely cause, not reproduced in 12 tries.) Over
+    HTTP an attempt may be cut: the server holds no lock for it."""
 
     def __init__(self, cfg, run_id: str):
         self.cfg = cfg
@@ -77,9 +87,16 @@ class JobLog:
         self.name = run_name(cfg)
         self.retry_s = float(cfg.tracking.get("retry_s", 300))
         self.best_epoch = 0  # the step that the best epoch's single values and the model are logged at
+        self.database = urlparse(mlflow.get_tracking_uri()).scheme.split("+")[0] in DATABASE_SCHEMES
 
     def _call(self, what: str, fn, *args, **kwargs):
-        return faults.retrying(lambda: fn(*args, **kwargs), self.retry_s, f"MLflow {what} ({self.name})")
+        def attempt():
+            if not self.database:
+                return fn(*args, **kwargs)
+            with faults.deferred(stop_after=False):
+                return fn(*args, **kwargs)
+
+        return faults.retrying(attempt, self.retry_s, f"MLflow {what} ({self.name})")
 
     def tags(self, **tags) -> None:
         self._call("set_tags", mlflow.set_tags, {k: redact(v) for k, v in tags.items()})
