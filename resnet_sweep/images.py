@@ -112,6 +112,17 @@ def group_of(name: str, pattern: re.Pattern | None) -> str | None:
     return key or None
 
 
+def group_key(path: Path, below: str, pattern: re.Pattern | None, setting: str) -> str:
+    """``group_of(below, pattern)`` for the file ``path``, or one line naming the file when the regex
+    misses it; ``setting`` is the regex as the user gave it (``--group '...'``, ``data.group='...'``)."""
+    key = group_of(below, pattern)
+    if key is None:
+        raise UserError(
+            f"{path}: {setting} does not match '{below}' (or captures nothing); fix the regex or move the file"
+        )
+    return key
+
+
 def compile_group(regex: str | None, key: str = "--group") -> re.Pattern | None:
     if regex is None:
         return None
@@ -131,12 +142,7 @@ def file_groups(root: Path, files: dict[str, list[Path]], regex: str) -> dict[st
         keys = []
         for path in paths:
             cls, *below = path.relative_to(root / split).parts
-            key = group_of("/".join(below), pattern)
-            if key is None:
-                raise UserError(
-                    f"{path}: data.group='{regex}' does not match '{'/'.join(below)}' (or captures nothing); "
-                    "fix the regex or move the file"
-                )
+            key = group_key(path, "/".join(below), pattern, f"data.group='{regex}'")
             seen = class_of.setdefault(key, (cls, path))
             if seen[0] != cls:
                 raise UserError(

@@ -13,7 +13,7 @@ from mlflow.tracking import MlflowClient
 
 from . import crops, lookup, models
 from .errors import UserError, first_line
-from .images import compile_group, group_of, load_rgb
+from .images import compile_group, group_key, load_rgb
 from .lookup import find_parent
 
 
@@ -140,16 +140,7 @@ def groups_of(root: Path, paths: list[Path], regex: str) -> dict[str, str]:
     """``--group REGEX``: each file's group (``split --group``'s rule, on the path below the folder
     given); a file it does not match is one line naming it."""
     pattern = compile_group(regex)
-    keys = {}
-    for p in paths:
-        below = p.relative_to(root).as_posix()
-        key = group_of(below, pattern)
-        if key is None:
-            raise UserError(
-                f"{p}: --group '{regex}' does not match '{below}' (or captures nothing); fix the regex or move the file"
-            )
-        keys[str(p)] = key
-    return keys
+    return {str(p): group_key(p, p.relative_to(root).as_posix(), pattern, f"--group '{regex}'") for p in paths}
 
 
 def group_rows(rows: list[tuple], keys: dict[str, str], classes: list[str], aggregate: str = "mean") -> list[list]:

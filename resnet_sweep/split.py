@@ -50,7 +50,7 @@ from typing import NamedTuple
 
 from .checks import SPLITS
 from .errors import UserError
-from .images import compile_group, group_of
+from .images import compile_group, group_key
 
 
 class Item(NamedTuple):
@@ -118,12 +118,7 @@ def scan(src: Path, regex: str | None) -> list[Item]:
             raise UserError(f"{folder}: no images; add images or remove the folder")
         for path in files:
             below = path.relative_to(folder).as_posix()
-            key = group_of(below, pattern)
-            if key is None:
-                raise UserError(
-                    f"{path}: --group '{regex}' does not match '{below}' (or captures nothing); "
-                    "fix the regex or move the file"
-                )
+            key = group_key(path, below, pattern, f"--group '{regex}'")
             items.append(Item(path.relative_to(src).as_posix(), folder.name, key))
     return items
 
