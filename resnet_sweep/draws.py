@@ -27,8 +27,6 @@ _MUL_HI, _MUL_LO = np.uint64(0x2360ED051FC65DA4), np.uint64(0x4385DF649FCCF645)
 def _words(value: int) -> list[int]:
     """An int as SeedSequence reads it: 32-bit words, least significant first ([0] for 0)."""
     value = int(value)
-    if value < 0:
-        raise ValueError("keys must be >= 0")
     words = [0] if value == 0 else []
     while value:
         words.append(value & 0xFFFFFFFF)
@@ -126,6 +124,8 @@ def integers(keys, bounds) -> np.ndarray:
     (a column of 2**32 or more must be the same in every row: the seed); ``bounds``: (R, J) or (J,)
     ints in 1..2**32 - 1."""
     keys = np.atleast_2d(np.asarray(keys, dtype=np.int64))
+    if keys.size and keys.min() < 0:  # numpy's SeedSequence refuses them; a uint32 cast would wrap them
+        raise ValueError("keys must be >= 0")
     bounds = np.broadcast_to(np.asarray(bounds, dtype=np.int64), (len(keys), np.shape(bounds)[-1]))
     rows, draws = len(keys), bounds.shape[1]
     out = np.zeros((rows, draws), dtype=np.int64)
