@@ -12,7 +12,6 @@ import os
 import subprocess
 import tempfile
 from pathlib import Path
-from urllib.parse import urlparse
 
 import mlflow
 import torch
@@ -27,14 +26,13 @@ from .hpo import Pruned
 from .logged import class_counts, dataset_input, group_csv, log_model
 from .naming import app_config, experiment_params, optimizer_name, run_name, what_trains
 from .redaction import redact
-from .store import connect, existing_run
+from .store import connect, database_of, existing_run
 from .sweep_dir import in_multirun
 
 log = logging.getLogger(__name__)
 
 PARENT_ENV = "RESNET_SWEEP_PARENT_RUN_ID"
 FAILURE_TAG = "failure_reason"
-DATABASE_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")
 
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
@@ -87,7 +85,7 @@ class JobLog:
         self.name = run_name(cfg)
         self.retry_s = float(cfg.tracking.get("retry_s", 300))
         self.best_epoch = 0  # the step that the best epoch's single values and the model are logged at
-        self.database = urlparse(mlflow.get_tracking_uri()).scheme.split("+")[0] in DATABASE_SCHEMES
+        self.database = database_of(mlflow.get_tracking_uri()) is not None
 
     def _call(self, what: str, fn, *args, **kwargs):
         def attempt():

@@ -43,6 +43,16 @@ def connect(tracking_cfg) -> str:
     return experiment.experiment_id
 
 
+DATABASES = ("sqlite", "postgresql", "mysql", "mssql")  # the stores MLflow keeps through SQLAlchemy
+
+
+def database_of(uri: str) -> str | None:
+    """The database a tracking URI names (``postgresql+psycopg://...`` -> ``postgresql``); None for
+    a tracking server (``http://``) or a folder."""
+    scheme = uri.split(":", 1)[0].split("+", 1)[0].lower()
+    return scheme if scheme in DATABASES else None
+
+
 def _creation_lock(uri: str):
     """A SQLite store is created (tables, migrations) by the first process that opens it: two sweeps
     started at once in a new folder raced there ("Online migration expected to match one row").
@@ -59,8 +69,8 @@ def _creation_lock(uri: str):
 def _probe_database(uri: str) -> None:
     """A database URI (postgresql://, mysql://...) is tried once, quickly: MLflow itself retries an
     unreachable database for about 100 s before giving up."""
-    scheme = uri.split(":", 1)[0].split("+", 1)[0].lower()
-    if scheme not in ("postgresql", "mysql", "mssql"):
+    scheme = database_of(uri)
+    if scheme in (None, "sqlite"):
         return
     import sqlalchemy
     from sqlalchemy.pool import NullPool
