@@ -83,27 +83,36 @@ def confusion(num_classes: int):
     return c.BinaryConfusionMatrix() if num_classes == 2 else c.MulticlassConfusionMatrix(num_classes=num_classes)
 
 
+def group_scores(probs: torch.Tensor, groups: list[str], num_classes: int, aggregate: str = "mean") -> list[tuple]:
+    """Each group's score per class from its tiles' probabilities (``probabilities``, in ``probs``'
+    dtype): their mean (``mean``) or their share of tile votes (``majority``); its prediction the
+    second class at score >= 0.5 (two classes) or the best score. -> ``(group, tile indices, scores,
+    predicted)`` per group, in first-seen order. Training's slide metrics and ``resnet-sweep predict
+    --group`` share this rule."""
+    per_class = torch.stack([1 - probs, probs], 1) if probs.dim() == 1 else probs
+    tile_pred = (probs >= 0.5).long() if probs.dim() == 1 else probs.argmax(1)
+    votes = torch.nn.functional.one_hot(tile_pred, per_class.shape[1]).to(probs.dtype)
+    members: dict[str, list[int]] = {}
+    for i, key in enumerate(groups):
+        members.setdefault(key, []).append(i)
+    out = []
+    for key, idx in members.items():
+        score = (per_class[idx] if aggregate == "mean" else votes[idx]).mean(0)
+        out.append((key, idx, score, int(score[1] >= 0.5) if num_classes == 2 else int(score.argmax())))
+    return out
+
+
 def group_results(
     probs: torch.Tensor, labels: torch.Tensor, groups: list[str], num_classes: int, aggregate: str = "mean"
 ):
-    """Slide/patient results (``data.group``) from tile probabilities in loader order: each group's
-    score per class is its tiles' mean probability (``mean``) or their share of tile votes
-    (``majority``); its prediction the second class at score >= 0.5 (two classes) or the best score.
-    -> (metrics: acc, balanced_acc, auroc, f1 as ``class_metrics`` on the groups, and n: groups;
+    """Slide/patient results (``data.group``) from tile probabilities in loader order, each group
+    scored and predicted by ``group_scores``. -> (metrics: acc, balanced_acc, auroc, f1 as ``class_metrics`` on the groups, and n: groups;
     rows: one per group in first-seen order: group, class index, tiles, scores per class, predicted)."""
     probs, labels = probs.detach().float().cpu(), labels.detach().long().cpu()
     if len(groups) != len(labels):
         raise ValueError(f"{len(groups)} groups for {len(labels)} tiles")
-    per_class = torch.stack([1 - probs, probs], 1) if probs.dim() == 1 else probs
-    tile_pred = (probs >= 0.5).long() if probs.dim() == 1 else probs.argmax(1)
-    votes = torch.nn.functional.one_hot(tile_pred, per_class.shape[1]).float()
-    members: dict[str, list[int]] = {}
-    for i, key in enumerate(groups):
-        members.setdefault(key, []).append(i)
     rows, scores = [], []
-    for key, idx in members.items():
-        score = (per_class[idx] if aggregate == "mean" else votes[idx]).mean(0)
-        predicted = int(score[1] >= 0.5) if num_classes == 2 else int(score.argmax())
+    for key, idx, score, predicted in group_scores(probs, groups, num_classes, aggregate):
         rows.append(
             {
                 "group": key,

@@ -11,7 +11,7 @@ import mlflow
 import torch
 from mlflow.tracking import MlflowClient
 
-from . import crops, lookup, models
+from . import crops, lookup, metrics, models
 from .errors import UserError, first_line
 from .images import compile_group, group_key, load_rgb
 from .lookup import find_parent
@@ -144,20 +144,14 @@ def groups_of(root: Path, paths: list[Path], regex: str) -> dict[str, str]:
 
 
 def group_rows(rows: list[tuple], keys: dict[str, str], classes: list[str], aggregate: str = "mean") -> list[list]:
-    """One row per group: group, tiles, its score per class (mean probability, or share of tile
-    votes with ``majority``), predicted class (two classes: the second at >= 0.5)."""
-    members: dict[str, list[list[float]]] = {}
-    for path, prob, label in rows:
-        scores = prob if isinstance(prob, list) else [1 - prob, prob]
-        if aggregate == "majority":
-            scores = [float(c == label) for c in classes]
-        members.setdefault(keys[path], []).append(scores)
-    out = []
-    for key, tiles in members.items():
-        mean = [sum(col) / len(tiles) for col in zip(*tiles)]
-        best = int(mean[1] >= 0.5) if len(classes) == 2 else max(range(len(mean)), key=mean.__getitem__)
-        out.append([key, len(tiles), *(f"{s:.6f}" for s in mean), classes[best]])
-    return out
+    """One row per group: group, tiles, its score per class and predicted class, by training's rule
+    (``metrics.group_scores``: mean probability, or share of tile votes with ``majority``)."""
+    probs = torch.tensor([prob for _, prob, _ in rows], dtype=torch.float64)
+    groups = [keys[path] for path, _, _ in rows]
+    return [
+        [key, len(idx), *(f"{s:.6f}" for s in score.tolist()), classes[predicted]]
+        for key, idx, score, predicted in metrics.group_scores(probs, groups, len(classes), aggregate)
+    ]
 
 
 def write_csv(out_path: Path, rows: list[tuple], classes: list[str] | None = None, table=None) -> None:
