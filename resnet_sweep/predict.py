@@ -12,6 +12,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from . import crops, lookup, metrics, models
+from .checks import GROUP_AGGREGATES
 from .errors import UserError, first_line
 from .images import compile_group, group_key, load_rgb
 from .lookup import find_parent
@@ -74,7 +75,7 @@ def predict(
             f"{images_dir}: no images in this folder (hidden files are ignored); give the folder "
             f"holding the images to predict; {out} was not written"
         )
-    if aggregate not in ("mean", "majority"):
+    if aggregate not in GROUP_AGGREGATES:
         raise UserError(f"--aggregate {aggregate}: choose mean or majority")
     keys = groups_of(root, paths, group) if group else None  # a file the regex misses: before any work
     mlflow.set_tracking_uri(tracking_uri)
