@@ -1,12 +1,13 @@
 """Batches built from decoded pixels, on the training device: no decoding, no DataLoader workers.
 
-Per batch: the crops' uint8 rows are copied out of the tile store's memory map (in a background
-thread, into a pinned buffer on CUDA), sent to the device in one non-blocking copy, and turned into
-a normalised float batch there (``Batcher``). The crop of training image ``i`` at epoch ``e`` is
+Per batch: the crops are copied out of the tile store's memory map and turned into a normalised
+float batch (``Batcher``): on CUDA into a pinned uint8 buffer in a background thread, sent to the
+device in one non-blocking copy and normalised there; on the CPU converted and normalised as they
+are copied, in turn with the model. The crop of training image ``i`` at epoch ``e`` is
 ``crops.crop_offset(crop_seed, i, crops.view_of(e))`` and its flips/rotation ``crops.augment_ops`` of
-the same triple, exactly as the PIL path draws them, so both paths give the same pixels. When the
-whole split fits on the device (``data.tile_store_device``), it is kept there and a batch is one
-gather on the device.
+the same triple, exactly as the PIL path draws them, and both paths normalise by ``crops.Normalise``,
+so both give the same batches. When the whole split fits on the device
+(``data.tile_store_device``), it is kept there and a batch is one gather on the device.
 """
 
 from __future__ import annotations
@@ -25,22 +26,30 @@ log = logging.getLogger(__name__)
 
 
 class Batcher:
-    """uint8 HxWx3 crops, copied into a preallocated NHWC buffer, become one normalised float batch,
-    channels_last (``Normalise``: the loaders' to_tensor + normalize ``(u8/255 - mean)/std``).
+    """uint8 HxWx3 crops become one normalised float batch (N, 3, H, W) in NHWC memory
+    (channels_last), by ``crops.Normalise`` as the PIL path's crops are.
 
-    On the CPU the float batch is a preallocated buffer too (a fresh 38 MB tensor per batch costs
-    more in page faults than the arithmetic: about 17 ms against 4 ms per 64 crops of 224 px on the
-    2-core CI machine), converted and normalised two crops at a time while they are in cache. On CUDA
-    the uint8 buffer is pinned, the copy is non-blocking and the arithmetic runs on the device; an
-    event recorded after the copy guards the buffer until the copy has read it."""
+    On the CPU each crop is converted straight from where it lies (the tile store's memory map, a
+    decoded image) into a preallocated float buffer and normalised there while it is in the core's
+    cache. The store's training pipeline on the CI machine went from about 113 to 68 us per 224-px
+    crop (CPU time, everything included) against a uint8 copy made by a second thread and then
+    converted and normalised per two crops by the first. A fresh 38 MB tensor per batch would cost
+    more in page faults than the arithmetic (about 17 ms against 4 ms per 64 crops). On CUDA the crops are copied into a pinned
+    uint8 buffer, sent in one non-blocking copy and normalised on the device; an event recorded after
+    the copy guards the buffer until the copy has read it."""
 
-    def __init__(self, size: int, crop: int, mean, std, device: torch.device, exact: bool = False):
+    def __init__(self, size: int, crop: int, mean, std, device: torch.device):
         cuda = device.type == "cuda"
-        self.buf = torch.empty((size, crop, crop, 3), dtype=torch.uint8, pin_memory=cuda)
-        self.slots = self.buf.numpy()  # the same memory: a numpy copy per crop is the cheapest
-        self.out = None if cuda else torch.empty((size, crop, crop, 3), dtype=torch.float32)
-        self.normalise = Normalise(mean, std, device, exact)
-        self.copied = torch.cuda.Event() if cuda else None
+        self.normalise = crops.Normalise(mean, std, device)
+        if cuda:
+            self.buf = torch.empty((size, crop, crop, 3), dtype=torch.uint8, pin_memory=True)
+            self.slots = self.buf.numpy()  # the same memory: a numpy copy per crop is the cheapest
+            self.copied = torch.cuda.Event()
+        else:
+            with torch.inference_mode(False):  # reused by training after an evaluation made it
+                self.out = torch.empty((size, crop, crop, 3), dtype=torch.float32)
+            self.slots = self.out.numpy()
+            self.copied = None
         self.device, self.n = device, 0
 
     def ready(self) -> None:
@@ -49,62 +58,22 @@ class Batcher:
             self.copied.synchronize()
 
     def add(self, crop: np.ndarray) -> None:
-        self.slots[self.n] = crop
+        if self.copied is not None:
+            self.slots[self.n] = crop
+        else:  # numpy converts any strides (a window of the map, flipped or turned) in one pass
+            np.copyto(self.slots[self.n], crop, casting="unsafe")
+            self.normalise(self.out[self.n : self.n + 1])
         self.n += 1
 
     def take(self) -> torch.Tensor:
-        """The batch so far (N, 3, H, W) in NHWC memory. It is a view of a reused buffer: use it
-        before the next ``take`` of this batcher."""
+        """The batch so far. It is a view of a reused buffer: use it before the next ``take`` of this
+        batcher."""
         n, self.n = self.n, 0
-        if self.out is None:
-            x = self.buf[:n].to(self.device, non_blocking=True)
-            self.copied.record()
-            x = x.float()
-            return self.normalise(x).permute(0, 3, 1, 2)
-        x = self.out[:n]
-        for k in range(0, n, 2):  # two crops at a time: the four passes over them stay in the core's cache
-            self.normalise(x[k : k + 2].copy_(self.buf[k : min(k + 2, n)]))
-        return x.permute(0, 3, 1, 2)
-
-
-class Normalise:
-    """In place on an NHWC float tensor of 0..255 values (mean/std per channel, the last dim).
-    ``exact``: torchvision's to_tensor + normalize, operation for operation (``x / 255 - mean``, then
-    ``/ std``, in fp32), so the pixels equal the PIL path's bit for bit: training on the store logs
-    the losses training on PIL would. Otherwise one fused multiply-add ``x * 1/(255 std) - mean/std``
-    (the feature bank's extraction, where 2 extra passes per batch cost about 2% on a CPU).
-
-    The per-channel constants are applied as one image row's pattern (``mean`` repeated ``W`` times,
-    ``W * 3`` contiguous values) to the batch seen as ``(N * H, W * 3)`` rows: the same arithmetic on
-    the same values, but every pass runs over long contiguous rows (broadcasting a 3-long last
-    dimension made each pass about 3x slower on a CPU)."""
-
-    def __init__(self, mean, std, device, exact: bool):
-        self.exact, self.rows = exact, {}
-        if exact:
-            self.mean = torch.as_tensor(mean, dtype=torch.float32).to(device)
-            self.std = torch.as_tensor(std, dtype=torch.float32).to(device)
-        else:
-            mean, std = torch.as_tensor(mean, dtype=torch.float64), torch.as_tensor(std, dtype=torch.float64)
-            self.scale, self.bias = (1 / (255 * std)).float().to(device), (-mean / std).float().to(device)
-
-    def _row(self, width: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if width not in self.rows:
-            pair = (self.mean, self.std) if self.exact else (self.scale, self.bias)
-            self.rows[width] = tuple(t.repeat(width) for t in pair)
-        return self.rows[width]
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if x.is_contiguous():
-            rows = x.view(-1, x.shape[-2] * x.shape[-1])
-            a, b = self._row(x.shape[-2])
-        else:  # broadcast over the channels as they lie
-            rows, a, b = x, *self._row(1)
-        if self.exact:
-            rows.div_(255).sub_(a).div_(b)
-        else:
-            torch.addcmul(b, rows, a, out=rows)
-        return x
+        if self.copied is None:
+            return self.out[:n].permute(0, 3, 1, 2)
+        x = self.buf[:n].to(self.device, non_blocking=True)
+        self.copied.record()
+        return self.normalise(x.float()).permute(0, 3, 1, 2)
 
 
 class StoreLoader:
@@ -134,13 +103,13 @@ class StoreLoader:
         self.seed, self.crop_seed, self.augment = seed, crop_seed, tuple(augment or ())
         self.sampler, self.epoch = sampler, 0
         self.sizes = [images.size(i) for i in range(len(images))]
-        self.on_device = None
+        self.on_device, self.buffers = None, None
         if resident:
             uniform = images.uniform()
             if uniform is None:
                 raise ValueError("a resident store needs images of one size")
             self.on_device = torch.from_numpy(np.array(uniform)).to(device)  # a writable copy, then on the device
-            self.normalise = Normalise(mean, std, device, exact=True)
+            self.normalise = crops.Normalise(mean, std, device)
 
     @property
     def training(self) -> bool:
@@ -185,9 +154,20 @@ class StoreLoader:
             for idx in batches:
                 yield self._gather_on_device(idx, windows), self.labels[idx]
             return
+        if self.device.type != "cuda":
+            # made in turn: a thread beside the model would compete with torch's threads for the same
+            # cores, and the crops would cross cores (both measured slower). Two buffers kept from
+            # pass to pass (fresh ones would be page-faulted in again every epoch): a batch stays
+            # intact while the next one is made.
+            if self.buffers is None:
+                self.buffers = [Batcher(self.batch_size, self.crop, self.mean, self.std, self.device) for _ in range(2)]
+            for k, idx in enumerate(batches):
+                self._fill(self.buffers[k % 2], idx, windows)
+                yield self.buffers[k % 2].take(), self.labels[idx]
+            return
         # two buffers of this pass's own (an abandoned pass may still be closing): one trains while the
         # other is filled
-        buffers = [Batcher(self.batch_size, self.crop, self.mean, self.std, self.device, exact=True) for _ in range(2)]
+        buffers = [Batcher(self.batch_size, self.crop, self.mean, self.std, self.device) for _ in range(2)]
         pool = ThreadPoolExecutor(1, thread_name_prefix="tile-store")
         try:
             pending = pool.submit(self._fill, buffers[0], batches[0], windows) if batches else None
@@ -204,7 +184,7 @@ class StoreLoader:
         return gather_crops(self.on_device, idx, [windows[i] for i in idx.tolist()], self.crop, self.normalise)
 
 
-def gather_crops(images: torch.Tensor, index, windows, crop: int, normalise: Normalise) -> torch.Tensor:
+def gather_crops(images: torch.Tensor, index, windows, crop: int, normalise: crops.Normalise) -> torch.Tensor:
     """The normalised (B, 3, crop, crop) batch (NHWC memory) of crop ``windows[k] = (top, left, ops)``
     of image ``index[k]`` of the uint8 ``(M, H, W, 3)`` tensor ``images``, made where ``images`` is:
     one advanced-indexing gather, the flips/turns, then ``normalise``. The indices travel in one copy."""
