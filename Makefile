@@ -9,11 +9,13 @@ PYTEST_ARGS ?=
 
 setup: $(STAMP)
 
-# Idempotent: reinstalls only when pyproject.toml changes (or the venv is missing).
-$(STAMP): pyproject.toml
+# Idempotent: reinstalls only when pyproject.toml changes (or the venv is missing). tools/install.py
+# installs with uv (about 12 s instead of pip's 80 s, with pip's indexes and constraints), falling
+# back to pip; INSTALL_ARGS=--pip for pip only.
+INSTALL_ARGS ?=
+$(STAMP): pyproject.toml tools/install.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python tools/install.py $(INSTALL_ARGS)
 	touch $(STAMP)
 
 # The main job on the embedded demo data: 2 backbones x 2 learning rates, one MLflow parent run.
