@@ -148,15 +148,16 @@ def main(argv=None) -> dict:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--train-batches", type=int, default=8)
+    parser.add_argument("--batch", type=int, default=32, help="the fine-tuning and pipeline batch")
     parser.add_argument("--smoke", action="store_true", help="tiny and quick, for the test suite")
     args = parser.parse_args(argv)
     if args.smoke:
-        args.tiles_per_slide, args.rounds, args.train_batches = 2, 1, 1
+        args.tiles_per_slide, args.rounds, args.train_batches, args.batch = 2, 1, 1, 8
     device = engine.resolve_device(args.device)
     engine.keep_freed_memory()
     precision = "bf16" if (device.type == "cuda" or engine.cpu_has_bf16()) else "32"
     cache = tempfile.mkdtemp(prefix="rs-datapath-")
-    cfg = config(cache, args.tiles_per_slide, "backbone.freeze=none", "trainer.batch_size=32")
+    cfg = config(cache, args.tiles_per_slide, "backbone.freeze=none", f"trainer.batch_size={args.batch}")
     print(
         f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, device {device}, "
         f"{torch.get_num_threads()} torch threads, precision {precision}, load average {os.getloadavg()[0]:.2f}"
@@ -195,7 +196,7 @@ def main(argv=None) -> dict:
     st_cpu = statistics.median(r[1] for r in store_rates)
     out.update(pipeline_pil=pil_cpu, pipeline_store=st_cpu)
     print(
-        f"1. pipeline only (crop {224}, batch 32, normalised, channels_last, on {device}): PIL decode "
+        f"1. pipeline only (crop {224}, batch {args.batch}, normalised, channels_last, on {device}): PIL decode "
         f"{pil_wall:.0f} crops/s ({pil_cpu:.0f} per CPU-second); store {st_wall:.0f} crops/s ({st_cpu:.0f} per "
         f"CPU-second): {st_cpu / pil_cpu:.1f}x per core"
     )
@@ -218,7 +219,7 @@ def main(argv=None) -> dict:
     ft_store, ft_pil = median_ratio(pairs_store), median_ratio(pairs_pil)
     out.update(finetune_store=ft_store[0], finetune_pil=ft_pil[0])
     print(
-        f"2. fine-tuning resnet18 (freeze=none, batch 32, {precision}): synthetic-batch step "
+        f"2. fine-tuning resnet18 (freeze=none, batch {args.batch}, {precision}): synthetic-batch step "
         f"{statistics.median(p[1] for p in pairs_store):.1f} img/s; store {statistics.median(p[0] for p in pairs_store):.1f} "
         f"img/s = {100 * ft_store[0]:.1f}% (rounds {100 * ft_store[1]:.1f}-{100 * ft_store[2]:.1f}%); PIL "
         f"{statistics.median(p[0] for p in pairs_pil):.1f} img/s = {100 * ft_pil[0]:.1f}%"

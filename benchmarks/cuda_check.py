@@ -34,7 +34,7 @@ from hydra import compose, initialize_config_dir  # noqa: E402
 from resnet_sweep import checks, data, engine, features, models  # noqa: E402
 
 
-def config(cache: str, tiles: int, *more: str):
+def config(cache: str, tiles: int, *more: str, workers: int = 8):
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         return compose(
             "train",
@@ -42,7 +42,7 @@ def config(cache: str, tiles: int, *more: str):
                 "backbone.weights=none",
                 f"data.cache_dir={cache}",
                 f"data.tiles_per_slide={tiles}",
-                "trainer.num_workers=8",
+                f"trainer.num_workers={workers}",
                 *more,
             ],
         )
@@ -113,7 +113,8 @@ def main() -> None:
     )
 
     # 1. the bank on the GPU
-    cfg = config(cache, args.tiles_per_slide, "trainer.max_epochs=5", "optimizer.lr=1e-3")
+    workers = 0 if args.smoke else 8  # (on the CPU, worker processes would only cost their start)
+    cfg = config(cache, args.tiles_per_slide, "trainer.max_epochs=5", "optimizer.lr=1e-3", workers=workers)
     splits = data.load_splits(cfg.data, cfg.trainer, crop_size=224, seed=0, device=device)
     print(
         f"demo data: {[len(getattr(splits, s).dataset) for s in checks.SPLITS]} train/valid/test tiles; "
@@ -162,6 +163,7 @@ def main() -> None:
         "optimizer.lr=1e-3",
         "optimizer.backbone_lr_scale=0.1",
         "scheduler=cosine",
+        workers=workers,
     )
     built3 = models.build_classifier(cfg3.backbone, cfg3.head)
     history, seconds = fit(built3.model, splits, cfg3, built3, device)

@@ -36,8 +36,17 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(items):
-    """End-to-end tests first: the longest start first, so that the parallel workers end together."""
-    items.sort(key=lambda item: item.get_closest_marker("e2e") is None)
+    """The longest first, so that the parallel workers end together: the SLURM cluster's tests (the
+    longest, and mostly waiting on the scheduler), then the other end-to-end tests, then the
+    in-process ones."""
+    items.sort(key=lambda item: (item.get_closest_marker("e2e") is None, "test_slurm.py" not in item.nodeid))
+
+
+def pytest_xdist_auto_num_workers(config):
+    """``-n auto``: a worker per core and one more. End-to-end tests spend much of their time waiting
+    (on a scheduler, a server restart, a signal's delivery), and the extra worker's tests use the
+    cores meanwhile."""
+    return (os.cpu_count() or 1) + 1
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -297,6 +306,13 @@ def client_for(cwd: Path):
     import mlflow
 
     return mlflow.MlflowClient(tracking_uri=f"sqlite:///{cwd / 'mlflow.db'}")
+
+
+def server_env(**more: str) -> dict[str, str]:
+    """The environment of an ``mlflow server`` / ``mlflow ui`` a test starts: without MLflow's job
+    execution (GenAI scorers and the like, which this product does not use), whose three Huey
+    consumer processes each import MLflow at every start (about 2 CPU-seconds apiece)."""
+    return {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **more}
 
 
 def wait_until_healthy(uri: str, proc, log_path: Path, timeout: float = 120) -> None:

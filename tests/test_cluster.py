@@ -30,6 +30,7 @@ from conftest import (
     make_tree,
     mlflow_runs,
     run_app,
+    server_env,
     wait_until_healthy,
 )
 from omegaconf import OmegaConf
@@ -274,7 +275,7 @@ def mlflow_server(postgres, tmp_path):
     port = free_port()
     folder = tmp_path / "server"
     folder.mkdir()
-    env = {**os.environ, "PGPASSWORD": postgres.password}
+    env = server_env(PGPASSWORD=postgres.password)
     log = open(folder / "server.log", "w")
     proc = subprocess.Popen(
         [
@@ -330,8 +331,6 @@ def test_two_sweeps_share_one_optuna_study_in_postgresql_and_log_to_an_mlflow_se
     args = [
         "-m",
         "hpo=lr_search",
-        "hydra/launcher=submitit_local",
-        "hydra.launcher.cpus_per_task=1",
         f"hydra.sweeper.storage={postgres.url('optuna')}",
         "hydra.sweeper.study_name=shared",
         "hydra.sweeper.n_trials=4",
@@ -344,7 +343,9 @@ def test_two_sweeps_share_one_optuna_study_in_postgresql_and_log_to_an_mlflow_se
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "PGPASSWORD": postgres.password}
     env.pop("HYDRA_FULL_ERROR", None)
     sweeps = []
-    for machine in ("machine_a", "machine_b"):  # two machines: separate working folders
+    # two machines: separate working folders; one runs its trials through submitit, one in its own process
+    launchers = {"machine_a": ["hydra/launcher=submitit_local", "hydra.launcher.cpus_per_task=1"], "machine_b": []}
+    for machine, launcher in launchers.items():
         cwd = tmp_path / machine
         cwd.mkdir()
         out = open(cwd / "sweep.log", "w")
@@ -353,7 +354,11 @@ def test_two_sweeps_share_one_optuna_study_in_postgresql_and_log_to_an_mlflow_se
                 cwd,
                 out,
                 subprocess.Popen(
-                    [sys.executable, str(TRAIN_PY), *args], cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT
+                    [sys.executable, str(TRAIN_PY), *args, *launcher],
+                    cwd=cwd,
+                    env=env,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
                 ),
             )
         )

@@ -23,6 +23,7 @@ from conftest import (
     make_tree,
     mlflow_runs,
     run_app,
+    server_env,
     wait_until_healthy,
 )
 
@@ -306,6 +307,7 @@ class Server:
                 str(self.folder / "mlartifacts"),
             ],
             cwd=self.folder,
+            env=server_env(),
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,

@@ -203,7 +203,7 @@ def test_a_browser_on_mlflow_ui_sees_the_runs_the_report_the_models_best_epoch_a
     from pathlib import Path
 
     import mlflow
-    from conftest import wait_until_healthy
+    from conftest import server_env, wait_until_healthy
 
     from resnet_sweep.store import runs_url
 
@@ -219,7 +219,7 @@ def test_a_browser_on_mlflow_ui_sees_the_runs_the_report_the_models_best_epoch_a
     mlflow_bin = Path(sys.executable).parent / "mlflow"
     cmd = [str(mlflow_bin), "ui", "--backend-store-uri", db, "--host", "127.0.0.1", "--port", str(port)]
     with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, cwd=sweep, stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, cwd=sweep, env=server_env(), stdout=log, stderr=subprocess.STDOUT)
     try:
         wait_until_healthy(ui, proc, log_path)
         runs = mlflow_runs(sweep)

@@ -16,8 +16,6 @@ from PIL import Image
 
 from resnet_sweep import cli
 
-pytestmark = pytest.mark.xdist_group("predict_store")  # one worker trains the module's store once
-
 OLD = "path,probability,label\n/earlier/run.png,0.250000,a_class\n"
 
 

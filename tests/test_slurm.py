@@ -6,8 +6,10 @@ shared PostgreSQL storage. Skipped, with one line, where slurm-wlm and munge are
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -19,7 +21,7 @@ from conftest import FAST, TRAIN_PY, fresh_store
 from slurm_cluster import Cluster, missing
 from test_cluster import postgres  # noqa: F401  (the PostgreSQL fixture)
 
-pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("slurm")]
+pytestmark = pytest.mark.e2e
 
 # CPU-only jobs of one core; the sweep folder and MLflow store are on this machine's disk, which
 # every job of a one-node cluster sees (on a real cluster: a shared filesystem, or tracking=server)
@@ -179,15 +181,43 @@ def elapsed_s(cluster: Cluster, job_id: str) -> int:
     return seconds
 
 
+def job_processes(cwd: Path) -> list[int]:
+    """The pids of the submitit job processes of the sweep in ``cwd`` (``python -m submitit.core._submit <folder>``)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            cmd = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:  # gone, or not a process
+            continue
+        python = os.path.basename(cmd[0]).startswith(b"python")  # not srun, whose command holds the same
+        if python and b"submitit.core._submit" in cmd and any(str(cwd).encode() in c for c in cmd):
+            pids.append(int(proc.name))
+    return pids
+
+
+def signal_pending(pid: int, signum: int) -> bool:
+    """Whether signal ``signum`` waits to be delivered to (stopped) process ``pid`` (False once it is gone)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    mask = 0
+    for line in status.splitlines():
+        if line.startswith(("SigPnd:", "ShdPnd:")):
+            mask |= int(line.split()[1], 16)
+    return bool(mask & (1 << (signum - 1)))
+
+
 def test_a_job_past_its_time_limit_is_signalled_checkpointed_requeued_and_finishes(cluster, cache, tmp_path):
-    """Once the job trains, its time limit is cut (``scontrol update``, as an admin would) to
-    45-105 s ahead: with ``signal_delay_s=90`` SLURM sends SIGUSR2 at its next check after the
-    remaining time falls under 90 s (within about 45 s, at least 15 s before the limit), submitit
-    checkpoints and requeues the job. The limit is then given back, so the requeued job finishes
-    whatever this machine's speed (SLURM checks limits about every 30 s and may signal up to a
-    minute early: a job sized to outlast a real 1-2 minute limit was not reliably signalled, and
-    with ``signal_delay_s=30`` a 40-epoch job sometimes finished inside the 105 s window)."""
-    epochs = 60
+    """Once the job trains, it is paused (SIGSTOP: it waits without using a core) and its time limit
+    cut (``scontrol update``, as an admin would) to 45-105 s ahead: with ``signal_delay_s=90`` SLURM
+    sends SIGUSR2 at its next check after the remaining time falls under 90 s (SLURM checks limits
+    about every 30 s). Once SLURM has signalled it (the signal pending on the paused process, or
+    already handled: slurmstepd may continue a task it signals), the limit is given back and the
+    job continued (SIGCONT): submitit's handler checkpoints and requeues it, and the requeued job
+    finishes in the same MLflow run. (Training through the wait instead cost about 80 CPU-seconds
+    of the 2-core CI machine, and a job sized to outlast the window was not always long enough.)"""
+    epochs = 6
     sweep = Sweep(
         cluster,
         tmp_path,
@@ -200,11 +230,28 @@ def test_a_job_past_its_time_limit_is_signalled_checkpointed_requeued_and_finish
     job_id = sweep.wait_for(
         lambda: next((j for j in sweep.seen if "epoch 2:" in sweep.log_of(j)), None), 300, "epoch 2 of the job"
     )
-    # a limit 45-105 s ahead: signalled at the next check, never killed before it
-    minutes = (elapsed_s(cluster, job_id) + 45) // 60 + 1
-    cluster.run("scontrol", "update", f"JobId={job_id}", f"TimeLimit={minutes}")
-    sweep.wait_for(lambda: "this job is timed-out" in sweep.log_of(job_id), 180, "SIGUSR2 at the time limit")
-    cluster.run("scontrol", "update", f"JobId={job_id}", "TimeLimit=10")
+    pids = job_processes(tmp_path)
+    assert pids, "no submitit process of the job found"
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        # a limit 45-105 s ahead: signalled at the next check, never killed before it
+        minutes = (elapsed_s(cluster, job_id) + 45) // 60 + 1
+        cluster.run("scontrol", "update", f"JobId={job_id}", f"TimeLimit={minutes}")
+        sweep.wait_for(
+            lambda: (
+                "this job is timed-out" in sweep.log_of(job_id)
+                or any(signal_pending(pid, signal.SIGUSR2) for pid in pids)
+            ),
+            180,
+            "SIGUSR2 from SLURM at the time limit",
+        )
+        cluster.run("scontrol", "update", f"JobId={job_id}", "TimeLimit=10")
+    finally:
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+    sweep.wait_for(lambda: "this job is timed-out" in sweep.log_of(job_id), 60, "submitit's handler of the signal")
     out = sweep.finish(timeout=600)
     assert "1 finished, 0 failed" in out
     assert_resumed_in_one_run(sweep, tmp_path, job_id, epochs)
