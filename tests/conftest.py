@@ -36,10 +36,16 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(items):
-    """The longest first, so that the parallel workers end together: the SLURM cluster's tests (the
-    longest, and mostly waiting on the scheduler), then the other end-to-end tests, then the
-    in-process ones."""
-    items.sort(key=lambda item: (item.get_closest_marker("e2e") is None, "test_slurm.py" not in item.nodeid))
+    """End-to-end tests first, so that the parallel workers end together on short in-process ones.
+    Among them the SLURM cluster's (the longest, mostly waiting on the scheduler) alternate with the
+    others (mostly computing), so that the first tests the workers take do not all wait at once."""
+    e2e = [item for item in items if item.get_closest_marker("e2e") is not None]
+    slurm = [item for item in e2e if "test_slurm.py" in item.nodeid]
+    slurm.sort(key=lambda item: not ("time_limit" in item.nodeid or "requeued" in item.nodeid))  # the longest
+    other = [item for item in e2e if "test_slurm.py" not in item.nodeid]
+    mixed = [item for pair in zip(slurm, other) for item in pair]
+    mixed += slurm[len(other) :] + other[len(slurm) :]
+    items[:] = mixed + [item for item in items if item.get_closest_marker("e2e") is None]
 
 
 def pytest_xdist_auto_num_workers(config):

@@ -267,20 +267,20 @@ def test_an_optuna_study_runs_its_trials_through_the_scheduler_on_postgresql(clu
         "hpo=lr_search",
         f"hydra.sweeper.storage={postgres.url('optuna')}",
         "hydra.sweeper.study_name=slurm",
-        "hydra.sweeper.n_trials=4",
+        "hydra.sweeper.n_trials=3",
         "hydra.sweeper.n_jobs=2",
         *FAST,
         f"data.cache_dir={cache}",
         env={"PGPASSWORD": postgres.password},
     )
     out = sweep.finish()
-    assert "4 finished trials (4 COMPLETE, 0 PRUNED, 0 FAIL)" in out, out[-3000:]
-    assert len(sweep.seen) == 4, sweep.seen  # 4 SLURM jobs, 2 arrays of 2
+    assert "3 finished trials (3 COMPLETE, 0 PRUNED, 0 FAIL)" in out, out[-3000:]
+    assert len(sweep.seen) == 3, sweep.seen  # 3 SLURM jobs: an array of 2, then one of 1
     os.environ["PGPASSWORD"] = postgres.password
     try:
         study = optuna.load_study(study_name="slurm", storage=postgres.url("optuna"))
     finally:
         os.environ.pop("PGPASSWORD", None)
-    assert len([t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]) == 4
+    assert len([t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]) == 3
     _, parents, children = runs(tmp_path)
-    assert len(children) == 4
+    assert len(children) == 3
