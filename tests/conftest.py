@@ -63,15 +63,16 @@ def _cache_dir(tmp_path_factory):
     yield cache
 
 
-def fresh_store(cwd: Path) -> None:
-    """Put an empty, migrated MLflow store at ``cwd/mlflow.db`` (the default ``sqlite:///mlflow.db``)
-    unless one is there: what the first run's MLflow would create, copied from one it created once
-    per session (creating it runs MLflow's ~50 schema migrations, about 2 s of CPU per test)."""
+def fresh_store(cwd: Path, name: str = "mlflow.db") -> None:
+    """Put an empty, migrated MLflow store at ``cwd/name`` (by default the default store,
+    ``sqlite:///mlflow.db``) unless one is there: what the first run's MLflow would create, copied
+    from one it created once per session (creating it runs MLflow's ~50 schema migrations, about 2 s
+    of CPU per test)."""
     import shutil
 
     from filelock import FileLock
 
-    target = Path(cwd) / "mlflow.db"
+    target = Path(cwd) / name
     if target.exists():
         return
     template = Path(os.environ["RESNET_SWEEP_CACHE"]) / "empty-mlflow.db"

@@ -116,7 +116,8 @@ def test_two_concurrent_jobs_build_one_bank(tmp_path, tiny_tree):
     cache = tmp_path / "cache"
     args = [*FAST, "data=imagefolder", f"data.root={tiny_tree}", f"data.cache_dir={cache}"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    fresh_store(tmp_path)
+    for i in range(2):  # each job's own store (tracking.uri below)
+        fresh_store(tmp_path, f"m{i}.db")
     procs = [
         subprocess.Popen(
             [
