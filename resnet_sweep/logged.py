@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from . import data
+from .checks import SPLITS
 
 
 def model_name(run_name: str) -> str:
@@ -51,7 +52,7 @@ def dataset_input(splits, data_cfg):
     root = Path(splits.root)
     files = sorted(
         f"{split}/{Path(path).relative_to(root / split).as_posix()}\t{label}"
-        for split in ("train", "valid", "test")
+        for split in SPLITS
         for path, label in getattr(splits, split).dataset.samples
     )
     digest = hashlib.sha256("\n".join(files).encode()).hexdigest()[:16]
