@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 setup: $(STAMP)
 
 # Idempotent: reinstalls only when pyproject.toml changes (or the venv is missing). tools/install.py
-# installs with uv (about 12 s instead of pip's 80 s, with pip's indexes and constraints), falling
+# installs with uv (about 25 s instead of pip's 80 s, with pip's indexes and constraints), falling
 # back to pip; INSTALL_ARGS=--pip for pip only.
 INSTALL_ARGS ?=
 $(STAMP): pyproject.toml tools/install.py

@@ -34,9 +34,9 @@ class Batcher:
     cache. The store's training pipeline on the CI machine went from about 113 to 68 us per 224-px
     crop (CPU time, everything included) against a uint8 copy made by a second thread and then
     converted and normalised per two crops by the first. A fresh 38 MB tensor per batch would cost
-    more in page faults than the arithmetic (about 17 ms against 4 ms per 64 crops). On CUDA the crops are copied into a pinned
-    uint8 buffer, sent in one non-blocking copy and normalised on the device; an event recorded after
-    the copy guards the buffer until the copy has read it."""
+    more in page faults than the arithmetic (about 17 ms against 4 ms per 64 crops). On CUDA the
+    crops are copied into a pinned uint8 buffer, sent in one non-blocking copy and normalised on the
+    device; an event recorded after the copy guards the buffer until the copy has read it."""
 
     def __init__(self, size: int, crop: int, mean, std, device: torch.device):
         cuda = device.type == "cuda"
