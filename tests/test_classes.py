@@ -68,7 +68,11 @@ def _predict(cwd, images_dir, run_id, out):
     return predict.predict(str(images_dir), run_id, False, "resnet-sweep", f"sqlite:///{cwd}/mlflow.db", str(out))
 
 
-# Recorded before issue 16 (commit d8db706, one logit + BCE only): the same fixed-seed run.
+# Recorded before issue 16 (commit d8db706, one logit + BCE only): the same fixed-seed run, on an
+# AVX-512 CPU. Other CPUs' kernels round differently (an AVX2-only AMD EPYC gives test/loss 0.503202,
+# +0.09%, and valid/loss 0.533926, -0.17%), so the losses are compared to 0.5%: far below what a
+# change to the run moves them (lr 1.1e-2 instead of 1e-2: -2.6% and -2.5%; another seed or head:
+# +19% or more).
 BEFORE = {"test/loss": 0.5027435223261515, "test/acc": 1.0, "valid/loss": 0.5348500609397888}
 
 
@@ -77,7 +81,7 @@ def test_two_classes_give_the_numbers_they_gave_before(tmp_path):
     run_app(tmp_path, *FAST, "data=imagefolder", f"data.root={root}", "trainer.max_epochs=2", "optimizer.lr=1e-2")
     metrics = mlflow_runs(tmp_path).all[0].data.metrics
     for key, value in BEFORE.items():
-        assert metrics[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+        assert metrics[key] == pytest.approx(value, rel=5e-3), key
 
 
 def test_heads_are_sized_from_the_classes():
