@@ -155,7 +155,7 @@ def main(argv=None) -> dict:
         args.tiles_per_slide, args.rounds, args.train_batches, args.batch = 2, 1, 1, 8
     device = engine.resolve_device(args.device)
     engine.keep_freed_memory()
-    precision = "bf16" if (device.type == "cuda" or engine.cpu_has_bf16()) else "32"
+    precision = "bf16" if engine.uses_bf16(device, "auto") else "32"
     cache = tempfile.mkdtemp(prefix="rs-datapath-")
     cfg = config(cache, args.tiles_per_slide, "backbone.freeze=none", f"trainer.batch_size={args.batch}")
     print(

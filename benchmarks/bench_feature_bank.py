@@ -32,7 +32,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from resnet_sweep.engine import autocast, cpu_has_bf16, keep_freed_memory  # noqa: E402
+from resnet_sweep.engine import autocast, keep_freed_memory, uses_bf16  # noqa: E402
 
 
 def plain_inference_img_per_s(images: int, batch: int, device: torch.device) -> float:
@@ -44,8 +44,7 @@ def plain_inference_img_per_s(images: int, batch: int, device: torch.device) -> 
     model.fc = torch.nn.Identity()
     model = model.eval().to(device).to(memory_format=torch.channels_last)
     x = torch.randn(batch, 3, 224, 224, device=device).contiguous(memory_format=torch.channels_last)
-    precision = "bf16" if (device.type == "cuda" or cpu_has_bf16()) else "32"
-    with torch.inference_mode(), autocast(device, precision):
+    with torch.inference_mode(), autocast(device, "auto"):
         model(x)  # warm-up
         done, start = 0, time.perf_counter()
         while done < images:
@@ -183,7 +182,7 @@ def main() -> None:
     print(f"mean |test acc difference| over paired runs: {sum(diffs) / len(diffs):.2f} points (max {max(diffs):.2f})")
     print(
         f"extraction throughput: {meta['img_per_s']:.1f} img/s ({meta['crops']} crops, batches of "
-        f"{batch}); plain bf16/channels_last ResNet18 inference, same images and batch, "
+        f"{batch}); plain {'bf16' if uses_bf16(device, 'auto') else 'fp32'}/channels_last ResNet18 inference, same images and batch, "
         f"just before / after the banked sweep: {before:.1f} / {after:.1f} img/s, mean {plain:.1f} "
         f"({100 * meta['img_per_s'] / plain:.1f}%)"
     )

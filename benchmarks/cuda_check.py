@@ -138,7 +138,7 @@ def main() -> None:
         got = torch.from_numpy(np.asarray(bank.array("train")[epoch - 1, 7], dtype=np.float32))
         cos.append(torch.nn.functional.cosine_similarity(ref, got, dim=0).item())
     print(
-        f"   GPU-bf16 bank vs CPU-fp32 backbone on the naive loop's crops (epochs 1-3): cosine "
+        f"   {meta['device']}-{meta['precision']} bank vs CPU-fp32 backbone on the naive loop's crops (epochs 1-3): cosine "
         f"{', '.join(f'{c:.5f}' for c in cos)}"
     )
 
@@ -170,7 +170,8 @@ def main() -> None:
     n = 3 * len(splits.train.dataset) + 3 * len(splits.valid.dataset)
     test = engine.evaluate(built3.model, splits.test, device, cfg3.trainer.precision)
     print(
-        f"3. fine-tuning loop, freeze=last_n unfreeze=2 ({built3.trainable_params:,} trainable), bf16 autocast, "
+        f"3. fine-tuning loop, freeze=last_n unfreeze=2 ({built3.trainable_params:,} trainable), "
+        f"{'bf16 autocast' if engine.uses_bf16(device, cfg3.trainer.precision) else 'fp32'}, "
         f"from the tile store: {seconds:.1f} s for epochs 0-2 ({n / seconds:.0f} img/s), test acc "
         f"{100 * test['test/acc']:.2f}%"
     )
@@ -178,7 +179,7 @@ def main() -> None:
     # 4. plain inference
     for name in ("resnet18", "resnet50"):
         print(
-            f"4. plain {name} bf16 channels_last inference, batch {args.plain_batch}: "
+            f"4. plain {name} {'bf16' if engine.uses_bf16(device, 'auto') else 'fp32'} channels_last inference, batch {args.plain_batch}: "
             f"{plain(name, device, batch=args.plain_batch, batches=args.plain_batches):.0f} img/s"
         )
     print("CUDA CHECK OK", flush=True)

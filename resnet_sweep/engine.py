@@ -70,12 +70,18 @@ def cpu_has_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def autocast(device: torch.device, precision: str):
-    """bf16 autocast where the hardware runs it fast (AMX/AVX512-BF16 CPUs, bf16 GPUs)."""
+def uses_bf16(device: torch.device, precision: str) -> bool:
+    """Whether ``precision`` means bf16 autocast on ``device``; ``auto``: where the hardware runs it fast
+    (AMX/AVX512-BF16 CPUs, bf16 GPUs; an AVX2-only CPU runs a bf16 ResNet18 some 30x slower than fp32)."""
     use = checks.precision(precision)
     if use is None:  # auto
         use = (device.type == "cuda" and torch.cuda.is_bf16_supported()) or (device.type == "cpu" and cpu_has_bf16())
-    if not use:
+    return use
+
+
+def autocast(device: torch.device, precision: str):
+    """bf16 autocast where ``uses_bf16`` says so, else nothing."""
+    if not uses_bf16(device, precision):
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=torch.bfloat16)
 
