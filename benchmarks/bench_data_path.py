@@ -219,7 +219,7 @@ def main(argv=None) -> dict:
     ft_store, ft_pil = median_ratio(pairs_store), median_ratio(pairs_pil)
     out.update(finetune_store=ft_store[0], finetune_pil=ft_pil[0])
     print(
-        f"2. fine-tuning resnet18 (freeze=none, batch {args.batch}, {precision}): synthetic-batch step "
+        f"2. fine-tuning resnet18 (freeze=none, batch {args.batch}, precision {precision}): synthetic-batch step "
         f"{statistics.median(p[1] for p in pairs_store):.1f} img/s; store {statistics.median(p[0] for p in pairs_store):.1f} "
         f"img/s = {100 * ft_store[0]:.1f}% (rounds {100 * ft_store[1]:.1f}-{100 * ft_store[2]:.1f}%); PIL "
         f"{statistics.median(p[0] for p in pairs_pil):.1f} img/s = {100 * ft_pil[0]:.1f}%"
@@ -262,7 +262,7 @@ def main(argv=None) -> dict:
         if batch == extraction.default_extract_batch(device):
             out.update(extract_ratio=ex[0])
         print(
-            f"3. feature bank extraction from the store ({bank_crops} crops, batch {batch}, {stats['precision']}): "
+            f"3. feature bank extraction from the store ({bank_crops} crops, batch {batch}, precision {stats['precision']}): "
             f"{statistics.median(p[0] for p in pairs):.1f} img/s; plain inference on a device batch "
             f"{statistics.median(p[1] for p in pairs):.1f} img/s: {100 * ex[0]:.1f}% (rounds {100 * ex[1]:.1f}-"
             f"{100 * ex[2]:.1f}%)"
