@@ -153,6 +153,7 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     if args.smoke:
         args.tiles_per_slide, args.rounds, args.train_batches, args.batch = 2, 1, 1, 8
+    crop = 64 if args.smoke else 224  # smoke: the same code on a twelfth of the pixels
     device = engine.resolve_device(args.device)
     engine.keep_freed_memory()
     precision = "bf16" if engine.uses_bf16(device, "auto") else "32"
@@ -164,7 +165,7 @@ def main(argv=None) -> dict:
     )
 
     # 4 first: the store every other measurement reads
-    store_splits = data.load_splits(cfg.data, cfg.trainer, crop_size=224, seed=0, crop_seed=0, device=device)
+    store_splits = data.load_splits(cfg.data, cfg.trainer, crop_size=crop, seed=0, crop_seed=0, device=device)
     files = {s: [p for p, _ in getattr(store_splits, s).dataset.samples] for s in checks.SPLITS}
     n_images = sum(len(v) for v in files.values())
     for path in (p for s in files for p in files[s]):  # PNGs in the page cache, as after a first epoch
@@ -196,7 +197,7 @@ def main(argv=None) -> dict:
     st_cpu = statistics.median(r[1] for r in store_rates)
     out.update(pipeline_pil=pil_cpu, pipeline_store=st_cpu)
     print(
-        f"1. pipeline only (crop {224}, batch {args.batch}, normalised, channels_last, on {device}): PIL decode "
+        f"1. pipeline only (crop {crop}, batch {args.batch}, normalised, channels_last, on {device}): PIL decode "
         f"{pil_wall:.0f} crops/s ({pil_cpu:.0f} per CPU-second); store {st_wall:.0f} crops/s ({st_cpu:.0f} per "
         f"CPU-second): {st_cpu / pil_cpu:.1f}x per core"
     )
@@ -234,7 +235,7 @@ def main(argv=None) -> dict:
     bank_crops = views * len(files["train"]) + len(files["valid"]) + len(files["test"])
     # the batch the product uses on this device; on a GPU the CPU's 64 beside it
     for batch in sorted({extraction.default_extract_batch(device), checks.EXTRACT_BATCH["cpu"]}, reverse=True):
-        pre = torch.randn(batch, 3, 224, 224, device=device).contiguous(memory_format=torch.channels_last)
+        pre = torch.randn(batch, 3, crop, crop, device=device).contiguous(memory_format=torch.channels_last)
         plain_rate(backbone, pre, batch, device, precision)  # warm-up
         pairs = []
         bank_precision = precision
@@ -245,7 +246,7 @@ def main(argv=None) -> dict:
                     backbone,
                     files,
                     labels,
-                    224,
+                    crop,
                     store_splits.mean,
                     store_splits.std,
                     views,

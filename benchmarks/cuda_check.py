@@ -64,11 +64,11 @@ def fit(model, inputs, cfg, built, device):
     return history, time.perf_counter() - start
 
 
-def plain(name: str, device, batch=256, batches=20) -> float:
+def plain(name: str, device, batch=256, batches=20, crop=224) -> float:
     from torchvision import models as tvm
 
     model = tvm.get_model(name).eval().to(device).to(memory_format=torch.channels_last)
-    x = torch.randn(batch, 3, 224, 224, device=device).contiguous(memory_format=torch.channels_last)
+    x = torch.randn(batch, 3, crop, crop, device=device).contiguous(memory_format=torch.channels_last)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     with torch.inference_mode(), engine.autocast(device, "auto"):
         for _ in range(3):
@@ -91,6 +91,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.smoke:
         args.tiles_per_slide, args.plain_batches, args.plain_batch = 2, 1, 4
+    crop_px = 64 if args.smoke else 224  # smoke: the same code on a twelfth of the pixels
     device = engine.resolve_device("cpu" if args.cpu else "auto")
     if not args.cpu:
         assert device.type == "cuda", "no CUDA device"
@@ -115,7 +116,7 @@ def main() -> None:
     # 1. the bank on the GPU
     workers = 0 if args.smoke else 8  # (on the CPU, worker processes would only cost their start)
     cfg = config(cache, args.tiles_per_slide, "trainer.max_epochs=5", "optimizer.lr=1e-3", workers=workers)
-    splits = data.load_splits(cfg.data, cfg.trainer, crop_size=224, seed=0, device=device)
+    splits = data.load_splits(cfg.data, cfg.trainer, crop_size=crop_px, seed=0, device=device)
     print(
         f"demo data: {[len(getattr(splits, s).dataset) for s in checks.SPLITS]} train/valid/test tiles; "
         f"loaders: {type(splits.train.loader()).__name__} (tile store {'on' if splits.store.get() else 'off'})"
@@ -180,7 +181,7 @@ def main() -> None:
     for name in ("resnet18", "resnet50"):
         print(
             f"4. plain {name} {'bf16' if engine.uses_bf16(device, 'auto') else 'fp32'} channels_last inference, batch {args.plain_batch}: "
-            f"{plain(name, device, batch=args.plain_batch, batches=args.plain_batches):.0f} img/s"
+            f"{plain(name, device, batch=args.plain_batch, batches=args.plain_batches, crop=crop_px):.0f} img/s"
         )
     print("CUDA CHECK OK", flush=True)
 
