@@ -20,7 +20,7 @@ from torch import nn
 
 from . import checks, crops, tiles
 from .batches import Batcher, RowBatches, gather_crops, prefetched
-from .engine import autocast, cpu_has_bf16
+from .engine import autocast, uses_bf16
 
 log = logging.getLogger(__name__)
 
@@ -154,15 +154,15 @@ def extract(
     device a batch at a time and the crops are cut there (``_device_crop_batches``)."""
     batch_size = batch_size or default_extract_batch(device)
     backbone = backbone.to(device).eval().to(memory_format=torch.channels_last)
-    fast = (device.type == "cuda") or cpu_has_bf16()
     dim = None
-    first = (
-        [store.images("train").image(i) for i in range(min(8, len(files["train"])))]
-        if store is not None
-        else [tiles.decode(p, resize) for p in files["train"][:8]]
-    )
-    sample = _batch([image[:crop, :crop] for image in first], mean, std, device)
-    use_bf16 = fast and _bf16_ok(backbone, sample, device)
+    use_bf16 = False
+    if uses_bf16(device, "auto"):  # where the hardware runs it fast, and only if its features agree
+        first = (
+            [store.images("train").image(i) for i in range(min(8, len(files["train"])))]
+            if store is not None
+            else [tiles.decode(p, resize) for p in files["train"][:8]]
+        )
+        use_bf16 = _bf16_ok(backbone, _batch([image[:crop, :crop] for image in first], mean, std, device), device)
     precision = "bf16" if use_bf16 else "32"
     batcher = Batcher(batch_size, crop, mean, std, device)
     total, started = 0, time.perf_counter()  # extraction proper: decode, crop, forward, store
