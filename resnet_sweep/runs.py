@@ -11,6 +11,7 @@ import logging
 import os
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 import mlflow
@@ -96,6 +97,13 @@ class JobLog:
 
         return faults.retrying(attempt, self.retry_s, f"MLflow {what} ({self.name})")
 
+    def _metrics(self, metrics: dict, step: int) -> None:
+        """``metrics`` at ``step``, with one timestamp for every attempt: when a write reached the store
+        but its answer was lost (a server killed or timing out mid-request), the retry sends the same
+        rows, which MLflow's SQL store ignores, instead of logging the values a second time."""
+        stamp = int(time.time() * 1000)
+        self._call("log_metrics", mlflow.log_metrics, metrics, step=step, timestamp=stamp)
+
     def tags(self, **tags) -> None:
         self._call("set_tags", mlflow.set_tags, {k: redact(v) for k, v in tags.items()})
 
@@ -103,11 +111,11 @@ class JobLog:
         self._call("log_params", mlflow.log_params, params)
 
     def epoch(self, epoch: int, metrics: dict) -> None:
-        self._call("log_metrics", mlflow.log_metrics, rounded(metrics), step=epoch)
+        self._metrics(rounded(metrics), epoch)
 
     def skipped_images(self, skipped: list) -> None:
         """data.on_bad_image=skip: how many files were left out, and which."""
-        self._call("log_metric", mlflow.log_metric, "data/skipped_images", len(skipped))
+        self._metrics({"data/skipped_images": len(skipped)}, 0)
         if skipped:
             self._call(
                 "log_dict",
@@ -136,9 +144,7 @@ class JobLog:
         )
         # at the best epoch's step: the model logged at that step is linked to them (and to the
         # epoch's own train/valid values), not to the untrained epoch 0
-        self._call(
-            "log_metrics",
-            mlflow.log_metrics,
+        self._metrics(
             rounded(
                 {
                     "best_epoch": history.best_epoch,
@@ -146,7 +152,7 @@ class JobLog:
                     **{f"best/{k}": v for k, v in best.items() if not k.startswith("lr/")},
                 }
             ),
-            step=self.best_epoch,
+            self.best_epoch,
         )
         never = history.best_epoch == 0 and len(history.epochs) > 1
         self.tags(stopped_early=str(history.stopped_early).lower(), never_improved=str(never).lower())
@@ -168,7 +174,7 @@ class JobLog:
         metrics = rounded(metrics)
         if group_rows is not None:
             self._call("log_text", mlflow.log_text, group_csv(group_rows, classes), "test_groups.csv")
-        self._call("log_metrics", mlflow.log_metrics, metrics, step=self.best_epoch)
+        self._metrics(metrics, self.best_epoch)
         self._call("set_tag", mlflow.set_tag, "mlflow.note.content", self.description(metrics))
         self._call(
             "log_dict",

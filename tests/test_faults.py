@@ -193,6 +193,30 @@ def test_a_run_that_never_improves_on_epoch_0_is_flagged(tmp_path, tiny_tree):
     assert parent.data.tags["best_run_id"] == runs["0.01"].info.run_id
 
 
+def test_an_epoch_whose_write_reached_the_store_but_whose_answer_was_lost_is_logged_once(
+    tmp_path, tiny_tree, monkeypatch
+):
+    """A tracking server killed (or timing out) after it stored a write but before it answered: the
+    job retries the write, and the epoch's values are still in the run once, not twice."""
+    import mlflow
+
+    real, lost = mlflow.log_metrics, []
+
+    def answer_lost_once(metrics, step=None, **kwargs):
+        real(metrics, step=step, **kwargs)
+        if step == 1 and not lost:
+            lost.append(step)
+            raise ConnectionError("('Connection aborted.', RemoteDisconnected('Remote end closed connection'))")
+
+    monkeypatch.setattr(mlflow, "log_metrics", answer_lost_once)
+    proc = run_app(tmp_path, *data_args(tiny_tree, "trainer.max_epochs=2"))
+    assert lost and "retrying for up to" in proc.stdout + proc.stderr
+    (run,) = mlflow_runs(tmp_path).all
+    assert run.info.status == "FINISHED"
+    for key in ("train/loss", "valid/loss", "valid/acc"):
+        assert history_steps(tmp_path, run, key) == [0, 1, 2], key
+
+
 # ---------------------------------------------------------------------------------------------- 9
 
 
