@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import checks, faults
+from . import checks, devices, faults
 from .errors import Diverged, UserError, first_line
 from .metrics import Meter, class_metrics, confusion, criterion, group_results, probabilities, targets
 from .naming import optimizer_name
@@ -27,15 +27,31 @@ from .objective import better, direction
 log = logging.getLogger(__name__)
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def resolve_device(name: str, *, hydra_cfg=None) -> torch.device:
+    """``trainer.device`` as a torch device: ``auto`` (a GPU when CUDA is available, else the CPU), ``cpu``,
+    ``cuda`` (a GPU) or ``cuda:N`` (that one). ``auto`` and ``cuda`` name the GPU: ``cuda:0``, or, in a
+    worker of a parallel sweep (``hydra/launcher=joblib`` or ``gpus``), the GPU of the worker's launcher
+    slot (``devices.pick_gpu``: the sweep's jobs spread over the visible GPUs, at most
+    ceil(n_jobs / GPUs) on one at once, each worker keeping its GPU). A GPU becomes torch's current
+    device, so nothing lands on GPU 0 by default. ``hydra_cfg``: the job's ``hydra.*`` (default: the
+    running job's, if any)."""
+    if name == "auto" and not torch.cuda.is_available():
+        return torch.device("cpu")
     try:
-        device = torch.device(name)
+        device = torch.device("cuda" if name == "auto" else name)
     except RuntimeError:
         raise UserError(f"trainer.device={name}: choose auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"trainer.device={name}: CUDA is not available here; use auto or cpu")
+    if device.type != "cuda":
+        return device
+    gpus = torch.cuda.device_count()
+    if device.index is None:
+        hydra_cfg = hydra_cfg if hydra_cfg is not None else devices.current_hydra()
+        device = torch.device("cuda", devices.pick_gpu(gpus=gpus, hydra_cfg=hydra_cfg))
+    elif device.index >= gpus:
+        raise UserError(f"trainer.device={name}: only {gpus} GPU(s) visible here (cuda:0..cuda:{gpus - 1})")
+    torch.cuda.set_device(device)
     return device
 
 
