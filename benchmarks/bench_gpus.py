@@ -89,7 +89,8 @@ def run(*, k: int, gpus: int, seconds: float, batch: int, crop: int) -> list[dic
         slots_dir, ready_dir = Path(tmp, "slots"), Path(tmp, "ready")
         ready_dir.mkdir()
         kwargs = {"slots_dir": str(slots_dir), "slots": n_jobs, "gpus": gpus, "ready_dir": str(ready_dir)}
-        return Parallel(n_jobs=n_jobs)(
+        # n_jobs >= 2: joblib runs a lone job in this process otherwise; here every job has a worker of its own
+        return Parallel(n_jobs=max(n_jobs, 2))(
             delayed(job)(**kwargs, together=n_jobs, seconds=seconds, batch=batch, crop=crop) for _ in range(n_jobs)
         )
 
