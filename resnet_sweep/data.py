@@ -5,10 +5,12 @@ split, from the decoded tile store where there is one, else decoded by PIL (``cr
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import multiprocessing
 import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,11 +18,11 @@ import torch
 from filelock import FileLock
 from torchvision import transforms
 
-from . import demo_data, faults
+from . import demo_data, faults, sealed
 from .checks import SPLITS, check_augment, check_root, check_sampler
 from .crops import EpochShuffle, Loader, Tiles
 from .errors import UserError, first_line
-from .images import class_folders, class_images, file_groups, fingerprint, load_rgb, scan_tree
+from .images import Listing, file_groups, fingerprint, image_checks, list_tree, load_rgb, usable
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +48,13 @@ class Splits:
     groups: dict[str, list[str]] | None = None  # data.group: each split's file groups, in loader order
     group_aggregate: str = "mean"  # data.group_aggregate: mean | majority
     store: TileStore | None = None
+    listing: Listing | None = None  # the tree as listed (once per sweep): its files' stamps
+
+    def fingerprint(self, split: str) -> str:
+        """``images.fingerprint`` of the split's files in its loader, from the stamps taken when the
+        tree was listed (no file stat-ed again): what a cache keyed by the files uses."""
+        files = [p for p, _ in getattr(self, split).dataset.samples]
+        return fingerprint(files, self.listing.stamps if self.listing is not None else None)
 
 
 def class_counts(splits: Splits) -> dict[str, list[int]]:
@@ -86,27 +95,144 @@ def channel_stats(paths: list[Path]) -> tuple[tuple[float, ...], tuple[float, ..
 
 def tree_files(root: Path) -> list[Path]:
     """Every image file of the three splits' class folders (as training reads them), unchecked."""
-    return [
-        p
-        for split in SPLITS
-        if (root / split).is_dir()
-        for cls in class_folders(root / split)
-        for p in class_images(root / split / cls)
-    ]
+    return [p for split in SPLITS for p in list_tree(root).files[split]]
 
 
 def data_fingerprint(data_cfg) -> str:
     """What identifies the data a job trains on: the root's files (paths, sizes, mtimes). Part of
     the resume key, the auto-named Optuna study and the feature bank's key, so adding, removing or
-    changing an image is a different job, never a reuse of the old data's results."""
-    return fingerprint(tree_files(resolve_root(data_cfg)))
+    changing an image is a different job, never a reuse of the old data's results. In a sweep, from
+    the tree its pre-flight (or first job) listed (``checked_tree``): the files are stat-ed once per
+    sweep, not once per job."""
+    root = resolve_root(data_cfg)
+    share = sweep_share()
+    tree = _remembered(_record(share, root)) if share is not None else None
+    return (tree.listing if tree is not None else list_tree(root)).fingerprint
 
 
-def dataset_stats(train_files: list[Path], cache_dir) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Mean/std of the training split, cached by the files' fingerprint."""
+# ---------------------------------------------------------------- what a sweep's jobs share
+# What depends only on the data (the tree's listing, every file's stamp and check) is made once per
+# sweep: by its pre-flight (``start_sweep_share``, then ``checked_tree`` for the first point), else by
+# the first job that needs it, and written to ``<sweep dir>/.sweep-data/<root key>.json``; the other
+# jobs read that record (once per process: then remembered while the file is unchanged). A new sweep
+# starts with an empty folder, so it lists and stamps the data afresh: a file added or changed
+# between two sweeps is seen. Within a sweep, the data is as it was when the sweep first listed it.
+
+SHARE_FOLDER = ".sweep-data"
+_share: dict[str, str | None] = {"folder": None}  # the share folder of the sweep this process started
+_trees: dict[str, tuple[tuple, CheckedTree]] = {}  # record path -> (the record's stat, its tree)
+
+
+@dataclass
+class CheckedTree:
+    """A tree as listed (``images.Listing``) and every listed file's check (``images.image_checks``)."""
+
+    listing: Listing
+    checks: dict[str, list | str]
+
+
+def start_sweep_share(sweep_dir: Path) -> Path:
+    """The folder in which the jobs of the sweep in ``sweep_dir`` share what depends only on the data,
+    emptied: called once by the sweep's pre-flight, before any job."""
+    folder = Path(sweep_dir).absolute() / SHARE_FOLDER
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    _share["folder"] = str(folder)
+    _trees.clear()
+    return folder
+
+
+def sweep_share() -> Path | None:
+    """The share folder of the sweep this job belongs to (a multirun job whose sweep's pre-flight made
+    one), else None. Outside a job, Hydra's config may be an earlier sweep's: a process that started
+    a sweep only trusts that sweep's folder."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized():
+        return None
+    hc = HydraConfig.get()
+    if hc.mode != RunMode.MULTIRUN:
+        return None
+    folder = (Path(str(hc.runtime.cwd)) / str(hc.sweep.dir)).absolute() / SHARE_FOLDER
+    if _share["folder"] is not None and _share["folder"] != str(folder):
+        return None
+    return folder if folder.is_dir() else None
+
+
+def _record(share: Path, root: Path) -> Path:
+    return share / f"{hashlib.sha256(str(Path(root).absolute()).encode()).hexdigest()[:16]}.json"
+
+
+def _stat(path: Path) -> tuple | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def _remembered(record: Path) -> CheckedTree | None:
+    """The tree in ``record``: remembered from an earlier job of this process while the file is
+    unchanged, else read (None when there is none, or it is unreadable)."""
+    stat = _stat(record)
+    if stat is None:
+        return None
+    known = _trees.get(str(record))
+    if known is not None and known[0] == stat:
+        return known[1]
+    try:
+        raw = json.loads(record.read_text())
+        tree = CheckedTree(Listing.from_json(raw["listing"]), dict(raw["checks"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    _trees[str(record)] = (stat, tree)
+    return tree
+
+
+def check_tree(data_cfg, root: Path, *, crop_size: int = 1, resize: int | None = None) -> CheckedTree:
+    """The tree listed (each file stat-ed once) and every file checked, each image decoded at most once
+    (cached in ``data.cache_dir``): when some must be decoded and a tile store is wanted, the same
+    decode builds the store of the files that can be used at ``crop_size`` after ``resize``."""
+    from . import tiles
+
+    listing = list_tree(root)
+    every = [p for split in SPLITS for p in listing.files[split]]
+    decode = tiles.check_and_store(data_cfg, listing, crop_size=crop_size, resize=resize)
+    return CheckedTree(listing, image_checks(every, data_cfg.cache_dir, stamps=listing.stamps, decode=decode))
+
+
+def checked_tree(data_cfg, root: Path, *, crop_size: int = 1, resize: int | None = None) -> CheckedTree:
+    """``check_tree`` once per sweep: in a sweep's job, the record its pre-flight or first job made
+    (made now, under a file lock, when there is none); in a single run, now."""
+    share = sweep_share()
+    if share is None:
+        return check_tree(data_cfg, root, crop_size=crop_size, resize=resize)
+    return share_tree(share, data_cfg, root, crop_size=crop_size, resize=resize)
+
+
+def share_tree(share: Path, data_cfg, root: Path, *, crop_size: int = 1, resize: int | None = None) -> CheckedTree:
+    """The record of ``root`` in the sweep's ``share`` folder, made by ``check_tree`` if there is none."""
+    record = _record(share, root)
+    tree = _remembered(record)
+    if tree is not None:
+        return tree
+    with FileLock(str(record) + ".lock"):
+        tree = _remembered(record)
+        if tree is None:
+            tree = check_tree(data_cfg, root, crop_size=crop_size, resize=resize)
+            sealed.write_text(record, json.dumps({"listing": tree.listing.to_json(), "checks": tree.checks}))
+            _trees[str(record)] = (_stat(record), tree)
+    return tree
+
+
+def dataset_stats(
+    train_files: list[Path], cache_dir, *, stamps: dict | None = None
+) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Mean/std of the training split, cached by the files' fingerprint (from ``stamps`` if given)."""
     cache = Path(os.path.expanduser(str(cache_dir))) / "stats"
     cache.mkdir(parents=True, exist_ok=True)
-    path = cache / f"{fingerprint(train_files)}.json"
+    path = cache / f"{fingerprint(train_files, stamps)}.json"
     with FileLock(str(path) + ".lock"):
         if path.exists():
             stats = json.loads(path.read_text())
@@ -197,21 +323,26 @@ def load_splits(
     augment = check_augment(data_cfg.get("augment"))
     sampler = check_sampler(data_cfg.get("sampler", "shuffle"))
     # with a resize, any image can be cropped; without one, images must be at least the crop
-    classes, files, skipped = scan_tree(
-        root, crop_size if not resize else 1, data_cfg.cache_dir, str(data_cfg.get("on_bad_image", "error"))
-    )
+    smallest = crop_size if not resize else 1
+    on_bad_image = str(data_cfg.get("on_bad_image", "error"))
+    if on_bad_image not in ("error", "skip"):
+        raise UserError(f"data.on_bad_image={on_bad_image}: choose error or skip")
+    tree = checked_tree(data_cfg, root, crop_size=smallest, resize=resize)
+    listing = tree.listing
+    classes = listing.classes
+    files, labels, skipped = usable(listing, tree.checks, smallest, on_bad_image, data_cfg.cache_dir)
     groups = file_groups(root, files, data_cfg.group) if data_cfg.get("group") else None
     if data_cfg.normalize == "imagenet":
         mean, std = IMAGENET_MEAN, IMAGENET_STD
     elif data_cfg.normalize == "dataset":
-        mean, std = dataset_stats(files["train"], data_cfg.cache_dir)
+        mean, std = dataset_stats(files["train"], data_cfg.cache_dir, stamps=listing.stamps)
     else:
         raise UserError(f"data.normalize={data_cfg.normalize}: choose imagenet or dataset")
     device = device or torch.device("cpu")
-    store = TileStore(data_cfg, files, resize, device)
+    store = TileStore(data_cfg, files, resize, device, stamps=listing.stamps)
 
     def loader(split: str, train: bool) -> ImageLoader:
-        samples = [(p, classes.index(p.relative_to(root / split).parts[0])) for p in files[split]]
+        samples = list(zip(files[split], labels[split]))
         ds = Tiles(samples, crop_size, mean, std, resize, crop_seed if train else None, augment if train else ())
         workers = int(trainer_cfg.num_workers)
         pil = Loader(
@@ -266,6 +397,7 @@ def load_splits(
         groups=groups,
         group_aggregate=str(data_cfg.get("group_aggregate", "mean")),
         store=store,
+        listing=listing,
     )
 
 
@@ -274,15 +406,16 @@ class TileStore:
     three splits' loaders and the feature bank's extraction; ``None`` images where there is none
     (``data.tile_store=off``, or too large: ``tiles`` says why in one line)."""
 
-    def __init__(self, data_cfg, files: dict[str, list[Path]], resize, device: torch.device):
+    def __init__(self, data_cfg, files: dict[str, list[Path]], resize, device: torch.device, *, stamps=None):
         self.data_cfg, self.files, self.resize, self.device = data_cfg, files, resize, device
+        self.stamps = stamps  # images.Listing.stamps: the store's key without stat-ing every file again
         self._store, self._opened = None, False
 
     def get(self):
         if not self._opened:
             from . import tiles
 
-            self._store, self._opened = tiles.get(self.data_cfg, self.files, self.resize), True
+            self._store, self._opened = tiles.get(self.data_cfg, self.files, self.resize, stamps=self.stamps), True
         return self._store
 
     def images(self, split: str):

@@ -9,6 +9,8 @@ import json
 import logging
 import os
 import re
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -38,14 +40,76 @@ def class_images(class_folder: Path) -> list[Path]:
     return sorted(p for p in class_folder.rglob("*") if is_image(p))
 
 
-def scan_tree(root: Path, crop_size: int, cache_dir=None, on_bad_image: str = "error"):
-    """Check the tree; return (classes, good files per split, skipped [(path, reason)]).
-    Raises UserError naming the path and what to do."""
+@dataclass
+class Listing:
+    """The ImageFolder tree as ``list_tree`` found it, once: its classes, every image file of each
+    split in the loaders' order with its label, and each file's stamp (resolved path, size, mtime),
+    from which every fingerprint of these files is computed without touching the disk again."""
+
+    root: Path
+    classes: list[str]
+    files: dict[str, list[Path]]
+    labels: dict[str, list[int]]
+    stamps: dict[str, tuple[str, int, int]]  # str(path) -> (resolved path, size, mtime_ns)
+
+    @property
+    def fingerprint(self) -> str:
+        """``fingerprint`` of every listed file (what ``data.data_fingerprint`` returns)."""
+        if "_all" not in self.__dict__:
+            self.__dict__["_all"] = fingerprint([p for s in SPLITS for p in self.files[s]], self.stamps)
+        return self.__dict__["_all"]
+
+    def to_json(self) -> dict:
+        return {
+            "root": str(self.root),
+            "classes": self.classes,
+            "files": {s: [str(p) for p in paths] for s, paths in self.files.items()},
+            "labels": self.labels,
+            "stamps": self.stamps,
+            "fingerprint": self.fingerprint,
+        }
+
+    @classmethod
+    def from_json(cls, record: dict) -> Listing:
+        listing = cls(
+            root=Path(record["root"]),
+            classes=list(record["classes"]),
+            files={s: [Path(p) for p in paths] for s, paths in record["files"].items()},
+            labels={s: list(v) for s, v in record["labels"].items()},
+            stamps={k: (v[0], int(v[1]), int(v[2])) for k, v in record["stamps"].items()},
+        )
+        listing.__dict__["_all"] = str(record["fingerprint"])
+        return listing
+
+
+def _image_files(folder: Path, real: str, stamps: dict) -> list[Path]:
+    """``class_images(folder)`` with each file's stamp recorded in ``stamps``, ``real`` being the
+    folder's resolved path: one ``stat`` per file, a ``realpath`` only for symlinks (as pathlib's
+    ``rglob``, sub-folders that are symlinks are not entered)."""
+    found = []
+    with os.scandir(folder) as entries:
+        entries = list(entries)
+    for entry in entries:
+        if entry.is_dir() and not entry.is_symlink():
+            found.extend(_image_files(Path(entry.path), f"{real}/{entry.name}", stamps))
+        elif entry.is_file() and not entry.name.startswith("."):
+            st = entry.stat()
+            resolved = os.path.realpath(entry.path) if entry.is_symlink() else f"{real}/{entry.name}"
+            stamps[entry.path] = (resolved, st.st_size, st.st_mtime_ns)
+            found.append(Path(entry.path))
+    return found
+
+
+def list_tree(root: Path) -> Listing:
+    """The tree's classes and files, each file stat-ed once; raises UserError naming the path and what
+    to do for a missing split, a split with fewer than two class folders, an empty class folder, or
+    class folders that differ between splits. Whether images decode is ``image_checks``' business."""
     where = f"data.root={root}"
-    if on_bad_image not in ("error", "skip"):
-        raise UserError(f"data.on_bad_image={on_bad_image}: choose error or skip")
+    root = Path(root)
     classes_by_split: dict[str, list[str]] = {}
     files: dict[str, list[Path]] = {}
+    labels: dict[str, list[int]] = {}
+    stamps: dict[str, tuple[str, int, int]] = {}
     for split in SPLITS:
         folder = root / split
         if not folder.is_dir():
@@ -61,12 +125,13 @@ def scan_tree(root: Path, crop_size: int, cache_dir=None, on_bad_image: str = "e
                 f"{'' if len(classes) == 1 else 's'} ({shown}); expected 2 or more, one per class"
             )
         classes_by_split[split] = classes
-        files[split] = []
-        for cls in classes:
-            images = class_images(folder / cls)
-            if not images:
+        files[split], labels[split] = [], []
+        for label, cls in enumerate(classes):
+            found = sorted(_image_files(folder / cls, os.path.realpath(folder / cls), stamps))
+            if not found:
                 raise UserError(f"{where}: {folder / cls} has no images; add images or remove the folder")
-            files[split].extend(images)
+            files[split].extend(found)
+            labels[split].extend([label] * len(found))
     train_classes = classes_by_split["train"]
     for split in ("valid", "test"):
         if classes_by_split[split] != train_classes:
@@ -81,21 +146,19 @@ def scan_tree(root: Path, crop_size: int, cache_dir=None, on_bad_image: str = "e
                 f"{where}: class folders differ between splits: {what}; train has {train_classes}, "
                 f"{split} has {classes_by_split[split]}; use the same class folders in every split"
             )
-    all_files = [p for split in SPLITS for p in files[split]]
-    bad = check_images(all_files, crop_size, cache_dir)
-    if bad and on_bad_image == "error":
-        raise UserError(bad_images_message(root, bad, crop_size, cache_dir))
-    skipped = {p for p, _ in bad}
-    for split in SPLITS:
-        files[split] = [p for p in files[split] if str(p) not in skipped]
-        for cls in train_classes:
-            if not any(p.parent.relative_to(root / split).parts[:1] == (cls,) for p in files[split]):
-                raise UserError(f"{where}: {root / split / cls} has no readable images left after skipping bad ones")
-    if bad:
-        log.warning(
-            "skipped %d bad image(s) (data.on_bad_image=skip): %s", len(bad), "; ".join(f"{p} ({w})" for p, w in bad)
-        )
-    return train_classes, files, bad
+    return Listing(root, train_classes, files, labels, stamps)
+
+
+def scan_tree(root: Path, crop_size: int, cache_dir=None, on_bad_image: str = "error"):
+    """Check the tree; return (classes, good files per split, skipped [(path, reason)]).
+    Raises UserError naming the path and what to do (``list_tree``, ``image_checks``, ``usable``)."""
+    if on_bad_image not in ("error", "skip"):
+        raise UserError(f"data.on_bad_image={on_bad_image}: choose error or skip")
+    listing = list_tree(root)
+    every = [p for split in SPLITS for p in listing.files[split]]
+    checks = image_checks(every, cache_dir, stamps=listing.stamps)
+    files, _, bad = usable(listing, checks, crop_size, on_bad_image, cache_dir)
+    return listing.classes, files, bad
 
 
 def group_of(name: str, pattern: re.Pattern | None) -> str | None:
@@ -156,17 +219,7 @@ def file_groups(root: Path, files: dict[str, list[Path]], regex: str) -> dict[st
 
 def check_image(path: Path, crop_size: int) -> str | None:
     """None if the file decodes fully to an image at least crop x crop, else why not."""
-    if path.stat().st_size == 0:
-        return "zero-byte file"
-    try:
-        image = load_rgb(path)
-    except Exception as e:
-        text = first_line(e)
-        return f"cannot be read as an image ({text})"
-    w, h = image.size
-    if min(w, h) < crop_size:
-        return f"image is {w}x{h}, smaller than the {crop_size}x{crop_size} crop"
-    return None
+    return reason(inspect(path)[1], crop_size)
 
 
 EXAMPLES = 3  # bad files named in an error; the full list goes to a file in data.cache_dir
@@ -287,44 +340,145 @@ def bad_images_file(root: Path, bad: list[tuple[str, str]], cache_dir) -> Path |
 
 
 def check_images(paths: list[Path], crop_size: int, cache_dir=None) -> list[tuple[str, str]]:
-    """Decode every file once; results cached by (path, size, mtime) so later jobs and sweeps skip
-    the work. Returns [(path, reason)] of the bad ones, in order."""
+    """Every file decoded at most once (``image_checks``, cached); returns [(path, reason)] of those
+    that cannot be used at ``crop_size``, in order."""
+    checks = image_checks(paths, cache_dir)
+    return [(str(p), why) for p in paths if (why := reason(checks[str(p)], crop_size)) is not None]
+
+
+CHECKS_VERSION = 3  # 3: an entry is the decoded size [w, h] (any crop is checked against it) or why not
+
+
+def inspect(path: Path) -> tuple[Image.Image | None, list | str]:
+    """The file decoded once (``load_rgb``) -> (image, its [width, height]), or (None, why it is not
+    an image): what a check records, whatever the crop."""
+    if path.stat().st_size == 0:
+        return None, "zero-byte file"
+    try:
+        image = load_rgb(path)
+    except Exception as e:
+        return None, f"cannot be read as an image ({first_line(e)})"
+    return image, list(image.size)
+
+
+def reason(result: list | str, crop_size: int) -> str | None:
+    """Why a file whose check found ``result`` cannot be used at ``crop_size``; None if it can."""
+    if isinstance(result, str):
+        return result
+    w, h = result
+    return f"image is {w}x{h}, smaller than the {crop_size}x{crop_size} crop" if min(w, h) < crop_size else None
+
+
+def _stamps_of(paths: list[Path]) -> dict[str, tuple[str, int, int]]:
+    out = {}
+    for p in paths:
+        st = p.stat()
+        out[str(p)] = (str(p.resolve()), st.st_size, st.st_mtime_ns)
+    return out
+
+
+def image_checks(
+    paths: list[Path],
+    cache_dir=None,
+    *,
+    stamps: dict | None = None,
+    decode: Callable[[list[Path]], dict[str, list | str]] | None = None,
+) -> dict[str, list | str]:
+    """str(path) -> its check (``inspect``'s [w, h] or reason) for every file, each decoded at most once:
+    results are cached in ``cache_dir/image-checks.json`` by resolved path, size and mtime, so later
+    jobs and sweeps skip the work. ``stamps`` (``Listing.stamps``) saves stat-ing the files again;
+    ``decode(paths) -> {str(path): result}`` checks the files not cached (default: ``inspect`` on every
+    core; ``tiles`` passes one that builds the store from the same decode)."""
+    stamps = stamps if stamps is not None else _stamps_of(paths)
     cache_file = None
     cache: dict = {}
     if cache_dir is not None:
         cache_file = Path(os.path.expanduser(str(cache_dir))) / "image-checks.json"
         cache_file.parent.mkdir(parents=True, exist_ok=True)
-        if cache_file.exists():
-            try:
-                cache = json.loads(cache_file.read_text())
-            except ValueError:
-                cache = {}
-    bad, changed = [], False
+        cache = _read_checks(cache_file)
+    results, missing = {}, []
     for path in paths:
-        st = path.stat()
-        key = f"{path.resolve()}|{crop_size}|2"  # 2: reasons without advice (scan_tree adds it)
-        stamp = [st.st_size, st.st_mtime_ns]
-        entry = cache.get(key)
-        if entry is None or entry[0] != stamp:
-            entry = [stamp, check_image(path, crop_size)]
-            cache[key] = entry
-            changed = True
-        if entry[1] is not None:
-            bad.append((str(path), entry[1]))
-    if cache_file is not None and changed:
+        resolved, size, mtime = stamps[str(path)]
+        entry = cache.get(f"{resolved}|{CHECKS_VERSION}")
+        if entry is not None and entry[0] == [size, mtime]:
+            results[str(path)] = entry[1]
+        else:
+            missing.append(path)
+    if not missing:
+        return results
+    found = (decode or inspect_all)(missing)
+    results.update(found)
+    if cache_file is not None:
+        new = {f"{stamps[str(p)][0]}|{CHECKS_VERSION}": [list(stamps[str(p)][1:]), found[str(p)]] for p in missing}
         with FileLock(str(cache_file) + ".lock"):
-            merged = json.loads(cache_file.read_text()) if cache_file.exists() else {}
-            merged.update(cache)
+            merged = _read_checks(cache_file)
+            merged.update(new)
             sealed.write_text(cache_file, json.dumps(merged))
-    return bad
+    return results
 
 
-def fingerprint(paths: list[Path]) -> str:
-    """Identifies a set of files by path, size and modification time."""
+def _read_checks(cache_file: Path) -> dict:
+    try:
+        return json.loads(cache_file.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def inspect_all(paths: list[Path]) -> dict[str, list | str]:
+    """``inspect`` of every file, on every core (PIL releases the GIL while it decodes)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from .cores import available
+
+    with ThreadPoolExecutor(available(), thread_name_prefix="image-check") as pool:
+        return {str(p): result for p, (_, result) in zip(paths, pool.map(inspect, paths, chunksize=16))}
+
+
+def usable(
+    listing: Listing, checks: dict[str, list | str], crop_size: int, on_bad_image: str = "error", cache_dir=None
+) -> tuple[dict[str, list[Path]], dict[str, list[int]], list[tuple[str, str]]]:
+    """The listing's files (and labels) that can be used at ``crop_size``, and the bad ones
+    [(path, reason)]: with ``on_bad_image=error`` any bad file is one line (UserError); with
+    ``skip`` they are left out (one warning line), and a class left with none is an error."""
+    if on_bad_image not in ("error", "skip"):
+        raise UserError(f"data.on_bad_image={on_bad_image}: choose error or skip")
+    root, where = listing.root, f"data.root={listing.root}"
+    bad = []
+    files, labels = {}, {}
+    for split in SPLITS:
+        keep = []
+        for i, path in enumerate(listing.files[split]):
+            why = reason(checks[str(path)], crop_size)
+            if why is None:
+                keep.append(i)
+            else:
+                bad.append((str(path), why))
+        if len(keep) == len(listing.files[split]):
+            files[split], labels[split] = listing.files[split], listing.labels[split]
+        else:
+            files[split] = [listing.files[split][i] for i in keep]
+            labels[split] = [listing.labels[split][i] for i in keep]
+    if bad and on_bad_image == "error":
+        raise UserError(bad_images_message(root, bad, crop_size, cache_dir))
+    for split in SPLITS:
+        present = set(labels[split])
+        for label, cls in enumerate(listing.classes):
+            if label not in present:
+                raise UserError(f"{where}: {root / split / cls} has no readable images left after skipping bad ones")
+    if bad:
+        log.warning(
+            "skipped %d bad image(s) (data.on_bad_image=skip): %s", len(bad), "; ".join(f"{p} ({w})" for p, w in bad)
+        )
+    return files, labels, bad
+
+
+def fingerprint(paths: list[Path], stamps: dict | None = None) -> str:
+    """Identifies a set of files by path, size and modification time; with ``stamps``
+    (``Listing.stamps``, the same values as found when the tree was listed) without stat-ing them."""
     h = hashlib.sha256()
     for p in sorted(paths):
-        st = p.stat()
-        h.update(f"{p.resolve()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        resolved, size, mtime = stamps[str(p)] if stamps is not None else _stamps_of([p])[str(p)]
+        h.update(f"{resolved}\0{size}\0{mtime}\n".encode())
     return h.hexdigest()[:16]
 
 

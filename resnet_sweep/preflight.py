@@ -3,14 +3,17 @@ created (one line, exit 2); then the store answers and the output folders are wr
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
 from hydra.types import RunMode
 
 from . import checks, engine
-from .errors import UserError, exit_with
+from .errors import UserError, exit_with, first_line
 from .store import connect
+
+log = logging.getLogger(__name__)
 
 
 def check_job(cfg) -> None:
@@ -88,3 +91,23 @@ def check_writable(folder: Path, what: str) -> None:
         raise UserError(
             f"{what}={folder}: not writable ({e.strerror or e}); choose a folder you can write to"
         ) from None
+
+
+def share_sweep_data(config) -> None:
+    """What depends only on the data, done once for the whole sweep before its first job: the sweep's
+    share folder (``data.start_sweep_share``), and the first point's data listed, stamped and checked
+    into it (each image decoded once, for the check and the tile store together). Its jobs read that
+    record instead of listing, stat-ing and checking every file again. A problem with the data is
+    left to the jobs, each reporting it in its one line as before."""
+    from . import data
+
+    share = data.start_sweep_share(Path(str(config.hydra.sweep.dir)))
+    try:
+        job = config if is_study(config) else _compose_job(config, sweep_points(config)[0])
+        resize = job.backbone.get("resize")
+        smallest = int(job.backbone.crop_size) if not resize else 1
+        data.share_tree(share, job.data, data.resolve_root(job.data), crop_size=smallest, resize=resize)
+    except UserError:
+        pass
+    except Exception as e:  # the jobs do it themselves then
+        log.warning("the sweep's data was not prepared before its jobs (%s); its first job does it", first_line(e))

@@ -21,7 +21,7 @@ from . import faults
 from .errors import exit_with, first_line
 from .logged import log_model
 from .lookup import best_run, child_runs, downloaded_checkpoint, logged_models
-from .preflight import check_store_and_folders, check_sweep, is_study
+from .preflight import check_store_and_folders, check_sweep, is_study, share_sweep_data
 from .redaction import redact, redact_files
 from .runs import FAILURE_TAG, PARENT_ENV, set_parent
 from .store import existing_run
@@ -56,6 +56,7 @@ class SweepCallback(Callback):
         check_sweep(config, every_point=True)
         claim_sweep_dir(config)
         experiment_id = check_store_and_folders(config)
+        share_sweep_data(config)
         faults.install_handlers()
         if is_study(config):
             return  # the Optuna sweeper opens (or, on resume, reopens) the study's parent run

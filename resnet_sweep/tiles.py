@@ -27,6 +27,7 @@ import hashlib
 import logging
 import os
 import shutil
+import tempfile
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -41,7 +42,7 @@ from tqdm import tqdm
 from . import crops, sealed
 from .cores import available as available_cores
 from .errors import UserError, first_line
-from .images import fingerprint, load_rgb
+from .images import fingerprint, inspect, inspect_all, load_rgb, reason
 
 log = logging.getLogger(__name__)
 
@@ -72,15 +73,20 @@ def stored_size(path: Path, resize: int | None) -> tuple[int, int]:
     return w, h
 
 
-def key_of(files: dict[str, list[Path]], resize: int | None) -> str:
+def key_of(files: dict[str, list[Path]], resize: int | None, stamps: dict | None = None) -> str:
+    """The store's key; ``stamps`` (``images.Listing.stamps``) saves stat-ing and resolving every file."""
+
+    def resolved(p: Path) -> str:
+        return stamps[str(p)][0] if stamps is not None else str(p.resolve())
+
     spec = {
         "version": TILES_VERSION,
         "pil": PIL.__version__,
         "torchvision": torchvision.__version__,
         "resize": resize,
         # the files with sizes and mtimes, and their order (image i of a split is files[split][i])
-        "files": {s: fingerprint(files[s]) for s in files},
-        "order": {s: hashlib.sha256("\n".join(str(p.resolve()) for p in files[s]).encode()).hexdigest() for s in files},
+        "files": {s: fingerprint(files[s], stamps) for s in files},
+        "order": {s: hashlib.sha256("\n".join(resolved(p) for p in files[s]).encode()).hexdigest() for s in files},
     }
     return sealed.json_key(spec, 16)
 
@@ -157,11 +163,11 @@ def _fields(meta: dict) -> None:
         int(n)
 
 
-def _ordered(pool: ThreadPoolExecutor, paths: list[Path], resize, ahead: int):
-    """(path, future of its decoded image) in order, decoded by the pool up to ``ahead`` images ahead."""
+def _ordered(pool: ThreadPoolExecutor, paths: list[Path], work, ahead: int):
+    """(path, future of ``work(path)``) in order, run by the pool up to ``ahead`` images ahead."""
     pending: deque = deque()
     for path in paths:
-        pending.append((path, pool.submit(decode, path, resize)))
+        pending.append((path, pool.submit(work, path)))
         if len(pending) > ahead:
             yield pending.popleft()
     while pending:
@@ -174,14 +180,19 @@ def write_store(
     out: Path,
     workers: int | None = None,
     progress: bool | None = None,
+    *,
+    decode_one=None,
 ) -> dict:
     """Decode every image of ``files`` into ``out`` (``<split>.u8`` and ``<split>.index.npy``) with
     ``workers`` threads (None: every core); return the stats for meta.json. ``progress``: tqdm's
-    ``disable`` negated (None: a bar when stderr is a terminal)."""
+    ``disable`` negated (None: a bar when stderr is a terminal). ``decode_one(path)`` (default
+    ``decode(path, resize)``) may return None for an image to leave out: ``stats["kept"]`` lists the
+    files stored per split."""
     workers = workers or available_cores()
     total = sum(len(p) for p in files.values())
     stream = [p for s in files for p in files[s]]  # one stream: the next split's images decode early too
     nbytes: dict[str, int] = {}
+    kept: dict[str, list[Path]] = {}
     started = time.perf_counter()
     with (
         ThreadPoolExecutor(workers, thread_name_prefix="tile-decode") as pool,
@@ -193,13 +204,13 @@ def write_store(
             leave=False,
         ) as bar,
     ):
-        images = _ordered(pool, stream, resize, ahead=4 * workers)
+        images = _ordered(pool, stream, decode_one or (lambda p: decode(p, resize)), ahead=4 * workers)
         try:
             for split, paths in files.items():
-                index = np.zeros((len(paths), 3), dtype=np.int64)
+                rows, kept[split] = [], []
                 offset = 0
                 with open(out / f"{split}.u8", "wb") as f:
-                    for i in range(len(paths)):
+                    for _ in range(len(paths)):
                         path, done = next(images)
                         try:
                             image = done.result()
@@ -209,33 +220,45 @@ def write_store(
                                 f"{path}: cannot be read as an image ({why}) while building the tile "
                                 "store; fix or remove it, or set data.tile_store=off"
                             ) from None
+                        bar.update()
+                        if image is None:
+                            continue
                         if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
                             raise ValueError(f"{path} decoded to {image.dtype} {image.shape}, not HxWx3 uint8")
                         h, w = image.shape[:2]
-                        index[i] = offset, h, w
+                        rows.append((offset, h, w))
+                        kept[split].append(path)
                         f.write(np.ascontiguousarray(image).data)
                         offset += image.nbytes
-                        bar.update()
-                np.save(out / f"{split}.index.npy", index)
+                np.save(out / f"{split}.index.npy", np.array(rows, dtype=np.int64).reshape(-1, 3))
                 nbytes[split] = offset
         finally:
             images.close()
             pool.shutdown(wait=True, cancel_futures=True)
     seconds = time.perf_counter() - started
     return {
-        "splits": {s: len(files[s]) for s in files},
+        "splits": {s: len(kept[s]) for s in files},
         "bytes": nbytes,
         "images": total,
         "seconds": round(seconds, 3),
         "img_per_s": round(total / max(seconds, 1e-9), 1),
         "workers": workers,
+        "kept": kept,
     }
 
 
 def _header_bytes(paths: list[Path], resize, workers: int) -> int:
     """Sum of h*w*3 of the decoded images, from their headers (read by ``workers`` threads)."""
+
+    def size(path: Path) -> int:
+        try:
+            w, h = stored_size(path, resize)
+        except Exception:  # not an image: its check says so; it takes no room in the store
+            return 0
+        return w * h * 3
+
     with ThreadPoolExecutor(workers) as pool:
-        return sum(w * h * 3 for w, h in pool.map(lambda p: stored_size(p, resize), paths, chunksize=64))
+        return sum(pool.map(size, paths, chunksize=64))
 
 
 def _max_gb(data_cfg) -> float:
@@ -257,64 +280,130 @@ def root_of(data_cfg) -> Path:
     return Path(os.path.expanduser(str(data_cfg.cache_dir))) / "tiles"
 
 
-def get(data_cfg, files: dict[str, list[Path]], resize: int | None) -> Store | None:
-    """The tile store of ``files`` (split -> image paths in the loaders' order, bad images already
-    left out) decoded with ``resize``: reused when whole, else built (or rebuilt, with one warning
-    line, when damaged) once under a file lock. None when ``data.tile_store=off``, or when it would
-    exceed ``data.tile_store_max_gb`` or the free disk (one log line says so)."""
+def _choice(data_cfg) -> str:
     choice = str(data_cfg.get("tile_store", "auto"))
     if choice not in ("auto", "off"):
         raise UserError(f"data.tile_store={choice}: choose auto or off")
-    if choice == "off":
-        return None
+    return choice
+
+
+def _fits(data_cfg, key: str, files: dict[str, list[Path]], resize) -> bool:
+    """Whether the store of ``files`` fits under ``data.tile_store_max_gb`` and on the cache folder's
+    free disk (from the image headers, read once per process and key); else one log line says so."""
     max_gb = _max_gb(data_cfg)
+    n = sum(len(p) for p in files.values())
+    if key not in _needed:
+        _needed[key] = _header_bytes([p for s in files for p in files[s]], resize, available_cores())
+    need = _needed[key]
+    if need > max_gb * GB:
+        log.info(
+            "tile store not built: the %d decoded images would take %s, over data.tile_store_max_gb=%g; "
+            "decoding them with PIL at every epoch instead",
+            n,
+            _amount(need),
+            max_gb,
+        )
+        return False
+    root = root_of(data_cfg)
+    root.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(root).free
+    if need > free:
+        log.warning(
+            "tile store not built: the %d decoded images would take %s, but %s has %s free; "
+            "decoding them with PIL at every epoch instead",
+            n,
+            _amount(need),
+            root,
+            _amount(free),
+        )
+        return False
+    return True
+
+
+def _meta(key: str, resize, stats: dict) -> dict:
+    log.info(
+        "tile store %s: %d images in %.1f s (%.1f img/s), %s",
+        key,
+        stats["images"],
+        stats["seconds"],
+        stats["img_per_s"],
+        _amount(sum(stats["bytes"].values())),
+    )
+    return {"key": key, "version": TILES_VERSION, "resize": resize, **{k: v for k, v in stats.items() if k != "kept"}}
+
+
+def get(data_cfg, files: dict[str, list[Path]], resize: int | None, *, stamps: dict | None = None) -> Store | None:
+    """The tile store of ``files`` (split -> image paths in the loaders' order, bad images already
+    left out) decoded with ``resize``: reused when whole, else built (or rebuilt, with one warning
+    line, when damaged) once under a file lock. None when ``data.tile_store=off``, or when it would
+    exceed ``data.tile_store_max_gb`` or the free disk (one log line says so). ``stamps``
+    (``images.Listing.stamps``): the files' stamps as listed, so none is stat-ed again."""
+    if _choice(data_cfg) == "off":
+        return None
+    _max_gb(data_cfg)
     files = {str(s): [Path(p) for p in paths] for s, paths in files.items()}
-    key = key_of(files, resize)
+    key = key_of(files, resize, stamps)
     root = root_of(data_cfg)
     path = root / key
     meta, _ = sealed.check(path, _fields)
     if meta is None:
+        if not _fits(data_cfg, key, files, resize):
+            return None
         workers = available_cores()
-        n = sum(len(p) for p in files.values())
-        if key not in _needed:
-            _needed[key] = _header_bytes([p for s in files for p in files[s]], resize, workers)
-        need = _needed[key]
-        if need > max_gb * GB:
-            log.info(
-                "tile store not built: the %d decoded images would take %s, over data.tile_store_max_gb=%g; "
-                "decoding them with PIL at every epoch instead",
-                n,
-                _amount(need),
-                max_gb,
-            )
-            return None
-        root.mkdir(parents=True, exist_ok=True)
-        free = shutil.disk_usage(root).free
-        if need > free:
-            log.warning(
-                "tile store not built: the %d decoded images would take %s, but %s has %s free; "
-                "decoding them with PIL at every epoch instead",
-                n,
-                _amount(need),
-                root,
-                _amount(free),
-            )
-            return None
 
         def make(tmp: Path) -> dict:
+            n = sum(len(p) for p in files.values())
             log.info(
-                "building the tile store %s: decoding %d images (%s) with %d threads", key, n, _amount(need), workers
-            )
-            stats = write_store(files, resize, tmp, workers)
-            log.info(
-                "tile store %s: %d images in %.1f s (%.1f img/s), %s",
+                "building the tile store %s: decoding %d images (%s) with %d threads",
                 key,
-                stats["images"],
-                stats["seconds"],
-                stats["img_per_s"],
-                _amount(sum(stats["bytes"].values())),
+                n,
+                _amount(_needed[key]),
+                workers,
             )
-            return {"key": key, "version": TILES_VERSION, "resize": resize, **stats}
+            return _meta(key, resize, write_store(files, resize, tmp, workers))
 
         meta = sealed.build_once(root, key, make, what="tile store", log=log, validate=_fields, checked=True)
     return Store(key, path, meta)
+
+
+def check_and_store(data_cfg, listing, *, crop_size: int, resize: int | None):
+    """For ``images.image_checks(decode=...)``: a decode that checks the files it is given and, when a
+    store is to be built (``data.tile_store=auto`` and it fits), decodes every listed file once for
+    both, building the tile store of the good ones (at least ``crop_size`` after ``resize``): a data
+    set's first job decodes each image once. Nothing is read until a check is missing."""
+    if _choice(data_cfg) == "off":
+        return None
+    every = {s: list(listing.files[s]) for s in listing.files}
+
+    def decode_all(missing: list[Path]) -> dict:
+        if not _fits(data_cfg, f"listed:{key_of(every, resize, listing.stamps)}", every, resize):
+            return inspect_all(missing)
+        results: dict[str, list | str] = {}
+
+        def decode_one(path: Path):
+            image, result = inspect(path)
+            results[str(path)] = result
+            if reason(result, crop_size) is not None:
+                return None
+            return np.asarray(crops.resized(image, resize))
+
+        root = root_of(data_cfg)
+        built = Path(tempfile.mkdtemp(prefix=".checked-", dir=root))
+        try:
+            log.info(
+                "checking %d images and building their tile store from the same decode", sum(map(len, every.values()))
+            )
+            stats = write_store(every, resize, built, decode_one=decode_one)
+            key = key_of(stats["kept"], resize, listing.stamps)
+
+            def make(tmp: Path) -> dict:
+                for f in built.iterdir():
+                    f.rename(tmp / f.name)
+                return _meta(key, resize, stats)
+
+            sealed.build_once(root, key, make, what="tile store", log=log, validate=_fields)
+        finally:
+            shutil.rmtree(built, ignore_errors=True)
+        return results
+
+    return decode_all
