@@ -125,9 +125,12 @@ def _to_device(x: torch.Tensor, device) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
 
 
-def _check_finite(loss: torch.Tensor, epoch: int) -> None:
-    if not torch.isfinite(loss):
-        raise Diverged(f"loss became {'NaN' if torch.isnan(loss) else 'inf'} at epoch {epoch}")
+def _check_finite(meter: Meter, epoch: int) -> None:
+    """Diverged when a loss of the epoch was not finite: read once, at the epoch's end (a check per
+    step would wait for every step's result)."""
+    bad = meter.non_finite()
+    if bad is not None:
+        raise Diverged(f"loss became {bad} at epoch {epoch}")
 
 
 def run_epoch(
@@ -160,12 +163,12 @@ def run_epoch(
             with autocast(device, precision):
                 logits = model(x).float()
             loss = loss_fn(logits, targets(y, num_classes))
-            _check_finite(loss, epoch)
             if training:
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
-            meter.update(loss, logits, y)
+            meter.update(loss, logits, y)  # summed on the device: nothing waits for the step
+    _check_finite(meter, epoch)
     return meter.compute(prefix)
 
 
@@ -337,27 +340,24 @@ def evaluate(model, loader, device, precision, num_classes: int = 2, groups=None
     loss_fn = criterion(num_classes, reduction="sum")
     metrics = torchmetrics.MetricCollection(class_metrics(num_classes)).to(device)
     matrix = confusion(num_classes).to(device)
-    loss_sum, n = 0.0, 0
+    loss_sum, n = torch.zeros((), dtype=torch.float64, device=device), 0
     with torch.inference_mode():
         for x, y in tqdm(loader, desc="test", leave=False, disable=None):
             x = _to_device(x, device)
             y = y.to(device)
             with autocast(device, precision):
                 logits = model(x).float()
-            loss_sum += loss_fn(logits, targets(y, num_classes)).item()
+            loss_sum += loss_fn(logits, targets(y, num_classes))  # on the device: read once, below
             n += y.numel()
-            probs = probabilities(logits)
-            metrics.update(probs, y)
-            matrix.update(probs, y)
-            if groups is not None:
-                all_probs.append(probs.cpu())
-                all_labels.append(y.cpu())
+            all_probs.append(probabilities(logits))
+            all_labels.append(y)
+    probs, labels = torch.cat(all_probs), torch.cat(all_labels)
+    metrics.update(probs, labels)
+    matrix.update(probs, labels)
     out = {f"test/{k}": v.item() for k, v in metrics.compute().items()}
-    out["test/loss"] = loss_sum / max(n, 1)
+    out["test/loss"] = loss_sum.item() / max(n, 1)
     out["confusion_matrix"] = matrix.compute().cpu().tolist()
     if groups is not None:
-        slide, out["group_rows"] = group_results(
-            torch.cat(all_probs), torch.cat(all_labels), groups, num_classes, aggregate
-        )
+        slide, out["group_rows"] = group_results(probs.cpu(), labels.cpu(), groups, num_classes, aggregate)
         out.update({f"test/slide/{k}": v for k, v in slide.items()})
     return out

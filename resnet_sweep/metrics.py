@@ -131,41 +131,60 @@ def group_results(
     return out, rows
 
 
+def binary_correct(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Right answers of one logit each, as torchmetrics' ``BinaryAccuracy`` counts them on logits (how
+    the two-class accuracy has always been read): a batch whose values all lie in [0, 1] is taken as
+    probabilities, any other goes through the sigmoid; then > 0.5. On the device, without a sync."""
+    as_probs = ((logits >= 0) & (logits <= 1)).all()
+    probs = torch.where(as_probs, logits, torch.sigmoid(logits))
+    return ((probs > 0.5) == y.bool()).sum()
+
+
 class Meter:
-    """Mean loss and accuracy over an epoch (torchmetrics); ``full`` adds balanced accuracy and AUROC
-    (what validation measures, so either can be the objective); ``groups`` (one per tile, in loader
-    order) adds the slide-level metrics (``group_results``)."""
+    """Mean loss and accuracy over an epoch, summed on the device and read once (``compute``): a step
+    waits for nothing. ``full`` adds balanced accuracy and AUROC (what validation measures, so either
+    can be the objective), ``groups`` (one per tile, in loader order) the slide-level metrics
+    (``group_results``): from the epoch's probabilities, kept on the device until ``compute``. A
+    non-finite loss is noted on the device too (``non_finite``), for the caller to check once."""
 
     def __init__(self, device, num_classes: int = 2, full: bool = False, groups=None, aggregate: str = "mean"):
-        self.num_classes, self.groups, self.aggregate = num_classes, groups, aggregate
+        self.num_classes, self.groups, self.aggregate, self.full = num_classes, groups, aggregate, full
         self.probs, self.labels = [], []
-        self.loss = torchmetrics.MeanMetric().to(device)
-        metrics = class_metrics(num_classes)
-        # the two-class accuracy reads the logits as it always has (torchmetrics applies the sigmoid)
-        self.acc = metrics["acc"].to(device)
-        self.more = (
-            torchmetrics.MetricCollection({k: metrics[k] for k in ("balanced_acc", "auroc")}).to(device)
-            if full
-            else None
-        )
+        self.loss_sum = torch.zeros((), device=device)
+        self.correct = torch.zeros((), dtype=torch.int64, device=device)
+        self.n = 0
+        self.first_bad = torch.zeros((), dtype=torch.int8, device=device)  # 0, or the first bad loss: 1 NaN, 2 inf
 
     def update(self, loss, logits, y):
-        self.loss.update(loss.detach().float(), weight=y.numel())
-        logits = logits.detach().float()
-        self.acc.update(logits if self.num_classes == 2 else logits.argmax(-1), y.int() if self.num_classes == 2 else y)
-        if self.more is not None:
-            self.more.update(probabilities(logits), y.long())
-        if self.groups is not None:
-            self.probs.append(probabilities(logits).cpu())
-            self.labels.append(y.cpu())
+        loss, logits = loss.detach().float(), logits.detach().float()
+        kind = torch.isnan(loss).to(torch.int8) + 2 * torch.isinf(loss).to(torch.int8)
+        self.first_bad = torch.where(self.first_bad == 0, kind, self.first_bad)
+        self.loss_sum += loss * y.numel()  # the batch's mean loss, weighed by its size (torchmetrics' MeanMetric)
+        self.n += y.numel()
+        if self.num_classes == 2:
+            self.correct += binary_correct(logits, y)
+        else:
+            self.correct += (logits.argmax(-1) == y).sum()
+        if self.full or self.groups is not None:
+            self.probs.append(probabilities(logits))
+            self.labels.append(y)
+
+    def non_finite(self) -> str | None:
+        """'NaN' or 'inf' when a loss of the epoch was not finite (the first such), else None: one sync."""
+        return {0: None, 1: "NaN", 2: "inf"}[int(self.first_bad)]
 
     def compute(self, prefix: str) -> dict:
-        out = {f"{prefix}/loss": self.loss.compute().item(), f"{prefix}/acc": self.acc.compute().item()}
-        if self.more is not None:
-            out.update({f"{prefix}/{k}": v.item() for k, v in self.more.compute().items()})
+        n = max(self.n, 1)
+        out = {f"{prefix}/loss": (self.loss_sum / n).item(), f"{prefix}/acc": (self.correct.float() / n).item()}
+        if not self.probs:
+            return out
+        probs, labels = torch.cat(self.probs), torch.cat(self.labels)
+        if self.full:
+            metrics = class_metrics(self.num_classes)
+            more = torchmetrics.MetricCollection({k: metrics[k] for k in ("balanced_acc", "auroc")}).to(probs.device)
+            more.update(probs, labels.long())
+            out.update({f"{prefix}/{k}": v.item() for k, v in more.compute().items()})
         if self.groups is not None:
-            slide, _ = group_results(
-                torch.cat(self.probs), torch.cat(self.labels), self.groups, self.num_classes, self.aggregate
-            )
+            slide, _ = group_results(probs.cpu(), labels.cpu(), self.groups, self.num_classes, self.aggregate)
             out.update({f"{prefix}/slide/{k}": v for k, v in slide.items()})
         return out
