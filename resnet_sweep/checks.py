@@ -56,6 +56,7 @@ def check_config(cfg) -> None:
         )
     precision(cfg.trainer.precision)
     feature_bank(cfg.trainer)
+    batch_heads(cfg.trainer)
     log_model(cfg.tracking)
     check_data(cfg.data)
     class_weight(cfg.get("loss"))
@@ -91,6 +92,14 @@ def feature_bank(trainer_cfg) -> str:
     choice = str(trainer_cfg.get("feature_bank", "auto"))
     if choice not in ("auto", "off"):
         raise UserError(f"trainer.feature_bank={choice}: choose auto or off")
+    return choice
+
+
+def batch_heads(trainer_cfg) -> str:
+    """``trainer.batch_heads``: auto (the heads of a sweep's compatible jobs train together) or off."""
+    choice = str(trainer_cfg.get("batch_heads", "auto"))
+    if choice not in ("auto", "off"):
+        raise UserError(f"trainer.batch_heads={choice}: choose auto or off")
     return choice
 
 

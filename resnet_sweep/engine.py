@@ -155,12 +155,13 @@ def run_epoch(
     evaluating = not training and prefix != "train"
     meter = Meter(device, num_classes, full=evaluating, groups=groups if evaluating else None, aggregate=aggregate)
     grad = contextlib.nullcontext() if training else torch.inference_mode()
+    cast = autocast(device, precision)  # decided once (it reads the CPU's flags), entered every step
     with grad:
         for x, y in tqdm(loader, desc=desc, leave=False, disable=None):
             faults.check()
             x = _to_device(x, device)
             y = y.to(device, non_blocking=True)
-            with autocast(device, precision):
+            with cast:
                 logits = model(x).float()
             loss = loss_fn(logits, targets(y, num_classes))
             if training:
@@ -247,6 +248,90 @@ def learning_rates(optimizer) -> dict:
     return {f"lr/{g.get('name', i)}": g["lr"] for i, g in enumerate(optimizer.param_groups)}
 
 
+@dataclass
+class Fit:
+    """A fit in progress: the model, its optimizer and scheduler (restored from ``resume``), the
+    history so far, and what ends an epoch (``end_epoch``). ``engine.fit`` drives it one job at a
+    time; ``head_group`` drives many at once."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    history: History
+    objective: str
+    state_fn: object
+    log_epoch: object
+    resume: object
+    patience: int | None
+    max_epochs: int
+    start: int
+
+    @property
+    def done(self) -> bool:
+        """A resumed fit that had already stopped early (or ran every epoch)."""
+        return self.history.stopped_early or self.start > self.max_epochs
+
+    def end_epoch(self, epoch: int, metrics: dict, lrs: dict) -> bool:
+        """Record epoch ``epoch``'s metrics (``lrs``: what it trained with): scheduler, best epoch
+        and state, resume state, the job's log; True when training stops here (early stop)."""
+        history, objective = self.history, self.objective
+        metrics.update(lrs)
+        history.epochs.append(metrics)
+        value = metrics[objective]
+        if epoch > 0:
+            step_scheduler(self.scheduler, value)
+        improved = epoch == 0 or better(value, history.best_value, objective)
+        if improved:
+            history.best_epoch, history.best_value = epoch, value
+            history.best_state = self.state_fn()
+        if self.resume:  # saved before logging: a resumed job re-logs what a kill kept from MLflow
+            self.resume.save(epoch, self.model, self.optimizer, self.scheduler, history)
+        self.log_epoch(epoch, metrics)
+        log.info(
+            "epoch %d: train loss %.4f acc %.4f | valid loss %.4f acc %.4f%s",
+            epoch,
+            metrics["train/loss"],
+            metrics["train/acc"],
+            metrics["valid/loss"],
+            metrics["valid/acc"],
+            "  *best*" if improved else "",
+        )
+        if self.patience is not None and epoch - history.best_epoch >= int(self.patience):
+            history.stopped_early = True
+            log.info("early stop: no improvement of %s for %s epochs", objective, self.patience)
+            return True
+        return False
+
+
+def start_fit(
+    model,
+    optimizer_cfg,
+    trainer_cfg,
+    log_epoch,
+    objective: str,
+    *,
+    state_fn,
+    device: torch.device,
+    resume=None,
+    scheduler_cfg=None,
+) -> Fit:
+    """The model on ``device`` with its optimizer and scheduler, restored from ``resume`` (a
+    previous attempt: ``restore(model, optimizer, scheduler, history) -> next epoch``)."""
+    direction(objective)  # a metric that cannot pick an epoch: one line, before any work
+    history = History()
+    model.to(device).to(memory_format=torch.channels_last)
+    optimizer = make_optimizer(optimizer_cfg, model)
+    scheduler = make_scheduler(scheduler_cfg, optimizer)
+    patience = trainer_cfg.patience
+    start = resume.restore(model, optimizer, scheduler, history) if resume else 0
+    if start and patience is not None and start - 1 - history.best_epoch >= int(patience):
+        history.stopped_early = True
+    return Fit(
+        model, optimizer, scheduler, history, objective, state_fn, log_epoch, resume, patience,
+        int(trainer_cfg.max_epochs), start,
+    )  # fmt: skip
+
+
 def fit(
     model,
     splits,
@@ -265,27 +350,35 @@ def fit(
     improvement stop early. Raises Diverged on a NaN/inf loss. ``resume`` (optional) restores a
     previous attempt (``restore(model, optimizer, history) -> next epoch``) and saves
     after every epoch (``save(epoch, model, optimizer, history)``)."""
-    direction(objective)  # a metric that cannot pick an epoch: one line, before any work
+    run = start_fit(
+        model,
+        optimizer_cfg,
+        trainer_cfg,
+        log_epoch,
+        objective,
+        state_fn=state_fn,
+        device=device,
+        resume=resume,
+        scheduler_cfg=scheduler_cfg,
+    )
+    return train_alone(run, splits, trainer_cfg, device=device, class_weight=class_weight)
+
+
+def train_alone(run: Fit, splits, trainer_cfg, *, device: torch.device, class_weight=None) -> History:
+    """The epochs of ``run`` from where it starts, one batch at a time on ``device``."""
+    model = run.model
+    if run.done:
+        return run.history
     num_classes = len(getattr(splits, "classes", None) or (0, 1))
     groups = getattr(splits, "groups", None) or {}
     aggregate = getattr(splits, "group_aggregate", "mean")
-    history = History()
-    model.to(device).to(memory_format=torch.channels_last)
-    optimizer = make_optimizer(optimizer_cfg, model)
-    scheduler = make_scheduler(scheduler_cfg, optimizer)
-    precision = trainer_cfg.precision
-    patience = trainer_cfg.patience
-    max_epochs = int(trainer_cfg.max_epochs)
-    start = resume.restore(model, optimizer, scheduler, history) if resume else 0
-    if start and patience is not None and start - 1 - history.best_epoch >= int(patience):
-        history.stopped_early = True
-        return history
-    for epoch in range(start, max_epochs + 1):
+    precision, max_epochs = trainer_cfg.precision, run.max_epochs
+    for epoch in range(run.start, max_epochs + 1):
         faults.check()
         splits.train.set_epoch(epoch)  # the epoch's crops (view) and order
         desc = f"epoch {epoch}/{max_epochs}"
-        lrs = learning_rates(optimizer)  # what this epoch trains with (epoch 0: the starting LR)
-        train = optimizer if epoch > 0 else None
+        lrs = learning_rates(run.optimizer)  # what this epoch trains with (epoch 0: the starting LR)
+        train = run.optimizer if epoch > 0 else None
         metrics = run_epoch(
             model, splits.train, device, precision, "train", epoch, train, desc + " train", num_classes, class_weight
         )
@@ -303,32 +396,9 @@ def fit(
                 aggregate=aggregate,
             )
         )
-        metrics.update(lrs)
-        history.epochs.append(metrics)
-        value = metrics[objective]
-        if epoch > 0:
-            step_scheduler(scheduler, value)
-        improved = epoch == 0 or better(value, history.best_value, objective)
-        if improved:
-            history.best_epoch, history.best_value = epoch, value
-            history.best_state = state_fn()
-        if resume:  # saved before logging: a resumed job re-logs what a kill kept from MLflow
-            resume.save(epoch, model, optimizer, scheduler, history)
-        log_epoch(epoch, metrics)
-        log.info(
-            "epoch %d: train loss %.4f acc %.4f | valid loss %.4f acc %.4f%s",
-            epoch,
-            metrics["train/loss"],
-            metrics["train/acc"],
-            metrics["valid/loss"],
-            metrics["valid/acc"],
-            "  *best*" if improved else "",
-        )
-        if patience is not None and epoch - history.best_epoch >= int(patience):
-            history.stopped_early = True
-            log.info("early stop: no improvement of %s for %s epochs", objective, patience)
+        if run.end_epoch(epoch, metrics, lrs):
             break
-    return history
+    return run.history
 
 
 def evaluate(model, loader, device, precision, num_classes: int = 2, groups=None, aggregate: str = "mean") -> dict:
@@ -341,11 +411,12 @@ def evaluate(model, loader, device, precision, num_classes: int = 2, groups=None
     metrics = torchmetrics.MetricCollection(class_metrics(num_classes)).to(device)
     matrix = confusion(num_classes).to(device)
     loss_sum, n = torch.zeros((), dtype=torch.float64, device=device), 0
+    cast = autocast(device, precision)
     with torch.inference_mode():
         for x, y in tqdm(loader, desc="test", leave=False, disable=None):
             x = _to_device(x, device)
             y = y.to(device)
-            with autocast(device, precision):
+            with cast:
                 logits = model(x).float()
             loss_sum += loss_fn(logits, targets(y, num_classes))  # on the device: read once, below
             n += y.numel()

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from hydra.core.hydra_config import HydraConfig
 
-from . import cores, data, engine, faults, features, hpo, metrics, models, resume
+from . import cores, data, engine, faults, features, head_group, hpo, metrics, models, resume
 from .checks import log_model
 from .errors import Diverged, Locked, UserError, exit_with, first_line
 from .logged import class_counts
@@ -118,6 +118,7 @@ def job_identity(cfg) -> dict:
     An Optuna trial counts by its study and its point, not its number: the trial that replaces an
     interrupted one at the same point continues that one's epochs and MLflow run."""
     identity = {**app_config(cfg), "data_fingerprint": data.data_fingerprint(cfg.data)}
+    identity["trainer"].pop("batch_heads", None)  # how it trains, not what: a grouped job resumes alone
     if identity.get("hpo_trial"):
         identity["hpo_trial"] = {"study": identity["hpo_trial"].get("study")}
     return identity
@@ -130,7 +131,7 @@ def train_and_log(cfg, resumer, state) -> tuple[float, str]:
         seed_everything(cfg.seed)
         device = engine.resolve_device(cfg.trainer.device)
         splits = data.job_splits(cfg, device)
-        built = models.build_classifier(cfg.backbone, cfg.head, seed=int(cfg.seed), num_classes=len(splits.classes))
+        built = head_group.build_classifier(cfg.backbone, cfg.head, seed=int(cfg.seed), num_classes=len(splits.classes))
         job.tags(weights_source=built.weights_source, data_root=str(splits.root), device=str(device))
         job.tags(**{"model.trainable_params": built.trainable_params, "model.total_params": built.total_params})
         job.dataset(splits, cfg.data)
@@ -158,7 +159,8 @@ def train_and_log(cfg, resumer, state) -> tuple[float, str]:
             job.tags(feature_bank=bank.key, feature_bank_views=bank.views)
             model = features.HeadOnly(built.model.head)
             inputs = features.splits_from(bank, splits, int(cfg.trainer.batch_size), int(cfg.seed))
-        history = engine.fit(
+        member = head_group.current() if features.wanted(cfg) else None
+        history = (member.fit if member else engine.fit)(
             model,
             inputs,
             cfg.optimizer,

@@ -39,6 +39,7 @@ PLUMBING = (
     "trainer.device",  # the device tag says which one ran
     "trainer.resume",
     "trainer.bank_batch_size",
+    "trainer.batch_heads",  # how it runs, not what it computes
     "run_name",
     "hpo_trial.",  # the optuna_trial tag: a param cannot change, and a replacement trial continues the run
 )

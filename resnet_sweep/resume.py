@@ -29,7 +29,7 @@ def job_key(app_config: dict) -> str:
     return sealed.json_key(app_config, 20)
 
 
-def _rng_state() -> dict:
+def rng_state() -> dict:
     _, keys, pos, has_gauss, gauss = np.random.get_state()
     version, internal, gauss_next = random.getstate()
     state = {
@@ -47,7 +47,7 @@ def _rng_state() -> dict:
     return state
 
 
-def _set_rng_state(state: dict) -> None:
+def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     n = state["numpy"]
     np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
@@ -144,7 +144,7 @@ class Resumer:
                 "finished": False,
                 "model": trainable_state(model),
                 "optimizer": optimizer.state_dict(),
-                "rng": _rng_state(),
+                "rng": rng_state(),
                 "scheduler": scheduler.state_dict() if scheduler is not None else None,
                 "history": {
                     "epochs": history.epochs,
@@ -164,7 +164,7 @@ class Resumer:
         optimizer.load_state_dict(state["optimizer"])
         if scheduler is not None and state.get("scheduler") is not None:
             scheduler.load_state_dict(state["scheduler"])
-        _set_rng_state(state["rng"])
+        set_rng_state(state["rng"])
         h = state["history"]
         history.epochs[:] = h["epochs"]
         history.best_epoch, history.best_value, history.best_state = h["best_epoch"], h["best_value"], h["best_state"]

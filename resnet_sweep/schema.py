@@ -29,6 +29,7 @@ class TrainerConf:
     device: str = "auto"
     precision: str = "auto"
     feature_bank: str = "auto"
+    batch_heads: str = "auto"
     bank_views: int = 8
     bank_batch_size: int | None = None
     crop_seed: int = 0
