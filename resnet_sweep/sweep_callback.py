@@ -17,7 +17,7 @@ from mlflow.entities import Param
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
 
-from . import faults
+from . import devices, faults
 from .errors import exit_with, first_line
 from .logged import log_model
 from .lookup import best_run, child_runs, downloaded_checkpoint, logged_models
@@ -57,6 +57,7 @@ class SweepCallback(Callback):
         claim_sweep_dir(config)
         experiment_id = check_store_and_folders(config)
         share_sweep_data(config)
+        devices.check_sweep_memory(config, config.hydra)  # k jobs per GPU (hydra/launcher=gpus): one line if they cannot fit
         faults.install_handlers()
         if is_study(config):
             return  # the Optuna sweeper opens (or, on resume, reopens) the study's parent run
