@@ -49,12 +49,21 @@ class Splits:
     group_aggregate: str = "mean"  # data.group_aggregate: mean | majority
     store: TileStore | None = None
     listing: Listing | None = None  # the tree as listed (once per sweep): its files' stamps
+    files: dict[str, list[Path]] | None = None  # each split's files, in loader order
 
     def fingerprint(self, split: str) -> str:
-        """``images.fingerprint`` of the split's files in its loader, from the stamps taken when the
-        tree was listed (no file stat-ed again): what a cache keyed by the files uses."""
-        files = [p for p, _ in getattr(self, split).dataset.samples]
-        return fingerprint(files, self.listing.stamps if self.listing is not None else None)
+        """``images.fingerprint`` of the split's files (in its loader), from the stamps taken when the
+        tree was listed, computed once per sweep when no file was left out: what a cache keyed by
+        the files uses (the feature bank), without stat-ing every file in every job."""
+        return split_fingerprint(self.listing, self.files, split)
+
+
+def split_fingerprint(listing: Listing | None, files: dict[str, list[Path]], split: str) -> str:
+    """``images.fingerprint(files[split])``: the listing's own (computed once) when they are its files,
+    else from its stamps (or, without a listing, from the disk)."""
+    if listing is not None and files[split] is listing.files[split]:
+        return listing.split_fingerprint(split)
+    return fingerprint(files[split], listing.stamps if listing is not None else None)
 
 
 def class_counts(splits: Splits) -> dict[str, list[int]]:
@@ -339,7 +348,7 @@ def load_splits(
     else:
         raise UserError(f"data.normalize={data_cfg.normalize}: choose imagenet or dataset")
     device = device or torch.device("cpu")
-    store = TileStore(data_cfg, files, resize, device, stamps=listing.stamps)
+    store = TileStore(data_cfg, files, resize, device, listing=listing)
 
     def loader(split: str, train: bool) -> ImageLoader:
         samples = list(zip(files[split], labels[split]))
@@ -398,6 +407,7 @@ def load_splits(
         group_aggregate=str(data_cfg.get("group_aggregate", "mean")),
         store=store,
         listing=listing,
+        files=files,
     )
 
 
@@ -406,16 +416,24 @@ class TileStore:
     three splits' loaders and the feature bank's extraction; ``None`` images where there is none
     (``data.tile_store=off``, or too large: ``tiles`` says why in one line)."""
 
-    def __init__(self, data_cfg, files: dict[str, list[Path]], resize, device: torch.device, *, stamps=None):
+    def __init__(self, data_cfg, files: dict[str, list[Path]], resize, device: torch.device, *, listing=None):
         self.data_cfg, self.files, self.resize, self.device = data_cfg, files, resize, device
-        self.stamps = stamps  # images.Listing.stamps: the store's key without stat-ing every file again
+        self.listing = listing  # images.Listing: the store's key without stat-ing every file again
         self._store, self._opened = None, False
 
     def get(self):
         if not self._opened:
             from . import tiles
 
-            self._store, self._opened = tiles.get(self.data_cfg, self.files, self.resize, stamps=self.stamps), True
+            listing = self.listing
+            self._store = tiles.get(
+                self.data_cfg,
+                self.files,
+                self.resize,
+                stamps=listing.stamps if listing is not None else None,
+                fingerprints={s: split_fingerprint(listing, self.files, s) for s in self.files},
+            )
+            self._opened = True
         return self._store
 
     def images(self, split: str):

@@ -73,8 +73,11 @@ def stored_size(path: Path, resize: int | None) -> tuple[int, int]:
     return w, h
 
 
-def key_of(files: dict[str, list[Path]], resize: int | None, stamps: dict | None = None) -> str:
-    """The store's key; ``stamps`` (``images.Listing.stamps``) saves stat-ing and resolving every file."""
+def key_of(
+    files: dict[str, list[Path]], resize: int | None, stamps: dict | None = None, fingerprints: dict | None = None
+) -> str:
+    """The store's key; ``stamps`` (``images.Listing.stamps``) saves stat-ing and resolving every file,
+    ``fingerprints`` (each split's ``fingerprint``, computed once) hashing them again."""
 
     def resolved(p: Path) -> str:
         return stamps[str(p)][0] if stamps is not None else str(p.resolve())
@@ -85,7 +88,7 @@ def key_of(files: dict[str, list[Path]], resize: int | None, stamps: dict | None
         "torchvision": torchvision.__version__,
         "resize": resize,
         # the files with sizes and mtimes, and their order (image i of a split is files[split][i])
-        "files": {s: fingerprint(files[s], stamps) for s in files},
+        "files": {s: (fingerprints or {}).get(s) or fingerprint(files[s], stamps) for s in files},
         "order": {s: hashlib.sha256("\n".join(resolved(p) for p in files[s]).encode()).hexdigest() for s in files},
     }
     return sealed.json_key(spec, 16)
@@ -332,17 +335,25 @@ def _meta(key: str, resize, stats: dict) -> dict:
     return {"key": key, "version": TILES_VERSION, "resize": resize, **{k: v for k, v in stats.items() if k != "kept"}}
 
 
-def get(data_cfg, files: dict[str, list[Path]], resize: int | None, *, stamps: dict | None = None) -> Store | None:
+def get(
+    data_cfg,
+    files: dict[str, list[Path]],
+    resize: int | None,
+    *,
+    stamps: dict | None = None,
+    fingerprints: dict | None = None,
+) -> Store | None:
     """The tile store of ``files`` (split -> image paths in the loaders' order, bad images already
     left out) decoded with ``resize``: reused when whole, else built (or rebuilt, with one warning
     line, when damaged) once under a file lock. None when ``data.tile_store=off``, or when it would
     exceed ``data.tile_store_max_gb`` or the free disk (one log line says so). ``stamps``
-    (``images.Listing.stamps``): the files' stamps as listed, so none is stat-ed again."""
+    (``images.Listing.stamps``): the files' stamps as listed, so none is stat-ed again; ``fingerprints``:
+    each split's, already computed."""
     if _choice(data_cfg) == "off":
         return None
     _max_gb(data_cfg)
     files = {str(s): [Path(p) for p in paths] for s, paths in files.items()}
-    key = key_of(files, resize, stamps)
+    key = key_of(files, resize, stamps, fingerprints)
     root = root_of(data_cfg)
     path = root / key
     meta, _ = sealed.check(path, _fields)

@@ -99,3 +99,38 @@ def test_fingerprints_from_the_listing_equal_those_from_the_disk(tmp_path):
     assert listing.stamps[str(root / "train" / "a_class" / "linked.png")][0] == str(target.resolve())
     assert tiles.key_of(listing.files, None, listing.stamps) == tiles.key_of(listing.files, None)
     assert listing.fingerprint == images.fingerprint([p for s in listing.files for p in listing.files[s]])
+
+
+def test_a_jobs_keys_and_digests_from_the_listing_equal_those_from_the_disk(tmp_path):
+    import hashlib
+
+    from omegaconf import OmegaConf
+
+    from resnet_sweep import logged
+
+    root = make_tree(tmp_path / "tiles")
+    (root / "valid" / "a_class" / "img0.png").write_bytes(b"")  # skipped: the valid split is not the listing's
+    cfg = OmegaConf.create(
+        {
+            "data": {
+                "kind": "imagefolder",
+                "root": str(root),
+                "cache_dir": str(tmp_path / "c"),
+                "normalize": "imagenet",
+            },
+            "trainer": {"num_workers": 0, "batch_size": 4},
+        }
+    )
+    cfg.data.on_bad_image = "skip"
+    splits = data.load_splits(cfg.data, cfg.trainer, crop_size=32)
+    for split in ("train", "valid", "test"):
+        files = [p for p, _ in getattr(splits, split).dataset.samples]
+        assert splits.fingerprint(split) == images.fingerprint(files)
+    assert tiles.key_of(splits.files, None, splits.listing.stamps) == tiles.key_of(splits.files, None)
+    names = sorted(
+        f"{s}/{p.relative_to(root / s).as_posix()}\t{y}"
+        for s in ("train", "valid", "test")
+        for p, y in getattr(splits, s).dataset.samples
+    )
+    digest = hashlib.sha256("\n".join(names).encode()).hexdigest()[:16]
+    assert logged.dataset_input(splits, cfg.data).digest == digest  # as pathlib's relative_to gave it
