@@ -10,7 +10,7 @@ once per data set (the tile store, the feature bank), then the measured sweep of
 each trains). Per job: its wall time (``job.run_job``) minus its epochs (``engine.fit``) and its test
 pass (``engine.evaluate``), the parts that grow with the data by nature. Printed: that per-job
 overhead at each size (median and each job) and the ratio largest / smallest size; the sweep's
-own pre-flight (once per sweep) is printed apart. ``--smoke``: 200 and 2,000 tiles, 2 jobs.
+own pre-flight (once per sweep) is printed apart. ``--smoke``: 100 and 400 tiles, 2 jobs (a quick check that it runs).
 """
 
 from __future__ import annotations
@@ -132,14 +132,15 @@ def measure(work: Path, n: int, jobs: int) -> dict:
     if "batch_heads:" in (REPO / "conf" / "trainer" / "default.yaml").read_text():
         common.append("trainer.batch_heads=off")  # one job at a time: each job's own epochs are timed
     started = time.perf_counter()
-    run_sweep(cwd, [*common, "optimizer.lr=1e-3", "hydra.sweep.dir=warm-up"])
+    stamp = time.strftime("%Y%m%d-%H%M%S")  # a sweep folder of its own (the same --work may be run again)
+    run_sweep(cwd, [*common, "optimizer.lr=1e-3", f"hydra.sweep.dir=warm-up-{stamp}"])
     warm_up = time.perf_counter() - started
     timers = [Timer(job, "run_job"), Timer(engine, "fit"), Timer(engine, "evaluate")]
     preflight_timer = Timer(sweep_callback, "share_sweep_data")
     lrs = ",".join(f"{lr:.0e}" for lr in np.geomspace(1e-4, 1e-1, jobs))
     try:
         started = time.perf_counter()
-        run_sweep(cwd, [*common, f"optimizer.lr={lrs}", "hydra.sweep.dir=measured"])
+        run_sweep(cwd, [*common, f"optimizer.lr={lrs}", f"hydra.sweep.dir=measured-{stamp}"])
         sweep = time.perf_counter() - started
     finally:
         for t in [*timers, preflight_timer]:
@@ -163,9 +164,9 @@ def main(argv=None) -> None:
     parser.add_argument("--tiles", default="2000,20000", help="the data sizes, comma-separated")
     parser.add_argument("--jobs", type=int, default=4, help="jobs in the measured sweep")
     parser.add_argument("--work", default=None, help="folder for tiles, caches and runs (default: a temp folder)")
-    parser.add_argument("--smoke", action="store_true", help="200 and 2,000 tiles, 2 jobs: a quick check")
+    parser.add_argument("--smoke", action="store_true", help="100 and 400 tiles, 2 jobs: a quick check that it runs")
     args = parser.parse_args(argv)
-    sizes = [200, 2000] if args.smoke else [int(v) for v in args.tiles.split(",")]
+    sizes = [100, 400] if args.smoke else [int(v) for v in args.tiles.split(",")]
     jobs = 2 if args.smoke else args.jobs
     os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count()))
     import torch

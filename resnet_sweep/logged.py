@@ -51,17 +51,30 @@ def dataset_input(splits, data_cfg):
     from mlflow.data.meta_dataset import MetaDataset
 
     root = Path(splits.root)
-    files = sorted(
-        f"{split}/{below(path, root / split)}\t{label}"
-        for split in SPLITS
-        for path, label in getattr(splits, split).dataset.samples
-    )
-    digest = hashlib.sha256("\n".join(files).encode()).hexdigest()[:16]
+    digest = _digest(splits, root)
     with warnings.catch_warnings():  # two local-path source types match a folder; they are the same
         warnings.simplefilter("ignore")
         source = resolve_dataset_source(str(root))
     name = "demo" if str(data_cfg.get("kind")) == "demo" else root.name
     return MetaDataset(source=source, name=name, digest=digest)
+
+
+def _digest(splits, root: Path) -> str:
+    """The data set's digest: its files (relative to the root) and labels; computed once per sweep when
+    the splits hold the listed tree whole (``data.Splits.listing``, shared by the sweep's jobs)."""
+    listing, files = getattr(splits, "listing", None), getattr(splits, "files", None)
+    whole = listing is not None and files is not None and all(files[s] is listing.files[s] for s in SPLITS)
+    if whole and "dataset" in listing.fingerprints:
+        return listing.fingerprints["dataset"]
+    names = sorted(
+        f"{split}/{below(path, folder)}\t{label}"
+        for split, folder in ((split, root / split) for split in SPLITS)
+        for path, label in getattr(splits, split).dataset.samples
+    )
+    digest = hashlib.sha256("\n".join(names).encode()).hexdigest()[:16]
+    if whole:
+        listing.fingerprints["dataset"] = digest
+    return digest
 
 
 def below(path, folder: Path) -> str:
