@@ -20,6 +20,7 @@ import dataclasses
 import json
 import logging
 import threading
+import time
 from collections.abc import Callable
 
 import torch
@@ -255,14 +256,18 @@ class HeadGroup:
             len(members),
             len(built),
         )
+        passes, seconds = 0, 0.0
         while any(m.waiting for m in members):
             for stack, group in built:
                 epochs = [m.epoch if m.waiting else None for m in group]
                 if all(e is None for e in epochs):
                     continue
                 faults.check()
+                start = time.perf_counter()
                 results = stack.epoch(epochs)
+                passes, seconds = passes + 1, seconds + time.perf_counter() - start
                 for m, result in zip(group, results, strict=True):
                     if result is not None:
                         faults.check()
                         m.turn(result)
+        log.info("heads trained together: %d stacked epochs in %.2f s", passes, seconds)

@@ -289,3 +289,43 @@ def test_an_optuna_batch_trains_together_and_prunes_one_trial_alone(tmp_path):
         assert runs[lr].info.status == "FINISHED" and runs[lr].data.metrics["epochs_run"] == 3
         steps = [m.step for m in client_for(tmp_path).get_metric_history(runs[lr].info.run_id, "valid/loss")]
         assert sorted(steps) == [0, 1, 2, 3]
+
+
+def compose_job(*overrides):
+    from conftest import REPO
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        return compose("train", overrides=list(overrides))
+
+
+def test_jobs_group_by_their_bank_and_the_rest_train_alone():
+    from resnet_sweep.head_group import partition
+
+    configs = [
+        compose_job("optimizer.lr=1e-3"),
+        compose_job("optimizer=adam", "head=mlp_relu", "seed=3", "trainer.batch_size=16"),  # same bank
+        compose_job("backbone.freeze=none"),  # fine-tuning: no bank
+        compose_job("trainer.batch_heads=off"),
+        compose_job("backbone=resnet34"),  # another bank
+        compose_job("backbone=resnet34", "optimizer.lr=1e-2"),
+        compose_job("trainer.feature_bank=off"),
+        compose_job("optimizer._target_=torch.optim.RMSprop"),  # no stacked twin
+    ]
+    assert partition(configs) == [[0, 1], [2], [3], [4, 5], [6], [7]]
+
+
+@pytest.mark.e2e
+def test_the_sweep_bench_runs_on_the_cpu(tmp_path):
+    """benchmarks/bench_sweep.py --smoke: the real train.py -m, grouped and one job at a time."""
+    from conftest import REPO
+
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "bench_sweep.py"), "--smoke", "--workdir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for line in ("batch_heads=auto: 4 runs in", "batch_heads=off:  2 of the 4 runs", "speed-up end to end"):
+        assert line in proc.stdout, proc.stdout
