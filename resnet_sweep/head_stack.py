@@ -100,12 +100,13 @@ class HeadStack:
         bad = torch.zeros(k, dtype=torch.int8, device=self.device)
         dropout = [self.rng[i] if epochs[i] and epochs[i] > 0 else None for i in range(k)]
         any_training = any(e is not None and e > 0 for e in epochs)
+        cast = autocast(self.device, self.precision)  # decided once, entered every step
         for start in range(0, length, self.batch):
             faults.check()
             idx = order[:, start : start + self.batch]
             x = self.features[views[:, None], idx] if self.features.dim() == 3 else self.features[idx]
             y = self.labels[idx]
-            with torch.set_grad_enabled(any_training), autocast(self.device, self.precision):
+            with torch.set_grad_enabled(any_training), cast:
                 logits = self.heads.forward(x.float(), dropout=dropout if any_training else None)
             logits = _squeezed(logits.float())
             loss = self._loss(logits, y, weighted=True)
