@@ -57,7 +57,7 @@ class SweepCallback(Callback):
         claim_sweep_dir(config)
         experiment_id = check_store_and_folders(config)
         share_sweep_data(config)
-        devices.check_sweep_memory(config, config.hydra)  # k jobs per GPU (hydra/launcher=gpus): one line if they cannot fit
+        devices.check_sweep_memory(config, config.hydra)  # k jobs per GPU that cannot fit: one line
         faults.install_handlers()
         if is_study(config):
             return  # the Optuna sweeper opens (or, on resume, reopens) the study's parent run
