@@ -218,6 +218,8 @@ class HeadGroup:
         """Each job's result, in order; a job's exception is re-raised here only if it is an
         interruption (KeyboardInterrupt), after every job has been stopped."""
         members = [Member(self, job) for job in jobs]
+        launcher = Member(self, lambda: None)
+        launcher._save_context()  # what the launcher's thread had: Hydra's config, the log handlers
         with faults.deferred(stop_after=False):  # a signal is taken at the next faults.check, between turns
             try:
                 for m in members:
@@ -233,6 +235,7 @@ class HeadGroup:
             finally:
                 for m in members:
                     m.thread.join()
+                launcher._restore_context()
         stopped = [m.error for m in members if isinstance(m.error, KeyboardInterrupt)]
         if stopped:
             raise stopped[0]

@@ -132,10 +132,14 @@ def train_and_log(cfg, resumer, state) -> tuple[float, str]:
         device = engine.resolve_device(cfg.trainer.device)
         splits = data.job_splits(cfg, device)
         built = head_group.build_classifier(cfg.backbone, cfg.head, seed=int(cfg.seed), num_classes=len(splits.classes))
-        job.tags(weights_source=built.weights_source, data_root=str(splits.root), device=str(device))
-        job.tags(**{"model.trainable_params": built.trainable_params, "model.total_params": built.total_params})
+        job.tags(
+            weights_source=built.weights_source,
+            data_root=str(splits.root),
+            device=str(device),
+            **{"model.trainable_params": built.trainable_params, "model.total_params": built.total_params},
+            **{f"class_counts.{split}": counts for split, counts in class_counts(splits).items()},
+        )  # one write: a sweep's job makes some 40 of them
         job.dataset(splits, cfg.data)
-        job.tags(**{f"class_counts.{split}": counts for split, counts in class_counts(splits).items()})
         weight_choice = (cfg.get("loss") or {}).get("class_weight", "none")
         weights = metrics.class_weights(weight_choice, data.class_counts(splits)["train"], splits.classes)
         log.info(
