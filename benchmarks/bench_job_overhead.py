@@ -136,7 +136,9 @@ def measure(work: Path, n: int, jobs: int) -> dict:
     run_sweep(cwd, [*common, "optimizer.lr=1e-3", f"hydra.sweep.dir=warm-up-{stamp}"])
     warm_up = time.perf_counter() - started
     timers = [Timer(job, "run_job"), Timer(engine, "fit"), Timer(engine, "evaluate")]
-    preflight_timer = Timer(sweep_callback, "share_sweep_data")
+    preflight_timer = Timer(
+        sweep_callback, "share_sweep_data" if hasattr(sweep_callback, "share_sweep_data") else "check_store_and_folders"
+    )
     lrs = ",".join(f"{lr:.0e}" for lr in np.geomspace(1e-4, 1e-1, jobs))
     try:
         started = time.perf_counter()
