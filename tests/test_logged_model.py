@@ -1,0 +1,34 @@
+"""A run's model is logged with its pip requirements as given, never inferred by MLflow (which
+imports and scans the environment each time)."""
+
+from __future__ import annotations
+
+import mlflow
+import pytest
+import torchvision
+from conftest import fresh_store
+
+from resnet_sweep import logged
+
+
+def test_a_model_is_logged_without_inferring_its_requirements(tmp_path, monkeypatch):
+    def infer(*args, **kwargs):
+        pytest.fail("MLflow inferred the model's pip requirements")
+
+    monkeypatch.setattr("mlflow.models.infer_pip_requirements", infer)
+    monkeypatch.setattr("mlflow.utils.environment._infer_requirements", infer)
+    fresh_store(tmp_path)
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    try:
+        classifier = torchvision.models.resnet18(num_classes=1)
+        ckpt = {"crop_size": 32, "epoch": 1, "classes": ["a", "b"], "mean": [0.5] * 3, "std": [0.2] * 3}
+        with mlflow.start_run() as run:
+            logged.log_model(classifier, ckpt, "resnet18-linear-sgd-lr1e-03-s0")
+        (model,) = mlflow.search_logged_models(output_format="list", filter_string=f"source_run_id='{run.info.run_id}'")
+        requirements_txt = mlflow.artifacts.download_artifacts(
+            f"{model.artifact_location}/requirements.txt", dst_path=str(tmp_path / "m")
+        )
+        lines = open(requirements_txt).read().split()
+        assert any(line.startswith("torch==") for line in lines) and "torchvision" in lines
+    finally:
+        mlflow.set_tracking_uri(None)
