@@ -59,6 +59,19 @@ def decode(path: Path, resize: int | None) -> np.ndarray:
     return np.asarray(crops.resized(load_rgb(path), resize))
 
 
+class Changed(Exception):
+    """An image's size or mtime is not what the sweep listed: a store built now would not hold what its key says."""
+
+
+def unchanged(path: Path, stamps: dict | None) -> None:
+    """Raises ``Changed`` when ``path`` differs (size, mtime) from its stamp as listed (``images.Listing.stamps``)."""
+    if stamps is None:
+        return
+    st = os.stat(path)
+    if (st.st_size, st.st_mtime_ns) != tuple(stamps[str(path)][1:]):
+        raise Changed(str(path))
+
+
 def stored_size(path: Path, resize: int | None) -> tuple[int, int]:
     """(width, height) of the decoded image, up to EXIF orientation (which swaps them), from its
     header alone: torchvision's rule for ``resize`` (shorter side to ``resize``, longer side scaled
@@ -185,12 +198,14 @@ def write_store(
     progress: bool | None = None,
     *,
     decode_one=None,
+    stamps: dict | None = None,
 ) -> dict:
     """Decode every image of ``files`` into ``out`` (``<split>.u8`` and ``<split>.index.npy``) with
     ``workers`` threads (None: every core); return the stats for meta.json. ``progress``: tqdm's
     ``disable`` negated (None: a bar when stderr is a terminal). ``decode_one(path)`` (default
     ``decode(path, resize)``) may return None for an image to leave out: ``stats["kept"]`` lists the
-    files stored per split."""
+    files stored per split. With ``stamps`` (as the files were listed), a file changed since is one
+    line (UserError), and no store is made of it."""
     workers = workers or available_cores()
     total = sum(len(p) for p in files.values())
     stream = [p for s in files for p in files[s]]  # one stream: the next split's images decode early too
@@ -207,7 +222,13 @@ def write_store(
             leave=False,
         ) as bar,
     ):
-        images = _ordered(pool, stream, decode_one or (lambda p: decode(p, resize)), ahead=4 * workers)
+        decode_one = decode_one or (lambda p: decode(p, resize))
+
+        def work(path: Path):
+            unchanged(path, stamps)
+            return decode_one(path)
+
+        images = _ordered(pool, stream, work, ahead=4 * workers)
         try:
             for split, paths in files.items():
                 rows, kept[split] = [], []
@@ -217,6 +238,11 @@ def write_store(
                         path, done = next(images)
                         try:
                             image = done.result()
+                        except Changed:
+                            raise UserError(
+                                f"{path}: changed since this sweep listed its data (size or modification "
+                                "time); re-run the sweep, which lists the data afresh"
+                            ) from None
                         except Exception as e:
                             why = first_line(e)
                             raise UserError(
@@ -371,7 +397,7 @@ def get(
                 _amount(_needed[key]),
                 workers,
             )
-            return _meta(key, resize, write_store(files, resize, tmp, workers))
+            return _meta(key, resize, write_store(files, resize, tmp, workers, stamps=stamps))
 
         meta = sealed.build_once(root, key, make, what="tile store", log=log, validate=_fields, checked=True)
     return Store(key, path, meta)
@@ -404,7 +430,7 @@ def check_and_store(data_cfg, listing, *, crop_size: int, resize: int | None):
             log.info(
                 "checking %d images and building their tile store from the same decode", sum(map(len, every.values()))
             )
-            stats = write_store(every, resize, built, decode_one=decode_one)
+            stats = write_store(every, resize, built, decode_one=decode_one, stamps=listing.stamps)
             key = key_of(stats["kept"], resize, listing.stamps)
 
             def make(tmp: Path) -> dict:

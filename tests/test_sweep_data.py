@@ -134,3 +134,19 @@ def test_a_jobs_keys_and_digests_from_the_listing_equal_those_from_the_disk(tmp_
     )
     digest = hashlib.sha256("\n".join(names).encode()).hexdigest()[:16]
     assert logged.dataset_input(splits, cfg.data).digest == digest  # as pathlib's relative_to gave it
+
+
+def test_an_image_changed_after_the_sweep_listed_it_is_one_line_and_no_store(tmp_path):
+    from omegaconf import OmegaConf
+
+    from resnet_sweep.errors import UserError
+
+    root = make_tree(tmp_path / "tiles")
+    listing = images.list_tree(root)
+    changed = listing.files["valid"][1]
+    os.utime(changed, ns=(1, 1))  # after the listing, before the store is built
+    data_cfg = OmegaConf.create({"cache_dir": str(tmp_path / "cache")})
+    with pytest.raises(UserError, match=f"^{changed}: changed since this sweep listed its data"):
+        tiles.get(data_cfg, listing.files, None, stamps=listing.stamps)
+    assert not [p for p in tiles.root_of(data_cfg).iterdir() if not p.name.endswith(".lock")]
+    assert tiles.get(data_cfg, listing.files, None) is not None  # listed afresh (the next sweep): built
