@@ -138,6 +138,17 @@ class CheckedTree:
 
     listing: Listing
     checks: dict[str, list | str]
+    _usable: dict = field(default_factory=dict, repr=False)
+
+    def usable(self, crop_size: int, on_bad_image: str, cache_dir) -> tuple[dict, dict, list]:
+        """``images.usable`` of the tree at ``crop_size``; when no file is bad, remembered for the
+        sweep's other jobs (a bad file's warning or error line is each job's own)."""
+        if (crop_size, on_bad_image) in self._usable:
+            return self._usable[crop_size, on_bad_image]
+        found = usable(self.listing, self.checks, crop_size, on_bad_image, cache_dir)
+        if not found[2]:
+            self._usable[crop_size, on_bad_image] = found
+        return found
 
 
 def start_sweep_share(sweep_dir: Path) -> Path:
@@ -339,7 +350,7 @@ def load_splits(
     tree = checked_tree(data_cfg, root, crop_size=smallest, resize=resize)
     listing = tree.listing
     classes = listing.classes
-    files, labels, skipped = usable(listing, tree.checks, smallest, on_bad_image, data_cfg.cache_dir)
+    files, labels, skipped = tree.usable(smallest, on_bad_image, data_cfg.cache_dir)
     groups = file_groups(root, files, data_cfg.group) if data_cfg.get("group") else None
     if data_cfg.normalize == "imagenet":
         mean, std = IMAGENET_MEAN, IMAGENET_STD
