@@ -36,6 +36,7 @@ from typing import Any
 
 import optuna
 import yaml
+from hydra._internal.core_plugins.basic_launcher import BasicLauncher
 from hydra.core.plugins import Plugins
 from hydra.utils import get_method
 from omegaconf import DictConfig
@@ -96,7 +97,7 @@ class OptunaSweeperImpl(StudyIdentity, TrialBookkeeping):
         self.launcher = Plugins.instance().instantiate_launcher(
             config=config, hydra_context=hydra_context, task_function=task_function
         )
-        self.in_process = type(self.launcher).__name__ == "BasicLauncher"
+        self.in_process = isinstance(self.launcher, BasicLauncher)  # the basic launcher or ours (grouped)
         self.sweep_dir = Path(str(config.hydra.sweep.dir))
 
     # ---------------------------------------------------------------- setup of the study
