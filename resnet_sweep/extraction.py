@@ -6,6 +6,7 @@ fp16's range)."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import time
@@ -18,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import checks, crops, tiles
+from . import checks, crops, faults, tiles
 from .batches import Batcher, RowBatches, gather_crops, prefetched
 from .engine import autocast, uses_bf16
 
@@ -129,6 +130,19 @@ def _device_crop_batches(
             yield split, (x, made), where
 
 
+def _reserve(path: Path, folder: Path, need: int) -> None:
+    """Allocate the (sparse) file's blocks; ``faults.DiskFull`` naming ``folder`` and ``need`` (the
+    whole bank's bytes, fp32 while extracting and fp16 after) when they are not there."""
+    with open(path, "r+b") as f:
+        try:
+            os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise faults.DiskFull(folder, free=faults.free_bytes(folder), need=need) from e
+            if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                raise
+
+
 def extract(
     backbone: nn.Module,
     files: dict[str, list[Path]],
@@ -208,6 +222,9 @@ def extract(
                 arrays[split] = np.lib.format.open_memmap(
                     out / f"{split}.f32.npy", mode="w+", dtype=np.float32, shape=shape
                 )
+                # its blocks taken now: a full disk is ENOSPC here, not SIGBUS on a page of the map
+                need = sum(len(files[s]) * (views if s == "train" else 1) for s in checks.SPLITS) * dim * 6
+                _reserve(out / f"{split}.f32.npy", out.parent, need)
             v, i = np.asarray(where).T
             if split == "train":
                 arrays[split][v, i] = f

@@ -296,16 +296,36 @@ def job_run(cfg, resume_run_id: str | None = None, on_start=None):
             raise
         except BaseException as e:
             stopped = faults.stop_signal()  # whatever this raised, a signal is stopping the process
-            interrupted = isinstance(e, KeyboardInterrupt) or stopped is not None or faults.is_infrastructure(e)
-            reason = f"interrupted by {stopped}" if stopped else redact(first_line(e))
-            with contextlib.suppress(Exception):  # the store may be the fault: best effort
+            full = faults.disk_full(e, write_folders(cfg))  # whatever the writer raised
+            interrupted = isinstance(e, KeyboardInterrupt) or stopped is not None or faults.is_infrastructure(full or e)
+            reason = f"interrupted by {stopped}" if stopped else redact(first_line(full or e))
+            with contextlib.suppress(Exception), faults.quiet(*faults.STORE_LOGGERS):  # the store may be the fault
                 tags = {FAILURE_TAG: f"interrupted: {reason}" if interrupted else reason}
                 if trial:
                     tags["optuna_state"] = "INTERRUPTED" if interrupted else "FAIL"
                 mlflow.set_tags(tags)
-            with contextlib.suppress(Exception):
+            with contextlib.suppress(Exception), faults.quiet(*faults.STORE_LOGGERS):
                 mlflow.end_run(RunStatus.to_string(RunStatus.KILLED if interrupted else RunStatus.FAILED))
+            if full is not None and full is not e:
+                raise full from e
             raise
+
+
+def write_folders(cfg) -> dict[str, int]:
+    """Where a job writes (folder -> 0: bytes unknown), for ``faults.disk_full``: the run's artifacts
+    and the SQLite store first, then the resume state, the caches, the temp folder, Hydra's output."""
+    folders = []
+    with contextlib.suppress(Exception):
+        artifacts = mlflow.get_artifact_uri() if mlflow.active_run() else ""
+        if artifacts.startswith("file:") or (artifacts and "://" not in artifacts):
+            folders.append(artifacts.removeprefix("file://").removeprefix("file:"))
+    uri = str(cfg.tracking.uri)
+    if uri.startswith("sqlite:///"):
+        folders.append(str(Path(os.path.expanduser(uri[len("sqlite:///") :])).parent))
+    folders += [str(cfg.trainer.resume_dir), str(cfg.data.cache_dir), tempfile.gettempdir()]
+    if HydraConfig.initialized():
+        folders.append(HydraConfig.get().runtime.output_dir)
+    return dict.fromkeys(folders, 0)
 
 
 def set_parent(config, parent_id: str) -> None:

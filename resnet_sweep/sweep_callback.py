@@ -57,6 +57,7 @@ class SweepCallback(Callback):
         claim_sweep_dir(config)
         experiment_id = check_store_and_folders(config)
         faults.install_handlers()
+        faults.mark_sweep_process()
         if is_study(config):
             return  # the Optuna sweeper opens (or, on resume, reopens) the study's parent run
         self.client = MlflowClient()
@@ -81,15 +82,17 @@ class SweepCallback(Callback):
     def _abandon(self) -> None:
         """The sweep stopped before on_multirun_end (a signal, a crash): do not leave the parent RUNNING."""
         if self.parent_id and self.client:
-            stopped = faults.stop_signal()
-            with contextlib.suppress(Exception):
+            stopped, fault = faults.stop_signal(), faults.stop_fault()
+            with contextlib.suppress(Exception), faults.quiet(*faults.STORE_LOGGERS):
                 reason = (
                     f"interrupted by {stopped}: re-run the same command to resume"
                     if stopped
+                    else f"interrupted: {fault}"
+                    if fault
                     else "sweep ended before all jobs returned"
                 )
-                self.client.set_tag(self.parent_id, FAILURE_TAG, reason)
-                self.client.set_terminated(self.parent_id, "KILLED" if stopped else "FAILED")
+                self.client.set_tag(self.parent_id, FAILURE_TAG, redact(reason))
+                self.client.set_terminated(self.parent_id, "KILLED" if stopped or fault else "FAILED")
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         sweep_dir = Path(str(config.hydra.sweep.dir))

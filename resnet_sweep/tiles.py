@@ -38,7 +38,7 @@ import torchvision
 from PIL import Image
 from tqdm import tqdm
 
-from . import crops, sealed
+from . import crops, faults, sealed
 from .cores import available as available_cores
 from .errors import UserError, first_line
 from .images import fingerprint, load_rgb
@@ -316,5 +316,6 @@ def get(data_cfg, files: dict[str, list[Path]], resize: int | None) -> Store | N
             )
             return {"key": key, "version": TILES_VERSION, "resize": resize, **stats}
 
-        meta = sealed.build_once(root, key, make, what="tile store", log=log, validate=_fields, checked=True)
+        with faults.writing(root, need=need):
+            meta = sealed.build_once(root, key, make, what="tile store", log=log, validate=_fields, checked=True)
     return Store(key, path, meta)

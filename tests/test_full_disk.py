@@ -1,0 +1,192 @@
+"""Issue 27: a full disk stops the sweep once, named for what it is. Real full disks: a small tmpfs
+mounted under the folder a job writes to, filled to the last byte at a chosen moment (checkpoint
+save, model save, bank write, store write, MLflow artifact, SQLite store); after the space is freed
+the same command finishes the sweep as if nothing had happened."""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+from conftest import make_tree, mlflow_runs, run_app
+from test_faults import data_args, history_steps
+
+EPOCHS = 3
+
+
+def sweep_args(tree: Path, cache: Path, *more: str) -> list[str]:
+    """Two jobs of 3 epochs on the frozen backbone: the tile store, the feature bank, the head."""
+    return [
+        "-m",
+        *data_args(tree, f"trainer.max_epochs={EPOCHS}", "trainer.patience=null", f"data.cache_dir={cache}"),
+        "optimizer.lr=1e-3,1e-2",
+        *more,
+    ]
+
+
+class Disk:
+    """A tmpfs of ``size`` mounted at ``folder``; ``fill()`` takes its last byte, ``free()`` gives it back."""
+
+    def __init__(self, folder: Path, size: str = "4m"):
+        self.folder = folder
+        folder.mkdir(parents=True, exist_ok=True)
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)], capture_output=True)
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here (needs root): {done.stderr.decode().strip()}")
+        self.filler = folder / "filler"
+
+    def fill(self) -> None:
+        with open(self.filler, "ab") as f, contextlib.suppress(OSError):
+            while True:
+                f.write(b"\0" * 4096)
+                f.flush()
+
+    def free(self) -> None:
+        self.filler.unlink(missing_ok=True)
+
+    def unmount(self) -> None:
+        subprocess.run(["umount", "-l", str(self.folder)], capture_output=True)
+
+
+@pytest.fixture
+def disks():
+    mounted: list[Disk] = []
+
+    def mount(folder: Path, size: str = "4m") -> Disk:
+        mounted.append(Disk(folder, size))
+        return mounted[-1]
+
+    yield mount
+    for disk in mounted:
+        disk.unmount()
+
+
+@pytest.fixture(scope="module")
+def undisturbed(tmp_path_factory):
+    """The same sweep without a fault: what every disturbed sweep must end with."""
+    work = tmp_path_factory.mktemp("undisturbed")
+    tree = make_tree(work / "tiles")
+    run_app(work, *sweep_args(tree, work / "cache"))
+    return results(work), tree
+
+
+def results(work: Path) -> dict:
+    """lr -> (status, valid/loss steps and values, test metrics) of each child run."""
+    from conftest import client_for
+
+    client = client_for(work)
+    out = {}
+    for run in mlflow_runs(work).children:
+        history = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, "valid/loss"))
+        tests = {k: v for k, v in run.data.metrics.items() if k.startswith(("test/", "best/"))}
+        out[run.data.params["optimizer.lr"]] = (run.info.status, history, tests)
+    return out
+
+
+def leftovers(work: Path) -> list[str]:
+    """Temp files and folders a failed write could leave: ``*.tmp<pid>``, ``.<name>.tmp<pid>``,
+    a cache's ``.<key>-<random>`` folder."""
+    found = []
+    for path in work.rglob("*"):
+        if path.name == "filler":
+            continue
+        if re.search(r"\.tmp\d+$", path.name) or re.match(r"\.[0-9a-f]{16,}-", path.name):
+            found.append(str(path.relative_to(work)))
+    return found
+
+
+def fill_before(monkeypatch, owner, name: str, disk_of, when=lambda *a, **k: True) -> None:
+    """Fill the disk just before ``owner.name`` runs (when ``when(*args)`` says so)."""
+    real = getattr(owner, name)
+
+    def filled_first(*args, **kwargs):
+        if when(*args, **kwargs):
+            disk_of().fill()
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, filled_first)
+
+
+def fill_after(monkeypatch, owner, name: str, disk_of, when) -> None:
+    real = getattr(owner, name)
+
+    def filled_after(*args, **kwargs):
+        result = real(*args, **kwargs)
+        if when(*args, **kwargs):
+            disk_of().fill()
+        return result
+
+    monkeypatch.setattr(owner, name, filled_after)
+
+
+def moment(case: str, monkeypatch, disk_of) -> None:
+    """Where each case fills its disk."""
+    from resnet_sweep import features, resume, runs, tiles
+
+    if case == "checkpoint save":  # the resume state after epoch 2 (torch.save: "unexpected pos")
+        fill_after(monkeypatch, resume.Resumer, "save", disk_of, lambda self, run_id, epoch, *a: epoch == 1)
+    elif case == "model save":  # the full MLflow model, after the last epoch
+        fill_before(monkeypatch, runs, "log_model", disk_of)
+    elif case == "MLflow artifact":  # the checkpoint copied into the run's artifacts
+        fill_before(monkeypatch, runs.JobLog, "checkpoint", disk_of)
+    elif case == "bank write":  # extracting the feature bank
+        fill_before(monkeypatch, features, "extract", disk_of)
+    elif case == "store write":  # decoding the tile store
+        fill_before(monkeypatch, tiles, "write_store", disk_of)
+    elif case == "SQLite store":  # the tracking database, after epoch 1
+        fill_after(monkeypatch, resume.Resumer, "save", disk_of, lambda self, run_id, epoch, *a: epoch == 1)
+
+
+CASES = {  # case -> (folder on the small disk, relative to the working folder; its size; extra overrides)
+    "checkpoint save": (".resnet-sweep/resume", "4m", []),
+    "model save": ("mlruns", "200m", ["tracking.log_model=all"]),  # room for 2 models (45 MB) and a partial one
+    "MLflow artifact": ("mlruns", "100m", []),  # room for the best model
+    "bank write": ("cache/features", "4m", []),
+    "store write": ("cache/tiles", "4m", []),
+    "SQLite store": ("db", "8m", ["tracking.uri=sqlite:///db/mlflow.db"]),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_a_full_disk_stops_the_sweep_once_and_the_same_command_finishes_it(
+    tmp_path, disks, undisturbed, monkeypatch, case
+):
+    expected, tree = undisturbed
+    folder, size, more = CASES[case]
+    work = tmp_path / "work"
+    work.mkdir()
+    disk = disks(work / folder, size)
+    if case == "SQLite store":
+        from conftest import fresh_store
+
+        fresh_store(work / folder)
+    args = sweep_args(tree, work / "cache", *more)
+    with monkeypatch.context() as patch:
+        moment(case, patch, lambda: disk)
+        proc = run_app(work, *args, check=False, store=case != "SQLite store")
+    if case == "SQLite store":
+        (work / "mlflow.db").symlink_to(work / folder / "mlflow.db")  # where mlflow_runs reads
+    assert proc.returncode == 75, proc.stderr[-4000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-4000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert re.search(rf"interrupted: No space left on device in \S*{re.escape(folder)}\b", last), last
+    assert "free space there, then re-run the same command to resume" in last
+    assert sum("No space left on device" in line for line in proc.stderr.splitlines()) == 1, proc.stderr[-4000:]
+    runs = mlflow_runs(work)
+    assert len(runs.children) == 1, "no second job started"
+    assert not [r for r in runs.all if r.info.status in ("FAILED", "RUNNING")] or case == "SQLite store"
+    if case != "SQLite store":  # on a full database nothing more can be written, not even KILLED
+        assert runs.children[0].info.status == "KILLED"
+        assert "No space left on device" in runs.children[0].data.tags["failure_reason"]
+        assert runs.parents[0].info.status == "KILLED"
+    assert leftovers(work) == []
+
+    disk.free()
+    run_app(work, *args, store=case != "SQLite store")
+    assert results(work) == expected
+    for run in mlflow_runs(work).children:
+        assert history_steps(work, run) == list(range(EPOCHS + 1)), "every epoch once"
+    assert not [r.info.run_name for r in mlflow_runs(work).all if r.info.status == "RUNNING"]
