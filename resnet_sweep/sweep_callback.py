@@ -18,6 +18,7 @@ from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
 
 from . import faults
+from .abandoned import close_abandoned_sweeps
 from .errors import exit_with, first_line
 from .logged import log_model
 from .lookup import best_run, child_runs, downloaded_checkpoint, logged_models
@@ -77,6 +78,9 @@ class SweepCallback(Callback):
         self.client.log_batch(self.parent_id, params=[Param(k, v) for k, v in override_params(config).items()])
         set_parent(config, self.parent_id)
         atexit.register(self._abandon)
+        close_abandoned_sweeps(
+            self.client, experiment_id, parent_id=self.parent_id, overrides=overrides, own_dir=Path(sweep_dir)
+        )
         log.info("MLflow parent run %s (%s)", self.parent_id, redact(config.tracking.uri))
 
     def _abandon(self) -> None:

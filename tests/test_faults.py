@@ -256,6 +256,34 @@ def test_a_signal_stops_the_sweep_cleanly_and_the_rerun_resumes(tmp_path, sig, l
     assert len(runs.children) == 2 and all(r.info.status == "FINISHED" for r in runs.children)
 
 
+@pytest.mark.e2e
+def test_a_killed_sweep_leaves_no_run_running_once_the_same_command_has_run_again(tmp_path):
+    """SIGKILL (an OOM kill, power loss): no clean-up runs, the parent and the job's run stay RUNNING;
+    the same command, re-run, continues the job under a new parent and closes the old one."""
+    tree = make_tree(tmp_path / "tiles", per_class=(24, 6, 6), size=64)
+    args = ["-m", *slow_args(tree, "trainer.max_epochs=2"), "optimizer.lr=1e-3,1e-2"]
+    proc = start(tmp_path, *args)
+    wait_for_epoch(tmp_path, proc, 1)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.communicate(timeout=60)
+    [old] = mlflow_runs(tmp_path).parents
+    assert old.info.status == "RUNNING"
+
+    run_app(tmp_path, *args)
+    runs = mlflow_runs(tmp_path)
+    assert [r.info.run_name for r in runs.all if r.info.status == "RUNNING"] == []
+    new = next(r for r in runs.parents if r.info.run_id != old.info.run_id)
+    old = next(r for r in runs.parents if r.info.run_id == old.info.run_id)
+    assert old.info.status == "KILLED" and new.info.status == "FINISHED"
+    assert old.data.tags["failure_reason"] == (
+        "interrupted: its sweep process ended without closing it (killed?); the same command, re-run, "
+        f"continues its jobs under parent run {new.info.run_id}"
+    )
+    assert old.data.tags["taken_over_by"] == new.info.run_id
+    assert len(runs.children) == 2 and all(r.info.status == "FINISHED" for r in runs.children)
+    assert {r.data.tags["mlflow.parentRunId"] for r in runs.children} == {new.info.run_id}
+
+
 # ---------------------------------------------------------------------------------------------- 7
 
 
