@@ -161,7 +161,8 @@ class SweepCallback(Callback):
         os.environ.pop(PARENT_ENV, None)
         if best is not None:
             log.info("best run: %s (%s = %.4f)", best.info.run_name, objective, best.data.metrics[f"best/{objective}"])
-        print(redact(summary), flush=True)
+        if not problems:  # else the one line below says it
+            print(redact(summary), flush=True)
         if problems:
             hint = (
                 "; re-run the same command to resume" if "interrupted" in incomplete or "skipped" in incomplete else ""
