@@ -277,9 +277,11 @@ def job_run(cfg, resume_run_id: str | None = None, on_start=None):
     start = dict(run_id=resume_run_id) if resume_run_id else dict(run_name=name, parent_run_id=parent, tags=tags)
     with mlflow.start_run(**start) as run:
         job = JobLog(cfg, run.info.run_id)
-        if on_start:  # first of all (the resume state): a kill from here on continues this run
-            on_start(run.info.run_id)
+        remembered = not (on_start and resume_run_id is None)  # a new run, once its id is in the resume state
         try:
+            if on_start:  # first of all (the resume state): a kill from here on continues this run
+                on_start(run.info.run_id)
+            remembered = True
             if previous is not None and FAILURE_TAG in previous.data.tags:
                 job._call("delete_tag", mlflow.delete_tag, FAILURE_TAG)
             if previous is not None and trial:  # an interrupted trial's point, continued by its replacement
@@ -306,6 +308,8 @@ def job_run(cfg, resume_run_id: str | None = None, on_start=None):
                 mlflow.set_tags(tags)
             with contextlib.suppress(Exception), faults.quiet(*faults.STORE_LOGGERS):
                 mlflow.end_run(RunStatus.to_string(RunStatus.KILLED if interrupted else RunStatus.FAILED))
+                if not remembered:  # nothing in it, and no re-run would find it to continue: not left behind
+                    MlflowClient().delete_run(run.info.run_id)
             if full is not None and full is not e:
                 raise full from e
             raise

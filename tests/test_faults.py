@@ -5,6 +5,7 @@ a full tmpfs under the artifact store, two sweeps at once on one store."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -215,6 +216,42 @@ def test_an_epoch_whose_write_reached_the_store_but_whose_answer_was_lost_is_log
     assert run.info.status == "FINISHED"
     for key in ("train/loss", "valid/loss", "valid/acc"):
         assert history_steps(tmp_path, run, key) == [0, 1, 2], key
+
+
+def test_a_store_down_past_its_retry_time_stops_the_sweep_once_and_the_same_command_finishes_it(
+    tmp_path, tiny_tree, monkeypatch
+):
+    """Not a FAILED run per remaining job: the first job is interrupted, the sweep stops there."""
+    import mlflow
+
+    real = mlflow.log_metrics
+
+    def down_from_epoch_1(metrics, step=None, **kwargs):
+        if step == 1:
+            raise ConnectionError("('Connection aborted.', ConnectionRefusedError(111, 'Connection refused'))")
+        return real(metrics, step=step, **kwargs)
+
+    args = ["-m", *data_args(tiny_tree, "trainer.max_epochs=2", "tracking.retry_s=0"), "optimizer.lr=1e-3,1e-2"]
+    with monkeypatch.context() as patch:
+        patch.setattr(mlflow, "log_metrics", down_from_epoch_1)
+        proc = run_app(tmp_path, *args, check=False)
+    assert proc.returncode == 75, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert re.fullmatch(
+        r"resnet18-linear-sgd-lr1e-03-s0 interrupted: .*Connection refused.*; its finished epochs are saved: "
+        r"re-run the same command to resume",
+        last,
+    ), last
+    assert len(list((tmp_path / "multirun").rglob(".hydra"))) == 1, "no second job started"
+    runs = mlflow_runs(tmp_path)
+    assert [r.info.status for r in runs.children] == ["KILLED"] and runs.parents[0].info.status == "KILLED"
+
+    run_app(tmp_path, *args)
+    runs = mlflow_runs(tmp_path)
+    assert len(runs.children) == 2 and all(r.info.status == "FINISHED" for r in runs.children)
+    assert all(history_steps(tmp_path, r) == [0, 1, 2] for r in runs.children)
+    assert [r.info.run_name for r in runs.all if r.info.status == "RUNNING"] == []
 
 
 # ---------------------------------------------------------------------------------------------- 9

@@ -126,7 +126,9 @@ def moment(case: str, monkeypatch, disk_of) -> None:
     """Where each case fills its disk."""
     from resnet_sweep import features, resume, runs, tiles
 
-    if case == "checkpoint save":  # the resume state after epoch 2 (torch.save: "unexpected pos")
+    if case == "first state":  # the resume state written as the first job's run starts
+        fill_before(monkeypatch, resume.Resumer, "started", disk_of)
+    elif case == "checkpoint save":  # the resume state after epoch 2 (torch.save: "unexpected pos")
         fill_after(monkeypatch, resume.Resumer, "save", disk_of, lambda self, run_id, epoch, *a: epoch == 1)
     elif case == "model save":  # the full MLflow model, after the last epoch
         fill_before(monkeypatch, runs, "log_model", disk_of)
@@ -141,6 +143,7 @@ def moment(case: str, monkeypatch, disk_of) -> None:
 
 
 CASES = {  # case -> (folder on the small disk, relative to the working folder; its size; extra overrides)
+    "first state": (".resnet-sweep/resume", "4m", []),
     "checkpoint save": (".resnet-sweep/resume", "4m", []),
     "model save": ("mlruns", "200m", ["tracking.log_model=all"]),  # room for 2 models (45 MB) and a partial one
     "MLflow artifact": ("mlruns", "100m", []),  # room for the best model
@@ -175,13 +178,17 @@ def test_a_full_disk_stops_the_sweep_once_and_the_same_command_finishes_it(
     assert re.search(rf"interrupted: No space left on device in \S*{re.escape(folder)}\b", last), last
     assert "free space there, then re-run the same command to resume" in last
     assert sum("No space left on device" in line for line in proc.stderr.splitlines()) == 1, proc.stderr[-4000:]
+    assert len(list((work / "multirun").rglob(".hydra"))) == 1, "no second job started"
     runs = mlflow_runs(work)
-    assert len(runs.children) == 1, "no second job started"
-    assert not [r for r in runs.all if r.info.status in ("FAILED", "RUNNING")] or case == "SQLite store"
-    if case != "SQLite store":  # on a full database nothing more can be written, not even KILLED
-        assert runs.children[0].info.status == "KILLED"
-        assert "No space left on device" in runs.children[0].data.tags["failure_reason"]
-        assert runs.parents[0].info.status == "KILLED"
+    if case == "first state":  # its run was deleted: nothing in it, and no re-run would find it
+        assert runs.children == []
+    elif case != "SQLite store":  # on a full database nothing more can be written, not even KILLED
+        [child] = runs.children
+        assert child.info.status == "KILLED" and "No space left on device" in child.data.tags["failure_reason"]
+    if case != "SQLite store":
+        assert not [r for r in runs.all if r.info.status in ("FAILED", "RUNNING")]
+        [parent] = runs.parents
+        assert parent.info.status == "KILLED" and "No space left on device" in parent.data.tags["failure_reason"]
     assert leftovers(work) == []
 
     disk.free()
