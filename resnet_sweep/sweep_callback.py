@@ -187,7 +187,11 @@ class SweepCallback(Callback):
                 "command once they have, and the best run's model is logged then"
             )
         elif not logged_models(best):
-            log_best_model(best)
+            try:
+                log_best_model(best)
+            except Exception as e:  # a full disk: the sweep's results stand, its summary is still due
+                reason = redact(first_line(e))
+                log.warning("the best run's model was not logged (%s); re-run the same command to log it", reason)
 
     def _report(self, config) -> None:
         """The sweep's report on its parent run (description, report/ artifacts); a report that

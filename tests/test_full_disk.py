@@ -197,3 +197,37 @@ def test_a_full_disk_stops_the_sweep_once_and_the_same_command_finishes_it(
     for run in mlflow_runs(work).children:
         assert history_steps(work, run) == list(range(EPOCHS + 1)), "every epoch once"
     assert not [r.info.run_name for r in mlflow_runs(work).all if r.info.status == "RUNNING"]
+
+
+def test_a_full_disk_at_the_sweeps_best_model_is_one_warning_and_the_same_command_logs_it(
+    tmp_path, disks, undisturbed, monkeypatch
+):
+    """The last write of a sweep (log_model=best, after every job finished): the results stand, the
+    summary is said, the model is logged by the re-run."""
+    import mlflow
+
+    from resnet_sweep import sweep_callback
+
+    _, tree = undisturbed
+    work = tmp_path / "work"
+    work.mkdir()
+    disk = disks(work / "mlruns", "100m")
+    args = sweep_args(tree, work / "cache")
+    with monkeypatch.context() as patch:
+        fill_before(patch, sweep_callback, "log_best_model", lambda: disk)
+        proc = run_app(work, *args)
+    assert "the best run's model was not logged ([Errno 28] No space left on device" in proc.stdout
+    assert "2 finished, 0 failed" in proc.stdout and "Traceback" not in proc.stderr
+    assert [r.info.status for r in mlflow_runs(work).all] == ["FINISHED"] * 3
+
+    def ready_models():
+        mlflow.set_tracking_uri(f"sqlite:///{work / 'mlflow.db'}")
+        experiment = mlflow_runs(work).parents[0].info.experiment_id
+        models = mlflow.search_logged_models(experiment_ids=[experiment], output_format="list")
+        return [m for m in models if str(m.status).endswith("READY")]
+
+    assert ready_models() == []
+    disk.free()
+    again = run_app(work, *args)
+    assert "0 finished, 0 failed, 2 reused" in again.stdout
+    assert len(ready_models()) == 1
