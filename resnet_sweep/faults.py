@@ -14,6 +14,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import threading
 import time
 from collections.abc import Mapping
@@ -57,14 +58,18 @@ def stop_fault() -> str | None:
 SWEEP_PID_ENV = "RESNET_SWEEP_PID"
 
 
+def _this_process() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"  # a SLURM job elsewhere may have the sweep's pid
+
+
 def mark_sweep_process() -> None:
     """Called where a sweep starts: its jobs that run in this same process (Hydra's basic launcher)
     stop the sweep on an infrastructure fault; jobs of other launchers, in other processes, cannot."""
-    os.environ[SWEEP_PID_ENV] = str(os.getpid())
+    os.environ[SWEEP_PID_ENV] = _this_process()
 
 
 def in_sweep_process() -> bool:
-    return os.environ.get(SWEEP_PID_ENV) == str(os.getpid())
+    return os.environ.get(SWEEP_PID_ENV) == _this_process()
 
 
 def _on_signal(signum, frame) -> None:
