@@ -130,15 +130,12 @@ def _device_crop_batches(
             yield split, (x, made), where
 
 
-def _reserve(path: Path, folder: Path, need: int) -> None:
-    """Allocate the (sparse) file's blocks; ``faults.DiskFull`` naming ``folder`` and ``need`` (the
-    whole bank's bytes, fp32 while extracting and fp16 after) when they are not there."""
+def _reserve(path: Path) -> None:
+    """Allocate the (sparse) file's blocks (ENOSPC when they are not there), where the file system can."""
     with open(path, "r+b") as f:
         try:
             os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
         except OSError as e:
-            if e.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise faults.DiskFull(folder, free=faults.free_bytes(folder), need=need) from e
             if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
                 raise
 
@@ -219,12 +216,14 @@ def extract(
                 dim = f.shape[1]
                 n = len(files[split])
                 shape = (views, n, dim) if split == "train" else (n, dim)
-                arrays[split] = np.lib.format.open_memmap(
-                    out / f"{split}.f32.npy", mode="w+", dtype=np.float32, shape=shape
-                )
-                # its blocks taken now: a full disk is ENOSPC here, not SIGBUS on a page of the map
+                # the whole bank's bytes (fp32 while extracting, fp16 after); the file's blocks taken
+                # now: a full disk is ENOSPC here, not SIGBUS on a page of the map
                 need = sum(len(files[s]) * (views if s == "train" else 1) for s in checks.SPLITS) * dim * 6
-                _reserve(out / f"{split}.f32.npy", out.parent, need)
+                with faults.writing(out.parent, need=need):
+                    arrays[split] = np.lib.format.open_memmap(
+                        out / f"{split}.f32.npy", mode="w+", dtype=np.float32, shape=shape
+                    )
+                    _reserve(out / f"{split}.f32.npy")
             v, i = np.asarray(where).T
             if split == "train":
                 arrays[split][v, i] = f

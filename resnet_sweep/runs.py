@@ -92,7 +92,8 @@ class JobLog:
         def attempt():
             if not self.database:
                 return fn(*args, **kwargs)
-            with faults.deferred(stop_after=False):
+            # MLflow logs a failed statement with its traceback before raising: retrying says it in one line
+            with faults.deferred(stop_after=False), faults.quiet("mlflow.store.db.utils"):
                 return fn(*args, **kwargs)
 
         return faults.retrying(attempt, self.retry_s, f"MLflow {what} ({self.name})")
@@ -225,7 +226,8 @@ class JobLog:
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "best.pt"
             torch.save(ckpt, path)
-            self._call("log_artifact", mlflow.log_artifact, str(path), "checkpoint")
+            with faults.writing(_local_artifacts() or tmp, need=path.stat().st_size):
+                self._call("log_artifact", mlflow.log_artifact, str(path), "checkpoint")
 
     def model(self, classifier, ckpt: dict) -> None:
         self._call("log_model", log_model, classifier, ckpt, self.name)
@@ -315,14 +317,19 @@ def job_run(cfg, resume_run_id: str | None = None, on_start=None):
             raise
 
 
-def write_folders(cfg) -> dict[str, int]:
-    """Where a job writes (folder -> 0: bytes unknown), for ``faults.disk_full``: the run's artifacts
-    and the SQLite store first, then the resume state, the caches, the temp folder, Hydra's output."""
-    folders = []
+def _local_artifacts() -> str | None:
+    """The active run's artifact folder, where it is a local one."""
     with contextlib.suppress(Exception):
         artifacts = mlflow.get_artifact_uri() if mlflow.active_run() else ""
         if artifacts.startswith("file:") or (artifacts and "://" not in artifacts):
-            folders.append(artifacts.removeprefix("file://").removeprefix("file:"))
+            return artifacts.removeprefix("file://").removeprefix("file:")
+    return None
+
+
+def write_folders(cfg) -> dict[str, int]:
+    """Where a job writes (folder -> 0: bytes unknown), for ``faults.disk_full``: the run's artifacts
+    and the SQLite store first, then the resume state, the caches, the temp folder, Hydra's output."""
+    folders = [artifacts] if (artifacts := _local_artifacts()) else []
     uri = str(cfg.tracking.uri)
     if uri.startswith("sqlite:///"):
         folders.append(str(Path(os.path.expanduser(uri[len("sqlite:///") :])).parent))

@@ -227,6 +227,10 @@ def log_best_model(run) -> None:
     with downloaded_checkpoint(run) as path:
         classifier, ckpt = load_checkpoint(path)
     with mlflow.start_run(run_id=run.info.run_id):
-        log_model(classifier, ckpt, run.info.run_name)
-        mlflow.set_tag("model_logged", "best of sweep")
+        try:
+            log_model(classifier, ckpt, run.info.run_name)
+            mlflow.set_tag("model_logged", "best of sweep")
+        except Exception:
+            mlflow.end_run("FINISHED")  # the run's results stand (start_run would end it FAILED)
+            raise
     log.info("logged the full model of the best run %s", run.info.run_name)

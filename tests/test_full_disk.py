@@ -39,10 +39,9 @@ class Disk:
         self.filler = folder / "filler"
 
     def fill(self) -> None:
-        with open(self.filler, "ab") as f, contextlib.suppress(OSError):
+        with contextlib.suppress(OSError), open(self.filler, "ab", buffering=0) as f:
             while True:
                 f.write(b"\0" * 4096)
-                f.flush()
 
     def free(self) -> None:
         self.filler.unlink(missing_ok=True)
@@ -177,6 +176,8 @@ def test_a_full_disk_stops_the_sweep_once_and_the_same_command_finishes_it(
     last = proc.stderr.strip().splitlines()[-1]
     assert re.search(rf"interrupted: No space left on device in \S*{re.escape(folder)}\b", last), last
     assert "free space there, then re-run the same command to resume" in last
+    if case not in ("model save", "SQLite store"):  # the size of what was being written is known
+        assert re.search(r" \(0 B free, about [\d.]+ (B|KB|MB) needed\);", last), last
     assert sum("No space left on device" in line for line in proc.stderr.splitlines()) == 1, proc.stderr[-4000:]
     assert len(list((work / "multirun").rglob(".hydra"))) == 1, "no second job started"
     runs = mlflow_runs(work)
