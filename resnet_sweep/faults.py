@@ -66,6 +66,7 @@ def mark_sweep_process() -> None:
     """Called where a sweep starts: its jobs that run in this same process (Hydra's basic launcher)
     stop the sweep on an infrastructure fault; jobs of other launchers, in other processes, cannot."""
     os.environ[SWEEP_PID_ENV] = _this_process()
+    _stop["fault"] = None
 
 
 def in_sweep_process() -> bool:
@@ -270,9 +271,15 @@ def disk_full(e: BaseException, folders: Mapping[str | os.PathLike, int]) -> Dis
         return None  # a connection fault: the folders' space is not why
     if measured:
         short, _, _, folder, free, need = max(measured)
-        if short or said:
+        if short:
             return DiskFull(folder, free=free, need=need)
-    return DiskFull(None, free=None) if said else None
+    if not said:
+        return None
+    named = [err for err in _chain(e) if isinstance(err, OSError) and (err.filename2 or err.filename)]
+    if named:  # the file the writer named (a copy's destination)
+        folder = os.path.dirname(os.path.abspath(str(named[0].filename2 or named[0].filename)))
+        return DiskFull(folder, free=free_bytes(folder))
+    return DiskFull(max(measured)[3], free=max(measured)[4]) if measured else DiskFull(None, free=None)
 
 
 @contextlib.contextmanager

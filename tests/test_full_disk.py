@@ -232,3 +232,19 @@ def test_a_full_disk_at_the_sweeps_best_model_is_one_warning_and_the_same_comman
     again = run_app(work, *args)
     assert "0 finished, 0 failed, 2 reused" in again.stdout
     assert len(ready_models()) == 1
+
+
+def test_a_full_disk_is_recognised_by_its_free_space_whatever_the_writer_raised(tmp_path, disks):
+    from resnet_sweep import faults
+
+    disk = disks(tmp_path / "small", "1m")
+    disk.fill()
+    torch_save = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0")
+    full = faults.disk_full(torch_save, {tmp_path: 0, disk.folder: 4096})
+    assert isinstance(full, OSError) and faults.is_infrastructure(full)
+    assert str(full) == f"No space left on device in {disk.folder} (0 B free, about 4.0 KB needed)"
+    assert faults.disk_full(torch_save, {tmp_path: 0}) is None, "room there: another fault"
+    assert faults.disk_full(ConnectionError("Connection refused"), {disk.folder: 0}) is None
+    assert faults.disk_full(ValueError("bad value"), {tmp_path: 0}) is None
+    sqlite = RuntimeError("(sqlite3.OperationalError) database or disk is full")
+    assert str(faults.disk_full(sqlite, {tmp_path: 0})).startswith(f"No space left on device in {tmp_path} (")
