@@ -16,12 +16,9 @@ if __name__ == "__main__":
     check_overrides()
     try:
         main()
-    except KeyboardInterrupt as e:  # SIGINT or SIGTERM (resnet_sweep.faults): runs are marked KILLED
+    except KeyboardInterrupt as e:  # a signal, or faults.Stopped: runs are marked KILLED
         from resnet_sweep import faults
 
-        print(
-            f"{e or 'interrupted'}: the running job kept its finished epochs; re-run the same command to resume",
-            file=sys.stderr,
-            flush=True,
-        )
-        sys.exit(faults.exit_code())
+        line = f"{e or 'interrupted'}: the running job kept its finished epochs; re-run the same command to resume"
+        print(e if isinstance(e, faults.Stopped) else line, file=sys.stderr, flush=True)  # Stopped: a full disk...
+        sys.exit(faults.exit_code(e))

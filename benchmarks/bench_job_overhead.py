@@ -1,11 +1,11 @@
 """A job's cost outside its epochs, at two data sizes: it must not grow with the data.
 
-    .venv/bin/python benchmarks/bench_job_overhead.py [--tiles 2000,20000] [--jobs 4] [--smoke]
+    .venv/bin/python benchmarks/bench_job_overhead.py [--tiles 2000,20000] [--jobs 4] [--rounds 3] [--smoke]
 
 For each size, a synthetic tile set (two classes, 70/15/15 %, small PNG tiles: the count matters
 here, not the pixels) is made on every core, then the real ``train.py -m`` runs in this process
 (Hydra's basic launcher, as a user's grid runs): first a one-job sweep that builds what is built
-once per data set (the tile store, the feature bank), then the measured sweep of ``--jobs`` jobs
+once per data set (the tile store, the feature bank), then ``--rounds`` measured sweeps of ``--jobs`` jobs (the sizes in turn)
 (learning rates; ResNet18 frozen, a linear head on the bank, one job at a time, resume off so that
 each trains). Per job: its wall time (``job.run_job``) minus its epochs (``engine.fit``) and its test
 pass (``engine.evaluate``), the parts that grow with the data by nature. Printed: that per-job
@@ -108,10 +108,9 @@ def run_sweep(cwd: Path, overrides: list[str]) -> str:
     return out.getvalue()
 
 
-def measure(work: Path, n: int, jobs: int) -> dict:
-    """One size: the tiles made, a warm-up sweep (store and bank built), then the measured sweep."""
-    from resnet_sweep import engine, job, sweep_callback
-
+def prepare(work: Path, n: int) -> dict:
+    """One size: its tiles made (or reused), then a one-job warm-up sweep that builds what is built once
+    per data set (the tile store, the feature bank). -> what ``measure`` needs."""
     root = make_tiles(work / f"tiles-{n}", n)
     cwd = work / f"run-{n}"
     cwd.mkdir(exist_ok=True)
@@ -132,32 +131,31 @@ def measure(work: Path, n: int, jobs: int) -> dict:
     if "batch_heads:" in (REPO / "conf" / "trainer" / "default.yaml").read_text():
         common.append("trainer.batch_heads=off")  # one job at a time: each job's own epochs are timed
     started = time.perf_counter()
-    stamp = time.strftime("%Y%m%d-%H%M%S")  # a sweep folder of its own (the same --work may be run again)
-    run_sweep(cwd, [*common, "optimizer.lr=1e-3", f"hydra.sweep.dir=warm-up-{stamp}"])
-    warm_up = time.perf_counter() - started
+    run_sweep(cwd, [*common, "optimizer.lr=1e-3", f"hydra.sweep.dir=warm-up-{time.strftime('%Y%m%d-%H%M%S')}"])
+    return {"n": n, "cwd": cwd, "common": common, "warm_up": time.perf_counter() - started}
+
+
+def measure(size: dict, jobs: int, round_: int) -> dict:
+    """One measured sweep of ``jobs`` jobs on a prepared size: each job's time outside its epochs."""
+    from resnet_sweep import engine, job, sweep_callback
+
     timers = [Timer(job, "run_job"), Timer(engine, "fit"), Timer(engine, "evaluate")]
     preflight_timer = Timer(
         sweep_callback, "share_sweep_data" if hasattr(sweep_callback, "share_sweep_data") else "check_store_and_folders"
     )
     lrs = ",".join(f"{lr:.0e}" for lr in np.geomspace(1e-4, 1e-1, jobs))
+    folder = f"measured-{time.strftime('%Y%m%d-%H%M%S')}-{round_}"  # a sweep folder of its own
     try:
-        started = time.perf_counter()
-        run_sweep(cwd, [*common, f"optimizer.lr={lrs}", f"hydra.sweep.dir=measured-{stamp}"])
-        sweep = time.perf_counter() - started
+        run_sweep(size["cwd"], [*size["common"], f"optimizer.lr={lrs}", f"hydra.sweep.dir={folder}"])
     finally:
         for t in [*timers, preflight_timer]:
             t.restore()
     total, fit, test = (t.calls for t in timers)
-    outside = [a - b - c for a, b, c in zip(total, fit, test, strict=True)]
     return {
-        "n": n,
-        "outside": outside,
-        "jobs": total,
+        "outside": [a - b - c for a, b, c in zip(total, fit, test, strict=True)],
         "epochs": fit,
         "test": test,
-        "preflight": sum(preflight_timer.calls),
-        "sweep": sweep,
-        "warm_up": warm_up,
+        "preflight": preflight_timer.calls,
     }
 
 
@@ -165,11 +163,13 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiles", default="2000,20000", help="the data sizes, comma-separated")
     parser.add_argument("--jobs", type=int, default=4, help="jobs in the measured sweep")
+    parser.add_argument("--rounds", type=int, default=3, help="measured sweeps per size, the sizes in turn")
     parser.add_argument("--work", default=None, help="folder for tiles, caches and runs (default: a temp folder)")
     parser.add_argument("--smoke", action="store_true", help="100 and 400 tiles, 2 jobs: a quick check that it runs")
     args = parser.parse_args(argv)
     sizes = [100, 400] if args.smoke else [int(v) for v in args.tiles.split(",")]
     jobs = 2 if args.smoke else args.jobs
+    rounds = 1 if args.smoke else args.rounds
     os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count()))
     import torch
 
@@ -182,13 +182,20 @@ def main(argv=None) -> None:
     with tempfile.TemporaryDirectory(prefix="bench-job-overhead-") as tmp:
         work = Path(args.work) if args.work else Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
-        results = [measure(work, n, jobs) for n in sizes]
+        results = [prepare(work, n) for n in sizes]
+        for r in results:
+            r.update(outside=[], epochs=[], test=[], preflight=[])
+        for round_ in range(rounds):  # the sizes in turn: a busy machine's load weighs on both alike
+            for r in results:
+                for key, values in measure(r, jobs, round_).items():
+                    r[key] += values
     for r in results:
         print(
             f"{r['n']:>7,} tiles: a job outside its epochs {statistics.median(r['outside']):.3f} s (median of "
             f"{len(r['outside'])}: {', '.join(f'{v:.3f}' for v in r['outside'])}); its epochs "
             f"{statistics.median(r['epochs']):.3f} s, test pass {statistics.median(r['test']):.3f} s; "
-            f"the sweep's pre-flight {r['preflight']:.3f} s (once); warm-up sweep (store, bank) {r['warm_up']:.1f} s"
+            f"the sweep's pre-flight {statistics.median(r['preflight']):.3f} s (once a sweep); warm-up sweep "
+            f"(store, bank) {r['warm_up']:.1f} s"
         )
     small, large = results[0], results[-1]
     ratio = statistics.median(large["outside"]) / statistics.median(small["outside"])

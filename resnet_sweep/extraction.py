@@ -6,6 +6,7 @@ fp16's range)."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import time
@@ -18,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import checks, crops, tiles
+from . import checks, crops, faults, tiles
 from .batches import Batcher, RowBatches, gather_crops, prefetched
 from .engine import autocast, uses_bf16
 
@@ -129,6 +130,16 @@ def _device_crop_batches(
             yield split, (x, made), where
 
 
+def _reserve(path: Path) -> None:
+    """Allocate the (sparse) file's blocks (ENOSPC when they are not there), where the file system can."""
+    with open(path, "r+b") as f:
+        try:
+            os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
+        except OSError as e:
+            if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                raise
+
+
 def extract(
     backbone: nn.Module,
     files: dict[str, list[Path]],
@@ -205,9 +216,14 @@ def extract(
                 dim = f.shape[1]
                 n = len(files[split])
                 shape = (views, n, dim) if split == "train" else (n, dim)
-                arrays[split] = np.lib.format.open_memmap(
-                    out / f"{split}.f32.npy", mode="w+", dtype=np.float32, shape=shape
-                )
+                # the whole bank's bytes (fp32 while extracting, fp16 after); the file's blocks taken
+                # now: a full disk is ENOSPC here, not SIGBUS on a page of the map
+                need = sum(len(files[s]) * (views if s == "train" else 1) for s in checks.SPLITS) * dim * 6
+                with faults.writing(out.parent, need=need):
+                    arrays[split] = np.lib.format.open_memmap(
+                        out / f"{split}.f32.npy", mode="w+", dtype=np.float32, shape=shape
+                    )
+                    _reserve(out / f"{split}.f32.npy")
             v, i = np.asarray(where).T
             if split == "train":
                 arrays[split][v, i] = f

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import checks, crops, sealed
+from . import checks, crops, faults, sealed
 from .extraction import extract, extract_batch
 from .images import fingerprint
 
@@ -185,7 +185,8 @@ def get(cfg, built, splits, device: torch.device) -> Bank:
             **stats,
         }
 
-    meta = sealed.build_once(root, key, make, what="feature bank", log=log, validate=_bank_fields)
+    with faults.writing(root):
+        meta = sealed.build_once(root, key, make, what="feature bank", log=log, validate=_bank_fields)
     return Bank(key=key, path=path, views=int(meta["views"]), meta=meta)
 
 

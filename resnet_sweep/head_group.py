@@ -225,7 +225,7 @@ class HeadGroup:
                 for m in members:
                     m.thread.start()
                     m.turn()
-                    faults.check()
+                    _stop_if_stopped(m)
                 self._train([m for m in members if m.waiting])
             except BaseException as e:
                 for m in members:
@@ -234,7 +234,8 @@ class HeadGroup:
                 raise
             finally:
                 for m in members:
-                    m.thread.join()
+                    if m.thread.ident is not None:  # a job the group stopped before its start never ran
+                        m.thread.join()
                 launcher._restore_context()
         stopped = [m.error for m in members if isinstance(m.error, KeyboardInterrupt)]
         if stopped:
@@ -273,4 +274,13 @@ class HeadGroup:
                     if result is not None:
                         faults.check()
                         m.turn(result)
+                        _stop_if_stopped(m)
         log.info("heads trained together: %d stacked epochs in %.2f s", passes, seconds)
+
+
+def _stop_if_stopped(member: Member) -> None:
+    """A signal, or a job that stopped the sweep (``faults.Stopped``: a full disk, a store gone past
+    its retry time), stops the whole group here: the others would hit the same wall."""
+    faults.check()
+    if isinstance(member.error, KeyboardInterrupt):
+        raise member.error

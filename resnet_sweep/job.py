@@ -18,7 +18,7 @@ from .logged import class_counts
 from .naming import app_config, run_name, safe_run_name
 from .preflight import check_job
 from .redaction import redact
-from .runs import job_run
+from .runs import job_run, write_folders
 from .store import connect, existing_run
 from .sweep_dir import in_multirun, write_job_status
 
@@ -52,16 +52,20 @@ def run_job(cfg) -> float:
             return math.nan
         exit_with(str(e))
     except Exception as e:
+        e = faults.disk_full(e, write_folders(cfg)) or e  # a full disk, whatever the writer raised
         reason = redact(first_line(e))
         if faults.stop_signal():  # e.g. "DataLoader worker exited unexpectedly": a consequence of the signal
             write_job_status("interrupted", name, reason=f"interrupted by {faults.stop_signal()}")
             raise faults.Interrupted(faults.stop_signal()) from None
         if faults.is_infrastructure(e):
             write_job_status("interrupted", name, reason=reason)
-            message = f"{name} interrupted: {reason}; its finished epochs are saved: re-run the same command to resume"
-            if in_multirun():
-                log.error("%s", message)
+            then = "free space there, then re-run" if faults.is_disk_full(e) else "re-run"
+            message = f"{name} interrupted: {reason}; its finished epochs are saved: {then} the same command to resume"
+            if in_multirun() and (cfg.get("hpo_trial") or not faults.in_sweep_process()):
+                log.error("%s", message)  # the Optuna sweeper re-queues it; other processes' jobs cannot stop it
                 return hpo.INTERRUPTED
+            if in_multirun():  # the next job would hit the same wall: the sweep stops here, exit 75
+                raise faults.stop_sweep(message) from None
             exit_with(message, code=75)  # EX_TEMPFAIL: try again later
         write_job_status("failed", name, reason=reason)
         if isinstance(e, (UserError, Diverged)):

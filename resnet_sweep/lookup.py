@@ -54,13 +54,15 @@ def best_run(runs, objective: str | None = None):
 
 
 def logged_models(run) -> list:
-    """The MLflow models logged from ``run`` (a store that cannot list them: none)."""
+    """The MLflow models logged from ``run`` whole (READY; not one whose copy failed, a full disk),
+    (a store that cannot list them: none)."""
     with contextlib.suppress(Exception):
-        return mlflow.search_logged_models(
+        models = mlflow.search_logged_models(
             experiment_ids=[run.info.experiment_id],
             filter_string=f"source_run_id = '{run.info.run_id}'",
             output_format="list",
         )
+        return [m for m in models if str(m.status).rsplit(".", 1)[-1] == "READY"]
     return []
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from hydra.types import RunMode
 
-from . import checks, engine
+from . import checks, engine, faults
 from .errors import UserError, exit_with, first_line
 from .store import connect
 
@@ -110,4 +110,7 @@ def share_sweep_data(config) -> None:
     except UserError:
         pass
     except Exception as e:  # the jobs do it themselves then
+        if faults.is_disk_full(e):  # before any job or run exists: the sweep stops here, exit 75
+            message = f"the sweep's data interrupted: {first_line(e)}; free space there, then re-run the same command to resume"
+            raise faults.stop_sweep(message) from None
         log.warning("the sweep's data was not prepared before its jobs (%s); its first job does it", first_line(e))

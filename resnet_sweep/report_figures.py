@@ -20,6 +20,21 @@ def seeds_per_point(group: list) -> dict:
     return counts
 
 
+def lr_axis(ax, lrs) -> None:
+    """A log learning-rate axis that holds ``lrs``: a decade either side of a single one (matplotlib
+    warns of identical limits otherwise), 1e-5 to 1 when there are none."""
+    ax.set_xscale("log")
+    lrs = sorted({lr for lr in lrs if lr and lr > 0})
+    if len(lrs) <= 1:
+        ax.set_xlim(*((lrs[0] / 10, lrs[0] * 10) if lrs else (1e-5, 1.0)))
+
+
+def legend(ax, **kwargs) -> None:
+    """The legend, where something is labelled (matplotlib warns of an empty one)."""
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(**kwargs)
+
+
 def acc_vs_lr_figure(rows: list):
     """Test accuracy against LR (log x), one line per backbone/head/optimizer, error bars over seeds."""
     import matplotlib.pyplot as plt
@@ -34,11 +49,11 @@ def acc_vs_lr_figure(rows: list):
         means = [statistics.fmean(points[lr]) for lr in lrs]
         stds = [statistics.stdev(points[lr]) if len(points[lr]) > 1 else 0.0 for lr in lrs]
         ax.errorbar(lrs, means, yerr=stds, marker="o", capsize=3, label=f"{backbone} {head} {optimizer}")
-    ax.set_xscale("log")
+    lr_axis(ax, [lr for points in lines.values() for lr in points])
     ax.set_xlabel("learning rate")
     ax.set_ylabel("test accuracy (%)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    legend(ax, fontsize=8)
     fig.tight_layout()
     return fig
 
@@ -69,13 +84,12 @@ def metrics_vs_lr_figure(rows: list):
                 stds = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in values]
                 name = f"{backbone} {head}" + ("" if trains == "head" else f" ({trains})")
                 ax.errorbar(lrs, means, yerr=stds, marker="o", capsize=3, label=name)
-            ax.set_xscale("log")
+            lr_axis(ax, [lr for points in lines.values() for lr in points])
             ax.set_ylabel(label)
             ax.grid(alpha=0.3)
             if row == 0:
                 ax.set_title(optimizer)
-                if lines:
-                    ax.legend(fontsize=8)
+                legend(ax, fontsize=8)
             else:
                 ax.set_xlabel("learning rate")
     return fig
@@ -102,6 +116,6 @@ def curves_figure(client: MlflowClient, rows: list, objective: str):
     for ax in (ax_loss, ax_acc):
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        legend(ax, fontsize=7)
     fig.tight_layout()
     return fig

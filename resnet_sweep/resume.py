@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from filelock import FileLock, Timeout
 
-from . import sealed
+from . import faults, sealed
 from .errors import Locked
 
 log = logging.getLogger(__name__)
@@ -107,9 +107,15 @@ class Resumer:
         return state
 
     def _write(self, state: dict) -> None:
+        """Written beside the state, then renamed (atomic: a kill leaves the previous epoch's state
+        intact); a failed write leaves no temp file, and one for lack of space is ``faults.DiskFull``."""
         tmp = self.path.with_suffix(f".tmp{os.getpid()}")
-        torch.save(state, tmp)
-        os.replace(tmp, self.path)  # atomic: a kill leaves the previous epoch's state intact
+        try:
+            with faults.writing(self.folder, need=_nbytes(state)):
+                torch.save(state, tmp)
+                os.replace(tmp, self.path)
+        finally:
+            tmp.unlink(missing_ok=True)
 
     def started(self, run_id: str) -> None:
         """Remember the MLflow run before the first epoch, so even a kill during epoch 0 resumes it."""
@@ -169,6 +175,17 @@ class Resumer:
         history.epochs[:] = h["epochs"]
         history.best_epoch, history.best_value, history.best_state = h["best_epoch"], h["best_value"], h["best_state"]
         return int(state["epoch"]) + 1
+
+
+def _nbytes(obj) -> int:
+    """About the bytes ``torch.save`` writes for ``obj``: its tensors' bytes, 64 for anything else."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_nbytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_nbytes(v) for v in obj)
+    return 0 if obj is None else 64
 
 
 class EpochHooks:

@@ -92,7 +92,8 @@ class JobLog:
         def attempt():
             if not self.database:
                 return fn(*args, **kwargs)
-            with faults.deferred(stop_after=False):
+            # MLflow logs a failed statement with its traceback before raising: retrying says it in one line
+            with faults.deferred(stop_after=False), faults.quiet("mlflow.store.db.utils"):
                 return fn(*args, **kwargs)
 
         return faults.retrying(attempt, self.retry_s, f"MLflow {what} ({self.name})")
@@ -225,7 +226,8 @@ class JobLog:
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "best.pt"
             torch.save(ckpt, path)
-            self._call("log_artifact", mlflow.log_artifact, str(path), "checkpoint")
+            with faults.writing(_local_artifacts() or tmp, need=path.stat().st_size):
+                self._call("log_artifact", mlflow.log_artifact, str(path), "checkpoint")
 
     def model(self, classifier, ckpt: dict) -> None:
         self._call("log_model", log_model, classifier, ckpt, self.name)
@@ -277,9 +279,11 @@ def job_run(cfg, resume_run_id: str | None = None, on_start=None):
     start = dict(run_id=resume_run_id) if resume_run_id else dict(run_name=name, parent_run_id=parent, tags=tags)
     with mlflow.start_run(**start) as run:
         job = JobLog(cfg, run.info.run_id)
-        if on_start:  # first of all (the resume state): a kill from here on continues this run
-            on_start(run.info.run_id)
+        remembered = not (on_start and resume_run_id is None)  # a new run, once its id is in the resume state
         try:
+            if on_start:  # first of all (the resume state): a kill from here on continues this run
+                on_start(run.info.run_id)
+            remembered = True
             if previous is not None and FAILURE_TAG in previous.data.tags:
                 job._call("delete_tag", mlflow.delete_tag, FAILURE_TAG)
             if previous is not None and trial:  # an interrupted trial's point, continued by its replacement
@@ -296,16 +300,43 @@ def job_run(cfg, resume_run_id: str | None = None, on_start=None):
             raise
         except BaseException as e:
             stopped = faults.stop_signal()  # whatever this raised, a signal is stopping the process
-            interrupted = isinstance(e, KeyboardInterrupt) or stopped is not None or faults.is_infrastructure(e)
-            reason = f"interrupted by {stopped}" if stopped else redact(first_line(e))
-            with contextlib.suppress(Exception):  # the store may be the fault: best effort
+            full = faults.disk_full(e, write_folders(cfg))  # whatever the writer raised
+            interrupted = isinstance(e, KeyboardInterrupt) or stopped is not None or faults.is_infrastructure(full or e)
+            reason = f"interrupted by {stopped}" if stopped else redact(first_line(full or e))
+            with contextlib.suppress(Exception), faults.quiet(*faults.STORE_LOGGERS):  # the store may be the fault
                 tags = {FAILURE_TAG: f"interrupted: {reason}" if interrupted else reason}
                 if trial:
                     tags["optuna_state"] = "INTERRUPTED" if interrupted else "FAIL"
                 mlflow.set_tags(tags)
-            with contextlib.suppress(Exception):
+            with contextlib.suppress(Exception), faults.quiet(*faults.STORE_LOGGERS):
                 mlflow.end_run(RunStatus.to_string(RunStatus.KILLED if interrupted else RunStatus.FAILED))
+                if not remembered:  # nothing in it, and no re-run would find it to continue: not left behind
+                    MlflowClient().delete_run(run.info.run_id)
+            if full is not None and full is not e:
+                raise full from e
             raise
+
+
+def _local_artifacts() -> str | None:
+    """The active run's artifact folder, where it is a local one."""
+    with contextlib.suppress(Exception):
+        artifacts = mlflow.get_artifact_uri() if mlflow.active_run() else ""
+        if artifacts.startswith("file:") or (artifacts and "://" not in artifacts):
+            return artifacts.removeprefix("file://").removeprefix("file:")
+    return None
+
+
+def write_folders(cfg) -> dict[str, int]:
+    """Where a job writes (folder -> 0: bytes unknown), for ``faults.disk_full``: the run's artifacts
+    and the SQLite store first, then the resume state, the caches, the temp folder, Hydra's output."""
+    folders = [artifacts] if (artifacts := _local_artifacts()) else []
+    uri = str(cfg.tracking.uri)
+    if uri.startswith("sqlite:///"):
+        folders.append(str(Path(os.path.expanduser(uri[len("sqlite:///") :])).parent))
+    folders += [str(cfg.trainer.resume_dir), str(cfg.data.cache_dir), tempfile.gettempdir()]
+    if HydraConfig.initialized():
+        folders.append(HydraConfig.get().runtime.output_dir)
+    return dict.fromkeys(folders, 0)
 
 
 def set_parent(config, parent_id: str) -> None:

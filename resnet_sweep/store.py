@@ -26,12 +26,19 @@ def connect(tracking_cfg) -> str:
     saved = {k: os.environ.get(k) for k in quick}
     os.environ.update({k: v for k, v in quick.items() if saved[k] is None})
     try:
-        _probe_database(str(tracking_cfg.uri))
-        with _creation_lock(str(tracking_cfg.uri)):
-            experiment = _set_experiment(str(tracking_cfg.experiment))
-            tag_experiment_kind(experiment)
+        with faults.quiet("urllib3.connectionpool"):  # its "Retrying (...)" line before ours
+            _probe_database(str(tracking_cfg.uri))
+            with _creation_lock(str(tracking_cfg.uri)):
+                experiment = _set_experiment(str(tracking_cfg.experiment))
+                tag_experiment_kind(experiment)
     except Exception as e:
         reason = redact(first_line(e))
+        unwritable = _unwritable(str(tracking_cfg.uri), e)
+        if unwritable:
+            raise UserError(
+                f"tracking.uri={redact(tracking_cfg.uri)}: cannot write here ({unwritable}: {reason}); "
+                "run from a folder you can write to, or point tracking.uri at one"
+            ) from None
         raise StoreUnreachable(
             f"tracking.uri={redact(tracking_cfg.uri)}: cannot reach the MLflow store ({reason}); "
             "check the URI or start the server"
@@ -41,6 +48,18 @@ def connect(tracking_cfg) -> str:
             if v is None:
                 os.environ.pop(k, None)
     return experiment.experiment_id
+
+
+def _unwritable(uri: str, e: BaseException) -> str | None:
+    """The folder of a ``sqlite:///`` store where this process cannot write (read-only, no
+    permission), when that is why connecting failed."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    folder = Path(os.path.expanduser(uri[len("sqlite:///") :])).absolute().parent
+    words = ("read-only file system", "readonly database", "permission denied", "unable to open database file")
+    if any(w in str(e).lower() for w in words) and not os.access(folder if folder.exists() else folder.parent, os.W_OK):
+        return str(folder)
+    return None
 
 
 DATABASES = ("sqlite", "postgresql", "mysql", "mssql")  # the stores MLflow keeps through SQLAlchemy

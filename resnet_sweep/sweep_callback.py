@@ -18,6 +18,7 @@ from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
 
 from . import devices, faults
+from .abandoned import close_abandoned_sweeps
 from .errors import exit_with, first_line
 from .logged import log_model
 from .lookup import best_run, child_runs, downloaded_checkpoint, logged_models
@@ -59,6 +60,7 @@ class SweepCallback(Callback):
         share_sweep_data(config)
         devices.check_sweep_memory(config, config.hydra)  # k jobs per GPU that cannot fit: one line
         faults.install_handlers()
+        faults.mark_sweep_process()
         if is_study(config):
             return  # the Optuna sweeper opens (or, on resume, reopens) the study's parent run
         self.client = MlflowClient()
@@ -78,20 +80,25 @@ class SweepCallback(Callback):
         self.client.log_batch(self.parent_id, params=[Param(k, v) for k, v in override_params(config).items()])
         set_parent(config, self.parent_id)
         atexit.register(self._abandon)
+        close_abandoned_sweeps(
+            self.client, experiment_id, parent_id=self.parent_id, overrides=overrides, own_dir=Path(sweep_dir)
+        )
         log.info("MLflow parent run %s (%s)", self.parent_id, redact(config.tracking.uri))
 
     def _abandon(self) -> None:
         """The sweep stopped before on_multirun_end (a signal, a crash): do not leave the parent RUNNING."""
         if self.parent_id and self.client:
-            stopped = faults.stop_signal()
-            with contextlib.suppress(Exception):
+            stopped, fault = faults.stop_signal(), faults.stop_fault()
+            with contextlib.suppress(Exception), faults.quiet(*faults.STORE_LOGGERS):
                 reason = (
                     f"interrupted by {stopped}: re-run the same command to resume"
                     if stopped
+                    else f"interrupted: {fault}"
+                    if fault
                     else "sweep ended before all jobs returned"
                 )
-                self.client.set_tag(self.parent_id, FAILURE_TAG, reason)
-                self.client.set_terminated(self.parent_id, "KILLED" if stopped else "FAILED")
+                self.client.set_tag(self.parent_id, FAILURE_TAG, redact(reason))
+                self.client.set_terminated(self.parent_id, "KILLED" if stopped or fault else "FAILED")
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         sweep_dir = Path(str(config.hydra.sweep.dir))
@@ -156,7 +163,8 @@ class SweepCallback(Callback):
         os.environ.pop(PARENT_ENV, None)
         if best is not None:
             log.info("best run: %s (%s = %.4f)", best.info.run_name, objective, best.data.metrics[f"best/{objective}"])
-        print(redact(summary), flush=True)
+        if not problems:  # else the one line below says it
+            print(redact(summary), flush=True)
         if problems:
             hint = (
                 "; re-run the same command to resume" if "interrupted" in incomplete or "skipped" in incomplete else ""
@@ -181,7 +189,11 @@ class SweepCallback(Callback):
                 "command once they have, and the best run's model is logged then"
             )
         elif not logged_models(best):
-            log_best_model(best)
+            try:
+                log_best_model(best)
+            except Exception as e:  # a full disk: the sweep's results stand, its summary is still due
+                reason = redact(first_line(e))
+                log.warning("the best run's model was not logged (%s); re-run the same command to log it", reason)
 
     def _report(self, config) -> None:
         """The sweep's report on its parent run (description, report/ artifacts); a report that
@@ -217,6 +229,10 @@ def log_best_model(run) -> None:
     with downloaded_checkpoint(run) as path:
         classifier, ckpt = load_checkpoint(path)
     with mlflow.start_run(run_id=run.info.run_id):
-        log_model(classifier, ckpt, run.info.run_name)
-        mlflow.set_tag("model_logged", "best of sweep")
+        try:
+            log_model(classifier, ckpt, run.info.run_name)
+            mlflow.set_tag("model_logged", "best of sweep")
+        except Exception:
+            mlflow.end_run("FINISHED")  # the run's results stand (start_run would end it FAILED)
+            raise
     log.info("logged the full model of the best run %s", run.info.run_name)

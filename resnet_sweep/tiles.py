@@ -39,7 +39,7 @@ import torchvision
 from PIL import Image
 from tqdm import tqdm
 
-from . import crops, sealed
+from . import crops, faults, sealed
 from .cores import available as available_cores
 from .errors import UserError, first_line
 from .images import fingerprint, inspect, inspect_all, load_rgb, reason
@@ -399,7 +399,8 @@ def get(
             )
             return _meta(key, resize, write_store(files, resize, tmp, workers, stamps=stamps))
 
-        meta = sealed.build_once(root, key, make, what="tile store", log=log, validate=_fields, checked=True)
+        with faults.writing(root, need=_needed[key]):
+            meta = sealed.build_once(root, key, make, what="tile store", log=log, validate=_fields, checked=True)
     return Store(key, path, meta)
 
 
@@ -426,19 +427,22 @@ def check_and_store(data_cfg, listing, *, crop_size: int, resize: int | None):
 
         root = root_of(data_cfg)
         built = Path(tempfile.mkdtemp(prefix=".checked-", dir=root))
+        need = _needed.get(f"listed:{key_of(every, resize, listing.stamps)}", 0)
         try:
-            log.info(
-                "checking %d images and building their tile store from the same decode", sum(map(len, every.values()))
-            )
-            stats = write_store(every, resize, built, decode_one=decode_one, stamps=listing.stamps)
-            key = key_of(stats["kept"], resize, listing.stamps)
+            with faults.writing(root, need=need):  # a full disk is named as one, whatever numpy raised
+                log.info(
+                    "checking %d images and building their tile store from the same decode",
+                    sum(map(len, every.values())),
+                )
+                stats = write_store(every, resize, built, decode_one=decode_one, stamps=listing.stamps)
+                key = key_of(stats["kept"], resize, listing.stamps)
 
-            def make(tmp: Path) -> dict:
-                for f in built.iterdir():
-                    f.rename(tmp / f.name)
-                return _meta(key, resize, stats)
+                def make(tmp: Path) -> dict:
+                    for f in built.iterdir():
+                        f.rename(tmp / f.name)
+                    return _meta(key, resize, stats)
 
-            sealed.build_once(root, key, make, what="tile store", log=log, validate=_fields)
+                sealed.build_once(root, key, make, what="tile store", log=log, validate=_fields)
         finally:
             shutil.rmtree(built, ignore_errors=True)
         return results

@@ -150,7 +150,7 @@ def _fresh_process_state() -> None:
                 cache.clear()
         stop = getattr(module, "_stop", None)
         if isinstance(stop, dict) and "signal" in stop:
-            stop.update(signal=None, deferred=0)
+            stop.update(signal=None, deferred=0, fault=None)
         for lock in getattr(module, "_HELD_LOCKS", None) or []:  # a process's locks end with it
             with contextlib.suppress(Exception):
                 lock.release(force=True)

@@ -5,6 +5,7 @@ a full tmpfs under the artifact store, two sweeps at once on one store."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -217,6 +218,42 @@ def test_an_epoch_whose_write_reached_the_store_but_whose_answer_was_lost_is_log
         assert history_steps(tmp_path, run, key) == [0, 1, 2], key
 
 
+def test_a_store_down_past_its_retry_time_stops_the_sweep_once_and_the_same_command_finishes_it(
+    tmp_path, tiny_tree, monkeypatch
+):
+    """Not a FAILED run per remaining job: the first job is interrupted, the sweep stops there."""
+    import mlflow
+
+    real = mlflow.log_metrics
+
+    def down_from_epoch_1(metrics, step=None, **kwargs):
+        if step == 1:
+            raise ConnectionError("('Connection aborted.', ConnectionRefusedError(111, 'Connection refused'))")
+        return real(metrics, step=step, **kwargs)
+
+    args = ["-m", *data_args(tiny_tree, "trainer.max_epochs=2", "tracking.retry_s=0"), "optimizer.lr=1e-3,1e-2"]
+    with monkeypatch.context() as patch:
+        patch.setattr(mlflow, "log_metrics", down_from_epoch_1)
+        proc = run_app(tmp_path, *args, check=False)
+    assert proc.returncode == 75, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert re.fullmatch(
+        r"resnet18-linear-sgd-lr1e-03-s0 interrupted: .*Connection refused.*; its finished epochs are saved: "
+        r"re-run the same command to resume",
+        last,
+    ), last
+    assert len(list((tmp_path / "multirun").rglob(".hydra"))) == 1, "no second job started"
+    runs = mlflow_runs(tmp_path)
+    assert [r.info.status for r in runs.children] == ["KILLED"] and runs.parents[0].info.status == "KILLED"
+
+    run_app(tmp_path, *args)
+    runs = mlflow_runs(tmp_path)
+    assert len(runs.children) == 2 and all(r.info.status == "FINISHED" for r in runs.children)
+    assert all(history_steps(tmp_path, r) == [0, 1, 2] for r in runs.children)
+    assert [r.info.run_name for r in runs.all if r.info.status == "RUNNING"] == []
+
+
 # ---------------------------------------------------------------------------------------------- 9
 
 
@@ -254,6 +291,34 @@ def test_a_signal_stops_the_sweep_cleanly_and_the_rerun_resumes(tmp_path, sig, l
     assert resumed.info.status == "FINISHED" and "failure_reason" not in resumed.data.tags
     assert history_steps(tmp_path, resumed) == [0, 1, 2, 3, 4], "each epoch once: nothing lost, nothing twice"
     assert len(runs.children) == 2 and all(r.info.status == "FINISHED" for r in runs.children)
+
+
+@pytest.mark.e2e
+def test_a_killed_sweep_leaves_no_run_running_once_the_same_command_has_run_again(tmp_path):
+    """SIGKILL (an OOM kill, power loss): no clean-up runs, the parent and the job's run stay RUNNING;
+    the same command, re-run, continues the job under a new parent and closes the old one."""
+    tree = make_tree(tmp_path / "tiles", per_class=(24, 6, 6), size=64)
+    args = ["-m", *slow_args(tree, "trainer.max_epochs=2"), "optimizer.lr=1e-3,1e-2"]
+    proc = start(tmp_path, *args)
+    wait_for_epoch(tmp_path, proc, 1)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.communicate(timeout=60)
+    [old] = mlflow_runs(tmp_path).parents
+    assert old.info.status == "RUNNING"
+
+    run_app(tmp_path, *args)
+    runs = mlflow_runs(tmp_path)
+    assert [r.info.run_name for r in runs.all if r.info.status == "RUNNING"] == []
+    new = next(r for r in runs.parents if r.info.run_id != old.info.run_id)
+    old = next(r for r in runs.parents if r.info.run_id == old.info.run_id)
+    assert old.info.status == "KILLED" and new.info.status == "FINISHED"
+    assert old.data.tags["failure_reason"] == (
+        "interrupted: its sweep process ended without closing it (killed?); the same command, re-run, "
+        f"continues its jobs under parent run {new.info.run_id}"
+    )
+    assert old.data.tags["taken_over_by"] == new.info.run_id
+    assert len(runs.children) == 2 and all(r.info.status == "FINISHED" for r in runs.children)
+    assert {r.data.tags["mlflow.parentRunId"] for r in runs.children} == {new.info.run_id}
 
 
 # ---------------------------------------------------------------------------------------------- 7

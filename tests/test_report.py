@@ -154,3 +154,24 @@ def test_report_without_a_sweep_is_a_one_line_error(tmp_path):
         tmp_path, "report", "--experiment", "nope", "--tracking-uri", f"sqlite:///{tmp_path / 'other.db'}", check=False
     )
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
+
+
+def test_reports_of_one_run_and_of_none_warn_of_nothing_and_an_all_failed_sweep_says_its_summary_once(
+    tmp_path, tiny_tree, recwarn
+):
+    """One finished run (one learning rate: matplotlib's 'identical low and high xlims'), then a
+    sweep whose every job fails (no finished run: 'No artists with labels found')."""
+    data = [*FAST, "data=imagefolder", f"data.root={tiny_tree}"]
+    run_app(tmp_path, "-m", *data, "optimizer.lr=1e-3")
+    proc = run_app(tmp_path, "-m", *data, "optimizer.lr=1e38,2e38", "trainer.max_epochs=2", check=False)
+    ours = [
+        f"{w.filename}:{w.lineno}: {w.message}"
+        for w in recwarn
+        if "matplotlib" in w.filename or "resnet_sweep" in w.filename
+    ]
+    assert ours == []
+    assert all(p.data.tags.get("mlflow.note.content") for p in mlflow_runs(tmp_path).parents), "both reports made"
+    summary = "0 finished, 2 failed: resnet18-linear-sgd-lr1e+38-s0 (loss became NaN at epoch 1)"
+    assert proc.returncode == 1
+    assert (proc.stdout + proc.stderr).count(summary) == 1
+    assert summary in proc.stderr.strip().splitlines()[-1]

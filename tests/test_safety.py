@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import os
 import re
+import subprocess
 
 import pytest
 import torch
@@ -78,6 +79,33 @@ def test_an_unreachable_tracking_store_fails_fast_in_one_line_without_the_passwo
     assert last.startswith("tracking.uri=postgresql://user:***@127.0.0.1:9/db: cannot reach the MLflow store")
     assert "secret" not in proc.stdout + proc.stderr and "Traceback" not in proc.stderr
     assert not list(tmp_path.glob("outputs/*/*/train.log"))  # nothing started
+
+
+def test_an_unreachable_tracking_server_is_one_line_and_nothing_before_it(tmp_path):
+    proc = run_app(tmp_path, *FAST, "tracking.uri=http://127.0.0.1:9", check=False, store=False)
+    assert proc.returncode == 1
+    assert (
+        proc.stderr.strip()
+        .splitlines()[-1]
+        .startswith("tracking.uri=http://127.0.0.1:9: cannot reach the MLflow store (")
+    )
+    assert "Retrying" not in proc.stdout + proc.stderr, "urllib3's retry line, before ours"
+
+
+def test_a_read_only_working_folder_is_one_line_that_says_so(tmp_path):
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,ro", "tmpfs", str(folder)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a read-only tmpfs here (needs root): {done.stderr.decode().strip()}")
+    try:
+        proc = run_app(folder, *FAST, check=False, store=False)
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], capture_output=True)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"tracking.uri=sqlite:///mlflow.db: cannot write here ({folder}: "), last
+    assert "start the server" not in last
 
 
 def test_an_output_folder_that_is_a_file_fails_fast(tmp_path):
