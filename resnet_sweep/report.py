@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import io
+import logging
 import math
 import statistics
 from collections import defaultdict
@@ -18,12 +19,16 @@ from pathlib import Path
 import mlflow
 from mlflow.tracking import MlflowClient
 
+from . import dashboard, plots
 from . import objective as objectives
-from . import plots
-from .errors import UserError
+from .errors import UserError, first_line
+from .hpo import find_study
 from .lookup import child_runs, find_parent
 from .naming import lr_label
 from .report_figures import acc_vs_lr_figure, curves_figure, metrics_vs_lr_figure, seeds_per_point
+from .store import existing_run
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -298,14 +303,17 @@ def markdown(rows: list[Row], parent, objective: str) -> str:
     return "\n".join(parts)
 
 
-def write(tracking_uri: str, experiment: str | None, parent_id: str | None, out_dir: str | None) -> tuple[str, Path]:
-    """Build the report of a sweep, write it to ``out_dir`` and onto the parent run. Returns the
-    Markdown and the folder."""
+def write(
+    tracking_uri: str, experiment: str | None, parent_id: str | None, out_dir: str | None, *, study=None
+) -> tuple[str, Path]:
+    """Build the report of a sweep, write it to ``out_dir`` and onto the parent run (with the sweep's
+    dashboard, Optuna's plots in it when ``study`` is given). Returns the Markdown and the folder."""
     mlflow.set_tracking_uri(tracking_uri)
     client = MlflowClient()
     parent = find_parent(client, experiment, parent_id)
     objective = parent.data.tags.get("objective", "valid/loss")
-    rows = [to_row(r, objective) for r in child_runs(client, parent)]
+    children = child_runs(client, parent)
+    rows = [to_row(r, objective) for r in children]
     if not rows:
         raise UserError(f"sweep {parent.info.run_name} ({parent.info.run_id}) has no child runs")
     text = markdown(rows, parent, objective)
@@ -325,9 +333,28 @@ def write(tracking_uri: str, experiment: str | None, parent_id: str | None, out_
     ):
         fig.savefig(folder / f"{name}.png", dpi=110)
         plots.close(fig)
-    client.log_artifacts(parent.info.run_id, str(folder), "report")
+    for path in sorted(folder.iterdir()):
+        if path.is_file() and path.name != dashboard.FILE:
+            client.log_artifact(parent.info.run_id, str(path), "report")
+    if study is None and "optuna_study" in parent.data.tags:  # `resnet-sweep report` on a study's parent
+        study = find_study(parent.data.tags["optuna_study"], parent.data.tags.get("storage"))
+    write_dashboard(client, parent, children, folder, study=study)
     client.set_tag(parent.info.run_id, "mlflow.note.content", description(client.get_run(parent.info.run_id), text))
     return text, folder
+
+
+def write_dashboard(client: MlflowClient, parent, children, folder: Path, *, study=None) -> None:
+    """The sweep's dashboard (``dashboard.build``: its children and the runs it reused) beside the
+    report and onto the parent run as ``dashboard.html``; one that cannot be made is a warning, the report stands without it."""
+    reused = [r for r in map(existing_run, parent.data.tags.get("reused_run_ids", "").split(",")) if r is not None]
+    try:
+        page = dashboard.build(client, parent, children + reused, study=study)
+    except Exception as e:
+        log.warning("the sweep's dashboard was not made (%s)", first_line(e))
+        return
+    path = folder / dashboard.FILE
+    path.write_text(page)
+    client.log_artifact(parent.info.run_id, str(path))  # at the top of the run's artifacts, not in report/
 
 
 def description(parent, text: str) -> str:

@@ -19,6 +19,7 @@ from omegaconf import DictConfig
 
 from . import faults
 from .errors import exit_with, first_line
+from .hpo import find_study
 from .logged import log_model
 from .lookup import best_run, child_runs, downloaded_checkpoint, logged_models
 from .preflight import check_store_and_folders, check_sweep, is_study
@@ -186,9 +187,17 @@ class SweepCallback(Callback):
         cannot be made is a warning, never the sweep's failure."""
         from . import report
 
+        study = None
+        if is_study(config):  # for Optuna's own plots in the dashboard
+            name = self.client.get_run(self.parent_id).data.tags.get("optuna_study", "")
+            study = find_study(name, config.hydra.sweeper.get("storage"))
         try:
             report.write(
-                str(config.tracking.uri), None, self.parent_id, str(Path(str(config.hydra.sweep.dir)) / "report")
+                str(config.tracking.uri),
+                None,
+                self.parent_id,
+                str(Path(str(config.hydra.sweep.dir)) / "report"),
+                study=study,
             )
         except Exception as e:
             log.warning("the sweep's report was not made (%s); `resnet-sweep report` makes it later", first_line(e))

@@ -272,6 +272,25 @@ def test_a_browser_on_mlflow_ui_sees_the_runs_the_report_the_models_best_epoch_a
         )
         images = browser.find_elements("css selector", "img")
         assert any(img.get_property("naturalWidth") >= 700 for img in images), "the confusion matrix did not render"
+        # the sweep's dashboard opens in the artifact viewer and its plots render (offline: no network here);
+        # a fresh page: MLflow's artifact list kept the child's when only the URL's #fragment changed
+        browser.get("about:blank")
+        page(
+            f"{ui}/#/experiments/{experiment_id}/runs/{parent.info.run_id}/artifacts/dashboard.html",
+            "dashboard.html",
+            shot="dashboard_frame",
+        )
+        deadline = time.time() + 60
+        while not browser.find_elements("css selector", "iframe.mlflow-html-iframe") and time.time() < deadline:
+            time.sleep(0.5)
+        browser.switch_to.frame(browser.find_element("css selector", "iframe.mlflow-html-iframe"))
+        while browser.execute_script("return document.body && document.body.dataset.rendered") != "true":
+            assert time.time() < deadline, browser.find_element("tag name", "body").text[:2000]
+            time.sleep(0.5)
+        assert len(browser.find_elements("css selector", ".js-plotly-plot")) >= 3
+        assert len(browser.find_elements("css selector", ".scatterlayer .point")) >= 2 * len(runs.children)
+        browser.switch_to.default_content()
+        browser.save_screenshot(str(shots / "dashboard.png"))
     finally:
         browser.quit()
         proc.terminate()
