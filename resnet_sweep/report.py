@@ -26,7 +26,7 @@ from .hpo import find_study
 from .lookup import child_runs, find_parent
 from .naming import lr_label
 from .report_figures import acc_vs_lr_figure, curves_figure, metrics_vs_lr_figure, seeds_per_point
-from .store import existing_run
+from .store import MODEL_TRAINING, existing_run
 
 log = logging.getLogger(__name__)
 
@@ -365,7 +365,7 @@ def description(parent, text: str) -> str:
     if "summary" in tags:
         head.append(f"**{tags['summary']}**")
     if "best_run_id" in tags:
-        url = f"#/experiments/{parent.info.experiment_id}/runs/{tags['best_run_id']}"
+        url = f"#/experiments/{parent.info.experiment_id}/runs/{tags['best_run_id']}?{MODEL_TRAINING}"
         head.append(f"Best run (on validation): [{tags.get('best_run_name', tags['best_run_id'])}]({url})")
     body = text.split("\n", 1)[1] if text.startswith("# ") else text  # the run's name is the page's title
     return "\n\n".join([*head, body.strip()]) + "\n"

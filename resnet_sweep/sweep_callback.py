@@ -17,7 +17,7 @@ from mlflow.entities import Param
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
 
-from . import faults
+from . import faults, shared_view
 from .errors import exit_with, first_line
 from .hpo import find_study
 from .logged import log_model
@@ -25,7 +25,7 @@ from .lookup import best_run, child_runs, downloaded_checkpoint, logged_models
 from .preflight import check_store_and_folders, check_sweep, is_study
 from .redaction import redact, redact_files
 from .runs import FAILURE_TAG, PARENT_ENV, set_parent
-from .store import existing_run
+from .store import existing_run, view_url
 from .sweep_dir import claim_sweep_dir, read_job_statuses
 
 log = logging.getLogger(__name__)
@@ -112,6 +112,7 @@ class SweepCallback(Callback):
             self._report(config)
             os.environ.pop(PARENT_ENV, None)
             client.set_terminated(self.parent_id, "FINISHED")
+            self._print_url(config)
             return
         jobs = read_job_statuses(sweep_dir)
         by_status: dict[str, list[dict]] = {}
@@ -156,6 +157,7 @@ class SweepCallback(Callback):
         if best is not None:
             log.info("best run: %s (%s = %.4f)", best.info.run_name, objective, best.data.metrics[f"best/{objective}"])
         print(redact(summary), flush=True)
+        self._print_url(config)
         if problems:
             hint = (
                 "; re-run the same command to resume" if "interrupted" in incomplete or "skipped" in incomplete else ""
@@ -168,7 +170,8 @@ class SweepCallback(Callback):
             return
         client.set_tag(self.parent_id, "best_run_id", best.info.run_id)
         client.set_tag(self.parent_id, "best_run_name", best.info.run_name)
-        client.log_metric(self.parent_id, f"best/{objective}", best.data.metrics[f"best/{objective}"])
+        # not best/<objective>: the parent would sort among its children on that column
+        client.log_metric(self.parent_id, f"best_run/{objective}", best.data.metrics[f"best/{objective}"])
         for key in ("test/acc", "test/loss"):
             if key in best.data.metrics:
                 client.log_metric(self.parent_id, f"best_run/{key}", best.data.metrics[key])
@@ -201,6 +204,20 @@ class SweepCallback(Callback):
             )
         except Exception as e:
             log.warning("the sweep's report was not made (%s); `resnet-sweep report` makes it later", first_line(e))
+        try:  # the UI's prepared view of the experiment, the children's colours
+            shared_view.refresh(self.client, self.client.get_run(self.parent_id), self.children())
+        except Exception as e:
+            log.warning("the MLflow UI's view of this sweep was not prepared (%s)", first_line(e))
+
+    def _print_url(self, config) -> None:
+        """The last line: where the UI shows the sweep (a tracking server's own address; for a store
+        file, ``make ui``'s)."""
+        uri = str(config.tracking.uri)
+        ui = uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+        with contextlib.suppress(Exception):
+            experiment = self.client.get_experiment(self.client.get_run(self.parent_id).info.experiment_id)
+            where = "" if uri.startswith("http") else " (after `make ui`)"
+            print(f"runs in MLflow{where}: {redact(view_url(ui, experiment))}", flush=True)
 
     def children(self):
         return child_runs(self.client, self.client.get_run(self.parent_id))

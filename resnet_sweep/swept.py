@@ -8,7 +8,8 @@ import math
 from dataclasses import dataclass
 
 SEED = "seed"
-OPTIMIZER_TAG = "optimizer"  # the optimizer's name is a tag (its _target_ is not a param)
+OPTIMIZER_TAG = "optimizer"
+LOG10 = "_log10"  # optimizer.lr_log10: the learning rate again, for MLflow's linear axes  # the optimizer's name is a tag (its _target_ is not a param)
 
 
 @dataclass(frozen=True)
@@ -63,7 +64,7 @@ def swept_keys(runs) -> list[Key]:
     (a tag) where it differs; the main key first, the seed last, the rest by name."""
     keys = []
     common = set.intersection(*(set(r.data.params) for r in runs)) if runs else set()
-    for name in sorted(common):
+    for name in sorted(n for n in common if not n.endswith(LOG10)):
         values = {r.info.run_id: r.data.params[name] for r in runs}
         if len(set(values.values())) > 1:
             keys.append(Key(name, values))

@@ -104,7 +104,7 @@ def close_study_parent(
         "n_trials": str(results["n_trials"]),
     }
     if "best_value" in results:
-        client.log_metric(parent_id, f"best/{objective}", results["best_value"])
+        client.log_metric(parent_id, f"best_run/{objective}", results["best_value"])  # not among the children's
         tags["best_trial"] = str(results["best_trial"])
         tags.update({f"best_params.{k}": str(v) for k, v in results["best_params"].items()})
     for key, value in tags.items():
