@@ -107,6 +107,7 @@ class JobLog:
         self._call("log_metrics", mlflow.log_metrics, metrics, step=step, timestamp=stamp)
 
     def tags(self, **tags) -> None:
+        self.weights_source = str(tags.get("weights_source", getattr(self, "weights_source", "")))
         self._call("set_tags", mlflow.set_tags, {k: redact(v) for k, v in tags.items()})
 
     def params(self, params: dict) -> None:
@@ -211,7 +212,13 @@ class JobLog:
             )
             if key in test
         )
-        return (
+        warning = (
+            f"**Backbone weights: {self.weights_source}. Not transfer learning: this run started from random "
+            "weights.**\n\n"
+            if getattr(self, "weights_source", "").startswith("random")
+            else ""
+        )
+        return warning + (
             f"**{self.name}**: {cfg.backbone.name} with a {cfg.head.name} head, {optimizer_name(cfg.optimizer)} at "
             f"lr {float(cfg.optimizer.lr):g}, trains {trains}, seed {cfg.seed}.\n\n"
             f"{getattr(self, 'fit_summary', '')}.\n\n"

@@ -128,6 +128,7 @@ def test_each_run_has_a_short_description_of_what_ran_and_how_it_did(sweep):
         note = child.data.tags["mlflow.note.content"]
         best_epoch = int(child.data.metrics["best_epoch"])
         assert child.info.run_name in note and "resnet18 with a linear head, sgd at lr" in note
+        assert note.startswith("**Backbone weights: random. Not transfer learning")  # FAST: backbone.weights=none
         assert f"best epoch {best_epoch} of 3" in note
         assert f"acc {child.data.metrics['test/acc']:.3f}" in note and "AUROC" in note
 
