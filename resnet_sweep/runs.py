@@ -89,6 +89,7 @@ class JobLog:
         self.best_epoch = 0  # the step that the best epoch's single values and the model are logged at
         self.database = database_of(mlflow.get_tracking_uri()) is not None
         self.skipped: int | None = None  # data/skipped_images, logged after the first epoch's metrics
+        self.weights_source = ""  # the tag, for the description's random-weights warning
 
     def _call(self, what: str, fn, *args, **kwargs):
         def attempt():
@@ -107,7 +108,8 @@ class JobLog:
         self._call("log_metrics", mlflow.log_metrics, metrics, step=step, timestamp=stamp)
 
     def tags(self, **tags) -> None:
-        self.weights_source = str(tags.get("weights_source", getattr(self, "weights_source", "")))
+        if "weights_source" in tags:
+            self.weights_source = str(tags["weights_source"])
         self._call("set_tags", mlflow.set_tags, {k: redact(v) for k, v in tags.items()})
 
     def params(self, params: dict) -> None:
@@ -215,7 +217,7 @@ class JobLog:
         warning = (
             f"**Backbone weights: {self.weights_source}. Not transfer learning: this run started from random "
             "weights.**\n\n"
-            if getattr(self, "weights_source", "").startswith("random")
+            if self.weights_source.startswith("random")
             else ""
         )
         return warning + (
