@@ -344,7 +344,8 @@ def test_a_browser_on_mlflow_ui_sees_the_runs_the_report_the_models_best_epoch_a
         # a fresh page: MLflow's artifact list kept the child's when only the URL's #fragment changed
         browser.get("about:blank")
         page(
-            f"{ui}/#/experiments/{experiment_id}/runs/{parent.info.run_id}/artifacts/dashboard.html",
+            f"{ui}/#/experiments/{experiment_id}/runs/{parent.info.run_id}/artifacts/dashboard.html"
+            "?workflowType=machine_learning",
             "dashboard.html",
             shot="dashboard_frame",
         )
