@@ -42,7 +42,8 @@ format: setup
 test-fast: setup
 	$(BIN)/python -m pytest -m "not slow and not e2e" $(PYTEST_ARGS)
 
-# MLflow UI on the default store, bound to this machine only; prints the experiment's runs page.
+# MLflow UI on the default store, bound to this machine only; prints the URL of the experiment's runs
+# page in Model-training mode, on the view the last sweep prepared (docs/results.md#the-ui).
 EXPERIMENT ?= resnet-sweep
 UI_PORT ?= 5000
 ui: setup

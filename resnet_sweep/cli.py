@@ -66,8 +66,8 @@ def cmd_report(args) -> None:
     markdown, folder = report.write(args.tracking_uri, args.experiment, args.parent, args.out)
     print(markdown)
     print(
-        f"report written to {folder}/ (report.md, runs.csv, test_acc_vs_lr.png, learning_curves.png) "
-        "and logged to the sweep's parent run under report/",
+        f"report written to {folder}/ (report.md, runs.csv, test_acc_vs_lr.png, learning_curves.png, "
+        "dashboard.html) and logged to the sweep's parent run (report/, dashboard.html)",
         file=sys.stderr,
     )
 

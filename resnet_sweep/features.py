@@ -30,7 +30,6 @@ from torch import nn
 
 from . import checks, crops, faults, sealed
 from .extraction import extract, extract_batch
-from .images import fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +101,7 @@ def samples_of(splits) -> tuple[dict[str, list[Path]], dict[str, list[int]]]:
     """The files and labels of each split, in the loaders' order: what the bank extracts."""
     samples = {s: getattr(splits, s).dataset.samples for s in checks.SPLITS}
     return (
-        {s: [Path(p) for p, _ in samples[s]] for s in checks.SPLITS},
+        {s: [p for p, _ in samples[s]] for s in checks.SPLITS},  # already Paths (Path(p): a new object a file)
         {s: [y for _, y in samples[s]] for s in checks.SPLITS},
     )
 
@@ -113,7 +112,7 @@ def key_of(cfg, built, files: dict[str, list[Path]], splits) -> str:
         "backbone": str(cfg.backbone.name),
         "weights_source": built.weights_source,
         "frozen_checksum": built.frozen_checksum,
-        "files": {s: fingerprint(files[s]) for s in checks.SPLITS},
+        "files": {s: splits.fingerprint(s) for s in checks.SPLITS},  # the sweep's listing: nothing stat-ed again
         "crop": splits.crop_size,
         "resize": splits.resize,
         "mean": list(splits.mean),

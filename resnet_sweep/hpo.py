@@ -33,6 +33,21 @@ def register_in_memory(study) -> None:
     _IN_MEMORY[study.study_name] = study
 
 
+def find_study(name: str, storage: str | None):
+    """The study ``name``: this process's in-memory one, else loaded from ``storage``; None where
+    neither has it (for its plots: a study that cannot be read is no error)."""
+    if name in _IN_MEMORY:
+        return _IN_MEMORY[name]
+    if not storage or storage == "memory":
+        return None
+    import optuna
+
+    try:
+        return optuna.load_study(study_name=name, storage=storage)
+    except Exception:
+        return None
+
+
 def reporter(cfg) -> Callable[[int, float], None] | None:
     """``report(epoch, value)`` for this job's trial, or None outside an Optuna sweep."""
     link = cfg.get("hpo_trial")

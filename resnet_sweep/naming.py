@@ -68,12 +68,14 @@ def optimizer_name(optimizer_cfg) -> str:
 
 
 def run_name(cfg) -> str:
-    """``cfg.run_name``, or (``auto``) backbone-head-optimizer-lr[what trains]-seed."""
+    """``cfg.run_name``, or (``auto``) backbone-head-optimizer-lr[what trains]-seed[-t<Optuna trial>]."""
     if cfg.run_name and cfg.run_name != "auto":
         return str(cfg.run_name)
+    trial = cfg.get("hpo_trial")
     return (
         f"{cfg.backbone.name}-{cfg.head.name}-{optimizer_name(cfg.optimizer)}"
         f"-lr{lr_label(float(cfg.optimizer.lr))}{what_trains(cfg.backbone).suffix}-s{cfg.seed}"
+        + (f"-t{trial.number}" if trial else "")
     )
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import io
+import logging
 import math
 import statistics
 from collections import defaultdict
@@ -18,12 +19,16 @@ from pathlib import Path
 import mlflow
 from mlflow.tracking import MlflowClient
 
+from . import dashboard, plots
 from . import objective as objectives
-from . import plots
-from .errors import UserError
+from .errors import UserError, first_line
+from .hpo import find_study
 from .lookup import child_runs, find_parent
 from .naming import lr_label
 from .report_figures import acc_vs_lr_figure, curves_figure, metrics_vs_lr_figure, seeds_per_point
+from .store import MODEL_TRAINING, existing_run
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -123,6 +128,18 @@ def md_table(header: list[str], rows: list[list[str]]) -> str:
 
 
 STUDY_HEADER = ["Optimizer", "Learning rate", "Momentum", "Epochs (best)", "Batch size", "Test loss", "Test acc"]
+
+
+def objective_header(objective: str) -> str:
+    """The column of the value a table's best row is chosen on: ``Valid loss (best epoch)``."""
+    name = objective.removeprefix("valid/").replace("_", " ").replace("/", " ").replace("auroc", "AUROC")
+    return f"Valid {name} (best epoch)"
+
+
+def objective_text(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
 MACRO_HEADER = ["Test balanced acc", "Test AUROC", "Test F1"]  # beside the study's columns
 SLIDE_HEADER = ["Slide acc", "Slide balanced acc", "Slide AUROC"]  # runs with data.group
 
@@ -132,7 +149,8 @@ def score_text(value: float | None) -> str:
 
 
 def study_table(rows: list[Row], objective: str) -> str:
-    """One row per run, the study's columns; sorted by optimizer, then learning rate."""
+    """One row per run, the study's columns and the objective they are chosen on (before the test
+    figures); sorted by optimizer, then learning rate."""
     rows = sorted(rows, key=lambda r: (r.optimizer, r.lr))
     best = objectives.best([r for r in rows if r.status == "FINISHED"], lambda r: r.objective, objective)
     slides = any(r.test_slide_acc is not None for r in rows)
@@ -145,6 +163,7 @@ def study_table(rows: list[Row], objective: str) -> str:
             r.momentum,
             epochs,
             str(r.batch_size),
+            objective_text(r.objective),
             loss_text(r.test_loss),
             acc_text(r.test_acc),
         ]
@@ -154,7 +173,8 @@ def study_table(rows: list[Row], objective: str) -> str:
         if slides:
             cells += [acc_text(r.test_slide_acc), acc_text(r.test_slide_balanced_acc), score_text(r.test_slide_auroc)]
         out.append(_bold(cells) if r is best else cells)
-    return md_table(STUDY_HEADER + MACRO_HEADER + (SLIDE_HEADER if slides else []), out)
+    header = [*STUDY_HEADER[:5], objective_header(objective), *STUDY_HEADER[5:]]
+    return md_table(header + MACRO_HEADER + (SLIDE_HEADER if slides else []), out)
 
 
 SEED_HEADER = [
@@ -184,17 +204,19 @@ def seed_table(rows: list[Row], objective: str) -> str:
         runs = sorted(groups[key], key=lambda r: r.seed)
         accs = [r.test_acc for r in runs if r.test_acc is not None]
         losses = [r.test_loss for r in runs if r.test_loss is not None]
+        chosen_on = [r.objective for r in runs if r.objective is not None]
         cells = [
             key[0].upper() if key[0] == "sgd" else key[0].capitalize(),
             lr_label(key[1]),
             str(runs[0].max_epochs),
             ", ".join(str(r.seed) for r in runs),
+            mean_std(chosen_on, 1, 4),
             ", ".join(f"{100 * a:.2f}" for a in accs),
             mean_std(accs, 100, 2, "%"),
             mean_std(losses, 1, 3),
         ]
         out.append(_bold(cells) if key == best else cells)
-    return md_table(SEED_HEADER, out)
+    return md_table([*SEED_HEADER[:4], f"{objective_header(objective)} mean ± std", *SEED_HEADER[4:]], out)
 
 
 def imagenet_table(backbones: dict[str, str]) -> str:
@@ -254,7 +276,7 @@ def best_learning_table(rows: list[Row], objective: str) -> str:
             "Learning rate",
             "Seed",
             "Epochs (best)",
-            f"Best {objective}",
+            objective_header(objective),
             "Test loss",
             "Test acc",
         ],
@@ -262,50 +284,69 @@ def best_learning_table(rows: list[Row], objective: str) -> str:
     )
 
 
+BEST_HEADING = "## Best run per backbone"
+IMAGENET_HEADING = "## The backbones on ImageNet (torchvision's figures)"
+
+
+def random_weights(rows: list[Row]) -> bool:
+    return any(r.weights.startswith("random") for r in rows)
+
+
 def markdown(rows: list[Row], parent, objective: str) -> str:
-    """The whole report as Markdown."""
-    parts = [
-        f"# Sweep report: {parent.info.run_name}",
-        "",
-        f"MLflow parent run `{parent.info.run_id}`; {len(rows)} runs; best rows (**bold**) chosen on "
-        f"validation (`{objective}`), test figures shown beside them.",
-        "",
-    ]
-    weights = sorted({r.weights for r in rows})
-    if any(w.startswith("random") for w in weights):
-        parts += [f"> Backbone weights: {', '.join(weights)}. Random weights are not transfer learning.", ""]
-    for counts in sorted({r.class_counts for r in rows if r.class_counts}):
-        parts += [f"Tiles per class: {counts}.", ""]
+    """The whole report as Markdown: what it holds, the best run per backbone, then one table per
+    backbone and head, the backbones' ImageNet figures (pretrained weights only), the runs that did
+    not finish."""
     groups: dict[tuple, list[Row]] = defaultdict(list)
     for r in rows:
         groups[(r.backbone, r.head, r.trains)].append(r)
-    for (backbone, head, trains), group in sorted(groups.items()):
-        repeated = max(seeds_per_point(group).values()) > 1
-        title = f"## {backbone}, {head} head" + ("" if trains == "head" else f" (trained: {trains})")
-        parts += [title, ""]
-        parts += [seed_table(group, objective) if repeated else study_table(group, objective), ""]
-    parts += ["## Best learning", "", best_learning_table(rows, objective), ""]
-    parts += [
-        "## Backbones on ImageNet (torchvision weights metadata)",
+    titles = {
+        key: f"{key[0]} with a {key[1]} head" + ("" if key[2] == "head" else f", training {key[2]}") for key in groups
+    }
+    random = random_weights(rows)
+    failed = [r for r in rows if r.status != "FINISHED"]
+    contents = ["the best run per backbone", *(f"{t} ({len(groups[k])} runs)" for k, t in sorted(titles.items()))]
+    contents += [] if random else ["the backbones' ImageNet figures"]
+    contents += [f"{len(failed)} runs that did not finish"] if failed else []
+    parts = [
+        f"# Sweep report: {parent.info.run_name}",
         "",
-        imagenet_table({r.backbone: r.imagenet_weights for r in rows}),
+        f"{len(rows)} runs. Below: {'; '.join(contents)}. Best rows (**bold**) are chosen on validation "
+        f"({objective}, its column in each table); test figures stand beside them and choose nothing.",
         "",
     ]
-    failed = [r for r in rows if r.status != "FINISHED"]
+    if random:
+        weights = sorted({r.weights for r in rows})
+        parts += [
+            f"> **Backbone weights: {', '.join(weights)}. Not transfer learning: these runs start from "
+            "random weights, and the backbones' ImageNet figures do not apply to them.**",
+            "",
+        ]
+    for counts in sorted({r.class_counts for r in rows if r.class_counts}):
+        parts += [f"Tiles per class: {counts}.", ""]
+    parts += [BEST_HEADING, "", best_learning_table(rows, objective), ""]
+    for key, group in sorted(groups.items()):
+        repeated = max(seeds_per_point(group).values()) > 1
+        parts += [f"## {titles[key]}", ""]
+        parts += [seed_table(group, objective) if repeated else study_table(group, objective), ""]
+    if not random:
+        parts += [IMAGENET_HEADING, "", imagenet_table({r.backbone: r.imagenet_weights for r in rows}), ""]
     if failed:
         parts += ["## Runs that did not finish", ""]
         parts += [f"- {r.run_name}: {r.status.lower()}" for r in failed] + [""]
     return "\n".join(parts)
 
 
-def write(tracking_uri: str, experiment: str | None, parent_id: str | None, out_dir: str | None) -> tuple[str, Path]:
-    """Build the report of a sweep, write it to ``out_dir`` and onto the parent run. Returns the
-    Markdown and the folder."""
+def write(
+    tracking_uri: str, experiment: str | None, parent_id: str | None, out_dir: str | None, *, study=None
+) -> tuple[str, Path]:
+    """Build the report of a sweep, write it to ``out_dir`` and onto the parent run (with the sweep's
+    dashboard, Optuna's plots in it when ``study`` is given). Returns the Markdown and the folder."""
     mlflow.set_tracking_uri(tracking_uri)
     client = MlflowClient()
     parent = find_parent(client, experiment, parent_id)
     objective = parent.data.tags.get("objective", "valid/loss")
-    rows = [to_row(r, objective) for r in child_runs(client, parent)]
+    children = child_runs(client, parent)
+    rows = [to_row(r, objective) for r in children]
     if not rows:
         raise UserError(f"sweep {parent.info.run_name} ({parent.info.run_id}) has no child runs")
     text = markdown(rows, parent, objective)
@@ -325,9 +366,28 @@ def write(tracking_uri: str, experiment: str | None, parent_id: str | None, out_
     ):
         fig.savefig(folder / f"{name}.png", dpi=110)
         plots.close(fig)
-    client.log_artifacts(parent.info.run_id, str(folder), "report")
+    for path in sorted(folder.iterdir()):
+        if path.is_file() and path.name != dashboard.FILE:
+            client.log_artifact(parent.info.run_id, str(path), "report")
+    if study is None and "optuna_study" in parent.data.tags:  # `resnet-sweep report` on a study's parent
+        study = find_study(parent.data.tags["optuna_study"], parent.data.tags.get("storage"))
+    write_dashboard(client, parent, children, folder, study=study)
     client.set_tag(parent.info.run_id, "mlflow.note.content", description(client.get_run(parent.info.run_id), text))
     return text, folder
+
+
+def write_dashboard(client: MlflowClient, parent, children, folder: Path, *, study=None) -> None:
+    """The sweep's dashboard (``dashboard.build``: its children and the runs it reused) beside the
+    report and onto the parent run as ``dashboard.html``; one that cannot be made is a warning, the report stands without it."""
+    reused = [r for r in map(existing_run, parent.data.tags.get("reused_run_ids", "").split(",")) if r is not None]
+    try:
+        page = dashboard.build(client, parent, children + reused, study=study)
+    except Exception as e:
+        log.warning("the sweep's dashboard was not made (%s)", first_line(e))
+        return
+    path = folder / dashboard.FILE
+    path.write_text(page)
+    client.log_artifact(parent.info.run_id, str(path))  # at the top of the run's artifacts, not in report/
 
 
 def description(parent, text: str) -> str:
@@ -338,7 +398,22 @@ def description(parent, text: str) -> str:
     if "summary" in tags:
         head.append(f"**{tags['summary']}**")
     if "best_run_id" in tags:
-        url = f"#/experiments/{parent.info.experiment_id}/runs/{tags['best_run_id']}"
+        url = f"#/experiments/{parent.info.experiment_id}/runs/{tags['best_run_id']}?{MODEL_TRAINING}"
         head.append(f"Best run (on validation): [{tags.get('best_run_name', tags['best_run_id'])}]({url})")
     body = text.split("\n", 1)[1] if text.startswith("# ") else text  # the run's name is the page's title
-    return "\n\n".join([*head, body.strip()]) + "\n"
+    return "\n\n".join([*head, padded(body.strip())]) + "\n"
+
+
+PAD = "&nbsp;&nbsp;"
+
+
+def padded(markdown: str) -> str:
+    """Table cells padded with non-breaking spaces: MLflow's Markdown viewer draws tables without
+    any (``OptimizerLearning rate``)."""
+    lines = []
+    for line in markdown.splitlines():
+        if line.startswith("|") and line.strip("|-: "):
+            cells = line.strip().strip("|").split("|")
+            line = "|" + "|".join(f"{PAD}{c.strip()}{PAD}" for c in cells) + "|"
+        lines.append(line)
+    return "\n".join(lines)

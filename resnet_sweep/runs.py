@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import subprocess
 import tempfile
@@ -87,6 +88,8 @@ class JobLog:
         self.retry_s = float(cfg.tracking.get("retry_s", 300))
         self.best_epoch = 0  # the step that the best epoch's single values and the model are logged at
         self.database = database_of(mlflow.get_tracking_uri()) is not None
+        self.skipped: int | None = None  # data/skipped_images, logged after the first epoch's metrics
+        self.weights_source = ""  # the tag, for the description's random-weights warning
 
     def _call(self, what: str, fn, *args, **kwargs):
         def attempt():
@@ -106,17 +109,26 @@ class JobLog:
         self._call("log_metrics", mlflow.log_metrics, metrics, step=step, timestamp=stamp)
 
     def tags(self, **tags) -> None:
+        if "weights_source" in tags:
+            self.weights_source = str(tags["weights_source"])
         self._call("set_tags", mlflow.set_tags, {k: redact(v) for k, v in tags.items()})
 
     def params(self, params: dict) -> None:
         self._call("log_params", mlflow.log_params, params)
 
     def epoch(self, epoch: int, metrics: dict) -> None:
-        self._metrics(rounded(metrics), epoch)
+        """The epoch's metrics, the objective first: MLflow's compare view plots a run's first metric
+        by default."""
+        first = {k: metrics[k] for k in (self.cfg.objective,) if k in metrics}
+        self._metrics(rounded({**first, **metrics}), epoch)
+        if self.skipped is not None:
+            self._metrics({"data/skipped_images": self.skipped}, 0)
+            self.skipped = None
 
     def skipped_images(self, skipped: list) -> None:
-        """data.on_bad_image=skip: how many files were left out, and which."""
-        self._metrics({"data/skipped_images": len(skipped)}, 0)
+        """data.on_bad_image=skip: how many files were left out (a metric, logged after the first
+        epoch's), and which."""
+        self.skipped = len(skipped)
         if skipped:
             self._call(
                 "log_dict",
@@ -203,7 +215,13 @@ class JobLog:
             )
             if key in test
         )
-        return (
+        warning = (
+            f"**Backbone weights: {self.weights_source}. Not transfer learning: this run started from random "
+            "weights.**\n\n"
+            if self.weights_source.startswith("random")
+            else ""
+        )
+        return warning + (
             f"**{self.name}**: {cfg.backbone.name} with a {cfg.head.name} head, {optimizer_name(cfg.optimizer)} at "
             f"lr {float(cfg.optimizer.lr):g}, trains {trains}, seed {cfg.seed}.\n\n"
             f"{getattr(self, 'fit_summary', '')}.\n\n"
@@ -289,7 +307,7 @@ def job_run(cfg, resume_run_id: str | None = None, on_start=None):
             if previous is not None and trial:  # an interrupted trial's point, continued by its replacement
                 job.tags(optuna_trial=str(trial.number), optuna_state="RUNNING")
             config = app_config(cfg)
-            job.params(experiment_params(config))
+            job.params(with_log10_lr(experiment_params(config)))
             job._call("log_text", mlflow.log_text, redact(yaml.safe_dump(config, sort_keys=False)), "config.yaml")
             yield job
             if trial:
@@ -337,6 +355,15 @@ def write_folders(cfg) -> dict[str, int]:
     if HydraConfig.initialized():
         folders.append(HydraConfig.get().runtime.output_dir)
     return dict.fromkeys(folders, 0)
+
+
+def with_log10_lr(params: dict[str, str]) -> dict[str, str]:
+    """``optimizer.lr`` also as ``optimizer.lr_log10`` (``-3``): MLflow's charts have linear axes only."""
+    with contextlib.suppress(KeyError, ValueError):
+        lr = float(params["optimizer.lr"])
+        if lr > 0:
+            return {**params, "optimizer.lr_log10": f"{math.log10(lr):.4g}"}
+    return params
 
 
 def set_parent(config, parent_id: str) -> None:

@@ -127,17 +127,30 @@ def tag_experiment_kind(experiment) -> None:
         mlflow.set_experiment_tag(EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
 
 
+# The runs view every sweep prepares (shared_view), opened by ?viewStateShareKey=<key>; MLflow 3.17
+# opens in its GenAI mode unless ?workflowType=machine_learning says otherwise (the browser keeps it).
+VIEW_KEY = "resnet-sweep"
+VIEW_TAG = f"mlflow.sharedViewState.{VIEW_KEY}"
+MODEL_TRAINING = "workflowType=machine_learning"
+
+
+def view_url(ui: str, experiment) -> str:
+    """The experiment's runs page in Model-training mode, on its prepared view where it has one."""
+    shared = f"&viewStateShareKey={VIEW_KEY}" if VIEW_TAG in (experiment.tags or {}) else ""
+    return f"{ui}/#/experiments/{experiment.experiment_id}/runs?{MODEL_TRAINING}{shared}"
+
+
 def runs_url(tracking_uri: str, experiment: str, ui: str = "http://127.0.0.1:5000") -> str:
-    """The URL of the experiment's runs page in the MLflow UI at ``ui`` (the experiment tagged on
-    the way, for a store made before the tag existed); the UI's home page where the store has no such
-    experiment yet."""
+    """The URL of the experiment's runs page in the MLflow UI at ``ui`` (``view_url``; the experiment
+    tagged on the way, for a store made before the tag existed); the UI's home page where the store
+    has no such experiment yet."""
     client = MlflowClient(tracking_uri=tracking_uri)
     found = client.get_experiment_by_name(experiment)
     if found is None:
         return f"{ui}/  (no experiment '{experiment}' in {redact(tracking_uri)} yet: run a sweep first)"
     if EXPERIMENT_KIND_TAG not in found.tags:
         client.set_experiment_tag(found.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
-    return f"{ui}/#/experiments/{found.experiment_id}/runs"
+    return view_url(ui, found)
 
 
 def existing_run(run_id: str | None):

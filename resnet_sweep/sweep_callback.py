@@ -17,15 +17,16 @@ from mlflow.entities import Param
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
 
-from . import devices, faults
+from . import devices, faults, shared_view
 from .abandoned import close_abandoned_sweeps
 from .errors import exit_with, first_line
+from .hpo import find_study
 from .logged import log_model
 from .lookup import best_run, child_runs, downloaded_checkpoint, logged_models
 from .preflight import check_store_and_folders, check_sweep, is_study, share_sweep_data
 from .redaction import redact, redact_files
 from .runs import FAILURE_TAG, PARENT_ENV, set_parent
-from .store import existing_run
+from .store import existing_run, view_url
 from .sweep_dir import claim_sweep_dir, read_job_statuses
 
 log = logging.getLogger(__name__)
@@ -120,6 +121,7 @@ class SweepCallback(Callback):
             self._report(config)
             os.environ.pop(PARENT_ENV, None)
             client.set_terminated(self.parent_id, "FINISHED")
+            self._print_url(config)
             return
         jobs = read_job_statuses(sweep_dir)
         by_status: dict[str, list[dict]] = {}
@@ -165,6 +167,7 @@ class SweepCallback(Callback):
             log.info("best run: %s (%s = %.4f)", best.info.run_name, objective, best.data.metrics[f"best/{objective}"])
         if not problems:  # else the one line below says it
             print(redact(summary), flush=True)
+        self._print_url(config)
         if problems:
             hint = (
                 "; re-run the same command to resume" if "interrupted" in incomplete or "skipped" in incomplete else ""
@@ -177,7 +180,8 @@ class SweepCallback(Callback):
             return
         client.set_tag(self.parent_id, "best_run_id", best.info.run_id)
         client.set_tag(self.parent_id, "best_run_name", best.info.run_name)
-        client.log_metric(self.parent_id, f"best/{objective}", best.data.metrics[f"best/{objective}"])
+        # not best/<objective>: the parent would sort among its children on that column
+        client.log_metric(self.parent_id, f"best_run/{objective}", best.data.metrics[f"best/{objective}"])
         for key in ("test/acc", "test/loss"):
             if key in best.data.metrics:
                 client.log_metric(self.parent_id, f"best_run/{key}", best.data.metrics[key])
@@ -200,12 +204,34 @@ class SweepCallback(Callback):
         cannot be made is a warning, never the sweep's failure."""
         from . import report
 
+        study = None
+        if is_study(config):  # for Optuna's own plots in the dashboard
+            name = self.client.get_run(self.parent_id).data.tags.get("optuna_study", "")
+            study = find_study(name, config.hydra.sweeper.get("storage"))
         try:
             report.write(
-                str(config.tracking.uri), None, self.parent_id, str(Path(str(config.hydra.sweep.dir)) / "report")
+                str(config.tracking.uri),
+                None,
+                self.parent_id,
+                str(Path(str(config.hydra.sweep.dir)) / "report"),
+                study=study,
             )
         except Exception as e:
             log.warning("the sweep's report was not made (%s); `resnet-sweep report` makes it later", first_line(e))
+        try:  # the UI's prepared view of the experiment, the children's colours
+            shared_view.refresh(self.client, self.client.get_run(self.parent_id), self.children())
+        except Exception as e:
+            log.warning("the MLflow UI's view of this sweep was not prepared (%s)", first_line(e))
+
+    def _print_url(self, config) -> None:
+        """The last line: where the UI shows the sweep (a tracking server's own address; for a store
+        file, ``make ui``'s)."""
+        uri = str(config.tracking.uri)
+        ui = uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+        with contextlib.suppress(Exception):
+            experiment = self.client.get_experiment(self.client.get_run(self.parent_id).info.experiment_id)
+            where = "" if uri.startswith("http") else " (after `make ui`)"
+            print(f"runs in MLflow{where}: {redact(view_url(ui, experiment))}", flush=True)
 
     def children(self):
         return child_runs(self.client, self.client.get_run(self.parent_id))

@@ -93,10 +93,14 @@ def test_trial_jobs_log_failed_pruned_and_group_choice_runs_under_one_study_run(
         assert run.data.tags["optuna_state"] == "PRUNED" and run.data.tags["pruned_at_epoch"] == "1"
         assert "test/acc" not in run.data.metrics  # stopped at epoch 1 of 3
     assert sorted(r.data.tags["optimizer"] for r in runs.children) == ["adam", "adam", "sgd", "sgd"]
+    for run in runs.children:  # named with their trial number
+        assert run.info.run_name.endswith(f"-s0-t{run.data.tags['optuna_trial']}"), run.info.run_name
     assert not any(k.endswith("._target_") for r in runs.children for k in r.data.params)  # plumbing: not params
     # the study's parent run: its overrides as params, its report (description and report/)
     parent = runs.parents[0]
     assert parent.data.params["optimizer.lr"] == "choice(1e-3, 1e38)"
+    assert parent.data.params["search_space.optimizer"] == "choice sgd, adam"  # the space as searched
+    assert parent.data.params["search_space.optimizer.lr"] == "choice 0.001, 1e+38"
     assert "Sweep report" not in parent.data.tags["mlflow.note.content"]  # the title is the run's name
     assert "Runs that did not finish" in parent.data.tags["mlflow.note.content"]
     artifacts = {a.path for a in client_for(tmp_path).list_artifacts(parent.info.run_id, "report")}

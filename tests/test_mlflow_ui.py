@@ -30,9 +30,47 @@ def test_the_experiment_opens_on_its_runs_and_make_ui_prints_their_url(sweep):
     experiment = client_for(sweep).get_experiment_by_name("resnet-sweep")
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
     uri = f"sqlite:///{sweep / 'mlflow.db'}"
-    assert runs_url(uri, "resnet-sweep") == f"http://127.0.0.1:5000/#/experiments/{experiment.experiment_id}/runs"
+    assert runs_url(uri, "resnet-sweep") == (
+        f"http://127.0.0.1:5000/#/experiments/{experiment.experiment_id}/runs"
+        "?workflowType=machine_learning&viewStateShareKey=resnet-sweep"
+    )
     assert "no experiment 'other'" in runs_url(uri, "other")
     assert len(mlflow_runs(sweep).children) == 2
+
+
+def test_the_experiments_prepared_view_shows_the_swept_keys_and_the_objective_sorted_best_first(sweep):
+    import json
+
+    experiment = client_for(sweep).get_experiment_by_name("resnet-sweep")
+    view = json.loads(experiment.tags["mlflow.sharedViewState.resnet-sweep"])
+    runs = mlflow_runs(sweep)
+    assert view["orderByKey"] == "metrics.`best/valid/loss`" and view["orderByAsc"] is True
+    columns = view["selectedColumns"]
+    assert columns[:4] == [
+        "params.`optimizer.lr`",
+        "metrics.`best/valid/loss`",
+        "metrics.`best/valid/acc`",
+        "metrics.`test/acc`",
+    ]
+    for column in columns:
+        kind, key = column.split(".", 1)
+        key = key.strip("`")
+        if kind in ("metrics", "params"):
+            assert all(key in getattr(r.data, kind) for r in runs.children), column
+    longest = max(len(r.info.run_name) for r in runs.children)
+    assert view["columnWidths"]["attributes.`Run Name`"] >= 7 * longest  # the full names, not `resnet18-line...`
+    # the parent does not sort among its children: its summary of the best run under other names
+    (parent,) = runs.parents
+    assert "best/valid/loss" not in parent.data.metrics and "best_run/valid/loss" in parent.data.metrics
+
+
+def test_children_are_coloured_by_the_learning_rate_log_it_as_log10_and_log_the_objective_first(sweep):
+    children = mlflow_runs(sweep).children
+    colours = {r.data.params["optimizer.lr"]: r.data.tags["mlflow.runColor"] for r in children}
+    assert len(set(colours.values())) == 2 and all(c.startswith("#") and len(c) == 7 for c in colours.values())
+    assert {r.data.params["optimizer.lr_log10"] for r in children} == {"-3", "-2"}
+    for child in children:
+        assert next(iter(child.data.metrics)) == "valid/loss"  # what MLflow's compare view plots by default
 
 
 def test_the_best_runs_model_is_named_after_it_and_linked_to_its_best_epoch_and_test_metrics(sweep):
@@ -90,6 +128,7 @@ def test_each_run_has_a_short_description_of_what_ran_and_how_it_did(sweep):
         note = child.data.tags["mlflow.note.content"]
         best_epoch = int(child.data.metrics["best_epoch"])
         assert child.info.run_name in note and "resnet18 with a linear head, sgd at lr" in note
+        assert note.startswith("**Backbone weights: random. Not transfer learning")  # FAST: backbone.weights=none
         assert f"best epoch {best_epoch} of 3" in note
         assert f"acc {child.data.metrics['test/acc']:.3f}" in note and "AUROC" in note
 
@@ -118,9 +157,11 @@ def test_the_sweeps_parent_run_holds_its_report_overrides_and_a_link_to_the_best
     note = parent.data.tags["mlflow.note.content"]
     best_id = parent.data.tags["best_run_id"]
     assert note.startswith("**2 finished, 0 failed**")
-    assert f"[{parent.data.tags['best_run_name']}](#/experiments/{parent.info.experiment_id}/runs/{best_id})" in note
-    assert "| Backbone |" in note or "| Optimizer |" in note  # the report's tables
-    assert "## Best learning" in note
+    link = f"#/experiments/{parent.info.experiment_id}/runs/{best_id}?workflowType=machine_learning"
+    assert f"[{parent.data.tags['best_run_name']}]({link})" in note  # the run's page in Model-training mode
+    assert "|&nbsp;&nbsp;Backbone&nbsp;&nbsp;|" in note and "|&nbsp;&nbsp;Optimizer&nbsp;&nbsp;|" in note  # its tables
+    assert "## Best run per backbone" in note
+    assert "&nbsp;&nbsp;Valid loss (best epoch)&nbsp;&nbsp;" in note  # padded: MLflow's viewer has no cell padding
     client = client_for(sweep)
     report = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
     assert {"report/report.md", "report/runs.csv", "report/test_acc_vs_lr.png", "report/learning_curves.png"} <= report
@@ -243,18 +284,45 @@ def test_a_browser_on_mlflow_ui_sees_the_runs_the_report_the_models_best_epoch_a
             assert not missing, f"{url}: {missing} not on the page ({shots / shot}.png)\n{body[:2000]}"
             return body
 
-        # the experiment's URL lands on the runs table (not the GenAI overview), parent and children named
+        # the printed URL, in a fresh browser, lands on the prepared view in Model-training mode (not the
+        # GenAI overview): every child's full name, the swept LR and the objective with their values
         url = runs_url(db, "resnet-sweep", ui)
-        page(url, parent.info.run_name, shot="runs")
+        names = [r.info.run_name for r in runs.children]
+        values = [f"{r.data.metrics['best/valid/loss']:g}" for r in runs.children]
+        body = page(url, parent.info.run_name, *names, "optimizer.lr", "best/valid/loss", *values, shot="runs")
         assert "/runs" in browser.current_url
-        # the parent run: its description holds the report's tables and the best run's link
+        assert "Model registry" in body and "Evaluation runs" not in body, "not in Model-training mode"
+        shown = set(
+            browser.execute_script(
+                "return [...document.querySelectorAll('.ag-row *')].map(e => getComputedStyle(e).backgroundColor)"
+            )
+        )
+        for child in runs.children:  # each child's own colour, as its dot beside its name
+            hex_colour = child.data.tags["mlflow.runColor"]
+            rgb = "rgb({}, {}, {})".format(*(int(hex_colour[i : i + 2], 16) for i in (1, 3, 5)))
+            assert rgb in shown, (child.info.run_name, hex_colour, shown)
+        # the parent run (in Model-training mode, as its link from the view): its description holds the
+        # report's tables and the best run's link
         page(
-            f"{ui}/#/experiments/{experiment_id}/runs/{parent.info.run_id}",
+            f"{ui}/#/experiments/{experiment_id}/runs/{parent.info.run_id}?workflowType=machine_learning",
             "2 finished, 0 failed",
-            "Best learning",
+            "Best run per backbone",
+            "Valid loss (best epoch)",
             parent.data.tags["best_run_name"],
             shot="parent_run",
         )
+        # the breadcrumb's experiment page is the runs table, not a GenAI overview of traces
+        crumb = browser.find_element(
+            "xpath", f"//a[normalize-space(.)='resnet-sweep' and contains(@href, '/experiments/{experiment_id}')]"
+        )
+        crumb.click()
+        deadline = time.time() + 30
+        while "Run Name" not in browser.find_element("tag name", "body").text and time.time() < deadline:
+            time.sleep(0.5)
+        browser.save_screenshot(str(shots / "experiment_from_breadcrumb.png"))
+        body = browser.find_element("tag name", "body").text
+        assert browser.current_url.split("?")[0].endswith(f"/experiments/{experiment_id}/runs"), browser.current_url
+        assert "Run Name" in body and "Detect issues" not in body
         # a child run: its description, its dataset
         best = next(r for r in runs.children if r.info.run_id == best_id)
         page(f"{ui}/#/experiments/{experiment_id}/runs/{best_id}", "best epoch", "tiles", shot="child_run")
@@ -272,6 +340,26 @@ def test_a_browser_on_mlflow_ui_sees_the_runs_the_report_the_models_best_epoch_a
         )
         images = browser.find_elements("css selector", "img")
         assert any(img.get_property("naturalWidth") >= 700 for img in images), "the confusion matrix did not render"
+        # the sweep's dashboard opens in the artifact viewer and its plots render (offline: no network here);
+        # a fresh page: MLflow's artifact list kept the child's when only the URL's #fragment changed
+        browser.get("about:blank")
+        page(
+            f"{ui}/#/experiments/{experiment_id}/runs/{parent.info.run_id}/artifacts/dashboard.html"
+            "?workflowType=machine_learning",
+            "dashboard.html",
+            shot="dashboard_frame",
+        )
+        deadline = time.time() + 60
+        while not browser.find_elements("css selector", "iframe.mlflow-html-iframe") and time.time() < deadline:
+            time.sleep(0.5)
+        browser.switch_to.frame(browser.find_element("css selector", "iframe.mlflow-html-iframe"))
+        while browser.execute_script("return document.body && document.body.dataset.rendered") != "true":
+            assert time.time() < deadline, browser.find_element("tag name", "body").text[:2000]
+            time.sleep(0.5)
+        assert len(browser.find_elements("css selector", ".js-plotly-plot")) >= 3
+        assert len(browser.find_elements("css selector", ".scatterlayer .point")) >= 2 * len(runs.children)
+        browser.switch_to.default_content()
+        browser.save_screenshot(str(shots / "dashboard.png"))
     finally:
         browser.quit()
         proc.terminate()

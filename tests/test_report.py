@@ -71,16 +71,16 @@ def test_report_has_the_study_columns_order_bold_best_and_epochs(tmp_path, tiny_
     )
     proc = resnet_sweep(tmp_path, "report", "--out", str(tmp_path / "rep"))
     md = proc.stdout
-    rows = table_after(md, "## resnet18, linear head")
+    rows = table_after(md, "## resnet18 with a linear head")
     assert rows[0] == [
-        *["Optimizer", "Learning rate", "Momentum", "Epochs (best)", "Batch size", "Test loss", "Test acc"],
-        *["Test balanced acc", "Test AUROC", "Test F1"],
+        *["Optimizer", "Learning rate", "Momentum", "Epochs (best)", "Batch size", "Valid loss (best epoch)"],
+        *["Test loss", "Test acc", "Test balanced acc", "Test AUROC", "Test F1"],
     ]
     body = rows[2:]
     plain = [[c.strip("*") for c in r] for r in body]
     assert [(r[0], r[1]) for r in plain] == [("Adam", "1e-04"), ("Adam", "1e-02"), ("SGD", "1e-04"), ("SGD", "1e-02")]
     assert all(re.fullmatch(r"2 \([012]\)", r[3]) for r in plain)
-    assert all(re.fullmatch(r"\d+\.\d\d%", r[6]) for r in plain)
+    assert all(re.fullmatch(r"\d+\.\d\d%", r[7]) for r in plain)
     assert plain[2][2] == "0.9" and plain[0][2] == "(0.9, 0.999)"
     bold = [i for i, r in enumerate(body) if all(c.startswith("**") for c in r)]
     assert len(bold) == 1
@@ -88,9 +88,15 @@ def test_report_has_the_study_columns_order_bold_best_and_epochs(tmp_path, tiny_
     best = min(runs, key=lambda r: r.data.metrics["best/valid/loss"])
     name = {"adam": "Adam", "sgd": "SGD"}[best.data.tags["optimizer"]]
     assert (plain[bold[0]][0], float(plain[bold[0]][1])) == (name, float(best.data.params["optimizer.lr"]))
-    assert "## Best learning" in md and "## Backbones on ImageNet" in md
-    imagenet = table_after(md, "## Backbones on ImageNet")
-    assert imagenet[2][:4] == ["resnet18", "IMAGENET1K_V1", "69.758", "89.078"]
+    # the bold row is the one with the best value in the objective's column
+    assert float(plain[bold[0]][5]) == min(float(r[5]) for r in plain)
+    assert float(plain[bold[0]][5]) == pytest.approx(best.data.metrics["best/valid/loss"], abs=1e-4)
+    # the most important table first: the best run per backbone, then the runs' tables
+    assert md.index("## Best run per backbone") < md.index("## resnet18 with a linear head")
+    assert table_after(md, "## Best run per backbone")[0][6] == "Valid loss (best epoch)"
+    # random weights (backbone.weights=none): a loud line, no ImageNet figures
+    assert "**Backbone weights: random. Not transfer learning" in md
+    assert "ImageNet" not in md.split("Not transfer learning", 1)[1].split("\n", 1)[1] and "69.758" not in md
     for f in ("report.md", "runs.csv", "test_acc_vs_lr.png", "learning_curves.png"):
         assert (tmp_path / "rep" / f).stat().st_size > 0
     parent = mlflow_runs(tmp_path).parents[0]
@@ -106,16 +112,27 @@ def test_report_has_the_study_columns_order_bold_best_and_epochs(tmp_path, tiny_
 def test_report_seed_table_shows_per_seed_values_and_mean_std(tmp_path, tiny_tree):
     run_app(tmp_path, "-m", *FAST, "data=imagefolder", f"data.root={tiny_tree}", "optimizer.lr=1e-2,1e-3", "seed=0,1,2")
     md = resnet_sweep(tmp_path, "report").stdout
-    rows = table_after(md, "## resnet18, linear head")
-    assert rows[0][3:6] == ["Seeds", "Test acc per seed", "Test acc mean ± std"]
+    rows = table_after(md, "## resnet18 with a linear head")
+    assert rows[0][3:7] == ["Seeds", "Valid loss (best epoch) mean ± std", "Test acc per seed", "Test acc mean ± std"]
     body = [[c.strip("*") for c in r] for r in rows[2:]]
     assert [r[1] for r in body] == ["1e-03", "1e-02"]
     for r in body:
         assert r[3] == "0, 1, 2"
-        accs = [float(a) for a in r[4].split(", ")]
+        assert re.fullmatch(r"\d\.\d{4} ± \d\.\d{4}", r[4])
+        accs = [float(a) for a in r[5].split(", ")]
         mean = sum(accs) / 3
-        assert re.fullmatch(r"\d+\.\d\d% ± \d+\.\d\d%", r[5])
-        assert float(r[5].split("%")[0]) == pytest.approx(mean, abs=0.01)
+        assert re.fullmatch(r"\d+\.\d\d% ± \d+\.\d\d%", r[6])
+        assert float(r[6].split("%")[0]) == pytest.approx(mean, abs=0.01)
+
+
+def test_imagenet_figures_of_pretrained_backbones_come_from_torchvisions_metadata():
+    from resnet_sweep.report import imagenet_table
+
+    rows = [
+        [c.strip() for c in line.strip("|").split("|")]
+        for line in imagenet_table({"resnet18": "IMAGENET1K_V1"}).splitlines()
+    ]
+    assert rows[2][:4] == ["resnet18", "IMAGENET1K_V1", "69.758", "89.078"]
 
 
 def test_predict_returns_probabilities_and_names_the_bad_file(tmp_path, tiny_tree):

@@ -187,6 +187,7 @@ class OptunaSweeperImpl(StudyIdentity, TrialBookkeeping):
             )
         study = self._study(distributions, fixed)
         self.parent_id = _study_runs.open_study_parent(self.config, study, self.storage_url, self.created)
+        _study_runs.log_search_space(self.parent_id, distributions)
         log.info(
             "Optuna study '%s' in %s: %s %s, %d trials, sampler %s, pruner %s",
             study.study_name,

@@ -20,6 +20,29 @@ log = logging.getLogger(__name__)
 PARENT_ATTR = "mlflow_parent_run_id"
 
 
+def describe(distribution) -> str:
+    """A search dimension in words: ``log-uniform 1e-06 .. 0.01``, ``choice sgd, adam``."""
+    import optuna.distributions as od
+
+    if isinstance(distribution, od.CategoricalDistribution):
+        return "choice " + ", ".join(str(c) for c in distribution.choices)
+    kind = "int" if isinstance(distribution, od.IntDistribution) else "uniform"
+    text = f"{'log-' if distribution.log else ''}{kind} {distribution.low:g} .. {distribution.high:g}"
+    step = getattr(distribution, "step", None)
+    return text + (f" step {step:g}" if step is not None and not (kind == "int" and step == 1) else "")
+
+
+def log_search_space(parent_id: str, distributions: dict) -> None:
+    """The study's search space as its parent run's params (``search_space.optimizer.lr``); a resumed
+    study has them already."""
+    client = MlflowClient()
+    for key, distribution in distributions.items():
+        try:
+            client.log_param(parent_id, f"search_space.{key}", describe(distribution))
+        except Exception as e:  # the same value again is fine; a changed space is the study's own check
+            log.debug("search space param %s not logged: %s", key, e)
+
+
 def open_study_parent(config, study, storage_url: str | None, created: bool = True, wait_s: float = 60) -> str:
     """The study's MLflow parent run: created once per study by the sweep that created the study,
     joined by sweeps working on it at the same time and reopened when a persistent study is
@@ -104,7 +127,7 @@ def close_study_parent(
         "n_trials": str(results["n_trials"]),
     }
     if "best_value" in results:
-        client.log_metric(parent_id, f"best/{objective}", results["best_value"])
+        client.log_metric(parent_id, f"best_run/{objective}", results["best_value"])  # not among the children's
         tags["best_trial"] = str(results["best_trial"])
         tags.update({f"best_params.{k}": str(v) for k, v in results["best_params"].items()})
     for key, value in tags.items():
