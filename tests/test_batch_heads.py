@@ -121,27 +121,27 @@ def curves(cwd):
 
 
 def test_grouped_jobs_give_the_numbers_they_give_alone(tmp_path):
-    """SGD, Adam and AdamW on the dropout MLP head (a linear layer, an activation, dropout, a linear
-    layer); two seeds (two banks: random weights) and two batch sizes (one leaving a partial batch),
-    in one sweep: per-epoch valid losses, best epoch, test figures and checkpoint as when each job
-    trains alone (fp32). The linear head: test_a_diverging_head_fails_alone."""
+    """SGD, Adam and AdamW; the linear head and the dropout MLP (a linear layer, an activation,
+    dropout, a linear layer); two seeds (two banks: random weights) and two batch sizes (one leaving a
+    partial batch), in one sweep: per-epoch valid losses, best epoch, test figures and checkpoint as
+    when each job trains alone (fp32)."""
     tree = make_tree(tmp_path / "tiles", per_class=(12, 6, 6))
     grid = [
         "optimizer=sgd,adam,adamw",
-        "head=mlp_leakyrelu_dropout",
+        "head=linear,mlp_leakyrelu_dropout",
         "seed=0,1",
         "trainer.batch_size=8,5",
         "optimizer.lr=0.01",
-        "trainer.max_epochs=3",
+        "trainer.max_epochs=2",
         "trainer.patience=1",
     ]
     (tmp_path / "grouped").mkdir()
     (tmp_path / "alone").mkdir()
     together = sweep(tmp_path / "grouped", tree, tmp_path / "cache", "auto", *grid)
-    assert "training 12 heads together" in together.stderr + together.stdout
+    assert "training 24 heads together" in together.stderr + together.stdout
     sweep(tmp_path / "alone", tree, tmp_path / "cache", "off", *grid)
     grouped, alone = curves(tmp_path / "grouped"), curves(tmp_path / "alone")
-    assert len(grouped) == len(alone) == 12
+    assert len(grouped) == len(alone) == 24
     for key, (run, losses) in grouped.items():
         other, reference = alone[key]
         assert losses == pytest.approx(reference, abs=1e-4), key
@@ -150,7 +150,7 @@ def test_grouped_jobs_give_the_numbers_they_give_alone(tmp_path):
             assert run.data.metrics[metric] == pytest.approx(other.data.metrics[metric], abs=1e-4), (key, metric)
         assert run.info.status == "FINISHED"
     # the checkpoints: the same head weights
-    some = sorted(grouped)[::5]
+    some = sorted(grouped)[::7]
     for key in some:
         a = torch.load(
             mlflow.artifacts.download_artifacts(

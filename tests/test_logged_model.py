@@ -19,6 +19,7 @@ def test_a_model_is_logged_without_inferring_its_requirements(tmp_path, monkeypa
     monkeypatch.setattr("mlflow.utils.environment._infer_requirements", infer)
     fresh_store(tmp_path)
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    mlflow.set_experiment("logged-model")  # not the experiment an earlier test of this process set
     try:
         classifier = torchvision.models.resnet18(num_classes=1)
         ckpt = {"crop_size": 32, "epoch": 1, "classes": ["a", "b"], "mean": [0.5] * 3, "std": [0.2] * 3}
