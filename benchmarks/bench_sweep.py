@@ -6,8 +6,9 @@ every seed shares one backbone, as ImageNet weights would), then runs the real `
 1. one job alone: builds the tile store and the feature bank (the data work, timed from its log;
    `--smoke` leaves this to step 2 and skips the half-grid sweep: two processes in all);
 2. the R-run grid (learning rates x seeds) with `trainer.batch_heads=auto`, store and bank built;
-3. the same grid with `trainer.batch_heads=off` on a subset of `--off-runs` runs, scaled to R (it
-   says so), store and bank built.
+3. the same grid with `trainer.batch_heads=off` on two subsets (the seeds at one learning rate, and
+   `--off-runs` runs), store and bank built: their difference gives a run's cost one job at a time,
+   and R runs are scaled as fixed + R x that (it says so).
 
 Prints the data work, each mode's seconds end to end, seconds per run, runs per minute, the
 speed-up, a grouped job's marginal cost ((T(R) - T(R/2)) / (R/2), from one more grouped sweep of
@@ -123,12 +124,12 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--epochs", type=int, default=25)
     parser.add_argument("--patience", type=int, default=10)
-    parser.add_argument("--off-runs", type=int, default=6, help="runs of the batch_heads=off sweep (scaled)")
+    parser.add_argument("--off-runs", type=int, default=20, help="runs of the larger batch_heads=off subset (scaled)")
     parser.add_argument("--smoke", action="store_true", help="a quick check (the suite): tiny everything")
     parser.add_argument("--workdir", type=Path, default=None, help="keep the files here (default: a temp folder)")
     a = parser.parse_args()
     if a.smoke:
-        a.tiles, a.tile, a.crop, a.lrs, a.seeds, a.epochs, a.patience, a.off_runs = 48, 40, 32, 2, 2, 2, 2, 2
+        a.tiles, a.tile, a.crop, a.lrs, a.seeds, a.epochs, a.patience, a.off_runs = 48, 40, 32, 2, 2, 2, 2, 4
     work = a.workdir or Path(tempfile.mkdtemp(prefix="bench-sweep-"))
     work.mkdir(parents=True, exist_ok=True)
     t = time.perf_counter()
@@ -170,23 +171,31 @@ def main() -> None:
     half = [f"optimizer.lr={','.join(f'{lr:.3g}' for lr in half_lrs)}", grid[1]]
     half_s = float("nan") if a.smoke else sweep("auto-half", "auto", half)[0]
     marginal = (auto_s - half_s) / (runs - len(half_lrs) * a.seeds)
-    off_lrs = lrs[:: max(len(lrs) // max(a.off_runs // a.seeds, 1), 1)][: max(a.off_runs // a.seeds, 1)]
-    off_points = [f"optimizer.lr={','.join(f'{lr:.3g}' for lr in off_lrs)}", grid[1]]
-    off_runs = len(off_lrs) * a.seeds
-    off_s, off_mlflow = sweep("off", "off", off_points)
-    off_scaled = off_s / off_runs * runs
+    # one job at a time on two subsets (one learning rate; --off-runs): a run's cost is the slope, the
+    # sweep's fixed cost (process start, pre-flight, report) the intercept; R runs = fixed + R x slope
+    per_lr = max(a.off_runs // a.seeds, 2)
+    subsets = [lrs[:: max(len(lrs) // per_lr, 1)][:n] for n in (1, per_lr)]
+    timed_off = []
+    for i, sub in enumerate(subsets):
+        seconds, mlflow_s = sweep(f"off-{i}", "off", [f"optimizer.lr={','.join(f'{lr:.3g}' for lr in sub)}", grid[1]])
+        timed_off.append((len(sub) * a.seeds, seconds, mlflow_s))
+    (n1, t1, _), (n2, t2, off_mlflow) = timed_off
+    off_per_run = (t2 - t1) / (n2 - n1)
+    off_fixed = t1 - n1 * off_per_run
+    off_scaled = off_fixed + runs * off_per_run
     print(
         f"batch_heads=auto: {runs} runs in {auto_s:.1f} s: {auto_s / runs:.2f} s/run, {60 * runs / auto_s:.1f} runs/min; "
         f"MLflow {auto_mlflow:.1f} s ({100 * auto_mlflow / auto_s:.0f}%); the heads' stacked training {heads['auto']:.1f} s"
         + (" (smoke: the data work included)" if a.smoke else "")
     )
     print(
-        f"batch_heads=off:  {off_runs} of the {runs} runs in {off_s:.1f} s (scaled to {runs}: {off_scaled:.1f} s): "
-        f"{off_s / off_runs:.2f} s/run, {60 * off_runs / off_s:.1f} runs/min; MLflow {off_mlflow:.1f} s "
-        f"({100 * off_mlflow / off_s:.0f}%)"
+        f"batch_heads=off:  {n1} runs in {t1:.1f} s, {n2} runs in {t2:.1f} s: {off_per_run:.2f} s a run, "
+        f"{off_fixed:.1f} s fixed; scaled to {runs} runs: {off_scaled:.1f} s, {60 * runs / off_scaled:.1f} runs/min; "
+        f"MLflow {off_mlflow:.1f} s of the {n2} runs' sweep ({100 * off_mlflow / t2:.0f}%)"
     )
     print(
-        f"grouped job's marginal cost: {marginal:.3f} s ({runs} runs {auto_s:.1f} s, {len(half_lrs) * a.seeds} runs {half_s:.1f} s)"
+        f"grouped job's marginal cost: {marginal:.3f} s ({runs} runs {auto_s:.1f} s, {len(half_lrs) * a.seeds} runs "
+        f"{half_s:.1f} s); one job at a time: {off_per_run:.3f} s"
     )
     print(f"speed-up end to end (off scaled / auto): {off_scaled / auto_s:.1f}x")
 
