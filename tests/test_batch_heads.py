@@ -120,6 +120,16 @@ def curves(cwd):
     return out
 
 
+def best_checkpoint(cwd, run_id) -> dict:
+    path = mlflow.artifacts.download_artifacts(
+        run_id=run_id,
+        artifact_path="checkpoint/best.pt",
+        tracking_uri=f"sqlite:///{cwd / 'mlflow.db'}",
+        dst_path=str(cwd / "downloaded"),
+    )
+    return torch.load(path, weights_only=True)
+
+
 def test_grouped_jobs_give_the_numbers_they_give_alone(tmp_path):
     """SGD, Adam and AdamW; the linear head and the dropout MLP (a linear layer, an activation,
     dropout, a linear layer); two seeds (two banks: random weights) and two batch sizes (one leaving a
@@ -152,23 +162,9 @@ def test_grouped_jobs_give_the_numbers_they_give_alone(tmp_path):
     # the checkpoints: the same head weights
     some = sorted(grouped)[::7]
     for key in some:
-        a = torch.load(
-            mlflow.artifacts.download_artifacts(
-                run_id=grouped[key][0].info.run_id,
-                artifact_path="checkpoint/best.pt",
-                tracking_uri=f"sqlite:///{tmp_path / 'grouped' / 'mlflow.db'}",
-                dst_path=str(tmp_path / "a"),
-            ),
-            weights_only=True,
-        )
-        b = torch.load(
-            mlflow.artifacts.download_artifacts(
-                run_id=alone[key][0].info.run_id,
-                artifact_path="checkpoint/best.pt",
-                tracking_uri=f"sqlite:///{tmp_path / 'alone' / 'mlflow.db'}",
-                dst_path=str(tmp_path / "b"),
-            ),
-            weights_only=True,
+        a, b = (
+            best_checkpoint(tmp_path / mode, runs[key][0].info.run_id)
+            for mode, runs in (("grouped", grouped), ("alone", alone))
         )
         assert a["epoch"] == b["epoch"]
         for name, tensor in a["state"].items():
