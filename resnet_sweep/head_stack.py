@@ -15,7 +15,7 @@ from torchmetrics.functional.classification import binary_auroc, multilabel_auro
 
 from . import crops, faults
 from .engine import autocast
-from .metrics import Meter, criterion, targets
+from .metrics import Meter, binary_predictions, criterion, targets
 from .stacked_heads import StackedHeads, StackedOptimizer
 
 
@@ -174,20 +174,9 @@ def _loss_weights(specs: list[HeadSpec], device) -> tuple[torch.Tensor | None, t
     return None, torch.tensor(weights, device=device)
 
 
-def _binary_predictions(logits: torch.Tensor, batch: int) -> torch.Tensor:
-    """torchmetrics' BinaryAccuracy on logits, batch by batch: a batch whose values all lie in [0, 1]
-    is taken as probabilities, any other goes through the sigmoid; then > 0.5."""
-    k, n = logits.shape
-    pad = (-n) % batch
-    padded = F.pad(logits, (0, pad), value=0.5).reshape(k, -1, batch)
-    as_probs = ((padded >= 0) & (padded <= 1)).all(-1, keepdim=True)
-    probs = torch.where(as_probs, padded, torch.sigmoid(padded))
-    return (probs > 0.5).reshape(k, -1)[:, :n]
-
-
 def _correct(logits: torch.Tensor, y: torch.Tensor, num_classes: int) -> torch.Tensor:
     if num_classes == 2:
-        return (_binary_predictions(logits, logits.shape[1]) == y.bool()).sum(-1)
+        return (binary_predictions(logits, logits.shape[-1]) == y.bool()).sum(-1)
     return (logits.argmax(-1) == y).sum(-1)
 
 
@@ -201,7 +190,7 @@ def _binary_valid(logits: torch.Tensor, y: torch.Tensor, batch: int) -> list[dic
     for start in range(0, n, batch):
         part = per[:, start : start + batch]
         sums += part.mean(-1) * part.shape[1]
-    acc = (_binary_predictions(logits, batch) == y.bool()).double().mean(-1)
+    acc = (binary_predictions(logits, batch) == y.bool()).double().mean(-1)
     probs = torch.sigmoid(logits)
     positive = probs >= 0.5
     recalls = []

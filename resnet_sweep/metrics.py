@@ -5,6 +5,7 @@ slide/patient-level results aggregated from tile probabilities (``data.group``).
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 import torchmetrics
 from torch import nn
 
@@ -131,13 +132,22 @@ def group_results(
     return out, rows
 
 
+def binary_predictions(logits: torch.Tensor, batch: int) -> torch.Tensor:
+    """The class torchmetrics' ``BinaryAccuracy`` reads from one logit each (how the two-class accuracy
+    has always been read), batch by batch along the last dimension (``batch`` values each; any leading
+    dimensions: several heads): a batch whose values all lie in [0, 1] is taken as probabilities, any
+    other goes through the sigmoid; then > 0.5. On the device, without a sync."""
+    n = logits.shape[-1]
+    pad = (-n) % batch
+    batches = F.pad(logits, (0, pad), value=0.5).reshape(*logits.shape[:-1], -1, batch)
+    as_probs = ((batches >= 0) & (batches <= 1)).all(-1, keepdim=True)
+    probs = torch.where(as_probs, batches, torch.sigmoid(batches))
+    return (probs > 0.5).reshape(*logits.shape[:-1], -1)[..., :n]
+
+
 def binary_correct(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Right answers of one logit each, as torchmetrics' ``BinaryAccuracy`` counts them on logits (how
-    the two-class accuracy has always been read): a batch whose values all lie in [0, 1] is taken as
-    probabilities, any other goes through the sigmoid; then > 0.5. On the device, without a sync."""
-    as_probs = ((logits >= 0) & (logits <= 1)).all()
-    probs = torch.where(as_probs, logits, torch.sigmoid(logits))
-    return ((probs > 0.5) == y.bool()).sum()
+    """Right answers of one batch of one logit each (``binary_predictions``)."""
+    return (binary_predictions(logits, logits.shape[-1]) == y.bool()).sum()
 
 
 class Meter:

@@ -114,11 +114,6 @@ class StackedHeads:
             for stacked, p in zip(self.params, head.parameters(), strict=True):
                 p.copy_(stacked[k])
 
-    def copy_from(self, k: int, head: nn.Module) -> None:
-        with torch.no_grad():
-            for stacked, p in zip(self.params, head.parameters(), strict=True):
-                stacked[k].copy_(p)
-
 
 def default_generator(device: torch.device) -> torch.Generator:
     if device.type == "cuda":
