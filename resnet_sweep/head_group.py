@@ -79,6 +79,21 @@ def current() -> Member | None:
     return getattr(_here, "member", None)
 
 
+def wait_until(done: Callable[[], bool]) -> None:
+    """Until ``done()``: in a group, the other jobs take their turns meanwhile (this job's turn
+    comes back once it is done, or when nothing else is left to do); alone, nothing."""
+    member = current()
+    if member is None or done():
+        return
+    member.paused_on = done
+    try:
+        msg = member._wait()
+    finally:
+        member.paused_on = None
+    if isinstance(msg, BaseException):
+        raise msg
+
+
 def build_classifier(backbone_cfg, head_cfg, *, seed: int, num_classes: int) -> models.Built:
     """``models.build_classifier``; in a group, the backbone is built once per (backbone, head, seed,
     classes) and shared by the members (frozen: nothing changes it), each member getting its own copy
@@ -110,6 +125,7 @@ class Member:
         self.stack: HeadStack | None = None
         self.slot = -1
         self.device: torch.device | None = None
+        self.paused_on: Callable[[], bool] | None = None  # wait_until's condition
         self._context = None
         self.thread = threading.Thread(target=self._main, daemon=True)
 
@@ -248,7 +264,8 @@ class HeadGroup:
     def _train(self, members: list[Member]) -> None:
         stacks: dict[tuple, list[Member]] = {}
         for m in members:
-            stacks.setdefault(m.key, []).append(m)
+            if m.epoch is not None:  # waiting for an epoch (else paused: wait_until)
+                stacks.setdefault(m.key, []).append(m)
         built = []
         for group in stacks.values():
             stack = HeadStack([m.spec for m in group], device=group[0].device, precision=group[0].key[4])
@@ -257,25 +274,38 @@ class HeadGroup:
             built.append((stack, group))
         log.info(
             "training %d heads together in %d stack(s) (trainer.batch_heads=auto)",
-            len(members),
+            sum(len(group) for group in stacks.values()),
             len(built),
         )
         passes, seconds = 0, 0.0
         while any(m.waiting for m in members):
+            trained = False
             for stack, group in built:
-                epochs = [m.epoch if m.waiting else None for m in group]
+                epochs = [m.epoch if m.waiting and m.paused_on is None else None for m in group]
                 if all(e is None for e in epochs):
                     continue
                 faults.check()
                 start = time.perf_counter()
                 results = stack.epoch(epochs)
-                passes, seconds = passes + 1, seconds + time.perf_counter() - start
+                passes, seconds, trained = passes + 1, seconds + time.perf_counter() - start, True
                 for m, result in zip(group, results, strict=True):
                     if result is not None:
                         faults.check()
                         m.turn(result)
                         _stop_if_stopped(m)
+            _resume_paused(members, block=not trained)
         log.info("heads trained together: %d stacked epochs in %.2f s", passes, seconds)
+
+
+def _resume_paused(members: list[Member], *, block: bool) -> None:
+    """Give the turn back to the jobs whose ``wait_until`` is over; with ``block`` (nothing left to
+    train), to the first paused job in any case: it waits there."""
+    paused = [m for m in members if m.waiting and m.paused_on is not None]
+    ready = [m for m in paused if m.paused_on()]
+    for m in (ready or paused[:1]) if block else ready:
+        faults.check()
+        m.turn()
+        _stop_if_stopped(m)
 
 
 def _stop_if_stopped(member: Member) -> None:

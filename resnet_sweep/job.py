@@ -137,12 +137,13 @@ def train_and_log(cfg, resumer, state) -> tuple[float, str]:
         splits = data.job_splits(cfg, device)
         built = head_group.build_classifier(cfg.backbone, cfg.head, seed=int(cfg.seed), num_classes=len(splits.classes))
         job.tags(
+            later=True,
             weights_source=built.weights_source,
             data_root=str(splits.root),
             device=str(device),
             **{"model.trainable_params": built.trainable_params, "model.total_params": built.total_params},
             **{f"class_counts.{split}": counts for split, counts in class_counts(splits).items()},
-        )  # one write: a sweep's job makes some 40 of them
+        )  # written with the feature bank's, below
         job.dataset(splits, cfg.data)
         weight_choice = (cfg.get("loss") or {}).get("class_weight", "none")
         weights = metrics.class_weights(weight_choice, data.class_counts(splits)["train"], splits.classes)
@@ -164,9 +165,10 @@ def train_and_log(cfg, resumer, state) -> tuple[float, str]:
         model, inputs = built.model, splits
         if features.wanted(cfg):  # frozen backbone: train the head on features computed once
             bank = features.get(cfg, built, splits, device)
-            job.tags(feature_bank=bank.key, feature_bank_views=bank.views)
+            job.tags(later=True, feature_bank=bank.key, feature_bank_views=bank.views)
             model = features.HeadOnly(built.model.head)
             inputs = features.splits_from(bank, splits, int(cfg.trainer.batch_size), int(cfg.seed))
+        job.write()  # the tags above, before the first epoch
         member = head_group.current() if features.wanted(cfg) else None
         history = (member.fit if member else engine.fit)(
             model,

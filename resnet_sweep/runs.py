@@ -7,6 +7,7 @@ Metric names: ``train/loss train/acc valid/loss valid/acc`` with ``step=epoch`` 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import os
@@ -19,10 +20,10 @@ import mlflow
 import torch
 import yaml
 from hydra.core.hydra_config import HydraConfig
-from mlflow.entities import RunStatus
+from mlflow.entities import Metric, RunStatus, RunTag
 from mlflow.tracking import MlflowClient
 
-from . import faults, plots
+from . import drawing, faults, head_group
 from .errors import first_line
 from .hpo import Pruned
 from .logged import class_counts, dataset_input, group_csv, log_model
@@ -35,6 +36,10 @@ log = logging.getLogger(__name__)
 
 PARENT_ENV = "RESNET_SWEEP_PARENT_RUN_ID"
 FAILURE_TAG = "failure_reason"
+# A run's epochs reach MLflow at most this long after they end, in one write: heads trained together
+# end an epoch every few milliseconds, and each write is a database transaction. Every epoch is in
+# the resume state as it ends; a run killed before its write gets it from the attempt that resumes it.
+METRICS_EVERY_S = 10.0
 
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
@@ -90,6 +95,10 @@ class JobLog:
         self.database = database_of(mlflow.get_tracking_uri()) is not None
         self.skipped: int | None = None  # data/skipped_images, logged after the first epoch's metrics
         self.weights_source = ""  # the tag, for the description's random-weights warning
+        self.pending: list[Metric] = []  # metrics not written yet, in the order they were logged
+        self.pending_tags: dict[str, str] = {}
+        self.written_at = time.monotonic()
+        self.figures: dict[str, drawing.Drawing] = {}  # artifact path -> the figure being drawn
 
     def _call(self, what: str, fn, *args, **kwargs):
         def attempt():
@@ -102,16 +111,34 @@ class JobLog:
         return faults.retrying(attempt, self.retry_s, f"MLflow {what} ({self.name})")
 
     def _metrics(self, metrics: dict, step: int) -> None:
-        """``metrics`` at ``step``, with one timestamp for every attempt: when a write reached the store
-        but its answer was lost (a server killed or timing out mid-request), the retry sends the same
-        rows, which MLflow's SQL store ignores, instead of logging the values a second time."""
+        """``metrics`` at ``step``, stamped now, queued for the next ``write``."""
         stamp = int(time.time() * 1000)
-        self._call("log_metrics", mlflow.log_metrics, metrics, step=step, timestamp=stamp)
+        self.pending += [Metric(key, float(value), stamp, step) for key, value in metrics.items()]
 
-    def tags(self, **tags) -> None:
+    def write(self) -> None:
+        """What is queued (metrics, tags) in one write. Each metric keeps the timestamp it was queued
+        with: when a write reached the store but its answer was lost (a server killed or timing out
+        mid-request), the retry sends the same rows, which MLflow's SQL store ignores, instead of
+        logging the values a second time."""
+        if self.pending or self.pending_tags:
+            tags = [RunTag(k, v) for k, v in self.pending_tags.items()]
+            self._call("log_batch", MlflowClient().log_batch, self.run_id, metrics=self.pending, tags=tags)
+        self.pending, self.pending_tags, self.written_at = [], {}, time.monotonic()
+
+    def tags(self, *, later: bool = False, **tags) -> None:
+        """Set ``tags`` now, or with the next ``write`` (``later``)."""
         if "weights_source" in tags:
             self.weights_source = str(tags["weights_source"])
-        self._call("set_tags", mlflow.set_tags, {k: redact(v) for k, v in tags.items()})
+        tags = {k: redact(v) for k, v in tags.items()}
+        if later:
+            self.pending_tags.update({k: str(v) for k, v in tags.items()})
+        else:
+            self._call("set_tags", mlflow.set_tags, tags)
+
+    @functools.cached_property
+    def artifacts(self) -> str | None:
+        """The run's artifact folder, where it is a local one."""
+        return _local_artifacts()
 
     def params(self, params: dict) -> None:
         self._call("log_params", mlflow.log_params, params)
@@ -124,6 +151,8 @@ class JobLog:
         if self.skipped is not None:
             self._metrics({"data/skipped_images": self.skipped}, 0)
             self.skipped = None
+        if time.monotonic() - self.written_at >= METRICS_EVERY_S:
+            self.write()
 
     def skipped_images(self, skipped: list) -> None:
         """data.on_bad_image=skip: how many files were left out (a metric, logged after the first
@@ -168,7 +197,7 @@ class JobLog:
             self.best_epoch,
         )
         never = history.best_epoch == 0 and len(history.epochs) > 1
-        self.tags(stopped_early=str(history.stopped_early).lower(), never_improved=str(never).lower())
+        self.pending_tags.update(stopped_early=str(history.stopped_early).lower(), never_improved=str(never).lower())
         if never:
             log.warning(
                 "%s never improved on its untrained epoch 0 (%s); its test figures are the untrained "
@@ -176,9 +205,7 @@ class JobLog:
                 self.name,
                 self.cfg.objective,
             )
-        fig = plots.learning_curves(history.epochs, history.best_epoch, self.name)
-        self._call("log_figure", mlflow.log_figure, fig, "plots/learning_curves.png")
-        plots.close(fig)
+        self.draw("plots/learning_curves.png", "learning_curves", (history.epochs, history.best_epoch, self.name))
 
     def test_metrics(self, metrics: dict, classes: list[str]) -> dict:
         metrics = dict(metrics)
@@ -188,17 +215,33 @@ class JobLog:
         if group_rows is not None:
             self._call("log_text", mlflow.log_text, group_csv(group_rows, classes), "test_groups.csv")
         self._metrics(metrics, self.best_epoch)
-        self._call("set_tag", mlflow.set_tag, "mlflow.note.content", self.description(metrics))
+        self.pending_tags["mlflow.note.content"] = self.description(metrics)
+        self.write()
         self._call(
             "log_dict",
             mlflow.log_dict,
             {"classes": classes, "matrix (rows: true, cols: predicted)": matrix},
             "confusion_matrix.json",
         )
-        fig = plots.confusion_matrix(matrix, classes, f"{self.name}: test")
-        self._call("log_figure", mlflow.log_figure, fig, "plots/confusion_matrix.png", save_kwargs={"dpi": 150})
-        plots.close(fig)
+        self.draw("plots/confusion_matrix.png", "confusion_matrix", (matrix, classes, f"{self.name}: test"), dpi=150)
         return metrics
+
+    def draw(self, path: str, kind: str, args: tuple, *, dpi: float = 100) -> None:
+        """``plots.<kind>(*args)``, logged at ``path`` by ``log_figures``; in a group of jobs, drawn
+        by a worker process meanwhile."""
+        self.figures[path] = drawing.Drawing(kind, args, dpi=dpi, background=head_group.current() is not None)
+
+    def log_figures(self) -> None:
+        """The figures ``draw`` started, once drawn (in a group, the other jobs go on meanwhile)."""
+        for path, figure in self.figures.items():
+            head_group.wait_until(figure.done)
+            png = figure.png()
+            with tempfile.TemporaryDirectory() as tmp:
+                file = Path(tmp) / Path(path).name
+                file.write_bytes(png)
+                with faults.writing(self.artifacts or tmp, need=len(png)):
+                    self._call("log_artifact", mlflow.log_artifact, str(file), str(Path(path).parent))
+        self.figures = {}
 
     def description(self, test: dict) -> str:
         """The run's description in the UI (``mlflow.note.content``): what ran, its best epoch, its
@@ -244,7 +287,7 @@ class JobLog:
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "best.pt"
             torch.save(ckpt, path)
-            with faults.writing(_local_artifacts() or tmp, need=path.stat().st_size):
+            with faults.writing(self.artifacts or tmp, need=path.stat().st_size):
                 self._call("log_artifact", mlflow.log_artifact, str(path), "checkpoint")
 
     def model(self, classifier, ckpt: dict) -> None:
@@ -310,10 +353,13 @@ def job_run(cfg, resume_run_id: str | None = None, on_start=None):
             job.params(with_log10_lr(experiment_params(config)))
             job._call("log_text", mlflow.log_text, redact(yaml.safe_dump(config, sort_keys=False)), "config.yaml")
             yield job
+            job.log_figures()
             if trial:
-                job.tags(optuna_state="COMPLETE")
+                job.pending_tags["optuna_state"] = "COMPLETE"
+            job.write()
         except Pruned as e:
-            mlflow.set_tags({"optuna_state": "PRUNED", "pruned_at_epoch": str(e.epoch)})
+            job.pending_tags.update(optuna_state="PRUNED", pruned_at_epoch=str(e.epoch))
+            job.write()
             mlflow.end_run(RunStatus.to_string(RunStatus.KILLED))
             raise
         except BaseException as e:
@@ -321,6 +367,10 @@ def job_run(cfg, resume_run_id: str | None = None, on_start=None):
             full = faults.disk_full(e, write_folders(cfg))  # whatever the writer raised
             interrupted = isinstance(e, KeyboardInterrupt) or stopped is not None or faults.is_infrastructure(full or e)
             reason = f"interrupted by {stopped}" if stopped else redact(first_line(full or e))
+            if not faults.is_infrastructure(full or e):  # the epochs that ended, once (not retried)
+                with contextlib.suppress(Exception), faults.quiet(*faults.STORE_LOGGERS):
+                    job.retry_s = 0.0
+                    job.write()
             with contextlib.suppress(Exception), faults.quiet(*faults.STORE_LOGGERS):  # the store may be the fault
                 tags = {FAILURE_TAG: f"interrupted: {reason}" if interrupted else reason}
                 if trial:

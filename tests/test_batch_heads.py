@@ -159,6 +159,11 @@ def test_grouped_jobs_give_the_numbers_they_give_alone(tmp_path):
         for metric in ("test/loss", "test/acc", "test/auroc"):
             assert run.data.metrics[metric] == pytest.approx(other.data.metrics[metric], abs=1e-4), (key, metric)
         assert run.info.status == "FINISHED"
+    client = client_for(tmp_path / "grouped")
+    for run, _ in grouped.values():  # drawn by a worker process while the group went on
+        plots = {a.path: a.file_size for a in client.list_artifacts(run.info.run_id, "plots")}
+        assert set(plots) == {"plots/learning_curves.png", "plots/confusion_matrix.png"}, plots
+        assert all(size > 10_000 for size in plots.values()), plots
     # the checkpoints: the same head weights
     some = sorted(grouped)[::7]
     for key in some:
@@ -293,6 +298,43 @@ def compose_job(*overrides):
 
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         return compose("train", overrides=list(overrides))
+
+
+def test_a_figure_drawn_by_a_worker_is_the_one_drawn_here():
+    from resnet_sweep.drawing import Drawing
+
+    epochs = [
+        {"train/loss": 0.7 - e / 20, "valid/loss": 0.8 - e / 30, "train/acc": 0.5, "valid/acc": 0.6} for e in range(4)
+    ]
+    args = (epochs, 2, "resnet18-linear-sgd-lr1e-03-s0")
+    worker = Drawing("learning_curves", args, background=True)
+    assert worker.future is not None
+    assert worker.png() == Drawing("learning_curves", args).png()
+    assert worker.png()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_job_waiting_for_its_figures_gives_the_turn_to_the_others():
+    """``head_group.wait_until``: a job of a group that waits (for a figure being drawn) lets the
+    next jobs run meanwhile; alone, it returns at once."""
+    from resnet_sweep.head_group import HeadGroup, wait_until
+
+    order = []
+    flag = {"set": False}
+
+    def waits():
+        order.append("a starts")
+        wait_until(lambda: flag["set"])
+        order.append("a goes on")
+        return "a"
+
+    def sets():
+        order.append("b runs")
+        flag["set"] = True
+        return "b"
+
+    assert HeadGroup().run([waits, sets]) == ["a", "b"]
+    assert order == ["a starts", "b runs", "a goes on"]
+    wait_until(lambda: False)  # not in a group: returns
 
 
 def test_jobs_group_by_their_bank_and_the_rest_train_alone():

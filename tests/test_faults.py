@@ -199,17 +199,17 @@ def test_an_epoch_whose_write_reached_the_store_but_whose_answer_was_lost_is_log
 ):
     """A tracking server killed (or timing out) after it stored a write but before it answered: the
     job retries the write, and the epoch's values are still in the run once, not twice."""
-    import mlflow
+    from mlflow.tracking import MlflowClient
 
-    real, lost = mlflow.log_metrics, []
+    real, lost = MlflowClient.log_batch, []
 
-    def answer_lost_once(metrics, step=None, **kwargs):
-        real(metrics, step=step, **kwargs)
-        if step == 1 and not lost:
-            lost.append(step)
+    def answer_lost_once(client, run_id, metrics=(), **kwargs):
+        real(client, run_id, metrics=metrics, **kwargs)
+        if any(m.step == 1 for m in metrics) and not lost:
+            lost.append(1)
             raise ConnectionError("('Connection aborted.', RemoteDisconnected('Remote end closed connection'))")
 
-    monkeypatch.setattr(mlflow, "log_metrics", answer_lost_once)
+    monkeypatch.setattr(MlflowClient, "log_batch", answer_lost_once)
     proc = run_app(tmp_path, *data_args(tiny_tree, "trainer.max_epochs=2"))
     assert lost and "retrying for up to" in proc.stdout + proc.stderr
     (run,) = mlflow_runs(tmp_path).all
@@ -222,14 +222,14 @@ def test_a_store_down_past_its_retry_time_stops_the_sweep_once_and_the_same_comm
     tmp_path, tiny_tree, monkeypatch
 ):
     """Not a FAILED run per remaining job: the first job is interrupted, the sweep stops there."""
-    import mlflow
+    from mlflow.tracking import MlflowClient
 
-    real = mlflow.log_metrics
+    real = MlflowClient.log_batch
 
-    def down_from_epoch_1(metrics, step=None, **kwargs):
-        if step == 1:
+    def down_from_epoch_1(client, run_id, metrics=(), **kwargs):
+        if any(m.step == 1 for m in metrics):
             raise ConnectionError("('Connection aborted.', ConnectionRefusedError(111, 'Connection refused'))")
-        return real(metrics, step=step, **kwargs)
+        return real(client, run_id, metrics=metrics, **kwargs)
 
     # one job at a time (a group's jobs start together: test_full_disk.test_a_full_disk_stops_a_group_whole)
     args = [
@@ -238,7 +238,7 @@ def test_a_store_down_past_its_retry_time_stops_the_sweep_once_and_the_same_comm
         "optimizer.lr=1e-3,1e-2",
     ]
     with monkeypatch.context() as patch:
-        patch.setattr(mlflow, "log_metrics", down_from_epoch_1)
+        patch.setattr(MlflowClient, "log_batch", down_from_epoch_1)
         proc = run_app(tmp_path, *args, check=False)
     assert proc.returncode == 75, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr

@@ -1,0 +1,85 @@
+"""A run's figures (``plots``) drawn to PNG, in a worker process while the job goes on when asked:
+jobs trained together end together, and drawing is most of what each then does in this process.
+
+The workers are started once per process (``spawn``: this process has threads and perhaps CUDA),
+ignore SIGINT and SIGTERM (the job that asked stops them, not a signal sent to the whole process
+group), and leave with this process. A worker that cannot start or dies: the figure is drawn here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import multiprocessing
+import os
+import signal
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+
+from . import plots
+
+log = logging.getLogger(__name__)
+
+_workers: ProcessPoolExecutor | None = None
+
+
+def png(kind: str, args: tuple, dpi: float) -> bytes:
+    """``plots.<kind>(*args)`` as PNG bytes."""
+    fig = getattr(plots, kind)(*args)
+    try:
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format="png", dpi=dpi)
+        return buffer.getvalue()
+    finally:
+        plots.close(fig)
+
+
+def _ignore_signals() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def worker_count() -> int:
+    """Half the cores this process may use (at least one, at most four): the other half trains."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(4, cores // 2))
+
+
+def _pool() -> ProcessPoolExecutor:
+    global _workers
+    if _workers is None:
+        _workers = ProcessPoolExecutor(
+            worker_count(), mp_context=multiprocessing.get_context("spawn"), initializer=_ignore_signals
+        )
+    return _workers
+
+
+class Drawing:
+    """One figure being drawn: ``png()`` waits for it (drawn here if its worker failed)."""
+
+    def __init__(self, kind: str, args: tuple, *, dpi: float = 100, background: bool = False):
+        self.kind, self.args, self.dpi = kind, args, dpi
+        self.future: Future | None = None
+        if background:
+            with contextlib.suppress(RuntimeError, OSError, BrokenProcessPool):
+                self.future = _pool().submit(png, kind, args, dpi)
+
+    def done(self) -> bool:
+        return self.future is None or self.future.done()
+
+    def png(self) -> bytes:
+        if self.future is not None:
+            try:
+                return self.future.result()
+            except (BrokenProcessPool, OSError, EOFError) as e:
+                log.debug("figure worker failed (%s): drawing %s here", e, self.kind)
+                _forget_pool()
+        return png(self.kind, self.args, self.dpi)
+
+
+def _forget_pool() -> None:
+    global _workers
+    if _workers is not None:
+        _workers.shutdown(wait=False, cancel_futures=True)
+        _workers = None
