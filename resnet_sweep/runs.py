@@ -388,7 +388,8 @@ def job_run(cfg, resume_run_id: str | None = None, on_start=None):
 def _local_artifacts() -> str | None:
     """The active run's artifact folder, where it is a local one."""
     with contextlib.suppress(Exception):
-        artifacts = mlflow.get_artifact_uri() if mlflow.active_run() else ""
+        active = mlflow.active_run()
+        artifacts = active.info.artifact_uri if active else ""  # known since the run started: no query
         if artifacts.startswith("file:") or (artifacts and "://" not in artifacts):
             return artifacts.removeprefix("file://").removeprefix("file:")
     return None
