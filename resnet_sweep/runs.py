@@ -25,7 +25,7 @@ from mlflow.tracking import MlflowClient
 from . import faults, plots
 from .errors import first_line
 from .hpo import Pruned
-from .logged import class_counts, dataset_input, group_csv, log_model
+from .logged import class_counts, dataset_input, group_csv, log_curves, log_model
 from .naming import app_config, experiment_params, optimizer_name, run_name, what_trains
 from .redaction import redact
 from .store import connect, database_of, existing_run
@@ -178,6 +178,7 @@ class JobLog:
             )
         fig = plots.learning_curves(history.epochs, history.best_epoch, self.name)
         self._call("log_figure", mlflow.log_figure, fig, "plots/learning_curves.png")
+        self._call("log_image", log_curves, fig, step=self.best_epoch)  # the run page's first chart
         plots.close(fig)
 
     def test_metrics(self, metrics: dict, classes: list[str]) -> dict:

@@ -90,6 +90,30 @@ def test_the_best_runs_model_is_named_after_it_and_linked_to_its_best_epoch_and_
     assert {"valid/loss", "valid/acc", "train/loss", "test/acc", "test/auroc", "best/valid/loss"} <= set(linked)
     assert linked["valid/loss"].value == best.data.metrics["best/valid/loss"]  # the best epoch's, not epoch 0's
     assert linked["test/acc"].value == best.data.metrics["test/acc"]
+    # described (its page's Description), its test metrics on the run's data set (its *Datasets used*)
+    note = model.tags["mlflow.note.content"]
+    assert note.startswith("**Backbone weights: random. Not transfer learning")
+    assert f"**{best.info.run_name}** at its best epoch {best_epoch}: resnet18 with a linear head" in note
+    assert "In: float32 images N x 3 x 32 x 32" in note and "Out: P(b_class)" in note
+    assert model.model_type == "binary classifier" and model.tags["weights_source"] == "random"
+    (data,) = best.inputs.dataset_inputs
+    on_data = {m.key for m in model.metrics if (m.dataset_name, m.dataset_digest) == ("tiles", data.dataset.digest)}
+    assert on_data == {"test/acc", "test/loss", "test/auroc", "test/f1", "test/balanced_acc"}
+
+
+def test_the_learning_curves_are_the_first_chart_of_a_runs_model_metrics_tab(sweep):
+    """MLflow 3.17's run page sorts its chart sections by name, first by code point (String.sort),
+    then case-insensitively (localeCompare) as charts arrive: the curves' image sorts first both ways."""
+    from resnet_sweep.logged import CURVES_KEY
+
+    client = client_for(sweep)
+    for child in mlflow_runs(sweep).children:
+        best_epoch = int(child.data.metrics["best_epoch"])
+        images = [a.path for a in client.list_artifacts(child.info.run_id, "images")]
+        assert any(p.startswith(f"images/{CURVES_KEY.replace('/', '~')}+step+{best_epoch}+") for p in images), images
+        section = CURVES_KEY.rsplit("/", 1)[0]
+        others = {k.rsplit("/", 1)[0] for k in child.data.metrics if "/" in k}
+        assert all(section < o and section.lower() < o.lower() for o in others), sorted(others)
 
 
 def test_metric_values_carry_no_float32_noise(sweep):
