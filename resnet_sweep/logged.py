@@ -1,5 +1,5 @@
 """What a job's run holds besides its metrics: the data set it read (an MLflow dataset input of
-metadata only, its class counts), the test split's groups as a CSV, the learning curves as the run
+metadata only, its class counts), the test split's groups as a CSV, the loss curves as the run
 page's first chart, and the full model (the pytorch flavor), named after the run, described, its test
 metrics linked to the data set."""
 
@@ -90,21 +90,25 @@ def below(path, folder: Path) -> str:
     return Path(path).relative_to(folder).as_posix()
 
 
-# The learning curves as an image chart: MLflow 3.17's run page (Model metrics tab) groups charts in
-# sections named by the key before its last "/", sorted by name (String.sort, then localeCompare as
-# charts arrive), "Model metrics" last; only this name sorts before best/, data/, lr/, test/, train/.
-CURVES_KEY = "Accuracy and loss per epoch/train and valid"
+# The train and valid loss per epoch as an image chart: MLflow 3.17's run page (Model metrics tab)
+# groups its charts in sections named by the key before its last "/", sorted by name (String.sort,
+# then localeCompare as charts arrive), "Model metrics" last; "All epochs" sorts before best/, data/,
+# lr/, test/, train/, valid/. Its chart shows log_image's copy scaled to 256 pixels: one panel, not two.
+CURVES_KEY = "All epochs/train and valid loss"
 DESCRIPTION_TAG = "mlflow.note.content"  # a logged model's description on its page, as a run's
 
 
 def log_curves(fig, *, step: int) -> None:
-    """The learning-curves figure as the active run's image ``CURVES_KEY`` at ``step``: the first
-    chart of the run page's Model metrics tab (one per-metric line chart each cannot be combined or
-    reordered from the store: that layout lives in the browser's local storage)."""
+    """The loss panel (the first axes) of ``plots.learning_curves``' figure as the active run's image
+    ``CURVES_KEY`` at ``step``: the first chart of the run page's Model metrics tab. (MLflow's own
+    line charts, one per metric, cannot be combined or reordered from the store: that layout lives in
+    the browser's local storage.)"""
     from PIL import Image
 
+    renderer = fig.canvas.get_renderer()
+    panel = fig.axes[0].get_tightbbox(renderer).transformed(fig.dpi_scale_trans.inverted()).padded(0.1)
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
+    fig.savefig(buffer, format="png", bbox_inches=panel)
     buffer.seek(0)
     with Image.open(buffer) as image:
         mlflow.log_image(image, key=CURVES_KEY, step=step, synchronous=True)

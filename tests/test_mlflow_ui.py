@@ -321,6 +321,8 @@ def test_a_browser_on_mlflow_ui_sees_the_runs_the_report_the_models_best_epoch_a
                 "return [...document.querySelectorAll('.ag-row *')].map(e => getComputedStyle(e).backgroundColor)"
             )
         )
+        colours = {child.data.tags["mlflow.runColor"] for child in runs.children}
+        assert len(colours) == len(runs.children), colours  # distinct
         for child in runs.children:  # each child's own colour, as its dot beside its name
             hex_colour = child.data.tags["mlflow.runColor"]
             rgb = "rgb({}, {}, {})".format(*(int(hex_colour[i : i + 2], 16) for i in (1, 3, 5)))
@@ -335,6 +337,9 @@ def test_a_browser_on_mlflow_ui_sees_the_runs_the_report_the_models_best_epoch_a
             parent.data.tags["best_run_name"],
             shot="parent_run",
         )
+        # the report's first table (the page's first: the description comes first) has the objective's column
+        tables = browser.execute_script("return [...document.querySelectorAll('table')].map(t => t.innerText)")
+        assert tables and "Backbone" in tables[0] and "Valid loss (best epoch)" in tables[0], tables[:1]
         # the breadcrumb's experiment page is the runs table, not a GenAI overview of traces
         crumb = browser.find_element(
             "xpath", f"//a[normalize-space(.)='resnet-sweep' and contains(@href, '/experiments/{experiment_id}')]"
@@ -347,15 +352,47 @@ def test_a_browser_on_mlflow_ui_sees_the_runs_the_report_the_models_best_epoch_a
         body = browser.find_element("tag name", "body").text
         assert browser.current_url.split("?")[0].endswith(f"/experiments/{experiment_id}/runs"), browser.current_url
         assert "Run Name" in body and "Detect issues" not in body
-        # a child run: its description, its dataset
+        # a child run (in Model-training mode, as the runs table links it): its description, its
+        # dataset, its logged model
         best = next(r for r in runs.children if r.info.run_id == best_id)
-        page(f"{ui}/#/experiments/{experiment_id}/runs/{best_id}", "best epoch", "tiles", shot="child_run")
-        # the model page: the best epoch's metrics, not epoch 0's
         mlflow.set_tracking_uri(db)
         (model,) = mlflow.search_logged_models(experiment_ids=[experiment_id], output_format="list")
+        run_page = f"{ui}/#/experiments/{experiment_id}/runs/{best_id}"
+        body = page(f"{run_page}?workflowType=machine_learning", "best epoch", "tiles", model.name, shot="child_run")
+        assert "Backbone weights: random" in body and "Evaluation runs" not in body
+        # its Model metrics tab: the learning curves (train and valid loss in one figure) come first
+        from resnet_sweep.logged import CURVES_KEY
+
+        section = CURVES_KEY.split("/")[0]
+        page(f"{run_page}/model-metrics?workflowType=machine_learning", section, "best/valid", shot="child_metrics")
+        body = browser.find_element("tag name", "body").text
+        assert body.index(section) < min(body.index(s) for s in ("best/train", "best/valid", "test", "valid")), body
+        deadline = time.time() + 60
+        # (a thumbnail: MLflow shows log_image's copy scaled to 256 pixels, the full image on a click)
+        find_curves = (
+            "return [...document.querySelectorAll('img')].filter(i => i.naturalWidth >= 200 && "
+            "decodeURIComponent(i.src).includes('images/' + arguments[0]))"
+        )
+        while not (curves := browser.execute_script(find_curves, CURVES_KEY.replace("/", "~"))):
+            assert time.time() < deadline, browser.execute_script(
+                "return [...document.querySelectorAll('img')].map(i => i.src.slice(0, 200) + ' ' + i.naturalWidth)"
+            )
+            time.sleep(1)
+        browser.execute_script("arguments[0].scrollIntoView({block: 'center'})", curves[0])
+        browser.save_screenshot(str(shots / "child_metrics_curves.png"))
+        # the model page: described, its data set, the best epoch's metrics (not epoch 0's)
         # (waited for with the key: the page may show the metric's name before its value)
         best_loss = f"{best.data.metrics['best/valid/loss']:g}"[:5]
-        page(f"{ui}/#/experiments/{experiment_id}/models/{model.model_id}", "valid/loss", best_loss, shot="model")
+        digest = best.inputs.dataset_inputs[0].dataset.digest
+        body = page(
+            f"{ui}/#/experiments/{experiment_id}/models/{model.model_id}?workflowType=machine_learning",
+            "valid/loss",
+            best_loss,
+            f"at its best epoch {int(best.data.metrics['best_epoch'])}",
+            f"tiles (#{digest})",
+            shot="model",
+        )
+        assert "No description" not in body
         # the confusion matrix renders
         page(
             f"{ui}/#/experiments/{experiment_id}/runs/{best_id}/artifacts/plots/confusion_matrix.png",
