@@ -12,7 +12,7 @@ def sweep(tmp_path_factory):
     """One small grid (two learning rates, three epochs) on a tiny tree: its folder."""
     cwd = tmp_path_factory.mktemp("sweep")
     tree = make_tree(cwd / "tiles")
-    run_app(
+    proc = run_app(
         cwd,
         "-m",
         *FAST,
@@ -21,6 +21,7 @@ def sweep(tmp_path_factory):
         f"data.root={tree}",
         "optimizer.lr=1e-3,1e-2",
     )
+    (cwd / "sweep.stdout").write_text(proc.stdout)
     return cwd
 
 
@@ -36,6 +37,45 @@ def test_the_experiment_opens_on_its_runs_and_make_ui_prints_their_url(sweep):
     )
     assert "no experiment 'other'" in runs_url(uri, "other")
     assert len(mlflow_runs(sweep).children) == 2
+    # the sweep's last line: the same URL, on `make ui`'s address
+    last = (sweep / "sweep.stdout").read_text().strip().splitlines()[-1]
+    assert last == f"runs in MLflow (after `make ui`): {runs_url(uri, 'resnet-sweep')}"
+
+
+def test_each_sweeps_end_makes_the_view_again_from_its_own_children(tmp_path):
+    """The view tag is the last sweep's (its swept keys, its names' width), not the first one's."""
+    import json
+
+    from conftest import fresh_store
+    from mlflow.tracking import MlflowClient
+
+    from resnet_sweep import shared_view
+
+    fresh_store(tmp_path)
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment_id = client.create_experiment("views")
+
+    def sweep(key: str, values: list[str], name: str) -> dict:
+        parent = client.create_run(experiment_id, tags={"objective": "valid/loss"}, run_name="sweep")
+        children = []
+        for value in values:
+            child = client.create_run(
+                experiment_id, tags={"mlflow.parentRunId": parent.info.run_id}, run_name=f"{name}-{value}"
+            )
+            client.log_param(child.info.run_id, key, value)
+            client.set_terminated(child.info.run_id)
+            children.append(client.get_run(child.info.run_id))
+        shared_view.refresh(client, client.get_run(parent.info.run_id), children)
+        return json.loads(client.get_experiment(experiment_id).tags["mlflow.sharedViewState.resnet-sweep"])
+
+    first = sweep("head.name", ["linear", "mlp_relu"], "r")
+    assert first["selectedColumns"][0] == "params.`head.name`"
+    second = sweep("optimizer.lr", ["1e-3", "1e-2"], "resnet50-mlp_relu-adamw-lr")
+    assert (
+        second["selectedColumns"][0] == "params.`optimizer.lr`"
+        and "params.`head.name`" not in second["selectedColumns"]
+    )
+    assert second["columnWidths"] != first["columnWidths"]
 
 
 def test_the_experiments_prepared_view_shows_the_swept_keys_and_the_objective_sorted_best_first(sweep):
