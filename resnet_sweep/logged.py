@@ -170,7 +170,8 @@ def log_model(classifier, ckpt: dict, run_name: str) -> None:
         serialization_format="pickle",  # torch.export would fix the batch size to the example's
         code_paths=[str(Path(__file__).resolve().parent)],  # unpickling needs resnet_sweep.models
     )
-    link_dataset(info.model_id, mlflow.active_run().info.run_id, step=step)
+    if info.run_id:
+        link_dataset(info.model_id, info.run_id, step=step)
 
 
 def link_dataset(model_id: str, run_id: str, *, step: int) -> None:
