@@ -161,7 +161,8 @@ def log_model(classifier, ckpt: dict, run_name: str) -> None:
         model,
         name=model_name(run_name),
         step=step,
-        tags={DESCRIPTION_TAG: model_description(ckpt, run_name), "weights_source": str(ckpt.get("weights_source"))},
+        tags={DESCRIPTION_TAG: model_description(ckpt, run_name)}
+        | ({"weights_source": str(ckpt["weights_source"])} if "weights_source" in ckpt else {}),
         model_type="binary classifier" if len(ckpt["classes"]) == 2 else "classifier",
         signature=infer_signature(example, output),
         input_example=example,
