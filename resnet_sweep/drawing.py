@@ -24,13 +24,24 @@ log = logging.getLogger(__name__)
 _workers: ProcessPoolExecutor | None = None
 
 
-def png(kind: str, args: tuple, dpi: float) -> bytes:
-    """``plots.<kind>(*args)`` as PNG bytes."""
+def png(kind: str, args: tuple, dpi: float) -> tuple[bytes, list[tuple[int, int, int, int]]]:
+    """``plots.<kind>(*args)`` as PNG bytes, and the pixel box (left, top, right, bottom) of each
+    of its panels (axes with their labels, 0.1 inch around)."""
     fig = getattr(plots, kind)(*args)
     try:
         buffer = io.BytesIO()
         fig.savefig(buffer, format="png", dpi=dpi)
-        return buffer.getvalue()
+        renderer = fig.canvas.get_renderer()
+        scale, height = dpi / fig.dpi, fig.get_figheight() * dpi
+        boxes = []
+        for ax in fig.axes:
+            box = ax.get_tightbbox(renderer)
+            pad = 0.1 * fig.dpi
+            x0, y0, x1, y1 = ((box.x0 - pad), (box.y0 - pad), (box.x1 + pad), (box.y1 + pad))
+            boxes.append(
+                (max(0, int(x0 * scale)), max(0, int(height - y1 * scale)), int(x1 * scale), int(height - y0 * scale))
+            )
+        return buffer.getvalue(), boxes
     finally:
         plots.close(fig)
 
@@ -61,6 +72,7 @@ class Drawing:
     def __init__(self, kind: str, args: tuple, *, dpi: float = 100, background: bool = False):
         self.kind, self.args, self.dpi = kind, args, dpi
         self.future: Future | None = None
+        self.drawn: tuple[bytes, list] | None = None
         if background:
             with contextlib.suppress(RuntimeError, OSError, BrokenProcessPool):
                 self.future = _pool().submit(png, kind, args, dpi)
@@ -68,14 +80,28 @@ class Drawing:
     def done(self) -> bool:
         return self.future is None or self.future.done()
 
-    def png(self) -> bytes:
+    def _drawn(self) -> tuple[bytes, list]:
         if self.future is not None:
             try:
                 return self.future.result()
             except (BrokenProcessPool, OSError, EOFError) as e:
                 log.debug("figure worker failed (%s): drawing %s here", e, self.kind)
                 _forget_pool()
-        return png(self.kind, self.args, self.dpi)
+                self.future = None
+        if self.drawn is None:
+            self.drawn = png(self.kind, self.args, self.dpi)
+        return self.drawn
+
+    def png(self) -> bytes:
+        return self._drawn()[0]
+
+    def panel(self, index: int):
+        """Panel ``index`` of the figure, cut from its PNG (a PIL image)."""
+        from PIL import Image
+
+        data, boxes = self._drawn()
+        with Image.open(io.BytesIO(data)) as image:
+            return image.crop(boxes[index]).convert("RGB")
 
 
 def _forget_pool() -> None:

@@ -1,6 +1,7 @@
 """What a job's run holds besides its metrics: the data set it read (an MLflow dataset input of
-metadata only, its class counts), the test split's groups as a CSV, and the full model (the pytorch
-flavor), named after the run."""
+metadata only, its class counts), the test split's groups as a CSV, the loss curves as the run
+page's first chart, and the full model (the pytorch flavor), named after the run, described, its test
+metrics linked to the data set."""
 
 from __future__ import annotations
 
@@ -8,11 +9,14 @@ import csv
 import hashlib
 import io
 import os
+import time
 from pathlib import Path
 
 import mlflow
 import numpy as np
 import torch
+from mlflow.entities import Metric
+from mlflow.tracking import MlflowClient
 
 from . import data
 from .checks import SPLITS
@@ -86,11 +90,55 @@ def below(path, folder: Path) -> str:
     return Path(path).relative_to(folder).as_posix()
 
 
+# The train and valid loss per epoch as an image chart: MLflow 3.17's run page (Model metrics tab)
+# groups its charts in sections named by the key before its last "/", sorted by name (String.sort,
+# then localeCompare as charts arrive), "Model metrics" last; "All epochs" sorts before best/, data/,
+# lr/, test/, train/, valid/. Its chart shows log_image's copy scaled to 256 pixels: one panel, not two.
+CURVES_KEY = "All epochs/train and valid loss"
+DESCRIPTION_TAG = "mlflow.note.content"  # a logged model's description on its page, as a run's
+
+
+def log_curves(image, *, step: int) -> None:
+    """The loss panel of ``plots.learning_curves`` (a PIL image, ``drawing.Drawing.panel(0)``) as the
+    active run's image ``CURVES_KEY`` at ``step``: the first chart of the run page's Model metrics
+    tab. (MLflow's own line charts, one per metric, cannot be combined or reordered from the store:
+    that layout lives in the browser's local storage.)"""
+    mlflow.log_image(image, key=CURVES_KEY, step=step, synchronous=True)
+
+
+def model_description(ckpt: dict, run_name: str) -> str:
+    """The logged model's description (Markdown): which run and epoch, what goes in and comes out,
+    a loud line first when the backbone started from random weights."""
+    classes = list(ckpt["classes"])
+    crop = int(ckpt["crop_size"])
+    backbone, head = (ckpt.get(k, {}).get("name", "?") for k in ("backbone", "head"))
+    weights = str(ckpt.get("weights_source", ""))
+    out = (
+        f"P({classes[1]}), one float per image (classes {classes[0]}, {classes[1]})"
+        if len(classes) == 2
+        else f"one probability per class, N x {len(classes)} ({', '.join(classes)})"
+    )
+    warning = (
+        f"**Backbone weights: {weights}. Not transfer learning: trained from random weights.**\n\n"
+        if weights.startswith("random")
+        else ""
+    )
+    mean, std = (", ".join(f"{v:.3f}" for v in ckpt[k]) for k in ("mean", "std"))
+    return warning + (
+        f"**{run_name}** at its best epoch {int(ckpt.get('epoch', 0))}: {backbone} with a {head} head, the "
+        f"whole network (pytorch flavor).\n\n"
+        f"In: float32 images N x 3 x {crop} x {crop}, normalised with mean ({mean}) and std ({std}). "
+        f"Out: {out}.\n\n"
+        "Its metrics below are that epoch's; the test ones were measured on the data set under *Datasets used*."
+    )
+
+
 def log_model(classifier, ckpt: dict, run_name: str) -> None:
     """Log the full model (backbone + head) with the pytorch flavor into the active run, named after
     the run and at the best epoch's step, so that MLflow links it to that epoch's metrics and the
     test metrics (logged at the same step); its pyfunc takes normalised ``N x 3 x crop x crop``
-    float32 images and returns P(ckpt['classes'][1])."""
+    float32 images and returns P(ckpt['classes'][1]). Described (``model_description``); its test
+    metrics linked to the run's data set (``link_dataset``)."""
     from mlflow.models import infer_signature
 
     from .models import ProbabilityModel
@@ -100,10 +148,14 @@ def log_model(classifier, ckpt: dict, run_name: str) -> None:
     example = np.zeros((1, 3, crop, crop), dtype=np.float32)
     with torch.inference_mode():
         output = model(torch.from_numpy(example)).numpy()
-    mlflow.pytorch.log_model(
+    step = int(ckpt.get("epoch", 0))
+    info = mlflow.pytorch.log_model(
         model,
         name=model_name(run_name),
-        step=int(ckpt.get("epoch", 0)),
+        step=step,
+        tags={DESCRIPTION_TAG: model_description(ckpt, run_name)}
+        | ({"weights_source": str(ckpt["weights_source"])} if "weights_source" in ckpt else {}),
+        model_type="binary classifier" if len(ckpt["classes"]) == 2 else "classifier",
         signature=infer_signature(example, output),
         input_example=example,
         metadata={k: ckpt[k] for k in ("classes", "mean", "std", "crop_size")},
@@ -111,3 +163,26 @@ def log_model(classifier, ckpt: dict, run_name: str) -> None:
         serialization_format="pickle",  # torch.export would fix the batch size to the example's
         code_paths=[str(Path(__file__).resolve().parent)],  # unpickling needs resnet_sweep.models
     )
+    if info.run_id:
+        link_dataset(info.model_id, info.run_id, step=step)
+
+
+def link_dataset(model_id: str, run_id: str, *, step: int) -> None:
+    """The model's test metrics at ``step`` logged again with the run's data set (its one dataset
+    input), which the model page lists under *Datasets used*. ``log_model`` copies the run's metrics
+    at its step without their data set (MLflow's run metrics do not store it), so these rows come
+    beside those copies. No dataset input: nothing to link."""
+    client = MlflowClient()
+    inputs = client.get_run(run_id).inputs
+    datasets = [i.dataset for i in (inputs.dataset_inputs if inputs else [])]
+    if not datasets:
+        return
+    dataset = datasets[0]
+    stamp = int(time.time() * 1000)
+    metrics = [
+        Metric(m.key, m.value, stamp, step, model_id=model_id, dataset_name=dataset.name, dataset_digest=dataset.digest)
+        for m in client.get_logged_model(model_id).metrics or []
+        if m.key.startswith("test/") and m.step == step and m.dataset_name is None
+    ]
+    if metrics:
+        client.log_batch(run_id, metrics=metrics)

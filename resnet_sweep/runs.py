@@ -26,7 +26,7 @@ from mlflow.tracking import MlflowClient
 from . import drawing, faults, head_group
 from .errors import first_line
 from .hpo import Pruned
-from .logged import class_counts, dataset_input, group_csv, log_model
+from .logged import class_counts, dataset_input, group_csv, log_curves, log_model
 from .naming import app_config, experiment_params, optimizer_name, run_name, what_trains
 from .redaction import redact
 from .store import connect, database_of, existing_run
@@ -239,8 +239,10 @@ class JobLog:
             with tempfile.TemporaryDirectory() as tmp:
                 file = Path(tmp) / Path(path).name
                 file.write_bytes(png)
-                with faults.writing(self.artifacts or tmp, need=len(png)):
+                with faults.writing(self.artifacts or tmp, need=3 * len(png)):
                     self._call("log_artifact", mlflow.log_artifact, str(file), str(Path(path).parent))
+                    if figure.kind == "learning_curves":  # its loss panel: the run page's first chart
+                        self._call("log_image", log_curves, figure.panel(0), step=self.best_epoch)
         self.figures = {}
 
     def description(self, test: dict) -> str:

@@ -33,3 +33,22 @@ def test_a_model_is_logged_without_inferring_its_requirements(tmp_path, monkeypa
         assert any(line.startswith("torch==") for line in lines) and "torchvision" in lines
     finally:
         mlflow.set_tracking_uri(None)
+
+
+def test_the_model_description_says_what_goes_in_and_out_and_warns_of_random_weights():
+    ckpt = {
+        "classes": ["a", "b", "c"],
+        "crop_size": 224,
+        "epoch": 4,
+        "mean": [0.485, 0.456, 0.406],
+        "std": [0.229, 0.224, 0.225],
+        "backbone": {"name": "resnet50"},
+        "head": {"name": "mlp_relu"},
+        "weights_source": "imagenet:IMAGENET1K_V2",
+    }
+    note = logged.model_description(ckpt, "resnet50-mlp_relu-adamw-lr1e-04-s0")
+    assert note.startswith("**resnet50-mlp_relu-adamw-lr1e-04-s0** at its best epoch 4: resnet50 with a mlp_relu head")
+    assert "N x 3 x 224 x 224" in note and "mean (0.485, 0.456, 0.406)" in note
+    assert "Out: one probability per class, N x 3 (a, b, c)" in note and "random" not in note
+    random = logged.model_description({**ckpt, "weights_source": "random"}, "r")
+    assert random.startswith("**Backbone weights: random. Not transfer learning")

@@ -12,7 +12,7 @@ def sweep(tmp_path_factory):
     """One small grid (two learning rates, three epochs) on a tiny tree: its folder."""
     cwd = tmp_path_factory.mktemp("sweep")
     tree = make_tree(cwd / "tiles")
-    run_app(
+    proc = run_app(
         cwd,
         "-m",
         *FAST,
@@ -21,6 +21,7 @@ def sweep(tmp_path_factory):
         f"data.root={tree}",
         "optimizer.lr=1e-3,1e-2",
     )
+    (cwd / "sweep.stdout").write_text(proc.stdout)
     return cwd
 
 
@@ -36,6 +37,45 @@ def test_the_experiment_opens_on_its_runs_and_make_ui_prints_their_url(sweep):
     )
     assert "no experiment 'other'" in runs_url(uri, "other")
     assert len(mlflow_runs(sweep).children) == 2
+    # the sweep's last line: the same URL, on `make ui`'s address
+    last = (sweep / "sweep.stdout").read_text().strip().splitlines()[-1]
+    assert last == f"runs in MLflow (after `make ui`): {runs_url(uri, 'resnet-sweep')}"
+
+
+def test_each_sweeps_end_makes_the_view_again_from_its_own_children(tmp_path):
+    """The view tag is the last sweep's (its swept keys, its names' width), not the first one's."""
+    import json
+
+    from conftest import fresh_store
+    from mlflow.tracking import MlflowClient
+
+    from resnet_sweep import shared_view
+
+    fresh_store(tmp_path)
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment_id = client.create_experiment("views")
+
+    def sweep(key: str, values: list[str], name: str) -> dict:
+        parent = client.create_run(experiment_id, tags={"objective": "valid/loss"}, run_name="sweep")
+        children = []
+        for value in values:
+            child = client.create_run(
+                experiment_id, tags={"mlflow.parentRunId": parent.info.run_id}, run_name=f"{name}-{value}"
+            )
+            client.log_param(child.info.run_id, key, value)
+            client.set_terminated(child.info.run_id)
+            children.append(client.get_run(child.info.run_id))
+        shared_view.refresh(client, client.get_run(parent.info.run_id), children)
+        return json.loads(client.get_experiment(experiment_id).tags["mlflow.sharedViewState.resnet-sweep"])
+
+    first = sweep("head.name", ["linear", "mlp_relu"], "r")
+    assert first["selectedColumns"][0] == "params.`head.name`"
+    second = sweep("optimizer.lr", ["1e-3", "1e-2"], "resnet50-mlp_relu-adamw-lr")
+    assert (
+        second["selectedColumns"][0] == "params.`optimizer.lr`"
+        and "params.`head.name`" not in second["selectedColumns"]
+    )
+    assert second["columnWidths"] != first["columnWidths"]
 
 
 def test_the_experiments_prepared_view_shows_the_swept_keys_and_the_objective_sorted_best_first(sweep):
@@ -90,6 +130,30 @@ def test_the_best_runs_model_is_named_after_it_and_linked_to_its_best_epoch_and_
     assert {"valid/loss", "valid/acc", "train/loss", "test/acc", "test/auroc", "best/valid/loss"} <= set(linked)
     assert linked["valid/loss"].value == best.data.metrics["best/valid/loss"]  # the best epoch's, not epoch 0's
     assert linked["test/acc"].value == best.data.metrics["test/acc"]
+    # described (its page's Description), its test metrics on the run's data set (its *Datasets used*)
+    note = model.tags["mlflow.note.content"]
+    assert note.startswith("**Backbone weights: random. Not transfer learning")
+    assert f"**{best.info.run_name}** at its best epoch {best_epoch}: resnet18 with a linear head" in note
+    assert "In: float32 images N x 3 x 32 x 32" in note and "Out: P(b_class)" in note
+    assert model.model_type == "binary classifier" and model.tags["weights_source"] == "random"
+    (data,) = best.inputs.dataset_inputs
+    on_data = {m.key for m in model.metrics if (m.dataset_name, m.dataset_digest) == ("tiles", data.dataset.digest)}
+    assert on_data == {"test/acc", "test/loss", "test/auroc", "test/f1", "test/balanced_acc"}
+
+
+def test_the_learning_curves_are_the_first_chart_of_a_runs_model_metrics_tab(sweep):
+    """MLflow 3.17's run page sorts its chart sections by name, first by code point (String.sort),
+    then case-insensitively (localeCompare) as charts arrive: the curves' image sorts first both ways."""
+    from resnet_sweep.logged import CURVES_KEY
+
+    client = client_for(sweep)
+    for child in mlflow_runs(sweep).children:
+        best_epoch = int(child.data.metrics["best_epoch"])
+        images = [a.path for a in client.list_artifacts(child.info.run_id, "images")]
+        assert any(p.startswith(f"images/{CURVES_KEY.replace('/', '~')}+step+{best_epoch}+") for p in images), images
+        section = CURVES_KEY.rsplit("/", 1)[0]
+        others = {k.rsplit("/", 1)[0] for k in child.data.metrics if "/" in k}
+        assert all(section < o and section.lower() < o.lower() for o in others), sorted(others)
 
 
 def test_metric_values_carry_no_float32_noise(sweep):
@@ -297,6 +361,8 @@ def test_a_browser_on_mlflow_ui_sees_the_runs_the_report_the_models_best_epoch_a
                 "return [...document.querySelectorAll('.ag-row *')].map(e => getComputedStyle(e).backgroundColor)"
             )
         )
+        colours = {child.data.tags["mlflow.runColor"] for child in runs.children}
+        assert len(colours) == len(runs.children), colours  # distinct
         for child in runs.children:  # each child's own colour, as its dot beside its name
             hex_colour = child.data.tags["mlflow.runColor"]
             rgb = "rgb({}, {}, {})".format(*(int(hex_colour[i : i + 2], 16) for i in (1, 3, 5)))
@@ -311,6 +377,9 @@ def test_a_browser_on_mlflow_ui_sees_the_runs_the_report_the_models_best_epoch_a
             parent.data.tags["best_run_name"],
             shot="parent_run",
         )
+        # the report's first table (the page's first: the description comes first) has the objective's column
+        tables = browser.execute_script("return [...document.querySelectorAll('table')].map(t => t.innerText)")
+        assert tables and "Backbone" in tables[0] and "Valid loss (best epoch)" in tables[0], tables[:1]
         # the breadcrumb's experiment page is the runs table, not a GenAI overview of traces
         crumb = browser.find_element(
             "xpath", f"//a[normalize-space(.)='resnet-sweep' and contains(@href, '/experiments/{experiment_id}')]"
@@ -323,15 +392,47 @@ def test_a_browser_on_mlflow_ui_sees_the_runs_the_report_the_models_best_epoch_a
         body = browser.find_element("tag name", "body").text
         assert browser.current_url.split("?")[0].endswith(f"/experiments/{experiment_id}/runs"), browser.current_url
         assert "Run Name" in body and "Detect issues" not in body
-        # a child run: its description, its dataset
+        # a child run (in Model-training mode, as the runs table links it): its description, its
+        # dataset, its logged model
         best = next(r for r in runs.children if r.info.run_id == best_id)
-        page(f"{ui}/#/experiments/{experiment_id}/runs/{best_id}", "best epoch", "tiles", shot="child_run")
-        # the model page: the best epoch's metrics, not epoch 0's
         mlflow.set_tracking_uri(db)
         (model,) = mlflow.search_logged_models(experiment_ids=[experiment_id], output_format="list")
+        run_page = f"{ui}/#/experiments/{experiment_id}/runs/{best_id}"
+        body = page(f"{run_page}?workflowType=machine_learning", "best epoch", "tiles", model.name, shot="child_run")
+        assert "Backbone weights: random" in body and "Evaluation runs" not in body
+        # its Model metrics tab: the learning curves (train and valid loss in one figure) come first
+        from resnet_sweep.logged import CURVES_KEY
+
+        section = CURVES_KEY.split("/")[0]
+        page(f"{run_page}/model-metrics?workflowType=machine_learning", section, "best/valid", shot="child_metrics")
+        body = browser.find_element("tag name", "body").text
+        assert body.index(section) < min(body.index(s) for s in ("best/train", "best/valid", "test", "valid")), body
+        deadline = time.time() + 60
+        # (a thumbnail: MLflow shows log_image's copy scaled to 256 pixels, the full image on a click)
+        find_curves = (
+            "return [...document.querySelectorAll('img')].filter(i => i.naturalWidth >= 200 && "
+            "decodeURIComponent(i.src).includes('images/' + arguments[0]))"
+        )
+        while not (curves := browser.execute_script(find_curves, CURVES_KEY.replace("/", "~"))):
+            assert time.time() < deadline, browser.execute_script(
+                "return [...document.querySelectorAll('img')].map(i => i.src.slice(0, 200) + ' ' + i.naturalWidth)"
+            )
+            time.sleep(1)
+        browser.execute_script("arguments[0].scrollIntoView({block: 'center'})", curves[0])
+        browser.save_screenshot(str(shots / "child_metrics_curves.png"))
+        # the model page: described, its data set, the best epoch's metrics (not epoch 0's)
         # (waited for with the key: the page may show the metric's name before its value)
         best_loss = f"{best.data.metrics['best/valid/loss']:g}"[:5]
-        page(f"{ui}/#/experiments/{experiment_id}/models/{model.model_id}", "valid/loss", best_loss, shot="model")
+        digest = best.inputs.dataset_inputs[0].dataset.digest
+        body = page(
+            f"{ui}/#/experiments/{experiment_id}/models/{model.model_id}?workflowType=machine_learning",
+            "valid/loss",
+            best_loss,
+            f"at its best epoch {int(best.data.metrics['best_epoch'])}",
+            f"tiles (#{digest})",
+            shot="model",
+        )
+        assert "No description" not in body
         # the confusion matrix renders
         page(
             f"{ui}/#/experiments/{experiment_id}/runs/{best_id}/artifacts/plots/confusion_matrix.png",
