@@ -5,22 +5,24 @@ composes, and every job and sweep point is checked with it before it starts (``p
 from __future__ import annotations
 
 import os
+import re
 import sys
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from . import schema
 from .errors import UserError
 from .objective import direction
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 SPLITS = ("train", "valid", "test")  # the folders of an ImageFolder root, in this order
-AUGMENTS = ("hflip", "vflip", "rot90")
-SAMPLERS = ("shuffle", "balanced")  # data.sampler (crops.epoch_order)
-GROUP_AGGREGATES = ("mean", "majority")  # data.group_aggregate
+AUGMENTS = tuple(schema.Augment)
+SAMPLERS = tuple(schema.Sampler)  # data.sampler (crops.epoch_order)
+GROUP_AGGREGATES = tuple(schema.GroupAggregate)  # data.group_aggregate
 PRECISIONS = {"auto": None, "bf16": True, "bf16-mixed": True, "32": False, "fp32": False}  # choice -> bf16?
-LOG_MODEL = ("all", "best", "none")
+TYPED = ("trainer", "backbone", "data", "tracking", "loss")  # the groups with a schema
 # crops per backbone forward while extracting, unless trainer.bank_batch_size says otherwise: on a
 # GPU a ResNet18 forward of 64 crops is over before Python has launched the next (an H200 ran plain
 # bf16 inference at 27,800 img/s with batches of 64, 37,100 with 256)
@@ -29,41 +31,41 @@ EXTRACT_BATCH = {"cpu": 64, "cuda": 256}
 
 def check_config(cfg) -> None:
     """Every config value that would otherwise fail late, with a traceback, or silently: one line
-    naming the key. Cheap (no data is read, nothing is created). The optimizer's own dry run, which
-    needs torch, is ``engine.check_optimizer``; ``preflight.check_job`` runs both."""
+    naming the key. Cheap (no data is read, nothing is created). Each typed group's keys, types,
+    choices and ranges as its schema declares them (``schema.node_error``), the top-level keys, then
+    what one key needs of another. What needs torch, the machine or the data is ``preflight``'s."""
     check_optimizer_values(cfg.optimizer)
-    for key in ("max_epochs", "batch_size", "num_workers", "bank_views"):
-        value = cfg.trainer.get(key)
-        low = 0 if key == "num_workers" else 1
-        if not is_int(value) or value < low:
-            raise UserError(f"trainer.{key}={value}: must be an integer >= {low}")
-    patience = cfg.trainer.patience
-    if patience is not None and (not is_int(patience) or patience < 1):
-        raise UserError(f"trainer.patience={patience}: must be an integer >= 1, or null to never stop early")
-    bank_batch = cfg.trainer.get("bank_batch_size")
-    if bank_batch is not None and (not is_int(bank_batch) or bank_batch < 1):
-        raise UserError(
-            f"trainer.bank_batch_size={bank_batch}: must be an integer >= 1, or null for "
-            f"{EXTRACT_BATCH['cpu']} on a CPU, {EXTRACT_BATCH['cuda']} on a GPU"
-        )
-    if not is_int(cfg.seed):
-        raise UserError(f"seed={cfg.seed}: must be an integer")
+    for group in (schema.TOP, *TYPED):
+        error = schema.node_error(group, cfg if group == schema.TOP else cfg[group])
+        if error:
+            raise UserError(error)
     direction(str(cfg.objective))
-    if str(cfg.objective).startswith("valid/slide/") and not cfg.data.get("group"):
+    if str(cfg.objective).startswith("valid/slide/") and cfg.data.group is None:
         raise UserError(
             f"objective={cfg.objective}: slide-level metrics need data.group=REGEX (the group of each file, "
             "as resnet-sweep split --group)"
         )
-    precision(cfg.trainer.precision)
-    feature_bank(cfg.trainer)
-    batch_heads(cfg.trainer)
-    log_model(cfg.tracking)
+    check_backbone(cfg.backbone)
     check_data(cfg.data)
-    class_weight(cfg.get("loss"))
+    class_weight(cfg.loss)
 
 
-def is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+def check_backbone(backbone_cfg) -> None:
+    """What one backbone key needs of another: ``resize`` at least ``crop_size``; ``freeze=last_n``
+    with ``unfreeze``, ``freeze=stages`` with ``stages`` (the names themselves need the model: ``models``)."""
+    resize, crop = backbone_cfg.resize, backbone_cfg.crop_size
+    if resize is not None and resize < crop:
+        raise UserError(f"backbone.resize={resize}: must be null or an integer >= backbone.crop_size ({crop})")
+    if backbone_cfg.freeze == schema.Freeze.last_n and backbone_cfg.unfreeze is None:
+        raise UserError(
+            "backbone.unfreeze=null: with backbone.freeze=last_n, give the number of parameterised layers to "
+            "train, counted from the output, e.g. backbone.unfreeze=2"
+        )
+    stages = backbone_cfg.stages
+    if backbone_cfg.freeze == schema.Freeze.stages and not stages:
+        raise UserError(
+            "backbone.stages: with backbone.freeze=stages, give a list of submodule names, e.g. backbone.stages=[layer4]"
+        )
 
 
 def check_optimizer_values(optimizer_cfg) -> None:
@@ -89,7 +91,7 @@ def precision(choice) -> bool | None:
 
 
 def feature_bank(trainer_cfg) -> str:
-    choice = str(trainer_cfg.get("feature_bank", "auto"))
+    choice = str(trainer_cfg.feature_bank)
     if choice not in ("auto", "off"):
         raise UserError(f"trainer.feature_bank={choice}: choose auto or off")
     return choice
@@ -97,7 +99,7 @@ def feature_bank(trainer_cfg) -> str:
 
 def batch_heads(trainer_cfg) -> str:
     """``trainer.batch_heads``: auto (the heads of a sweep's compatible jobs train together) or off."""
-    choice = str(trainer_cfg.get("batch_heads", "auto"))
+    choice = str(trainer_cfg.batch_heads)
     if choice not in ("auto", "off"):
         raise UserError(f"trainer.batch_heads={choice}: choose auto or off")
     return choice
@@ -105,26 +107,20 @@ def batch_heads(trainer_cfg) -> str:
 
 def log_model(tracking_cfg) -> str:
     """``tracking.log_model``: every run (all), only the sweep's best (best), or none."""
-    choice = str(tracking_cfg.log_model)
-    if choice not in LOG_MODEL:
-        raise UserError(f"tracking.log_model={choice}: choose all, best or none")
-    return choice
+    return str(tracking_cfg.log_model)
 
 
 def check_data(data_cfg) -> None:
-    """The data keys, without reading the data: a user's root must exist; the demo takes no root."""
+    """The data keys, without reading the data: a user's root must exist; the demo takes no root; a
+    ``data.group`` is a regular expression (whether it matches the files is ``preflight``'s)."""
     check_root(data_cfg)
-    if str(data_cfg.get("on_bad_image", "error")) not in ("error", "skip"):
-        raise UserError(f"data.on_bad_image={data_cfg.on_bad_image}: choose error or skip")
-    if str(data_cfg.get("normalize")) not in ("imagenet", "dataset"):
-        raise UserError(f"data.normalize={data_cfg.get('normalize')}: choose imagenet or dataset")
-    check_augment(data_cfg.get("augment"))
-    check_sampler(data_cfg.get("sampler", "shuffle"))
-    if str(data_cfg.get("group_aggregate", "mean")) not in GROUP_AGGREGATES:
-        raise UserError(
-            f"data.group_aggregate={data_cfg.get('group_aggregate')}: choose mean (mean tile probability) "
-            "or majority (share of tile votes)"
-        )
+    if data_cfg.group is not None:
+        try:
+            re.compile(str(data_cfg.group))
+        except re.error as e:
+            raise UserError(
+                f"data.group='{data_cfg.group}': not a regular expression ({e}); e.g. data.group='slide([^_]+)_'"
+            ) from None
 
 
 def check_sampler(sampler) -> str:
@@ -139,7 +135,7 @@ def check_sampler(sampler) -> str:
 def class_weight(loss_cfg) -> str | list[float]:
     """``loss.class_weight``: none, balanced, or a list of positive numbers (one per class folder;
     its length is checked against the data's classes when they are known: ``metrics.class_weights``)."""
-    value = "none" if loss_cfg is None else loss_cfg.get("class_weight", "none")
+    value = loss_cfg["class_weight"]
     if value is None or str(value) in ("none", "balanced"):
         return "none" if value is None else str(value)
     if OmegaConf.is_list(value) or isinstance(value, (list, tuple)):
@@ -195,8 +191,10 @@ def group_options(group: str) -> list[str]:
 
 def check_overrides(argv: list[str] | None = None) -> None:
     """The command line's overrides, before Hydra composes anything: an unknown config-group choice
-    (``backbone=resnet99``) as one line listing the choices, a value of the wrong type for its
-    schema (``trainer.batch_size=abc``) as one line saying what it must be; exit 2."""
+    (``backbone=resnet99``) as one line listing the choices, a key no schema of a typed group has
+    (``+trainer.max_epoch=3``, ``+`` or not) naming the closest one, a value of the wrong type, range
+    or choice for its schema (``trainer.batch_size=abc``, ``trainer.crop_seed=-1``, every value of a
+    sweep) as one line saying what it must be; exit 2."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.core.override_parser.types import ValueType
 
@@ -214,13 +212,13 @@ def check_overrides(argv: list[str] | None = None) -> None:
         elif o.value_type in (ValueType.SIMPLE_CHOICE_SWEEP, ValueType.CHOICE_SWEEP):
             values = list(o.value().list)
         else:
-            continue
+            values = []  # range(...), interval(...): every point is checked once composed (preflight)
         if (CONF_DIR / key).is_dir():
             problem = group_choice_error(key, values)
         elif key.startswith("optimizer."):
             problem = optimizer_value_error(key.partition(".")[2], values)
         else:
-            problem = value_type_error(key, values)
+            problem = value_error(key, values, o.input_line)
         if problem:
             print(problem, file=sys.stderr, flush=True)
             sys.exit(2)
@@ -244,15 +242,17 @@ def optimizer_value_error(key: str, values: list) -> str | None:
     return None
 
 
-def value_type_error(key: str, values: list) -> str | None:
-    """``group.key=value`` where the group's typed schema cannot hold the value."""
-    from . import schema
-
+def value_error(key: str, values: list, given: str = "") -> str | None:
+    """``group.key=value`` where the group's schema has no such key, or cannot hold the value (type,
+    range, choice); ``seed=value`` and the other top-level keys likewise. ``given``: the override as typed."""
     group, _, rest = key.partition(".")
     if not rest:
-        return None
+        group, rest = schema.TOP, key
+    unknown = schema.unknown_key(group, rest, given.partition("=")[0] or key)
+    if unknown:
+        return unknown
     for value in values:
-        problem = schema.type_error(group, rest, value)
+        problem = schema.problem(group, rest, value)
         if problem:
             return problem
     return None

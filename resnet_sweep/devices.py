@@ -260,7 +260,7 @@ def check_sweep_memory(cfg, hydra_cfg, *, gpus: int | None = None, free: list[in
         crop_size=int(cfg.backbone.crop_size),
         bf16=checks.precision(cfg.trainer.precision) is not False,  # auto: bf16 on the GPUs that have it
         trains_backbone=str(cfg.backbone.freeze) != "all",
-        bank_batch=int(bank) if str(cfg.trainer.get("feature_bank", "auto")) != "off" else 0,
+        bank_batch=int(bank) if str(cfg.trainer.feature_bank) != "off" else 0,
     )
     message = check_memory(job_bytes=need, jobs_per_gpu=jobs_per_gpu(slots, gpus=gpus), free=free, n_jobs=slots)
     if message:

@@ -272,8 +272,8 @@ def checkpoint(built: Built, state: dict[str, torch.Tensor], cfg, extra: dict) -
     rest. Loadable with ``torch.load(..., weights_only=True)``."""
     return {
         "format": "resnet-sweep/1",
-        "backbone": OmegaConf.to_container(cfg.backbone, resolve=True),
-        "head": OmegaConf.to_container(cfg.head, resolve=True),
+        "backbone": OmegaConf.to_container(cfg.backbone, resolve=True, enum_to_str=True),
+        "head": OmegaConf.to_container(cfg.head, resolve=True, enum_to_str=True),
         "seed": int(cfg.seed),
         "weights_source": built.weights_source,
         "frozen_checksum": built.frozen_checksum,

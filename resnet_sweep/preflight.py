@@ -9,7 +9,7 @@ from pathlib import Path
 
 from hydra.types import RunMode
 
-from . import checks, engine, faults
+from . import checks, demo_data, engine, faults, images
 from .errors import UserError, exit_with, first_line
 from .store import connect
 
@@ -17,22 +17,54 @@ log = logging.getLogger(__name__)
 
 
 def check_job(cfg) -> None:
-    """Everything ``checks.check_config`` finds, and the optimizer and scheduler built once over a
-    dummy parameter (``engine.check_optimizer``): run for every sweep point and again by each job."""
+    """Everything ``checks.check_config`` finds, ``trainer.device`` on this machine
+    (``engine.check_device``), and the optimizer and scheduler built once over a dummy parameter
+    (``engine.check_optimizer``): run for every sweep point and again by each job."""
     checks.check_config(cfg)
-    engine.check_optimizer(cfg.optimizer, cfg.get("scheduler"))
+    engine.check_device(str(cfg.trainer.device))
+    engine.check_optimizer(cfg.optimizer, cfg.scheduler if "scheduler" in cfg else None)
+
+
+def check_against_data(cfg, listings: dict) -> None:
+    """What only the data can tell, found before any run exists: ``loss.class_weight`` has one weight
+    per class folder; ``data.group`` matches every file and gives each group one class. Lists a
+    user's folder (once per root: ``listings``) only when one of the two is set; the demo's classes
+    and files are known from its config, generated or not (``demo_data.planned_files``)."""
+    weights = checks.class_weight(cfg.loss)
+    if not isinstance(weights, list) and cfg.data.group is None:
+        return
+    if cfg.data.kind == "demo":
+        classes = list(demo_data.classes_of(cfg.data))
+        if cfg.data.group is not None:
+            images.file_groups(*demo_data.planned_files(cfg.data), str(cfg.data.group))
+    else:
+        root = checks.check_root(cfg.data)
+        if root not in listings:
+            listings[root] = images.list_tree(root)
+        classes = listings[root].classes
+        if cfg.data.group is not None:
+            images.file_groups(root, listings[root].files, str(cfg.data.group))
+    if isinstance(weights, list) and len(weights) != len(classes):
+        raise UserError(
+            f"loss.class_weight={weights}: {len(weights)} weight(s) for {len(classes)} classes "
+            f"({', '.join(classes)}); give one per class folder, in this order"
+        )
 
 
 def check_sweep(config, every_point: bool = False) -> None:
     """Config mistakes, found before anything is created (no mlflow.db, no run): one line, exit 2.
     ``every_point`` (a grid sweep): every value of every swept key is checked, each composed with
     the others' first."""
+    listings: dict = {}
     try:
         if every_point and not is_study(config):
             for job_overrides in sweep_points(config):
-                check_job(_compose_job(config, job_overrides))
+                job = _compose_job(config, job_overrides)
+                check_job(job)
+                check_against_data(job, listings)
         else:
             check_job(config)
+            check_against_data(config, listings)
     except UserError as e:
         exit_with(str(e), code=2)
 
