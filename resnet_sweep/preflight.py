@@ -70,10 +70,19 @@ def check_sweep(config, every_point: bool = False) -> None:
 
 
 def sweep_points(config) -> list[list[str]]:
-    """Job override lists that together try every value of every swept key once."""
+    """Job override lists that together try every value of every swept key once: the command line's,
+    a preset's ``hydra.sweeper.params`` and, with ``hydra/sweeper=grids``, each of its grids."""
+    sweeper = config.hydra.sweeper
+    common = [f"{k}={v}" for k, v in (sweeper.get("params") or {}).items()]
+    grids = [[f"{k}={v}" for k, v in grid.items()] for grid in (sweeper.get("grids") or [])] or [[]]
+    task = list(config.hydra.overrides.task)  # last: it wins over a preset's, as in Hydra's sweeper
+    return [point for grid in grids for point in _points(common + grid + task)]
+
+
+def _points(lines: list[str]) -> list[list[str]]:
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    overrides = OverridesParser.create().parse_overrides(list(config.hydra.overrides.task))
+    overrides = OverridesParser.create().parse_overrides(lines)
     fixed = [o.input_line for o in overrides if not o.is_sweep_override()]
     swept = [(o.get_key_element(), list(o.sweep_string_iterator())) for o in overrides if o.is_sweep_override()]
     first = [f"{k}={v[0]}" for k, v in swept if v]

@@ -19,10 +19,10 @@ import torch
 from conftest import FAST, REPO, TRAIN_PY, run_app
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
-from omegaconf import OmegaConf
+from omegaconf import OmegaConf, open_dict
 from omegaconf.errors import ValidationError
 
-from resnet_sweep import checks, schema
+from resnet_sweep import checks, preflight, schema
 from resnet_sweep.errors import UserError
 
 GROUPS = [(schema.TOP, schema.AppConf)] + [(g, node) for g, _, node in schema.SCHEMAS]
@@ -232,3 +232,22 @@ def test_a_real_process_refuses_a_bad_value_in_one_line_exit_2_and_creates_nothi
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith(message)
     assert sorted(p.name for p in tmp_path.iterdir()) == [], "nothing created: no mlflow.db, no run, no outputs"
+
+
+def test_a_bad_value_in_the_last_grid_stops_the_sweep_before_anything(tmp_path):
+    # what the grids sweeper sweeps (a preset's hydra.sweeper.grids) is not on the command line
+    grids = "hydra.sweeper.grids=[{trainer.crop_seed:'0'},{trainer.crop_seed:'1,-1'}]"
+    proc = run_app(tmp_path, "-m", *FAST, "hydra/sweeper=grids", grids, check=False, store=False)
+    assert_refused(proc, "trainer.crop_seed=-1: must be an integer >= 0", tmp_path)
+
+
+def test_a_bad_value_in_a_presets_sweeper_params_is_found_composing_every_point(capsys):
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        config = compose("train", overrides=["experiment=demo"], return_hydra_config=True)
+        preflight.check_sweep(config, every_point=True)  # the preset itself: fine
+        with open_dict(config):
+            config.hydra.sweeper.params["trainer.crop_seed"] = "0,-1"
+        with pytest.raises(SystemExit) as e:
+            preflight.check_sweep(config, every_point=True)
+    assert e.value.code == 2
+    assert capsys.readouterr().err.strip().startswith("trainer.crop_seed=-1: must be an integer >= 0")
