@@ -153,7 +153,7 @@ def check_root(data_cfg) -> Path | None:
     """The root keys, without generating or reading anything: the demo takes no ``data.root``; a
     user's folder must be given and exist. Returns that folder (None for the demo)."""
     if data_cfg.kind == "demo":
-        if data_cfg.get("root") is not None:
+        if data_cfg.root is not None:
             raise UserError(
                 f"data.root={data_cfg.root} is set, but data=demo trains on the embedded demo data; "
                 "add data=imagefolder to train on your folder"

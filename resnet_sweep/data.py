@@ -329,7 +329,7 @@ def job_splits(cfg, device: torch.device | None = None) -> Splits:
         cfg.trainer,
         crop_size=int(cfg.backbone.crop_size),
         seed=int(cfg.seed),
-        resize=cfg.backbone.get("resize"),
+        resize=cfg.backbone.resize,
         crop_seed=cfg.trainer.crop_seed,
         device=device,
     )
@@ -356,7 +356,7 @@ def load_splits(
     listing = tree.listing
     classes = listing.classes
     files, labels, skipped = tree.usable(smallest, on_bad_image, data_cfg.cache_dir)
-    groups = file_groups(root, files, data_cfg.group) if data_cfg.get("group") else None
+    groups = file_groups(root, files, data_cfg.group) if data_cfg.group is not None else None
     if data_cfg.normalize == "imagenet":
         mean, std = IMAGENET_MEAN, IMAGENET_STD
     elif data_cfg.normalize == "dataset":

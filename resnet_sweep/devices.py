@@ -247,13 +247,13 @@ def check_sweep_memory(cfg, hydra_cfg, *, gpus: int | None = None, free: list[in
         free = [torch.cuda.mem_get_info(i)[0] for i in range(gpus)]
     from omegaconf import OmegaConf
 
-    kwargs = OmegaConf.to_container(cfg.backbone.model_kwargs, resolve=True) if cfg.backbone.get("model_kwargs") else {}
+    kwargs = OmegaConf.to_container(cfg.backbone.model_kwargs, resolve=True)
     try:
         model = meta_backbone(str(cfg.backbone.name), **kwargs)
     except Exception as e:  # an unknown backbone is named by the job's own checks
         log.debug("no memory estimate for backbone %s: %s", cfg.backbone.name, e)
         return None
-    bank = cfg.trainer.get("bank_batch_size") or 256
+    bank = cfg.trainer.bank_batch_size or 256
     need = job_bytes(
         model,
         batch_size=int(cfg.trainer.batch_size),

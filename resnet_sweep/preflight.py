@@ -145,7 +145,7 @@ def share_sweep_data(config) -> None:
     share = data.start_sweep_share(Path(str(config.hydra.sweep.dir)))
     try:
         job = config if is_study(config) else _compose_job(config, sweep_points(config)[0])
-        resize = job.backbone.get("resize")
+        resize = job.backbone.resize
         smallest = int(job.backbone.crop_size) if not resize else 1
         data.share_tree(share, job.data, data.resolve_root(job.data), crop_size=smallest, resize=resize)
     except UserError:
