@@ -195,14 +195,23 @@ def check_overrides(argv: list[str] | None = None) -> None:
     (``+trainer.max_epoch=3``, ``+`` or not) naming the closest one, a value of the wrong type, range
     or choice for its schema (``trainer.batch_size=abc``, ``trainer.crop_seed=-1``, every value of a
     sweep) as one line saying what it must be; exit 2."""
+    problem = override_error([a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("-")])
+    if problem:
+        print(problem, file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
+def override_error(args: list[str]) -> str | None:
+    """The first problem of these overrides (``check_overrides``), as one line; None when there is none
+    or Hydra cannot parse them (it reports that itself). Also run on every sweep point's overrides
+    (``preflight.check_sweep``: a preset's ``hydra.sweeper.params`` are not on the command line)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.core.override_parser.types import ValueType
 
-    args = [a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("-")]
     try:
         overrides = OverridesParser.create().parse_overrides(args)
     except Exception:
-        return  # Hydra reports syntax errors itself
+        return None
     for o in overrides:
         key = o.key_or_group.lstrip("+~")
         if o.package or o.is_delete() or key.startswith("hydra/") or key.startswith("hydra."):
@@ -220,8 +229,8 @@ def check_overrides(argv: list[str] | None = None) -> None:
         else:
             problem = value_error(key, values, o.input_line)
         if problem:
-            print(problem, file=sys.stderr, flush=True)
-            sys.exit(2)
+            return problem
+    return None
 
 
 def group_choice_error(group: str, values: list) -> str | None:

@@ -53,12 +53,15 @@ def check_against_data(cfg, listings: dict) -> None:
 
 def check_sweep(config, every_point: bool = False) -> None:
     """Config mistakes, found before anything is created (no mlflow.db, no run): one line, exit 2.
-    ``every_point`` (a grid sweep): every value of every swept key is checked, each composed with
-    the others' first."""
+    ``every_point`` (a sweep): every value of every swept key is checked, each composed with the
+    others' first; an Optuna study's search space by its choices and each interval's two ends."""
     listings: dict = {}
     try:
-        if every_point and not is_study(config):
+        if every_point:
             for job_overrides in sweep_points(config):
+                problem = checks.override_error(job_overrides)  # what Hydra would refuse composing it
+                if problem:
+                    raise UserError(problem)
                 job = _compose_job(config, job_overrides)
                 check_job(job)
                 check_against_data(job, listings)
@@ -71,7 +74,8 @@ def check_sweep(config, every_point: bool = False) -> None:
 
 def sweep_points(config) -> list[list[str]]:
     """Job override lists that together try every value of every swept key once: the command line's,
-    a preset's ``hydra.sweeper.params`` and, with ``hydra/sweeper=grids``, each of its grids."""
+    a preset's ``hydra.sweeper.params`` (an Optuna search space's too) and, with
+    ``hydra/sweeper=grids``, each of its grids."""
     sweeper = config.hydra.sweeper
     common = [f"{k}={v}" for k, v in (sweeper.get("params") or {}).items()]
     grids = [[f"{k}={v}" for k, v in grid.items()] for grid in (sweeper.get("grids") or [])] or [[]]
@@ -84,13 +88,24 @@ def _points(lines: list[str]) -> list[list[str]]:
 
     overrides = OverridesParser.create().parse_overrides(lines)
     fixed = [o.input_line for o in overrides if not o.is_sweep_override()]
-    swept = [(o.get_key_element(), list(o.sweep_string_iterator())) for o in overrides if o.is_sweep_override()]
+    swept = [(o.get_key_element(), _values(o)) for o in overrides if o.is_sweep_override()]
     first = [f"{k}={v[0]}" for k, v in swept if v]
     points = [fixed + first]
     for i, (key, values) in enumerate(swept):
         for value in values[1:]:
             points.append(fixed + first[:i] + [f"{key}={value}"] + first[i + 1 :])
     return points
+
+
+def _values(override) -> list[str]:
+    """The values a swept key takes, as override text: every one of a choice or range, the two ends of
+    an Optuna interval (``tag(log, interval(1e-6, 1e-2))``: a range check holds between them)."""
+    from hydra.core.override_parser.types import IntervalSweep
+
+    sweep = override.value()
+    if isinstance(sweep, IntervalSweep):
+        return [str(sweep.start), str(sweep.end)]
+    return list(override.sweep_string_iterator())
 
 
 def _compose_job(config, job_overrides: list[str]):

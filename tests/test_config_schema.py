@@ -241,13 +241,23 @@ def test_a_bad_value_in_the_last_grid_stops_the_sweep_before_anything(tmp_path):
     assert_refused(proc, "trainer.crop_seed=-1: must be an integer >= 0", tmp_path)
 
 
-def test_a_bad_value_in_a_presets_sweeper_params_is_found_composing_every_point(capsys):
+@pytest.mark.parametrize(
+    "preset,key,value,message",
+    [
+        ("experiment=demo", "trainer.crop_seed", "0,-1", "trainer.crop_seed=-1: must be an integer >= 0"),
+        ("hpo=lr_search", "trainer.crop_seed", "int(interval(-1, 3))", "trainer.crop_seed=-1: must be an integer >= 0"),
+        ("hpo=lr_search", "optimizer.lr", "tag(log, interval(0.0, 1e-2))", "optimizer.lr=0.0: the learning rate"),
+        ("hpo=lr_search", "data.tile_store", "choice(auto, maybe)", "data.tile_store=maybe: choose auto or off"),
+    ],
+    ids=["grid params", "optuna interval", "optuna log interval", "optuna choice"],
+)
+def test_a_bad_value_in_a_presets_sweeper_params_is_found_composing_every_point(capsys, preset, key, value, message):
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        config = compose("train", overrides=["experiment=demo"], return_hydra_config=True)
+        config = compose("train", overrides=[preset], return_hydra_config=True)
         preflight.check_sweep(config, every_point=True)  # the preset itself: fine
         with open_dict(config):
-            config.hydra.sweeper.params["trainer.crop_seed"] = "0,-1"
+            config.hydra.sweeper.params[key] = value
         with pytest.raises(SystemExit) as e:
             preflight.check_sweep(config, every_point=True)
     assert e.value.code == 2
-    assert capsys.readouterr().err.strip().startswith("trainer.crop_seed=-1: must be an integer >= 0")
+    assert capsys.readouterr().err.strip().startswith(message)
