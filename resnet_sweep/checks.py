@@ -22,6 +22,7 @@ AUGMENTS = tuple(schema.Augment)
 SAMPLERS = tuple(schema.Sampler)  # data.sampler (crops.epoch_order)
 GROUP_AGGREGATES = tuple(schema.GroupAggregate)  # data.group_aggregate
 PRECISIONS = {"auto": None, "bf16": True, "bf16-mixed": True, "32": False, "fp32": False}  # choice -> bf16?
+WEIGHTS = ("auto", "imagenet", "none")  # backbone.weights, or a path to a state dict
 TYPED = ("trainer", "backbone", "data", "tracking", "loss")  # the groups with a schema
 # crops per backbone forward while extracting, unless trainer.bank_batch_size says otherwise: on a
 # GPU a ResNet18 forward of 64 crops is over before Python has launched the next (an H200 ran plain
@@ -51,8 +52,12 @@ def check_config(cfg) -> None:
 
 
 def check_backbone(backbone_cfg) -> None:
-    """What one backbone key needs of another: ``resize`` at least ``crop_size``; ``freeze=last_n``
-    with ``unfreeze``, ``freeze=stages`` with ``stages`` (the names themselves need the model: ``models``)."""
+    """``weights``: a choice or a file; what one backbone key needs of another: ``resize`` at least
+    ``crop_size``; ``freeze=last_n`` with ``unfreeze``, ``freeze=stages`` with ``stages`` (the names
+    themselves need the model: ``models``)."""
+    weights = str(backbone_cfg.weights)
+    if weights not in WEIGHTS and not Path(os.path.expanduser(weights)).is_file():
+        raise UserError(f"backbone.weights={weights}: no such file; use auto, imagenet, none or a path to a state dict")
     resize, crop = backbone_cfg.resize, backbone_cfg.crop_size
     if resize is not None and resize < crop:
         raise UserError(f"backbone.resize={resize}: must be null or an integer >= backbone.crop_size ({crop})")

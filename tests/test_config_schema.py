@@ -159,6 +159,7 @@ RANGES_AND_CHOICES = [
     ("data.classes=4", "data.classes=4: must be an integer >= 2 and <= 3"),
     ("+trainer.max_epoch=3", "trainer.max_epoch: trainer has no key 'max_epoch'; did you mean trainer.max_epochs?"),
     ("backbone.freeze=last_n", "backbone.unfreeze=null: with backbone.freeze=last_n, give the number"),
+    ("backbone.weights=/no/such.pt", "backbone.weights=/no/such.pt: no such file; use auto, imagenet, none"),
 ]
 
 
