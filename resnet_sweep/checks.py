@@ -207,18 +207,28 @@ def check_overrides(argv: list[str] | None = None) -> None:
 
 
 def override_error(args: list[str]) -> str | None:
-    """The first problem of these overrides (``check_overrides``), as one line; None when there is none
-    or Hydra cannot parse them (it reports that itself). Also run on every sweep point's overrides
+    """The first problem of these overrides (``check_overrides``), as one line (one that Hydra cannot
+    parse too, ``data.group=slide([``); None when there is none. Also run on every sweep point's overrides
     (``preflight.check_sweep``: a preset's ``hydra.sweeper.params`` are not on the command line)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.core.override_parser.types import ValueType
+    from hydra.errors import HydraException
 
-    try:
-        overrides = OverridesParser.create().parse_overrides(args)
-    except Exception:
-        return None
+    parser = OverridesParser.create()
+    overrides = []
+    for arg in args:
+        if "=" not in arg and not arg.startswith("~"):
+            continue  # an option's value (--cfg job, -cn train), not an override
+        try:
+            overrides.append(parser.parse_override(arg))
+        except HydraException as e:
+            why = str(e).splitlines()[0]
+            return f"{arg}: not an override Hydra can read ({why}); quote a value with special characters: key='value'"
     for o in overrides:
         key = o.key_or_group.lstrip("+~")
+        group, _, rest = key.partition(".")
+        if o.is_delete() and rest and schema.schemas_of(group):
+            return f"{o.input_line}: the keys of {group} cannot be removed; set {key}=... instead"
         if o.package or o.is_delete() or key.startswith("hydra/") or key.startswith("hydra."):
             continue  # plugins add options (hydra/launcher=joblib): Hydra checks these
         if o.value_type == ValueType.ELEMENT:

@@ -115,7 +115,7 @@ def assert_refused(proc, key: str, work):
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
     lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].lstrip("+").startswith(key), lines
+    assert len(lines) == 1 and lines[0].lstrip("+~").startswith(key.lstrip("+~")), lines
     assert sorted(p.name for p in work.iterdir()) == [], "nothing created: no mlflow.db, no run, no outputs"
 
 
@@ -146,6 +146,29 @@ def test_a_wrong_value_for_any_field_is_one_line_exit_2_and_nothing_created(tmp_
     args = [f"{key_name}={value}"] if mode == "run" else ["-m", f"{key_name}={good_value(group, key)},{value}"]
     proc = run_app(tmp_path, *args, check=False, store=False)
     assert_refused(proc, key_name, tmp_path)
+
+
+@pytest.mark.parametrize(
+    "args,line",
+    [
+        (
+            ["+trainer.max_epoch=3"],
+            "+trainer.max_epoch: trainer has no key 'max_epoch'; did you mean trainer.max_epochs?",
+        ),
+        (
+            ["trainer.max_epoch=3"],
+            "trainer.max_epoch: trainer has no key 'max_epoch'; did you mean trainer.max_epochs?",
+        ),
+        (["++backbone.frezze=none"], "++backbone.frezze: backbone has no key 'frezze'; did you mean backbone.freeze?"),
+        (["-m", "+data.seeds=1,2"], "+data.seeds: data has no key 'seeds'; did you mean data.seed?"),
+        (["~trainer.resume"], "~trainer.resume: the keys of trainer cannot be removed; set trainer.resume=... instead"),
+        (["data.group=slide(["], "data.group=slide([: not an override Hydra can read (no viable alternative"),
+    ],
+)
+def test_an_unknown_key_or_an_unreadable_override_is_one_line_exit_2_and_nothing_created(tmp_path, args, line):
+    proc = run_app(tmp_path, *args, check=False, store=False)
+    assert_refused(proc, line.split(":")[0], tmp_path)
+    assert proc.stderr.strip().startswith(line)
 
 
 RANGES_AND_CHOICES = [
