@@ -11,7 +11,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from . import schema
+from . import schema, schema_errors
 from .errors import UserError
 from .objective import direction
 
@@ -33,11 +33,11 @@ EXTRACT_BATCH = {"cpu": 64, "cuda": 256}
 def check_config(cfg) -> None:
     """Every config value that would otherwise fail late, with a traceback, or silently: one line
     naming the key. Cheap (no data is read, nothing is created). Each typed group's keys, types,
-    choices and ranges as its schema declares them (``schema.node_error``), the top-level keys, then
+    choices and ranges as its schema declares them (``schema_errors.node_error``), the top-level keys, then
     what one key needs of another. What needs torch, the machine or the data is ``preflight``'s."""
     check_optimizer_values(cfg.optimizer)
     for group in (schema.TOP, *TYPED):
-        error = schema.node_error(group, cfg if group == schema.TOP else cfg[group])
+        error = schema_errors.node_error(group, cfg if group == schema.TOP else cfg[group])
         if error:
             raise UserError(error)
     direction(str(cfg.objective))
@@ -272,11 +272,11 @@ def value_error(key: str, values: list, given: str = "") -> str | None:
     group, _, rest = key.partition(".")
     if not rest:
         group, rest = schema.TOP, key
-    unknown = schema.unknown_key(group, rest, given.partition("=")[0] or key)
+    unknown = schema_errors.unknown_key(group, rest, given.partition("=")[0] or key)
     if unknown:
         return unknown
     for value in values:
-        problem = schema.problem(group, rest, value)
+        problem = schema_errors.problem(group, rest, value)
         if problem:
             return problem
     return None
