@@ -4,6 +4,8 @@ composes, and every job and sweep point is checked with it before it starts (``p
 
 from __future__ import annotations
 
+import difflib
+import functools
 import os
 import re
 import sys
@@ -239,6 +241,8 @@ def override_error(args: list[str]) -> str | None:
             values = []  # range(...), interval(...): every point is checked once composed (preflight)
         if (CONF_DIR / key).is_dir():
             problem = group_choice_error(key, values)
+        elif not (o.is_add() or o.is_force_add()) and (problem := untyped_key_error(key)):
+            pass
         elif key.startswith("optimizer."):
             problem = optimizer_value_error(key.partition(".")[2], values)
         else:
@@ -246,6 +250,35 @@ def override_error(args: list[str]) -> str | None:
         if problem:
             return problem
     return None
+
+
+UNTYPED = ("head", "optimizer", "scheduler")  # groups without a schema: their YAML files say their keys
+
+
+@functools.cache
+def yaml_keys(group: str) -> tuple[str, ...]:
+    """The keys any YAML file of ``group`` has (``""``: conf/train.yaml's own, and the group names)."""
+    if group == "":
+        own = OmegaConf.load(CONF_DIR / "train.yaml")
+        return tuple(sorted({*own.keys(), *(p.name for p in CONF_DIR.iterdir() if p.is_dir())} - {"defaults"}))
+    return tuple(sorted({k for path in (CONF_DIR / group).rglob("*.yaml") for k in OmegaConf.load(path)}))
+
+
+def untyped_key_error(key: str) -> str | None:
+    """``head.dropuot=0.1`` or ``seeds=3`` without ``+``: a key no YAML of its group (or train.yaml)
+    has, which Hydra would refuse in several lines; one line naming the closest key instead."""
+    group, _, rest = key.partition(".")
+    if rest and group not in UNTYPED:
+        return None  # the typed groups: schema_errors.unknown_key
+    group, rest = (group, rest) if rest else ("", key)
+    top = rest.split(".")[0]
+    known = yaml_keys(group)
+    if top in known:
+        return None
+    close = difflib.get_close_matches(top, known, n=1, cutoff=0.5)
+    where = f"no {group} config has key '{top}'" if group else f"no top-level key '{top}'"
+    fix = f"did you mean {(group + '.') if group else ''}{close[0]}?" if close else f"the keys are {', '.join(known)}"
+    return f"{key}: {where}; {fix} (+{key}=... adds a new key)"
 
 
 def group_choice_error(group: str, values: list) -> str | None:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from hydra.types import RunMode
 
-from . import checks, demo_data, engine, faults, images
+from . import checks, demo_data, engine, faults, images, models
 from .errors import UserError, exit_with, first_line
 from .store import connect
 
@@ -22,6 +22,7 @@ def check_job(cfg) -> None:
     (``engine.check_optimizer``): run for every sweep point and again by each job."""
     checks.check_config(cfg)
     engine.check_device(str(cfg.trainer.device))
+    models.check_head(cfg.head)
     engine.check_optimizer(cfg.optimizer, cfg.scheduler if "scheduler" in cfg else None)
 
 

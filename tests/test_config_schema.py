@@ -163,6 +163,11 @@ def test_a_wrong_value_for_any_field_is_one_line_exit_2_and_nothing_created(tmp_
         (["-m", "+data.seeds=1,2"], "+data.seeds: data has no key 'seeds'; did you mean data.seed?"),
         (["~trainer.resume"], "~trainer.resume: the keys of trainer cannot be removed; set trainer.resume=... instead"),
         (["data.group=slide(["], "data.group=slide([: not an override Hydra can read (no viable alternative"),
+        # the untyped groups and the top level: their YAML files say their keys (+ adds one)
+        (["optimizer.momentun=0.8"], "optimizer.momentun: no optimizer config has key 'momentun'; did you mean"),
+        (["head.dropuot=0.1"], "head.dropuot: no head config has key 'dropuot'; did you mean head.dropout?"),
+        (["seeds=3"], "seeds: no top-level key 'seeds'; did you mean seed?"),
+        (["+head.dropuot=0.1"], 'head.dropuot=0.1: TypeError("Head.__init__() got an unexpected keyword argument'),
     ],
 )
 def test_an_unknown_key_or_an_unreadable_override_is_one_line_exit_2_and_nothing_created(tmp_path, args, line):
