@@ -290,3 +290,28 @@ def test_a_bad_value_in_a_presets_sweeper_params_is_found_composing_every_point(
             preflight.check_sweep(config, every_point=True)
     assert e.value.code == 2
     assert capsys.readouterr().err.strip().startswith(message)
+
+
+@pytest.mark.parametrize(
+    "path,schema_class",
+    [
+        ("trainer/default.yaml", schema.TrainerConf),
+        ("tracking/default.yaml", schema.TrackingConf),
+        ("loss/default.yaml", schema.LossConf),
+        ("data/demo.yaml", schema.DemoDataConf),
+        ("data/imagefolder.yaml", schema.DataConf),
+        ("backbone/resnet18.yaml", schema.BackboneConf),
+    ],
+)
+def test_the_yaml_files_show_the_schemas_defaults_not_other_ones(path, schema_class):
+    """The group files list every key with a comment for the reader; a value there that differs from
+    the schema's default would be a second default (the YAML wins): only the schema holds them."""
+    shown = OmegaConf.load(REPO / "conf" / path)
+    defaults = OmegaConf.to_container(OmegaConf.structured(schema_class), enum_to_str=True)
+    per_file = {"name", "imagenet_weights", "kind", "root", "cache_dir"}  # what the file is, not a default
+    differ = {
+        k: (shown[k], defaults[k])
+        for k in shown
+        if k != "defaults" and k not in per_file and k in defaults and shown[k] != defaults[k]
+    }
+    assert differ == {}
