@@ -4,23 +4,28 @@ composes, and every job and sweep point is checked with it before it starts (``p
 
 from __future__ import annotations
 
+import difflib
+import functools
 import os
+import re
 import sys
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from . import schema, schema_errors
 from .errors import UserError
 from .objective import direction
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 SPLITS = ("train", "valid", "test")  # the folders of an ImageFolder root, in this order
-AUGMENTS = ("hflip", "vflip", "rot90")
-SAMPLERS = ("shuffle", "balanced")  # data.sampler (crops.epoch_order)
-GROUP_AGGREGATES = ("mean", "majority")  # data.group_aggregate
+AUGMENTS = tuple(schema.Augment)
+SAMPLERS = tuple(schema.Sampler)  # data.sampler (crops.epoch_order)
+GROUP_AGGREGATES = tuple(schema.GroupAggregate)  # data.group_aggregate
 PRECISIONS = {"auto": None, "bf16": True, "bf16-mixed": True, "32": False, "fp32": False}  # choice -> bf16?
-LOG_MODEL = ("all", "best", "none")
+WEIGHTS = ("auto", "imagenet", "none")  # backbone.weights, or a path to a state dict
+TYPED = ("trainer", "backbone", "data", "tracking", "loss")  # the groups with a schema
 # crops per backbone forward while extracting, unless trainer.bank_batch_size says otherwise: on a
 # GPU a ResNet18 forward of 64 crops is over before Python has launched the next (an H200 ran plain
 # bf16 inference at 27,800 img/s with batches of 64, 37,100 with 256)
@@ -29,41 +34,45 @@ EXTRACT_BATCH = {"cpu": 64, "cuda": 256}
 
 def check_config(cfg) -> None:
     """Every config value that would otherwise fail late, with a traceback, or silently: one line
-    naming the key. Cheap (no data is read, nothing is created). The optimizer's own dry run, which
-    needs torch, is ``engine.check_optimizer``; ``preflight.check_job`` runs both."""
+    naming the key. Cheap (no data is read, nothing is created). Each typed group's keys, types,
+    choices and ranges as its schema declares them (``schema_errors.node_error``), the top-level keys, then
+    what one key needs of another. What needs torch, the machine or the data is ``preflight``'s."""
     check_optimizer_values(cfg.optimizer)
-    for key in ("max_epochs", "batch_size", "num_workers", "bank_views"):
-        value = cfg.trainer.get(key)
-        low = 0 if key == "num_workers" else 1
-        if not is_int(value) or value < low:
-            raise UserError(f"trainer.{key}={value}: must be an integer >= {low}")
-    patience = cfg.trainer.patience
-    if patience is not None and (not is_int(patience) or patience < 1):
-        raise UserError(f"trainer.patience={patience}: must be an integer >= 1, or null to never stop early")
-    bank_batch = cfg.trainer.get("bank_batch_size")
-    if bank_batch is not None and (not is_int(bank_batch) or bank_batch < 1):
-        raise UserError(
-            f"trainer.bank_batch_size={bank_batch}: must be an integer >= 1, or null for "
-            f"{EXTRACT_BATCH['cpu']} on a CPU, {EXTRACT_BATCH['cuda']} on a GPU"
-        )
-    if not is_int(cfg.seed):
-        raise UserError(f"seed={cfg.seed}: must be an integer")
+    for group in (schema.TOP, *TYPED):
+        error = schema_errors.node_error(group, cfg if group == schema.TOP else cfg[group])
+        if error:
+            raise UserError(error)
     direction(str(cfg.objective))
-    if str(cfg.objective).startswith("valid/slide/") and not cfg.data.get("group"):
+    if str(cfg.objective).startswith("valid/slide/") and cfg.data.group is None:
         raise UserError(
             f"objective={cfg.objective}: slide-level metrics need data.group=REGEX (the group of each file, "
             "as resnet-sweep split --group)"
         )
-    precision(cfg.trainer.precision)
-    feature_bank(cfg.trainer)
-    batch_heads(cfg.trainer)
-    log_model(cfg.tracking)
+    check_backbone(cfg.backbone)
     check_data(cfg.data)
-    class_weight(cfg.get("loss"))
+    class_weight(cfg.loss)
 
 
-def is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+def check_backbone(backbone_cfg) -> None:
+    """``weights``: a choice or a file; what one backbone key needs of another: ``resize`` at least
+    ``crop_size``; ``freeze=last_n`` with ``unfreeze``, ``freeze=stages`` with ``stages`` (the names
+    themselves need the model: ``models``)."""
+    weights = str(backbone_cfg.weights)
+    if weights not in WEIGHTS and not Path(os.path.expanduser(weights)).is_file():
+        raise UserError(f"backbone.weights={weights}: no such file; use auto, imagenet, none or a path to a state dict")
+    resize, crop = backbone_cfg.resize, backbone_cfg.crop_size
+    if resize is not None and resize < crop:
+        raise UserError(f"backbone.resize={resize}: must be null or an integer >= backbone.crop_size ({crop})")
+    if backbone_cfg.freeze == schema.Freeze.last_n and backbone_cfg.unfreeze is None:
+        raise UserError(
+            "backbone.unfreeze=null: with backbone.freeze=last_n, give the number of parameterised layers to "
+            "train, counted from the output, e.g. backbone.unfreeze=2"
+        )
+    stages = backbone_cfg.stages
+    if backbone_cfg.freeze == schema.Freeze.stages and not stages:
+        raise UserError(
+            "backbone.stages: with backbone.freeze=stages, give a list of submodule names, e.g. backbone.stages=[layer4]"
+        )
 
 
 def check_optimizer_values(optimizer_cfg) -> None:
@@ -89,7 +98,7 @@ def precision(choice) -> bool | None:
 
 
 def feature_bank(trainer_cfg) -> str:
-    choice = str(trainer_cfg.get("feature_bank", "auto"))
+    choice = str(trainer_cfg.feature_bank)
     if choice not in ("auto", "off"):
         raise UserError(f"trainer.feature_bank={choice}: choose auto or off")
     return choice
@@ -97,7 +106,7 @@ def feature_bank(trainer_cfg) -> str:
 
 def batch_heads(trainer_cfg) -> str:
     """``trainer.batch_heads``: auto (the heads of a sweep's compatible jobs train together) or off."""
-    choice = str(trainer_cfg.get("batch_heads", "auto"))
+    choice = str(trainer_cfg.batch_heads)
     if choice not in ("auto", "off"):
         raise UserError(f"trainer.batch_heads={choice}: choose auto or off")
     return choice
@@ -105,26 +114,20 @@ def batch_heads(trainer_cfg) -> str:
 
 def log_model(tracking_cfg) -> str:
     """``tracking.log_model``: every run (all), only the sweep's best (best), or none."""
-    choice = str(tracking_cfg.log_model)
-    if choice not in LOG_MODEL:
-        raise UserError(f"tracking.log_model={choice}: choose all, best or none")
-    return choice
+    return str(tracking_cfg.log_model)
 
 
 def check_data(data_cfg) -> None:
-    """The data keys, without reading the data: a user's root must exist; the demo takes no root."""
+    """The data keys, without reading the data: a user's root must exist; the demo takes no root; a
+    ``data.group`` is a regular expression (whether it matches the files is ``preflight``'s)."""
     check_root(data_cfg)
-    if str(data_cfg.get("on_bad_image", "error")) not in ("error", "skip"):
-        raise UserError(f"data.on_bad_image={data_cfg.on_bad_image}: choose error or skip")
-    if str(data_cfg.get("normalize")) not in ("imagenet", "dataset"):
-        raise UserError(f"data.normalize={data_cfg.get('normalize')}: choose imagenet or dataset")
-    check_augment(data_cfg.get("augment"))
-    check_sampler(data_cfg.get("sampler", "shuffle"))
-    if str(data_cfg.get("group_aggregate", "mean")) not in GROUP_AGGREGATES:
-        raise UserError(
-            f"data.group_aggregate={data_cfg.get('group_aggregate')}: choose mean (mean tile probability) "
-            "or majority (share of tile votes)"
-        )
+    if data_cfg.group is not None:
+        try:
+            re.compile(str(data_cfg.group))
+        except re.error as e:
+            raise UserError(
+                f"data.group='{data_cfg.group}': not a regular expression ({e}); e.g. data.group='slide([^_]+)_'"
+            ) from None
 
 
 def check_sampler(sampler) -> str:
@@ -139,7 +142,7 @@ def check_sampler(sampler) -> str:
 def class_weight(loss_cfg) -> str | list[float]:
     """``loss.class_weight``: none, balanced, or a list of positive numbers (one per class folder;
     its length is checked against the data's classes when they are known: ``metrics.class_weights``)."""
-    value = "none" if loss_cfg is None else loss_cfg.get("class_weight", "none")
+    value = loss_cfg["class_weight"]
     if value is None or str(value) in ("none", "balanced"):
         return "none" if value is None else str(value)
     if OmegaConf.is_list(value) or isinstance(value, (list, tuple)):
@@ -157,7 +160,7 @@ def check_root(data_cfg) -> Path | None:
     """The root keys, without generating or reading anything: the demo takes no ``data.root``; a
     user's folder must be given and exist. Returns that folder (None for the demo)."""
     if data_cfg.kind == "demo":
-        if data_cfg.get("root") is not None:
+        if data_cfg.root is not None:
             raise UserError(
                 f"data.root={data_cfg.root} is set, but data=demo trains on the embedded demo data; "
                 "add data=imagefolder to train on your folder"
@@ -195,18 +198,39 @@ def group_options(group: str) -> list[str]:
 
 def check_overrides(argv: list[str] | None = None) -> None:
     """The command line's overrides, before Hydra composes anything: an unknown config-group choice
-    (``backbone=resnet99``) as one line listing the choices, a value of the wrong type for its
-    schema (``trainer.batch_size=abc``) as one line saying what it must be; exit 2."""
+    (``backbone=resnet99``) as one line listing the choices, a key no schema of a typed group has
+    (``+trainer.max_epoch=3``, ``+`` or not) naming the closest one, a value of the wrong type, range
+    or choice for its schema (``trainer.batch_size=abc``, ``trainer.crop_seed=-1``, every value of a
+    sweep) as one line saying what it must be; exit 2."""
+    problem = override_error([a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("-")])
+    if problem:
+        print(problem, file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
+def override_error(args: list[str]) -> str | None:
+    """The first problem of these overrides (``check_overrides``), as one line (one that Hydra cannot
+    parse too, ``data.group=slide([``); None when there is none. Also run on every sweep point's overrides
+    (``preflight.check_sweep``: a preset's ``hydra.sweeper.params`` are not on the command line)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.core.override_parser.types import ValueType
+    from hydra.errors import HydraException
 
-    args = [a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("-")]
-    try:
-        overrides = OverridesParser.create().parse_overrides(args)
-    except Exception:
-        return  # Hydra reports syntax errors itself
+    parser = OverridesParser.create()
+    overrides = []
+    for arg in args:
+        if "=" not in arg and not arg.startswith("~"):
+            continue  # an option's value (--cfg job, -cn train), not an override
+        try:
+            overrides.append(parser.parse_override(arg))
+        except HydraException as e:
+            why = str(e).splitlines()[0]
+            return f"{arg}: not an override Hydra can read ({why}); quote a value with special characters: key='value'"
     for o in overrides:
         key = o.key_or_group.lstrip("+~")
+        group, _, rest = key.partition(".")
+        if o.is_delete() and rest and schema.schemas_of(group):
+            return f"{o.input_line}: the keys of {group} cannot be removed; set {key}=... instead"
         if o.package or o.is_delete() or key.startswith("hydra/") or key.startswith("hydra."):
             continue  # plugins add options (hydra/launcher=joblib): Hydra checks these
         if o.value_type == ValueType.ELEMENT:
@@ -214,16 +238,47 @@ def check_overrides(argv: list[str] | None = None) -> None:
         elif o.value_type in (ValueType.SIMPLE_CHOICE_SWEEP, ValueType.CHOICE_SWEEP):
             values = list(o.value().list)
         else:
-            continue
+            values = []  # range(...), interval(...): every point is checked once composed (preflight)
         if (CONF_DIR / key).is_dir():
             problem = group_choice_error(key, values)
+        elif not (o.is_add() or o.is_force_add()) and (problem := untyped_key_error(key)):
+            pass
         elif key.startswith("optimizer."):
             problem = optimizer_value_error(key.partition(".")[2], values)
         else:
-            problem = value_type_error(key, values)
+            problem = value_error(key, values, o.input_line)
         if problem:
-            print(problem, file=sys.stderr, flush=True)
-            sys.exit(2)
+            return problem
+    return None
+
+
+UNTYPED = ("head", "optimizer", "scheduler")  # groups without a schema: their YAML files say their keys
+
+
+@functools.cache
+def yaml_keys(group: str) -> tuple[str, ...]:
+    """The keys any YAML file of ``group`` has (``""``: conf/train.yaml's own, and the group names)."""
+    if group == "":
+        own = OmegaConf.load(CONF_DIR / "train.yaml")
+        return tuple(sorted({*own.keys(), *(p.name for p in CONF_DIR.iterdir() if p.is_dir())} - {"defaults"}))
+    return tuple(sorted({k for path in (CONF_DIR / group).rglob("*.yaml") for k in OmegaConf.load(path)}))
+
+
+def untyped_key_error(key: str) -> str | None:
+    """``head.dropuot=0.1`` or ``seeds=3`` without ``+``: a key no YAML of its group (or train.yaml)
+    has, which Hydra would refuse in several lines; one line naming the closest key instead."""
+    group, _, rest = key.partition(".")
+    if rest and group not in UNTYPED:
+        return None  # the typed groups: schema_errors.unknown_key
+    group, rest = (group, rest) if rest else ("", key)
+    top = rest.split(".")[0]
+    known = yaml_keys(group)
+    if top in known:
+        return None
+    close = difflib.get_close_matches(top, known, n=1, cutoff=0.5)
+    where = f"no {group} config has key '{top}'" if group else f"no top-level key '{top}'"
+    fix = f"did you mean {(group + '.') if group else ''}{close[0]}?" if close else f"the keys are {', '.join(known)}"
+    return f"{key}: {where}; {fix} (+{key}=... adds a new key)"
 
 
 def group_choice_error(group: str, values: list) -> str | None:
@@ -244,15 +299,17 @@ def optimizer_value_error(key: str, values: list) -> str | None:
     return None
 
 
-def value_type_error(key: str, values: list) -> str | None:
-    """``group.key=value`` where the group's typed schema cannot hold the value."""
-    from . import schema
-
+def value_error(key: str, values: list, given: str = "") -> str | None:
+    """``group.key=value`` where the group's schema has no such key, or cannot hold the value (type,
+    range, choice); ``seed=value`` and the other top-level keys likewise. ``given``: the override as typed."""
     group, _, rest = key.partition(".")
     if not rest:
-        return None
+        group, rest = schema.TOP, key
+    unknown = schema_errors.unknown_key(group, rest, given.partition("=")[0] or key)
+    if unknown:
+        return unknown
     for value in values:
-        problem = schema.type_error(group, rest, value)
+        problem = schema_errors.problem(group, rest, value)
         if problem:
             return problem
     return None

@@ -329,7 +329,7 @@ def job_splits(cfg, device: torch.device | None = None) -> Splits:
         cfg.trainer,
         crop_size=int(cfg.backbone.crop_size),
         seed=int(cfg.seed),
-        resize=cfg.backbone.get("resize"),
+        resize=cfg.backbone.resize,
         crop_seed=cfg.trainer.crop_seed,
         device=device,
     )
@@ -347,22 +347,16 @@ def load_splits(
     """The three splits of ``data``, checked whole (one line naming the path for any problem), with
     one loader each: training crops from ``crop_seed`` and ``seed`` (order), evaluation centre crops."""
     root = resolve_root(data_cfg)
-    if resize is not None and (not isinstance(resize, int) or resize < crop_size):
-        raise UserError(f"backbone.resize={resize}: must be null or an integer >= backbone.crop_size ({crop_size})")
-    if not isinstance(crop_seed, int) or crop_seed < 0:
-        raise UserError(f"trainer.crop_seed={crop_seed}: must be an integer >= 0")
-    augment = check_augment(data_cfg.get("augment"))
-    sampler = check_sampler(data_cfg.get("sampler", "shuffle"))
+    augment = check_augment(data_cfg.augment)
+    sampler = check_sampler(data_cfg.sampler)
     # with a resize, any image can be cropped; without one, images must be at least the crop
     smallest = crop_size if not resize else 1
-    on_bad_image = str(data_cfg.get("on_bad_image", "error"))
-    if on_bad_image not in ("error", "skip"):
-        raise UserError(f"data.on_bad_image={on_bad_image}: choose error or skip")
+    on_bad_image = str(data_cfg.on_bad_image)
     tree = checked_tree(data_cfg, root, crop_size=smallest, resize=resize)
     listing = tree.listing
     classes = listing.classes
     files, labels, skipped = tree.usable(smallest, on_bad_image, data_cfg.cache_dir)
-    groups = file_groups(root, files, data_cfg.group) if data_cfg.get("group") else None
+    groups = file_groups(root, files, data_cfg.group) if data_cfg.group is not None else None
     if data_cfg.normalize == "imagenet":
         mean, std = IMAGENET_MEAN, IMAGENET_STD
     elif data_cfg.normalize == "dataset":
@@ -426,7 +420,7 @@ def load_splits(
         augment=augment,
         sampler=sampler,
         groups=groups,
-        group_aggregate=str(data_cfg.get("group_aggregate", "mean")),
+        group_aggregate=str(data_cfg.group_aggregate),
         store=store,
         listing=listing,
         files=files,
@@ -465,9 +459,7 @@ class TileStore:
     def resident(self, split: str) -> bool:
         """Keep the split on the device (``data.tile_store_device``): ``on``; ``auto``: on CUDA when
         its pixels take under a quarter of the free device memory; ``off``."""
-        choice = str(self.data_cfg.get("tile_store_device", "auto"))
-        if choice not in ("auto", "on", "off"):
-            raise UserError(f"data.tile_store_device={choice}: choose auto, on or off")
+        choice = str(self.data_cfg.tile_store_device)
         images = self.images(split)
         uniform = images.uniform() if images is not None else None
         if choice == "off" or uniform is None:

@@ -41,7 +41,7 @@ THIRD_CLASS = "stroma"  # data.classes=3
 
 def classes_of(data_cfg) -> tuple[str, ...]:
     """The demo's class folders for ``data.classes`` (2: the study's two; 3: plus stroma)."""
-    n = data_cfg.get("classes", 2)
+    n = data_cfg.classes
     if n not in (2, 3):
         from .errors import UserError
 
@@ -56,26 +56,8 @@ _E = np.array([0.072, 0.990, 0.105])
 
 def ensure(data_cfg) -> Path:
     """Return the root of the demo ImageFolder tree, generating it on first use."""
-    params = {
-        "version": GENERATOR_VERSION,
-        "seed": int(data_cfg.seed),
-        "tile_size": int(data_cfg.tile_size),
-        "slides_per_class": [int(n) for n in data_cfg.slides_per_class],
-        "tiles_per_slide": int(data_cfg.tiles_per_slide),
-    }
-    classes = classes_of(data_cfg)
-    if len(classes) != 2:  # two classes keep their key (and cached trees) from before data.classes
-        params["classes"] = list(classes)
-    if len(params["slides_per_class"]) != 3 or min(params["slides_per_class"]) < 1:
-        from .errors import UserError
-
-        raise UserError(
-            f"data.slides_per_class={params['slides_per_class']}: give 3 positive numbers "
-            "(slides per class in train, valid, test)"
-        )
-    key = f"demo-{sealed.json_key(params, 12)}"
-    cache = Path(os.path.expanduser(str(data_cfg.cache_dir)))
-    root = cache / key
+    root, params = _root_and_params(data_cfg)
+    cache, key = root.parent, root.name
     if (root / "params.json").exists():
         return root
     with sealed.folder_lock(cache, key):
@@ -91,6 +73,42 @@ def ensure(data_cfg) -> Path:
     return root
 
 
+def planned_files(data_cfg) -> tuple[Path, dict[str, list[Path]]]:
+    """The demo's root and the files its generator writes there, by split (whether or not they exist
+    yet): what ``data.group`` is checked against before the first run (``preflight``)."""
+    root, params = _root_and_params(data_cfg)
+    classes = classes_of(data_cfg)
+    files = {
+        split: [
+            root / split / cls / tile_name(split, label, s, t)
+            for label, cls in enumerate(classes)
+            for s in range(n_slides)
+            for t in range(params["tiles_per_slide"])
+        ]
+        for split, n_slides in zip(SPLITS, params["slides_per_class"])
+    }
+    return root, files
+
+
+def tile_name(split: str, label: int, slide: int, tile: int) -> str:
+    return f"slide{split[:2]}{label}{slide:02d}_tile{tile:03d}.png"
+
+
+def _root_and_params(data_cfg) -> tuple[Path, dict]:
+    params = {
+        "version": GENERATOR_VERSION,
+        "seed": int(data_cfg.seed),
+        "tile_size": int(data_cfg.tile_size),
+        "slides_per_class": [int(n) for n in data_cfg.slides_per_class],
+        "tiles_per_slide": int(data_cfg.tiles_per_slide),
+    }
+    classes = classes_of(data_cfg)
+    if len(classes) != 2:  # two classes keep their key (and cached trees) from before data.classes
+        params["classes"] = list(classes)
+    key = f"demo-{sealed.json_key(params, 12)}"  # slides_per_class: 3 numbers >= 1 (schema.DemoDataConf)
+    return Path(os.path.expanduser(str(data_cfg.cache_dir))) / key, params
+
+
 def _generate(out: Path, seed: int, tile_size: int, slides_per_class, tiles_per_slide: int, classes=CLASSES) -> None:
     rng = np.random.default_rng(seed)
     for split, n_slides in zip(SPLITS, slides_per_class):
@@ -98,11 +116,10 @@ def _generate(out: Path, seed: int, tile_size: int, slides_per_class, tiles_per_
             folder = out / split / cls
             folder.mkdir(parents=True)
             for s in range(n_slides):
-                slide_id = f"{split[:2]}{label}{s:02d}"
                 slide = _slide_params(rng)
                 for t in range(tiles_per_slide):
                     tile = render_tile(rng, tile_size, cls, slide)
-                    Image.fromarray(tile).save(folder / f"slide{slide_id}_tile{t:03d}.png")
+                    Image.fromarray(tile).save(folder / tile_name(split, label, s, t))
 
 
 def _slide_params(rng: np.random.Generator) -> dict:

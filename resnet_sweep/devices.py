@@ -247,20 +247,20 @@ def check_sweep_memory(cfg, hydra_cfg, *, gpus: int | None = None, free: list[in
         free = [torch.cuda.mem_get_info(i)[0] for i in range(gpus)]
     from omegaconf import OmegaConf
 
-    kwargs = OmegaConf.to_container(cfg.backbone.model_kwargs, resolve=True) if cfg.backbone.get("model_kwargs") else {}
+    kwargs = OmegaConf.to_container(cfg.backbone.model_kwargs, resolve=True)
     try:
         model = meta_backbone(str(cfg.backbone.name), **kwargs)
     except Exception as e:  # an unknown backbone is named by the job's own checks
         log.debug("no memory estimate for backbone %s: %s", cfg.backbone.name, e)
         return None
-    bank = cfg.trainer.get("bank_batch_size") or 256
+    bank = cfg.trainer.bank_batch_size or 256
     need = job_bytes(
         model,
         batch_size=int(cfg.trainer.batch_size),
         crop_size=int(cfg.backbone.crop_size),
         bf16=checks.precision(cfg.trainer.precision) is not False,  # auto: bf16 on the GPUs that have it
         trains_backbone=str(cfg.backbone.freeze) != "all",
-        bank_batch=int(bank) if str(cfg.trainer.get("feature_bank", "auto")) != "off" else 0,
+        bank_batch=int(bank) if str(cfg.trainer.feature_bank) != "off" else 0,
     )
     message = check_memory(job_bytes=need, jobs_per_gpu=jobs_per_gpu(slots, gpus=gpus), free=free, n_jobs=slots)
     if message:

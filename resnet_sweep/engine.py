@@ -38,21 +38,28 @@ def resolve_device(name: str, *, hydra_cfg=None) -> torch.device:
     running job's, if any)."""
     if name == "auto" and not torch.cuda.is_available():
         return torch.device("cpu")
+    device = check_device(name)
+    if device.type != "cuda":
+        return device
+    if device.index is None:
+        hydra_cfg = hydra_cfg if hydra_cfg is not None else devices.current_hydra()
+        device = torch.device("cuda", devices.pick_gpu(gpus=torch.cuda.device_count(), hydra_cfg=hydra_cfg))
+    torch.cuda.set_device(device)
+    return device
+
+
+def check_device(name: str) -> torch.device:
+    """``trainer.device`` on this machine, nothing chosen or touched: ``cuda`` where CUDA is not
+    available, or ``cuda:N`` past the GPUs visible, is one line (``preflight.check_job``, before any run)."""
     try:
-        device = torch.device("cuda" if name == "auto" else name)
+        device = torch.device("cuda" if name == "auto" and torch.cuda.is_available() else name.replace("auto", "cpu"))
     except RuntimeError:
         raise UserError(f"trainer.device={name}: choose auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"trainer.device={name}: CUDA is not available here; use auto or cpu")
-    if device.type != "cuda":
-        return device
-    gpus = torch.cuda.device_count()
-    if device.index is None:
-        hydra_cfg = hydra_cfg if hydra_cfg is not None else devices.current_hydra()
-        device = torch.device("cuda", devices.pick_gpu(gpus=gpus, hydra_cfg=hydra_cfg))
-    elif device.index >= gpus:
+    gpus = torch.cuda.device_count() if device.type == "cuda" else 0
+    if device.index is not None and device.index >= gpus:
         raise UserError(f"trainer.device={name}: only {gpus} GPU(s) visible here (cuda:0..cuda:{gpus - 1})")
-    torch.cuda.set_device(device)
     return device
 
 

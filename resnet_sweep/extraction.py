@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 def extract_batch(cfg, device: torch.device) -> int:
     """``trainer.bank_batch_size`` (checked by ``checks.check_config``), or the device's
     ``checks.EXTRACT_BATCH`` when it is null."""
-    value = cfg.trainer.get("bank_batch_size")
+    value = cfg.trainer.bank_batch_size
     return default_extract_batch(device) if value is None else int(value)
 
 

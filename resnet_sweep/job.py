@@ -145,8 +145,7 @@ def train_and_log(cfg, resumer, state) -> tuple[float, str]:
             **{f"class_counts.{split}": counts for split, counts in class_counts(splits).items()},
         )  # written with the feature bank's, below
         job.dataset(splits, cfg.data)
-        weight_choice = (cfg.get("loss") or {}).get("class_weight", "none")
-        weights = metrics.class_weights(weight_choice, data.class_counts(splits)["train"], splits.classes)
+        weights = metrics.class_weights(cfg.loss.class_weight, data.class_counts(splits)["train"], splits.classes)
         log.info(
             "%s: %s of %s parameters train (backbone.freeze=%s)",
             job.name,

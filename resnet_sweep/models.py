@@ -233,6 +233,18 @@ def apply_freeze(model: Classifier, backbone_cfg) -> None:
     model.train()
 
 
+def check_head(head_cfg) -> None:
+    """Build the configured head once, small (4 features in): a key its builder does not take
+    (``+head.dropuot=0.1``) or a value it refuses is one line here, before any run (``preflight``)."""
+    try:
+        instantiate(head_cfg, in_features=4, out_features=1)
+    except Exception as e:  # hydra's "Error in call to target '...':" then the builder's own error
+        why = next((line for line in str(e).splitlines() if line.strip() and not line.endswith(":")), str(e))
+        named = [f"head.{k}={v}" for k, v in head_cfg.items() if not str(k).startswith("_") and str(k) in why]
+        where = named[0] if named else f"head={head_cfg.get('name', '?')}"
+        raise UserError(f"{where}: {why.strip()}; check the head.* values") from None
+
+
 def build_classifier(backbone_cfg, head_cfg, seed: int = 0, num_classes: int = 2) -> Built:
     """Backbone + head for ``num_classes`` classes, deterministic for a given seed (random inits
     included), freezing applied."""
@@ -272,8 +284,8 @@ def checkpoint(built: Built, state: dict[str, torch.Tensor], cfg, extra: dict) -
     rest. Loadable with ``torch.load(..., weights_only=True)``."""
     return {
         "format": "resnet-sweep/1",
-        "backbone": OmegaConf.to_container(cfg.backbone, resolve=True),
-        "head": OmegaConf.to_container(cfg.head, resolve=True),
+        "backbone": OmegaConf.to_container(cfg.backbone, resolve=True, enum_to_str=True),
+        "head": OmegaConf.to_container(cfg.head, resolve=True, enum_to_str=True),
         "seed": int(cfg.seed),
         "weights_source": built.weights_source,
         "frozen_checksum": built.frozen_checksum,

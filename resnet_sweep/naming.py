@@ -23,7 +23,7 @@ def flatten(d, prefix: str = "") -> dict[str, str]:
 
 def app_config(cfg) -> dict:
     """The resolved config without Hydra's own node."""
-    container = OmegaConf.to_container(cfg, resolve=True)
+    container = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)  # choices as plain strings
     container.pop("hydra", None)
     return container
 
@@ -96,13 +96,13 @@ class Trains(NamedTuple):
 
 
 def what_trains(backbone_cfg) -> Trains:
-    freeze = str(backbone_cfg.get("freeze", "all"))
+    freeze = str(backbone_cfg.freeze)
     if freeze == "none":
         return Trains("-ft", "all")
     if freeze == "last_n":
-        n = backbone_cfg.get("unfreeze")
+        n = backbone_cfg.unfreeze
         return Trains(f"-last{n}", f"head + last {n} layers")
     if freeze == "stages":
-        stages = [str(s) for s in (backbone_cfg.get("stages") or [])]
+        stages = [str(s) for s in (backbone_cfg.stages or [])]
         return Trains("-" + "+".join(stages), "head + " + ", ".join(stages))
     return Trains("", "head")

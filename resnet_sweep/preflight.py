@@ -9,7 +9,7 @@ from pathlib import Path
 
 from hydra.types import RunMode
 
-from . import checks, engine, faults
+from . import checks, demo_data, engine, faults, images, models
 from .errors import UserError, exit_with, first_line
 from .store import connect
 
@@ -17,39 +17,96 @@ log = logging.getLogger(__name__)
 
 
 def check_job(cfg) -> None:
-    """Everything ``checks.check_config`` finds, and the optimizer and scheduler built once over a
-    dummy parameter (``engine.check_optimizer``): run for every sweep point and again by each job."""
+    """Everything ``checks.check_config`` finds, ``trainer.device`` on this machine
+    (``engine.check_device``), and the optimizer and scheduler built once over a dummy parameter
+    (``engine.check_optimizer``): run for every sweep point and again by each job."""
     checks.check_config(cfg)
-    engine.check_optimizer(cfg.optimizer, cfg.get("scheduler"))
+    engine.check_device(str(cfg.trainer.device))
+    models.check_head(cfg.head)
+    engine.check_optimizer(cfg.optimizer, cfg.scheduler if "scheduler" in cfg else None)
+
+
+def check_against_data(cfg, listings: dict) -> None:
+    """What only the data can tell, found before any run exists: ``loss.class_weight`` has one weight
+    per class folder; ``data.group`` matches every file and gives each group one class. Lists a
+    user's folder (once per root: ``listings``) only when one of the two is set; the demo's classes
+    and files are known from its config, generated or not (``demo_data.planned_files``)."""
+    weights = checks.class_weight(cfg.loss)
+    if not isinstance(weights, list) and cfg.data.group is None:
+        return
+    if cfg.data.kind == "demo":
+        classes = list(demo_data.classes_of(cfg.data))
+        if cfg.data.group is not None:
+            images.file_groups(*demo_data.planned_files(cfg.data), str(cfg.data.group))
+    else:
+        root = checks.check_root(cfg.data)
+        if root not in listings:
+            listings[root] = images.list_tree(root)
+        classes = listings[root].classes
+        if cfg.data.group is not None:
+            images.file_groups(root, listings[root].files, str(cfg.data.group))
+    if isinstance(weights, list) and len(weights) != len(classes):
+        raise UserError(
+            f"loss.class_weight={weights}: {len(weights)} weight(s) for {len(classes)} classes "
+            f"({', '.join(classes)}); give one per class folder, in this order"
+        )
 
 
 def check_sweep(config, every_point: bool = False) -> None:
     """Config mistakes, found before anything is created (no mlflow.db, no run): one line, exit 2.
-    ``every_point`` (a grid sweep): every value of every swept key is checked, each composed with
-    the others' first."""
+    ``every_point`` (a sweep): every value of every swept key is checked, each composed with the
+    others' first; an Optuna study's search space by its choices and each interval's two ends."""
+    listings: dict = {}
     try:
-        if every_point and not is_study(config):
+        if every_point:
             for job_overrides in sweep_points(config):
-                check_job(_compose_job(config, job_overrides))
+                problem = checks.override_error(job_overrides)  # what Hydra would refuse composing it
+                if problem:
+                    raise UserError(problem)
+                job = _compose_job(config, job_overrides)
+                check_job(job)
+                check_against_data(job, listings)
         else:
             check_job(config)
+            check_against_data(config, listings)
     except UserError as e:
         exit_with(str(e), code=2)
 
 
 def sweep_points(config) -> list[list[str]]:
-    """Job override lists that together try every value of every swept key once."""
+    """Job override lists that together try every value of every swept key once: the command line's,
+    a preset's ``hydra.sweeper.params`` (an Optuna search space's too) and, with
+    ``hydra/sweeper=grids``, each of its grids."""
+    sweeper = config.hydra.sweeper
+    common = [f"{k}={v}" for k, v in (sweeper.get("params") or {}).items()]
+    grids = [[f"{k}={v}" for k, v in grid.items()] for grid in (sweeper.get("grids") or [])] or [[]]
+    task = list(config.hydra.overrides.task)  # last: it wins over a preset's, as in Hydra's sweeper
+    return [point for grid in grids for point in _points(common + grid + task)]
+
+
+def _points(lines: list[str]) -> list[list[str]]:
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    overrides = OverridesParser.create().parse_overrides(list(config.hydra.overrides.task))
+    overrides = OverridesParser.create().parse_overrides(lines)
     fixed = [o.input_line for o in overrides if not o.is_sweep_override()]
-    swept = [(o.get_key_element(), list(o.sweep_string_iterator())) for o in overrides if o.is_sweep_override()]
+    swept = [(o.get_key_element(), _values(o)) for o in overrides if o.is_sweep_override()]
     first = [f"{k}={v[0]}" for k, v in swept if v]
     points = [fixed + first]
     for i, (key, values) in enumerate(swept):
         for value in values[1:]:
             points.append(fixed + first[:i] + [f"{key}={value}"] + first[i + 1 :])
     return points
+
+
+def _values(override) -> list[str]:
+    """The values a swept key takes, as override text: every one of a choice or range, the two ends of
+    an Optuna interval (``tag(log, interval(1e-6, 1e-2))``: a range check holds between them)."""
+    from hydra.core.override_parser.types import IntervalSweep
+
+    sweep = override.value()
+    if isinstance(sweep, IntervalSweep):
+        return [str(sweep.start), str(sweep.end)]
+    return list(override.sweep_string_iterator())
 
 
 def _compose_job(config, job_overrides: list[str]):
@@ -104,7 +161,7 @@ def share_sweep_data(config) -> None:
     share = data.start_sweep_share(Path(str(config.hydra.sweep.dir)))
     try:
         job = config if is_study(config) else _compose_job(config, sweep_points(config)[0])
-        resize = job.backbone.get("resize")
+        resize = job.backbone.resize
         smallest = int(job.backbone.crop_size) if not resize else 1
         data.share_tree(share, job.data, data.resolve_root(job.data), crop_size=smallest, resize=resize)
     except UserError:

@@ -291,14 +291,7 @@ def _header_bytes(paths: list[Path], resize, workers: int) -> int:
 
 
 def _max_gb(data_cfg) -> float:
-    value = data_cfg.get("tile_store_max_gb", 20)
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        value = -1.0
-    if not value >= 0:
-        raise UserError(f"data.tile_store_max_gb={data_cfg.get('tile_store_max_gb')}: must be a number of GB >= 0")
-    return value
+    return float(data_cfg.tile_store_max_gb)  # >= 0: schema.DataConf, checked before any job
 
 
 def _amount(n: float) -> str:
@@ -310,10 +303,7 @@ def root_of(data_cfg) -> Path:
 
 
 def _choice(data_cfg) -> str:
-    choice = str(data_cfg.get("tile_store", "auto"))
-    if choice not in ("auto", "off"):
-        raise UserError(f"data.tile_store={choice}: choose auto or off")
-    return choice
+    return str(data_cfg.tile_store)  # auto | off: schema.DataConf
 
 
 def _fits(data_cfg, key: str, files: dict[str, list[Path]], resize) -> bool:

@@ -253,10 +253,12 @@ def test_job_estimate_counts_what_trains(tmp_path):
 
 
 def sweep_config(**trainer):
+    from resnet_sweep import schema
+
     return OmegaConf.create(
-        {
-            "backbone": {"name": "resnet18", "crop_size": 224, "freeze": "none", "model_kwargs": {}},
-            "trainer": {"device": "auto", "batch_size": 32, "precision": "auto", "feature_bank": "auto"} | trainer,
+        {  # the schema's defaults, as a composed config has them
+            "backbone": OmegaConf.merge(schema.BackboneConf, {"name": "resnet18", "freeze": "none"}),
+            "trainer": OmegaConf.merge(schema.TrainerConf, trainer),
         }
     )
 

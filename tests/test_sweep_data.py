@@ -106,21 +106,18 @@ def test_a_jobs_keys_and_digests_from_the_listing_equal_those_from_the_disk(tmp_
 
     from omegaconf import OmegaConf
 
-    from resnet_sweep import logged
+    from resnet_sweep import logged, schema
 
     root = make_tree(tmp_path / "tiles")
     (root / "valid" / "a_class" / "img0.png").write_bytes(b"")  # skipped: the valid split is not the listing's
     cfg = OmegaConf.create(
         {
-            "data": {
-                "kind": "imagefolder",
-                "root": str(root),
-                "cache_dir": str(tmp_path / "c"),
-                "normalize": "imagenet",
-            },
-            "trainer": {"num_workers": 0, "batch_size": 4},
+            "data": OmegaConf.structured(
+                schema.DataConf(kind="imagefolder", root=str(root), cache_dir=str(tmp_path / "c"))
+            ),
+            "trainer": OmegaConf.structured(schema.TrainerConf(num_workers=0, batch_size=4)),
         }
-    )
+    )  # the defaults from the schema, where they live
     cfg.data.on_bad_image = "skip"
     splits = data.load_splits(cfg.data, cfg.trainer, crop_size=32)
     for split in ("train", "valid", "test"):
@@ -139,13 +136,14 @@ def test_a_jobs_keys_and_digests_from_the_listing_equal_those_from_the_disk(tmp_
 def test_an_image_changed_after_the_sweep_listed_it_is_one_line_and_no_store(tmp_path):
     from omegaconf import OmegaConf
 
+    from resnet_sweep import schema
     from resnet_sweep.errors import UserError
 
     root = make_tree(tmp_path / "tiles")
     listing = images.list_tree(root)
     changed = listing.files["valid"][1]
     os.utime(changed, ns=(1, 1))  # after the listing, before the store is built
-    data_cfg = OmegaConf.create({"cache_dir": str(tmp_path / "cache")})
+    data_cfg = OmegaConf.structured(schema.DataConf(cache_dir=str(tmp_path / "cache")))
     with pytest.raises(UserError, match=f"^{changed}: changed since this sweep listed its data"):
         tiles.get(data_cfg, listing.files, None, stamps=listing.stamps)
     assert not [p for p in tiles.root_of(data_cfg).iterdir() if not p.name.endswith(".lock")]

@@ -97,7 +97,9 @@ class StudyIdentity:
         cfg = self.hydra_context.config_loader.load_sweep_config(self.config, [f"{k}={v}" for k, v in fixed.items()])
         searched = sorted({_param_root(k) for k in distributions})
         app = {
-            key: OmegaConf.to_container(cfg[key], resolve=True) if OmegaConf.is_config(cfg[key]) else cfg[key]
+            key: OmegaConf.to_container(cfg[key], resolve=True, enum_to_str=True)
+            if OmegaConf.is_config(cfg[key])
+            else cfg[key]
             for key in cfg
             if key != "hydra"
         }
