@@ -52,9 +52,10 @@ def _ignore_signals() -> None:
 
 
 def worker_count() -> int:
-    """Half the cores this process may use (at least one, at most four): the other half trains."""
+    """The cores this process may use, at most four: the figures pile up when a group's jobs end
+    together, and this process then waits for them."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, min(4, cores // 2))
+    return max(1, min(4, cores))
 
 
 def _pool() -> ProcessPoolExecutor:
