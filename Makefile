@@ -47,7 +47,7 @@ test-fast: setup
 EXPERIMENT ?= resnet-sweep
 UI_PORT ?= 5000
 ui: setup
-	@$(BIN)/python -c "from resnet_sweep.store import runs_url; \
+	@$(BIN)/python -c "from resnet_sweep.tracking.store import runs_url; \
 		print('runs of $(EXPERIMENT):', runs_url('sqlite:///mlflow.db', '$(EXPERIMENT)', 'http://127.0.0.1:$(UI_PORT)'))"
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port $(UI_PORT)
 

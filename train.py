@@ -2,7 +2,7 @@ import sys
 
 import hydra
 
-from resnet_sweep.checks import check_overrides
+from resnet_sweep.config.checks import check_overrides
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
@@ -17,7 +17,7 @@ if __name__ == "__main__":
     try:
         main()
     except KeyboardInterrupt as e:  # a signal, or faults.Stopped: runs are marked KILLED
-        from resnet_sweep import faults
+        from resnet_sweep.core import faults
 
         line = f"{e or 'interrupted'}: the running job kept its finished epochs; re-run the same command to resume"
         print(e if isinstance(e, faults.Stopped) else line, file=sys.stderr, flush=True)  # Stopped: a full disk...

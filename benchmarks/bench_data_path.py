@@ -35,7 +35,13 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from resnet_sweep import batches, checks, cores, data, engine, extraction, features, models  # noqa: E402
+from resnet_sweep.config import checks  # noqa: E402
+from resnet_sweep.data import (  # noqa: E402
+    batches,
+    cores,
+    loading,
+)
+from resnet_sweep.training import engine, extraction, features, models  # noqa: E402
 
 
 def config(cache: str, tiles_per_slide: int, *more: str):
@@ -165,7 +171,7 @@ def main(argv=None) -> dict:
     )
 
     # 4 first: the store every other measurement reads
-    store_splits = data.load_splits(cfg.data, cfg.trainer, crop_size=crop, seed=0, crop_seed=0, device=device)
+    store_splits = loading.load_splits(cfg.data, cfg.trainer, crop_size=crop, seed=0, crop_seed=0, device=device)
     files = {s: [p for p, _ in getattr(store_splits, s).dataset.samples] for s in checks.SPLITS}
     n_images = sum(len(v) for v in files.values())
     for path in (p for s in files for p in files[s]):  # PNGs in the page cache, as after a first epoch

@@ -32,7 +32,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from resnet_sweep.engine import autocast, keep_freed_memory, uses_bf16  # noqa: E402
+from resnet_sweep.training.engine import autocast, keep_freed_memory, uses_bf16  # noqa: E402
 
 
 def plain_inference_img_per_s(images: int, batch: int, device: torch.device) -> float:
@@ -60,7 +60,7 @@ def interleaved(
 ) -> list[tuple[float, float]]:
     """``rounds`` x (extract the sweep's bank in this process, then plain inference): (extraction
     img/s, plain img/s averaged over the measurements just before and just after it)."""
-    from resnet_sweep import features, models
+    from resnet_sweep.training import features, models
 
     backbone = models.build_classifier(cfg.backbone, cfg.head, seed=int(cfg.seed)).model.backbone
     files, labels = features.samples_of(splits)
@@ -133,11 +133,12 @@ def main() -> None:
     # untimed: the demo data exists before either sweep starts
     from hydra import compose, initialize_config_dir
 
-    from resnet_sweep import data, features
+    from resnet_sweep.data import loading
+    from resnet_sweep.training import features
 
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         cfg = compose("train", overrides=["experiment=bench/resnet18_perceptron", *extra])
-    splits = data.job_splits(cfg)  # makes the demo data
+    splits = loading.job_splits(cfg)  # makes the demo data
     batch = features.extract_batch(cfg, device)
     # crops the bank holds: bank_views per training image, one per valid/test image
     images = (

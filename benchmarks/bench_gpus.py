@@ -6,11 +6,11 @@
                                                      # workers, then this script's measurement, tiny
 
 Each job is a joblib (loky) worker process, as with `hydra/launcher=gpus`: it claims a launcher slot
-(resnet_sweep.devices.claim_slot) and trains on GPU `slot mod GPUs`, fine-tuning a whole ResNet18
+(resnet_sweep.training.devices.claim_slot) and trains on GPU `slot mod GPUs`, fine-tuning a whole ResNet18
 (batch 32, 224 px, bf16 autocast, SGD) with the jobs' own epoch loop (engine.run_epoch) on synthetic
 batches already on the device: the GPU's share, without the data path. The jobs warm up, wait for
 each other, then train for --seconds at once. Printed: the device and the img/s of each job, its
-peak memory against resnet_sweep.devices' estimate, the aggregate of the k jobs, and its ratio to
+peak memory against resnet_sweep.training.devices' estimate, the aggregate of the k jobs, and its ratio to
 one job alone (issue 24's target: >= 2.5x for k=4 on one H200).
 """
 
@@ -29,7 +29,7 @@ sys.path.insert(0, str(REPO))
 
 from joblib import Parallel, delayed  # noqa: E402
 
-from resnet_sweep import devices  # noqa: E402  (no torch at import: the smoke's workers start fast)
+from resnet_sweep.training import devices  # noqa: E402  (no torch at import: the smoke's workers start fast)
 
 TARGET = 2.5  # issue 24: k=4 jobs on one GPU >= 2.5x one job's img/s
 
@@ -42,7 +42,7 @@ def job(
     import torch
     from torchvision import models as tvm
 
-    from resnet_sweep import engine
+    from resnet_sweep.training import engine
 
     slot = devices.claim_slot(Path(slots_dir), slots=slots)
     if gpus:

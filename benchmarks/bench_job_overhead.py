@@ -137,7 +137,9 @@ def prepare(work: Path, n: int) -> dict:
 
 def measure(size: dict, jobs: int, round_: int) -> dict:
     """One measured sweep of ``jobs`` jobs on a prepared size: each job's time outside its epochs."""
-    from resnet_sweep import engine, job, sweep_callback
+    from resnet_sweep import job
+    from resnet_sweep.sweep import sweep_callback
+    from resnet_sweep.training import engine
 
     timers = [Timer(job, "run_job"), Timer(engine, "fit"), Timer(engine, "evaluate")]
     preflight_timer = Timer(

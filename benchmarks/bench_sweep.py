@@ -41,7 +41,7 @@ REPO = Path(__file__).resolve().parent.parent
 PROFILED_MAIN = """
 import atexit, sys, time
 import mlflow
-from resnet_sweep import runs
+from resnet_sweep.tracking import runs
 spent = [0.0]
 def timed(fn):
     def wrapper(*a, **kw):

@@ -42,11 +42,13 @@ def main(argv=None) -> None:
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from resnet_sweep import checks, cores, crops, data, images, sealed, tiles
+    from resnet_sweep.config import checks
+    from resnet_sweep.core import sealed
+    from resnet_sweep.data import cores, crops, images, loading, tiles
 
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         cfg = compose("train", overrides=["data=demo", f"data.tiles_per_slide={args.tiles_per_slide}"])
-    root = data.resolve_root(cfg.data)
+    root = loading.resolve_root(cfg.data)
     _, files, _ = images.scan_tree(root, args.crop, cfg.data.cache_dir)
     n = sum(len(v) for v in files.values())
     workers = cores.available()

@@ -31,7 +31,9 @@ sys.path.insert(0, str(REPO))
 
 from hydra import compose, initialize_config_dir  # noqa: E402
 
-from resnet_sweep import checks, data, engine, features, models  # noqa: E402
+from resnet_sweep.config import checks  # noqa: E402
+from resnet_sweep.data import loading  # noqa: E402
+from resnet_sweep.training import engine, features, models  # noqa: E402
 
 
 def config(cache: str, tiles: int, *more: str, workers: int = 8):
@@ -116,7 +118,7 @@ def main() -> None:
     # 1. the bank on the GPU
     workers = 0 if args.smoke else 8  # (on the CPU, worker processes would only cost their start)
     cfg = config(cache, args.tiles_per_slide, "trainer.max_epochs=5", "optimizer.lr=1e-3", workers=workers)
-    splits = data.load_splits(cfg.data, cfg.trainer, crop_size=crop_px, seed=0, device=device)
+    splits = loading.load_splits(cfg.data, cfg.trainer, crop_size=crop_px, seed=0, device=device)
     print(
         f"demo data: {[len(getattr(splits, s).dataset) for s in checks.SPLITS]} train/valid/test tiles; "
         f"loaders: {type(splits.train.loader()).__name__} (tile store {'on' if splits.store.get() else 'off'})"

@@ -11,16 +11,19 @@ import numpy as np
 import torch
 from hydra.core.hydra_config import HydraConfig
 
-from . import cores, data, engine, faults, features, head_group, hpo, metrics, models, resume
-from .checks import log_model
-from .errors import Diverged, Locked, UserError, exit_with, first_line
-from .logged import class_counts
-from .naming import app_config, run_name, safe_run_name
-from .preflight import check_job
-from .redaction import redact
-from .runs import job_run, write_folders
-from .store import connect, existing_run
-from .sweep_dir import in_multirun, write_job_status
+from resnet_sweep.config.checks import log_model
+from resnet_sweep.config.naming import app_config, run_name, safe_run_name
+from resnet_sweep.core import faults
+from resnet_sweep.core.errors import Diverged, Locked, UserError, exit_with, first_line
+from resnet_sweep.core.redaction import redact
+from resnet_sweep.data import cores, loading
+from resnet_sweep.sweep.preflight import check_job
+from resnet_sweep.tracking import hpo
+from resnet_sweep.tracking.logged import class_counts
+from resnet_sweep.tracking.runs import job_run, write_folders
+from resnet_sweep.tracking.store import connect, existing_run
+from resnet_sweep.tracking.sweep_dir import in_multirun, write_job_status
+from resnet_sweep.training import engine, features, head_group, metrics, models, resume
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +124,7 @@ def job_identity(cfg) -> dict:
     """What makes two jobs the same job (the resume key): the resolved config and the data's files.
     An Optuna trial counts by its study and its point, not its number: the trial that replaces an
     interrupted one at the same point continues that one's epochs and MLflow run."""
-    identity = {**app_config(cfg), "data_fingerprint": data.data_fingerprint(cfg.data)}
+    identity = {**app_config(cfg), "data_fingerprint": loading.data_fingerprint(cfg.data)}
     identity["trainer"].pop("batch_heads", None)  # how it trains, not what: a grouped job resumes alone
     if identity.get("hpo_trial"):
         identity["hpo_trial"] = {"study": identity["hpo_trial"].get("study")}
@@ -134,7 +137,7 @@ def train_and_log(cfg, resumer, state) -> tuple[float, str]:
     with job_run(cfg, resume_run_id=state["run_id"] if state else None, on_start=resumer.started) as job:
         seed_everything(cfg.seed)
         device = engine.resolve_device(cfg.trainer.device)
-        splits = data.job_splits(cfg, device)
+        splits = loading.job_splits(cfg, device)
         built = head_group.build_classifier(cfg.backbone, cfg.head, seed=int(cfg.seed), num_classes=len(splits.classes))
         job.tags(
             later=True,
@@ -145,7 +148,7 @@ def train_and_log(cfg, resumer, state) -> tuple[float, str]:
             **{f"class_counts.{split}": counts for split, counts in class_counts(splits).items()},
         )  # written with the feature bank's, below
         job.dataset(splits, cfg.data)
-        weights = metrics.class_weights(cfg.loss.class_weight, data.class_counts(splits)["train"], splits.classes)
+        weights = metrics.class_weights(cfg.loss.class_weight, loading.class_counts(splits)["train"], splits.classes)
         log.info(
             "%s: %s of %s parameters train (backbone.freeze=%s)",
             job.name,

@@ -192,7 +192,7 @@ def run_app(
     the same script, arguments, working folder and environment; stdout, stderr and the exit code
     as ``run_train`` returns them. Process-wide state (cwd, argv, environment, signal handlers,
     logging, Hydra's current config, MLflow's cached stores, torch threads, the app's per-process
-    caches and atexit handlers) is restored or run after. ``module="resnet_sweep.cli"``: ``python -m``
+    caches and atexit handlers) is restored or run after. ``module="resnet_sweep.tools.cli"``: ``python -m``
     that module instead (``resnet-sweep report``). ``store=False``: no ``fresh_store`` in ``cwd``
     first (a test that checks what the run creates); never for ``module``."""
     import atexit

@@ -17,10 +17,10 @@ from conftest import FAST, TRAIN_PY, client_for, fresh_store, make_tree, mlflow_
 from PIL import Image
 from torch import nn
 
-from resnet_sweep.head_stack import _binary_valid
-from resnet_sweep.metrics import Meter, criterion
-from resnet_sweep.models import Head
-from resnet_sweep.stacked_heads import StackedHeads, StackedOptimizer
+from resnet_sweep.training.head_stack import _binary_valid
+from resnet_sweep.training.metrics import Meter, criterion
+from resnet_sweep.training.models import Head
+from resnet_sweep.training.stacked_heads import StackedHeads, StackedOptimizer
 
 OPTIMIZERS = {
     "sgd": lambda p, lr: torch.optim.SGD(p, lr=lr, momentum=0.9, weight_decay=1e-3),
@@ -303,7 +303,7 @@ def compose_job(*overrides):
 
 
 def test_a_figure_drawn_by_a_worker_is_the_one_drawn_here():
-    from resnet_sweep.drawing import Drawing
+    from resnet_sweep.tracking.drawing import Drawing
 
     epochs = [
         {"train/loss": 0.7 - e / 20, "valid/loss": 0.8 - e / 30, "train/acc": 0.5, "valid/acc": 0.6} for e in range(4)
@@ -320,7 +320,7 @@ def test_a_figure_drawn_by_a_worker_is_the_one_drawn_here():
 def test_a_job_waiting_for_its_figures_gives_the_turn_to_the_others():
     """``head_group.wait_until``: a job of a group that waits (for a figure being drawn) lets the
     next jobs run meanwhile; alone, it returns at once."""
-    from resnet_sweep.head_group import HeadGroup, wait_until
+    from resnet_sweep.training.head_group import HeadGroup, wait_until
 
     order = []
     flag = {"set": False}
@@ -342,7 +342,7 @@ def test_a_job_waiting_for_its_figures_gives_the_turn_to_the_others():
 
 
 def test_jobs_group_by_their_bank_and_the_rest_train_alone():
-    from resnet_sweep.head_group import partition
+    from resnet_sweep.training.head_group import partition
 
     configs = [
         compose_job("optimizer.lr=1e-3"),

@@ -12,8 +12,11 @@ from conftest import FAST, REPO, make_tree
 from hydra import compose, initialize_config_dir
 from PIL import Image
 
-from resnet_sweep import batches, checks, crops, data, draws, engine, features, models
-from resnet_sweep.images import load_rgb
+from resnet_sweep.config import checks
+from resnet_sweep.core import draws
+from resnet_sweep.data import batches, crops, loading
+from resnet_sweep.data.images import load_rgb
+from resnet_sweep.training import engine, features, models
 
 
 def config(tree, *more):
@@ -22,7 +25,7 @@ def config(tree, *more):
 
 
 def build(cfg, **kw):
-    return data.load_splits(
+    return loading.load_splits(
         cfg.data,
         cfg.trainer,
         crop_size=int(cfg.backbone.crop_size),
@@ -267,7 +270,7 @@ def test_over_the_size_limit_the_loaders_fall_back_to_pil_in_one_line(tmp_path, 
 
 
 def test_a_bad_augment_is_one_line():
-    from resnet_sweep.errors import UserError
+    from resnet_sweep.core.errors import UserError
 
     with pytest.raises(UserError, match=r"data.augment=\['flip'\]: unknown flip; choose from hflip, vflip, rot90"):
         checks.check_augment(["flip"])

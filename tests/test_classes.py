@@ -11,8 +11,9 @@ import torch
 from conftest import FAST, REPO, client_for, make_tree, mlflow_runs, run_app
 from hydra import compose, initialize_config_dir
 
-from resnet_sweep import demo_data, images, metrics, models
-from resnet_sweep.errors import UserError
+from resnet_sweep.core.errors import UserError
+from resnet_sweep.data import demo_data, images
+from resnet_sweep.training import metrics, models
 
 THREE = ("a_class", "b_class", "c_class")
 
@@ -63,7 +64,7 @@ def _artifact(client, run, path: str) -> str:
 
 
 def _predict(cwd, images_dir, run_id, out):
-    from resnet_sweep import predict
+    from resnet_sweep.tools import predict
 
     return predict.predict(str(images_dir), run_id, False, "resnet-sweep", f"sqlite:///{cwd}/mlflow.db", str(out))
 

@@ -35,7 +35,7 @@ from conftest import (
 )
 from omegaconf import OmegaConf
 
-from resnet_sweep.cores import threads_per_job
+from resnet_sweep.data.cores import threads_per_job
 
 JOBLIB = "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher"
 SUBMITIT_LOCAL = "hydra_plugins.hydra_submitit_launcher.submitit_launcher.LocalLauncher"
@@ -409,7 +409,7 @@ def test_two_sweeps_share_one_optuna_study_in_postgresql_and_log_to_an_mlflow_se
     assert len(list(artifacts.rglob("best.pt"))) == 4
 
     # the server's database as a direct tracking URI: reached at once, the password from PGPASSWORD
-    from resnet_sweep.store import connect
+    from resnet_sweep.tracking.store import connect
 
     previous = mlflow.get_tracking_uri()
     try:

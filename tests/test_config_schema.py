@@ -1,4 +1,4 @@
-"""Config checked once, typed: every field of every typed group (resnet_sweep.schema) refuses a wrong
+"""Config checked once, typed: every field of every typed group (resnet_sweep.config.schema) refuses a wrong
 value (type, choice, range) in one line, exit 2, with nothing created, for a single run and for a
 sweep whose bad value is in its last point; a key a typed group does not have is refused, `+` or
 not; what only the data or the machine can tell is found by the pre-flight, before any run exists.
@@ -22,8 +22,9 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf, open_dict
 from omegaconf.errors import ValidationError
 
-from resnet_sweep import checks, preflight, schema
-from resnet_sweep.errors import UserError
+from resnet_sweep.config import checks, schema
+from resnet_sweep.core.errors import UserError
+from resnet_sweep.sweep import preflight
 
 GROUPS = [(schema.TOP, schema.AppConf)] + [(g, node) for g, _, node in schema.SCHEMAS]
 

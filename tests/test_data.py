@@ -12,7 +12,7 @@ from conftest import FAST, REPO, make_tree, run_app
 from hydra import compose, initialize_config_dir
 from PIL import Image
 
-from resnet_sweep import data, demo_data, images
+from resnet_sweep.data import demo_data, images, loading
 
 
 def assert_one_line_error(proc, *fragments):
@@ -126,7 +126,7 @@ def test_dataset_normalisation_is_computed_on_train_and_cached(tmp_path, tiny_tr
                 f"data.cache_dir={tmp_path / 'c'}",
             ],
         )
-    splits = data.load_splits(cfg.data, cfg.trainer, crop_size=32)
+    splits = loading.load_splits(cfg.data, cfg.trainer, crop_size=32)
     # reddish class: channel 0 in 120..240, others 0..120 and vice versa: mean of R and B ~ 0.47
     assert splits.mean[0] == pytest.approx(splits.mean[2], abs=0.05)
     assert splits.mean[1] < splits.mean[0]
@@ -138,7 +138,7 @@ def test_dataset_normalisation_is_computed_on_train_and_cached(tmp_path, tiny_tr
 def test_stats_is_the_mean_and_std_of_every_training_pixel_as_dataset_normalisation_uses(tmp_path, capsys):
     import numpy as np
 
-    from resnet_sweep import cli
+    from resnet_sweep.tools import cli
 
     root = make_tree(tmp_path / "tiles")
     (root / "train" / ".trash").mkdir()  # not a class folder: training ignores it, so must stats
@@ -156,9 +156,9 @@ def test_stats_is_the_mean_and_std_of_every_training_pixel_as_dataset_normalisat
     assert out[2] == "std:  [" + ", ".join(f"{v:.4f}" for v in pixels.std(0)) + "]"
 
     _, files, _ = images.scan_tree(root, 32)
-    mean, std = data.dataset_stats(files["train"], tmp_path / "c")  # what data.normalize=dataset uses
+    mean, std = loading.dataset_stats(files["train"], tmp_path / "c")  # what data.normalize=dataset uses
     assert mean == pytest.approx(pixels.mean(0), abs=1e-6) and std == pytest.approx(pixels.std(0), abs=1e-6)
-    streamed = data.channel_stats(iter(files["train"]))  # any iterable: one image at a time
+    streamed = loading.channel_stats(iter(files["train"]))  # any iterable: one image at a time
     assert streamed == (mean, std)
 
 
@@ -239,9 +239,9 @@ def test_images_smaller_than_the_crop_are_one_line_with_count_examples_and_both_
     # either fix the line gives works
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         cfg = compose("train", overrides=[*fast, "data=imagefolder", f"data.root={root}", f"data.cache_dir={cache}"])
-    resized = data.load_splits(cfg.data, cfg.trainer, crop_size=64, resize=64)
+    resized = loading.load_splits(cfg.data, cfg.trainer, crop_size=64, resize=64)
     assert next(iter(resized.valid))[0].shape[-2:] == (64, 64)
-    assert not data.load_splits(cfg.data, cfg.trainer, crop_size=40).skipped
+    assert not loading.load_splits(cfg.data, cfg.trainer, crop_size=40).skipped
 
 
 def test_skip_leaves_bad_images_out_counts_them_and_convertible_kinds_train(tmp_path):

@@ -1,4 +1,4 @@
-"""Which GPU each job of a parallel sweep gets (resnet_sweep.devices, engine.resolve_device), and the
+"""Which GPU each job of a parallel sweep gets (resnet_sweep.training.devices, engine.resolve_device), and the
 memory check before the sweep: on the CPU, with the GPUs faked."""
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from resnet_sweep import devices, engine
-from resnet_sweep.errors import UserError
+from resnet_sweep.core.errors import UserError
+from resnet_sweep.training import devices, engine
 
 GIB = 2**30
 
@@ -221,7 +221,7 @@ def test_outside_a_parallel_sweep_auto_is_the_first_gpu_or_the_cpu(tmp_path, fak
 def test_all_slots_taken_falls_back_to_the_job_number(tmp_path, fake_gpus, monkeypatch, caplog):
     fake_gpus(2)
     monkeypatch.setattr(devices, "claim_slot", lambda folder, *, slots: None)
-    with caplog.at_level(logging.WARNING, logger="resnet_sweep.devices"):
+    with caplog.at_level(logging.WARNING, logger="resnet_sweep.training.devices"):
         device = engine.resolve_device("auto", hydra_cfg=hydra_cfg(tmp_path / "sweep", n_jobs=2, num=3))
     assert device == torch.device("cuda:1")
     assert "all 2 launcher slots taken" in caplog.text
@@ -253,7 +253,7 @@ def test_job_estimate_counts_what_trains(tmp_path):
 
 
 def sweep_config(**trainer):
-    from resnet_sweep import schema
+    from resnet_sweep.config import schema
 
     return OmegaConf.create(
         {  # the schema's defaults, as a composed config has them
@@ -265,7 +265,7 @@ def sweep_config(**trainer):
 
 def test_sweep_memory_check_warns_with_fakes(tmp_path, caplog):
     cfg, hydra = sweep_config(), hydra_cfg(tmp_path / "sweep", n_jobs=8)
-    with caplog.at_level(logging.INFO, logger="resnet_sweep.devices"):
+    with caplog.at_level(logging.INFO, logger="resnet_sweep.training.devices"):
         assert devices.check_sweep_memory(cfg, hydra, gpus=2, free=[139 * GIB, 139 * GIB]) is None
         assert "8 jobs at once on 2 GPU(s): 4 per GPU" in caplog.text
         message = devices.check_sweep_memory(cfg, hydra, gpus=2, free=[139 * GIB, 4 * GIB])

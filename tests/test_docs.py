@@ -108,7 +108,8 @@ def test_the_checker_finds_a_broken_file_and_a_broken_anchor(tmp_path, monkeypat
 
 # ---------------------------------------------------------------------------------------- names in code
 
-MODULES = {p.stem for p in (REPO / "resnet_sweep").glob("*.py") if p.stem != "__init__"}
+# a module by its own name (resnet_sweep/<package>/<module>.py): the docs name modules, not packages
+MODULES = {p.stem: p for p in (REPO / "resnet_sweep").rglob("*.py") if p.stem != "__init__"}
 GROUPS = sorted(p.name for p in (REPO / "conf").iterdir() if p.is_dir() and p.name not in ("hydra", "experiment"))
 LOG10 = "_log10"
 FILE_SUFFIXES = {
@@ -147,13 +148,13 @@ def code_lines(text: str):
 
 @functools.cache
 def config_keys(group: str) -> set[str]:
-    """The keys a group has: its schema's fields (resnet_sweep/schema.py, read as text) and every
+    """The keys a group has: its schema's fields (resnet_sweep/config/schema.py, read as text) and every
     key of its YAML files."""
     keys: set[str] = set()
     for path in (REPO / "conf" / group).rglob("*.yaml"):
         loaded = yaml.safe_load(path.read_text()) or {}
         keys |= {k for k in loaded if k != "defaults"} if isinstance(loaded, dict) else set()
-    tree = ast.parse((REPO / "resnet_sweep" / "schema.py").read_text())
+    tree = ast.parse(MODULES["schema"].read_text())
     schemas = {n.id for n in ast.walk(tree) if isinstance(n, ast.Tuple) for n in n.elts if isinstance(n, ast.Name)}
     for node in tree.body:
         if isinstance(node, ast.ClassDef) and node.name in schemas and _schema_group(tree, node.name) == group:
@@ -175,9 +176,9 @@ def _schema_group(tree: ast.Module, cls: str) -> str | None:
 
 @functools.cache
 def module_names(module: str) -> dict[str, set[str]]:
-    """The names ``resnet_sweep/<module>.py`` defines or imports at its top, each class with the
-    names of its body (methods, fields)."""
-    tree = ast.parse((REPO / "resnet_sweep" / f"{module}.py").read_text())
+    """The names ``resnet_sweep/<package>/<module>.py`` defines or imports at its top, each class
+    with the names of its body (methods, fields)."""
+    tree = ast.parse(MODULES[module].read_text())
     names: dict[str, set[str]] = {}
     for node in tree.body:
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
@@ -198,7 +199,7 @@ def module_names(module: str) -> dict[str, set[str]]:
 
 def unknown_names(page: Path) -> list[str]:
     """'file:line: name (why)' for every ``group.key`` that no schema or YAML of the group has and
-    every ``module.name`` (``module.Class.method``) that resnet_sweep/<module>.py does not define."""
+    every ``module.name`` (``module.Class.method``) that its module in resnet_sweep does not define."""
     problems = []
     mistakes = {example for where, example in mistake_examples() if where == str(page.relative_to(REPO))}
     for number, code in code_lines(page.read_text(encoding="utf-8")):
@@ -284,3 +285,19 @@ def test_every_config_mistake_in_the_docs_is_one_line_exit_2_and_nothing_created
     assert "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == [], "nothing created"
+
+
+# ---------------------------------------------------------------------------------------- the layers
+
+
+def test_the_layer_picture_is_drawn_from_the_imports_and_no_package_imports_upward():
+    """docs/architecture.md's picture equals what tools/layer_picture.py draws from the code now, and
+    no package imports one in its own layer or above (the contract, read back from the graph)."""
+    sys.path.insert(0, str(REPO / "tools"))
+    import layer_picture
+
+    assert layer_picture.in_doc() == layer_picture.picture(), "stale: run tools/layer_picture.py --write"
+    assert layer_picture.upward_imports() == []
+    packages = {p for layer in layer_picture.layers() for p in layer}
+    on_disk = {p.name for p in (REPO / "resnet_sweep").iterdir() if (p / "__init__.py").exists()} | {"job"}
+    assert packages == on_disk, "every subpackage is in the contract's layers"

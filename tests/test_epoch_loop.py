@@ -8,8 +8,8 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from resnet_sweep import engine
-from resnet_sweep.errors import Diverged
+from resnet_sweep.core.errors import Diverged
+from resnet_sweep.training import engine
 
 READS = {torch.Tensor.item, torch.Tensor.__bool__, torch.Tensor.tolist, torch.Tensor.cpu, torch.Tensor.numpy}
 READS |= {torch.Tensor.__int__, torch.Tensor.__float__, torch.Tensor.__index__}

@@ -15,7 +15,9 @@ from conftest import FAST, REPO, TRAIN_PY, client_for, fresh_store, make_tree, m
 from hydra import compose, initialize_config_dir
 from PIL import Image
 
-from resnet_sweep import checks, crops, data, features, images, models
+from resnet_sweep.config import checks
+from resnet_sweep.data import crops, images, loading
+from resnet_sweep.training import features, models
 
 
 def cfg_for(tree, cache, *more):
@@ -34,7 +36,7 @@ def cfg_for(tree, cache, *more):
 
 
 def build_bank(cfg):
-    splits = data.load_splits(cfg.data, cfg.trainer, crop_size=int(cfg.backbone.crop_size))
+    splits = loading.load_splits(cfg.data, cfg.trainer, crop_size=int(cfg.backbone.crop_size))
     built = models.build_classifier(cfg.backbone, cfg.head, seed=int(cfg.seed))
     return features.get(cfg, built, splits, torch.device("cpu")), built, splits
 
@@ -304,7 +306,7 @@ def test_any_damage_to_a_bank_is_one_warning_and_a_rebuild(tmp_path, tiny_tree, 
     first, _, _ = build_bank(cfg)
     before = {s: (np.array(first.array(s)), first.labels(s).numpy()) for s in checks.SPLITS}
     damage(first.path)
-    caplog.set_level(logging.INFO, logger="resnet_sweep.features")
+    caplog.set_level(logging.INFO, logger="resnet_sweep.training.features")
     rebuilt, _, _ = build_bank(cfg)
     warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert len(warnings) == 1 and "\n" not in warnings[0], warnings
@@ -322,7 +324,7 @@ def test_any_damage_to_a_bank_is_one_warning_and_a_rebuild(tmp_path, tiny_tree, 
 
 FAULTS = """
 import resource, sys, torch
-from resnet_sweep.engine import keep_freed_memory
+from resnet_sweep.training.engine import keep_freed_memory
 applied = keep_freed_memory()
 x = torch.empty(100 << 20, dtype=torch.uint8); x.fill_(1); del x
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt

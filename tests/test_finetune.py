@@ -10,9 +10,9 @@ from conftest import FAST, REPO, client_for, make_tree, mlflow_runs, run_app
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-import resnet_sweep.resolvers  # noqa: F401  (rs.* resolvers used by the configs)
-from resnet_sweep import engine, models
-from resnet_sweep.errors import UserError
+import resnet_sweep.config.resolvers  # noqa: F401  (rs.* resolvers used by the configs)
+from resnet_sweep.core.errors import UserError
+from resnet_sweep.training import engine, models
 
 # resnet18 without its fc: 11,176,512 parameters; layer4: 8,393,728; layer4.1.bn2: 2 x 512;
 # layer4.1.conv2: 512 x 512 x 3 x 3 = 2,359,296; the linear head: 512 + 1 = 513.

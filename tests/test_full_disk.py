@@ -126,7 +126,9 @@ def fill_after(monkeypatch, owner, name: str, disk_of, when) -> None:
 
 def moment(case: str, monkeypatch, disk_of) -> None:
     """Where each case fills its disk."""
-    from resnet_sweep import features, resume, runs, tiles
+    from resnet_sweep.data import tiles
+    from resnet_sweep.tracking import runs
+    from resnet_sweep.training import features, resume
 
     if case == "first state":  # the resume state written as the first job's run starts
         fill_before(monkeypatch, resume.Resumer, "started", disk_of)
@@ -247,7 +249,7 @@ def test_a_full_disk_at_the_sweeps_best_model_is_one_warning_and_the_same_comman
     summary is said, the model is logged by the re-run."""
     import mlflow
 
-    from resnet_sweep import sweep_callback
+    from resnet_sweep.sweep import sweep_callback
 
     _, tree = undisturbed
     work = tmp_path / "work"
@@ -275,7 +277,7 @@ def test_a_full_disk_at_the_sweeps_best_model_is_one_warning_and_the_same_comman
 
 
 def test_a_full_disk_is_recognised_by_its_free_space_whatever_the_writer_raised(tmp_path, disks):
-    from resnet_sweep import faults
+    from resnet_sweep.core import faults
 
     disk = disks(tmp_path / "small", "1m")
     disk.fill()

@@ -11,8 +11,9 @@ import pytest
 import torch
 from conftest import FAST, client_for, make_tree, mlflow_runs, run_app
 
-from resnet_sweep import images, metrics
-from resnet_sweep.errors import UserError
+from resnet_sweep.core.errors import UserError
+from resnet_sweep.data import images
+from resnet_sweep.training import metrics
 
 # 4 slides x 5 tiles with known P(second class); A, B are class 0, C, D class 1
 SLIDES = {
@@ -127,7 +128,7 @@ def test_a_run_with_groups_logs_slide_metrics_every_epoch_and_the_test_groups(tm
     # predict --group: one row per group beside the per-tile CSV; a file the regex misses is one line
     out = tmp_path / "pred.csv"
     cli = ("predict", str(root / "test"), "--run", run.info.run_id, "--out", str(out))
-    run_app(tmp_path, *cli, "--group", r"(s\d+)_", module="resnet_sweep.cli")
+    run_app(tmp_path, *cli, "--group", r"(s\d+)_", module="resnet_sweep.tools.cli")
     with open(tmp_path / "pred_groups.csv") as f:
         grouped = list(csv.DictReader(f))
     assert list(grouped[0]) == ["group", "tiles", "p_a_class", "p_b_class", "predicted"]
@@ -136,11 +137,11 @@ def test_a_run_with_groups_logs_slide_metrics_every_epoch_and_the_test_groups(tm
         tiles = {r["path"]: float(r["probability"]) for r in csv.DictReader(f)}
     s00 = [p for path, p in tiles.items() if "/s00_" in path]
     assert float(next(r for r in grouped if r["group"] == "s00")["p_b_class"]) == pytest.approx(sum(s00) / 2, abs=1e-5)
-    missed = run_app(tmp_path, *cli, "--group", r"slide(\d+)", module="resnet_sweep.cli", check=False)
+    missed = run_app(tmp_path, *cli, "--group", r"slide(\d+)", module="resnet_sweep.tools.cli", check=False)
     assert missed.returncode != 0 and "Traceback" not in missed.stderr
     assert "--group 'slide(\\d+)' does not match" in missed.stderr.strip().splitlines()[-1]
     # the report's study table adds the slide-level columns beside the tile-level ones
-    report = run_app(tmp_path, "report", module="resnet_sweep.cli")
+    report = run_app(tmp_path, "report", module="resnet_sweep.tools.cli")
     header = next(l for l in report.stdout.splitlines() if l.startswith("| Optimizer"))
     assert header.endswith(
         "| Test loss | Test acc | Test balanced acc | Test AUROC | Test F1 | Slide acc | Slide balanced acc | Slide AUROC |"

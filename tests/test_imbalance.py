@@ -12,9 +12,11 @@ import torch
 from conftest import FAST, REPO, client_for, make_tree, mlflow_runs, run_app
 from hydra import compose, initialize_config_dir
 
-from resnet_sweep import checks, crops, data, features, metrics
-from resnet_sweep.errors import UserError
-from resnet_sweep.objective import direction
+from resnet_sweep.config import checks
+from resnet_sweep.config.objective import direction
+from resnet_sweep.core.errors import UserError
+from resnet_sweep.data import crops, loading
+from resnet_sweep.training import features, metrics
 
 
 def imbalanced_tree(root, majority=18, minority=2):
@@ -46,7 +48,7 @@ def test_every_training_loader_follows_the_sampler(tmp_path):
     for tile_store in ("off", "auto"):
         cfg.data.tile_store = tile_store
         cfg.data.cache_dir = str(tmp_path / "cache")
-        splits = data.job_splits(cfg, torch.device("cpu"))
+        splits = loading.job_splits(cfg, torch.device("cpu"))
         assert splits.sampler == "balanced"
         splits.train.set_epoch(1)
         labels.append(torch.cat([y for _, y in splits.train]).tolist())
@@ -140,7 +142,7 @@ def test_a_grid_on_valid_balanced_acc_picks_its_best_epoch_and_tags_the_class_co
         best_epoch_is_the_argmax(client, run, "valid/balanced_acc")
         assert run.data.tags["class_counts.train"] == "a_class 18, b_class 2"
         assert run.data.tags["class_counts.test"] == "a_class 3, b_class 3"
-    report = run_app(tmp_path, "report", module="resnet_sweep.cli").stdout
+    report = run_app(tmp_path, "report", module="resnet_sweep.tools.cli").stdout
     assert (
         "Tiles per class: train: a_class 18, b_class 2; valid: a_class 3, b_class 3; test: a_class 3, b_class 3."
         in report

@@ -8,7 +8,7 @@ import pytest
 import torchvision
 from conftest import fresh_store
 
-from resnet_sweep import logged
+from resnet_sweep.tracking import logged
 
 
 def test_a_model_is_logged_without_inferring_its_requirements(tmp_path, monkeypatch):

@@ -26,7 +26,7 @@ def sweep(tmp_path_factory):
 
 
 def test_the_experiment_opens_on_its_runs_and_make_ui_prints_their_url(sweep):
-    from resnet_sweep.store import runs_url
+    from resnet_sweep.tracking.store import runs_url
 
     experiment = client_for(sweep).get_experiment_by_name("resnet-sweep")
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
@@ -49,7 +49,7 @@ def test_each_sweeps_end_makes_the_view_again_from_its_own_children(tmp_path):
     from conftest import fresh_store
     from mlflow.tracking import MlflowClient
 
-    from resnet_sweep import shared_view
+    from resnet_sweep.reports import shared_view
 
     fresh_store(tmp_path)
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
@@ -144,7 +144,7 @@ def test_the_best_runs_model_is_named_after_it_and_linked_to_its_best_epoch_and_
 def test_the_learning_curves_are_the_first_chart_of_a_runs_model_metrics_tab(sweep):
     """MLflow 3.17's run page sorts its chart sections by name, first by code point (String.sort),
     then case-insensitively (localeCompare) as charts arrive: the curves' image sorts first both ways."""
-    from resnet_sweep.logged import CURVES_KEY
+    from resnet_sweep.tracking.logged import CURVES_KEY
 
     client = client_for(sweep)
     for child in mlflow_runs(sweep).children:
@@ -246,7 +246,7 @@ def test_plots_are_readable_confusion_matrix_and_metrics_vs_lr_per_optimizer(swe
 
 
 def test_the_confusion_matrix_shows_counts_and_row_percentages_in_contrasting_colours():
-    from resnet_sweep import plots
+    from resnet_sweep.tracking import plots
 
     fig = plots.confusion_matrix([[40, 3], [12, 45]], ["favourable", "unfavourable"], "run: test")
     texts = {t.get_text(): t.get_color() for t in fig.axes[0].texts}
@@ -259,7 +259,7 @@ def test_a_study_gets_optunas_own_history_slice_importance_and_parallel_coordina
     import optuna
 
     from hydra_plugins.resnet_sweep_optuna._study_runs import study_plots
-    from resnet_sweep import plots
+    from resnet_sweep.tracking import plots
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
@@ -310,7 +310,7 @@ def test_a_browser_on_mlflow_ui_sees_the_runs_the_report_the_models_best_epoch_a
     import mlflow
     from conftest import server_env, wait_until_healthy
 
-    from resnet_sweep.store import runs_url
+    from resnet_sweep.tracking.store import runs_url
 
     browser = _browser()
     shots = Path(os.environ.get("RESNET_SWEEP_SCREENSHOTS") or tmp_path)
@@ -401,7 +401,7 @@ def test_a_browser_on_mlflow_ui_sees_the_runs_the_report_the_models_best_epoch_a
         body = page(f"{run_page}?workflowType=machine_learning", "best epoch", "tiles", model.name, shot="child_run")
         assert "Backbone weights: random" in body and "Evaluation runs" not in body
         # its Model metrics tab: the learning curves (train and valid loss in one figure) come first
-        from resnet_sweep.logged import CURVES_KEY
+        from resnet_sweep.tracking.logged import CURVES_KEY
 
         section = CURVES_KEY.split("/")[0]
         page(f"{run_page}/model-metrics?workflowType=machine_learning", section, "best/valid", shot="child_metrics")

@@ -9,8 +9,9 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from torch import nn
 
-from resnet_sweep import data, engine, models
-from resnet_sweep.errors import UserError
+from resnet_sweep.core.errors import UserError
+from resnet_sweep.data import loading
+from resnet_sweep.training import engine, models
 
 
 def compose_cfg(*overrides):
@@ -60,7 +61,7 @@ def test_frozen_backbone_parameters_and_bn_buffers_are_bit_identical_after_train
         "optimizer.lr=0.1",
         "head=mlp_leakyrelu_dropout",
     )
-    splits = data.load_splits(cfg.data, cfg.trainer, crop_size=32)
+    splits = loading.load_splits(cfg.data, cfg.trainer, crop_size=32)
     built = models.build_classifier(cfg.backbone, cfg.head)
     before = {k: v.clone() for k, v in built.model.backbone.state_dict().items()}
     head_before = {k: v.clone() for k, v in built.model.head.state_dict().items()}
@@ -150,6 +151,10 @@ def test_checkpoint_rebuilds_the_model_and_refuses_another_backbone(tmp_path):
     x = torch.randn(2, 3, 64, 64)
     assert torch.allclose(rebuilt(x), built.model.eval()(x))
     assert meta["classes"] == ["a", "b"]
+
+    ckpt["head"]["_target_"] = "resnet_sweep.models.Head"  # a checkpoint written before the package layout
+    torch.save(ckpt, tmp_path / "older.pt")
+    assert torch.allclose(models.load_checkpoint(tmp_path / "older.pt")[0](x), built.model(x))
 
     ckpt["frozen_checksum"] = "0" * 64
     torch.save(ckpt, tmp_path / "other.pt")

@@ -14,7 +14,7 @@ import pytest
 from conftest import FAST, make_tree, run_app
 from PIL import Image
 
-from resnet_sweep import cli
+from resnet_sweep.tools import cli
 
 OLD = "path,probability,label\n/earlier/run.png,0.250000,a_class\n"
 
@@ -36,9 +36,9 @@ def earlier(tmp_path) -> Path:
 
 
 def predict_cli(cwd: Path, *args: str):
-    """`python -m resnet_sweep.cli predict ARGS` as a user runs it (the exit code is what is checked)."""
+    """`python -m resnet_sweep.tools.cli predict ARGS` as a user runs it (the exit code is what is checked)."""
     return subprocess.run(
-        [sys.executable, "-m", "resnet_sweep.cli", "predict", *args],
+        [sys.executable, "-m", "resnet_sweep.tools.cli", "predict", *args],
         cwd=cwd,
         capture_output=True,
         text=True,
@@ -91,7 +91,7 @@ def test_a_folder_of_unreadable_files_is_an_error_not_an_empty_csv(store, tmp_pa
 
 def test_a_failed_write_keeps_the_earlier_csv_whole(store, tmp_path, earlier, capsys, monkeypatch):
     """The disk fills up after the first row: no half-written CSV, no temporary file left, one line."""
-    from resnet_sweep import predict
+    from resnet_sweep.tools import predict
 
     images = tmp_path / "new"
     images.mkdir()

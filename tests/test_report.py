@@ -11,8 +11,8 @@ from PIL import Image
 
 
 def resnet_sweep(cwd, *args, check=True):
-    """``python -m resnet_sweep.cli ARGS`` in ``cwd``, in-process (run_app)."""
-    return run_app(cwd, *args, check=check, module="resnet_sweep.cli")
+    """``python -m resnet_sweep.tools.cli ARGS`` in ``cwd``, in-process (run_app)."""
+    return run_app(cwd, *args, check=check, module="resnet_sweep.tools.cli")
 
 
 def table_after(markdown: str, heading: str) -> list[list[str]]:
@@ -126,7 +126,7 @@ def test_report_seed_table_shows_per_seed_values_and_mean_std(tmp_path, tiny_tre
 
 
 def test_imagenet_figures_of_pretrained_backbones_come_from_torchvisions_metadata():
-    from resnet_sweep.report import imagenet_table
+    from resnet_sweep.reports.report import imagenet_table
 
     rows = [
         [c.strip() for c in line.strip("|").split("|")]

@@ -11,8 +11,8 @@ import pytest
 import torch
 from conftest import FAST, client_for, mlflow_runs, run_app, run_train
 
-from resnet_sweep import models
-from resnet_sweep.errors import UserError
+from resnet_sweep.core.errors import UserError
+from resnet_sweep.training import models
 
 SECRET_URL = "postgresql://user:secret@db.example:5432/studies"
 

@@ -17,9 +17,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from resnet_sweep import cli, images
-from resnet_sweep.errors import UserError
-from resnet_sweep.split import SPLITS, Item, assign, counts, parse_ratios
+from resnet_sweep.core.errors import UserError
+from resnet_sweep.data import images
+from resnet_sweep.tools import cli
+from resnet_sweep.tools.split import SPLITS, Item, assign, counts, parse_ratios
 
 PROPERTY = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -66,7 +67,7 @@ def test_no_group_in_two_splits_every_file_once_every_split_has_both_classes(ite
 @given(items=layouts(), ratios=ratio_triples, seed=seeds)
 def test_per_class_counts_are_within_one_group_of_the_ratios(items, ratios, seed):
     """|n - ratio x class total| <= the class's largest group; <= twice that for a class where a
-    split had to be handed a group just to hold the class (see resnet_sweep.split)."""
+    split had to be handed a group just to hold the class (see resnet_sweep.tools.split)."""
     a = assign(items, ratios, seed)
     n = counts(items, a)
     sizes = Counter(it.group for it in items)
@@ -241,7 +242,7 @@ def test_a_file_the_regex_misses_is_a_one_line_error_naming_it(tmp_path):
         [
             sys.executable,
             "-m",
-            "resnet_sweep.cli",
+            "resnet_sweep.tools.cli",
             "split",
             str(src),
             str(tmp_path / "dst"),

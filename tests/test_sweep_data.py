@@ -11,7 +11,7 @@ import pytest
 from conftest import FAST, make_tree, mlflow_runs, run_app
 from PIL import ImageFile
 
-from resnet_sweep import data, images, tiles
+from resnet_sweep.data import images, loading, tiles
 
 
 @pytest.fixture
@@ -45,7 +45,7 @@ def test_a_sweep_lists_and_stats_its_data_once_for_all_its_jobs(tmp_path, monkey
     listed = []
     list_tree = images.list_tree
     monkeypatch.setattr(images, "list_tree", lambda r: listed.append(r) or list_tree(r))
-    monkeypatch.setattr(data, "list_tree", images.list_tree)
+    monkeypatch.setattr(loading, "list_tree", images.list_tree)
     run_app(tmp_path, "-m", *FAST, "data=imagefolder", f"data.root={root}", "optimizer.lr=1e-3,1e-2,1e-1")
     assert len(mlflow_runs(tmp_path).children) == 3
     assert listed == [root]  # the pre-flight's; its three jobs read its record
@@ -73,12 +73,12 @@ def test_a_record_shared_through_the_sweep_folder_is_read_without_listing_again(
     from omegaconf import OmegaConf
 
     data_cfg = OmegaConf.create(cfg)
-    share = data.start_sweep_share(tmp_path / "sweep")
-    made = data.share_tree(share, data_cfg, root, crop_size=32)
-    data._trees.clear()  # another process: nothing remembered
-    data._share["folder"] = None
-    monkeypatch.setattr(data, "list_tree", lambda r: pytest.fail("listed again"))
-    again = data.share_tree(share, data_cfg, root, crop_size=32)
+    share = loading.start_sweep_share(tmp_path / "sweep")
+    made = loading.share_tree(share, data_cfg, root, crop_size=32)
+    loading._trees.clear()  # another process: nothing remembered
+    loading._share["folder"] = None
+    monkeypatch.setattr(loading, "list_tree", lambda r: pytest.fail("listed again"))
+    again = loading.share_tree(share, data_cfg, root, crop_size=32)
     assert again.listing.files == made.listing.files and again.checks == made.checks
     every = [p for split in ("train", "valid", "test") for p in made.listing.files[split]]
     assert again.listing.fingerprint == made.listing.fingerprint == images.fingerprint(every)
@@ -106,7 +106,8 @@ def test_a_jobs_keys_and_digests_from_the_listing_equal_those_from_the_disk(tmp_
 
     from omegaconf import OmegaConf
 
-    from resnet_sweep import logged, schema
+    from resnet_sweep.config import schema
+    from resnet_sweep.tracking import logged
 
     root = make_tree(tmp_path / "tiles")
     (root / "valid" / "a_class" / "img0.png").write_bytes(b"")  # skipped: the valid split is not the listing's
@@ -119,7 +120,7 @@ def test_a_jobs_keys_and_digests_from_the_listing_equal_those_from_the_disk(tmp_
         }
     )  # the defaults from the schema, where they live
     cfg.data.on_bad_image = "skip"
-    splits = data.load_splits(cfg.data, cfg.trainer, crop_size=32)
+    splits = loading.load_splits(cfg.data, cfg.trainer, crop_size=32)
     for split in ("train", "valid", "test"):
         files = [p for p, _ in getattr(splits, split).dataset.samples]
         assert splits.fingerprint(split) == images.fingerprint(files)
@@ -136,8 +137,8 @@ def test_a_jobs_keys_and_digests_from_the_listing_equal_those_from_the_disk(tmp_
 def test_an_image_changed_after_the_sweep_listed_it_is_one_line_and_no_store(tmp_path):
     from omegaconf import OmegaConf
 
-    from resnet_sweep import schema
-    from resnet_sweep.errors import UserError
+    from resnet_sweep.config import schema
+    from resnet_sweep.core.errors import UserError
 
     root = make_tree(tmp_path / "tiles")
     listing = images.list_tree(root)

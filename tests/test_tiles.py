@@ -1,4 +1,4 @@
-"""The decoded tile store (resnet_sweep.tiles): in-process, on tiny trees."""
+"""The decoded tile store (resnet_sweep.data.tiles): in-process, on tiny trees."""
 
 from __future__ import annotations
 
@@ -17,7 +17,9 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from PIL import Image
 
-from resnet_sweep import checks, crops, images, sealed, tiles
+from resnet_sweep.config import checks
+from resnet_sweep.core import sealed
+from resnet_sweep.data import crops, images, tiles
 
 
 def data_cfg(tree, cache, *more):
@@ -54,7 +56,7 @@ def stores(cache):
 
 
 def messages(caplog, level=logging.INFO):
-    return [r.getMessage() for r in caplog.records if r.name == "resnet_sweep.tiles" and r.levelno >= level]
+    return [r.getMessage() for r in caplog.records if r.name == "resnet_sweep.data.tiles" and r.levelno >= level]
 
 
 @pytest.fixture
@@ -117,7 +119,7 @@ def test_uniform_images_are_one_memmap_and_crops_are_views(tmp_path, tiny_tree):
 def test_a_changed_added_or_removed_image_is_a_new_store_and_the_same_files_reuse_it(tmp_path, tiny_tree, caplog):
     cache = tmp_path / "cache"
     cfg = data_cfg(tiny_tree, cache)
-    caplog.set_level(logging.INFO, logger="resnet_sweep.tiles")
+    caplog.set_level(logging.INFO, logger="resnet_sweep.data.tiles")
     first = tiles.get(cfg, files_of(tiny_tree, cache), None)
     caplog.clear()
     again = tiles.get(cfg, files_of(tiny_tree, cache), None)
@@ -157,7 +159,7 @@ def test_two_concurrent_builders_build_it_once(tmp_path, tiny_tree, caplog, monk
         return plain(path, resize)
 
     monkeypatch.setattr(tiles, "decode", slow)
-    caplog.set_level(logging.INFO, logger="resnet_sweep.tiles")
+    caplog.set_level(logging.INFO, logger="resnet_sweep.data.tiles")
     start, got = threading.Barrier(2), [None, None]
 
     def job(k):
@@ -203,7 +205,7 @@ def test_a_damaged_store_is_one_warning_and_a_rebuild_never_read(tmp_path, tiny_
     first = tiles.get(cfg, files, None)
     says = damage(first.path)
     sealed._verified.clear()  # as a new process: verified once per process, when first opened
-    caplog.set_level(logging.INFO, logger="resnet_sweep.tiles")
+    caplog.set_level(logging.INFO, logger="resnet_sweep.data.tiles")
     rebuilt = tiles.get(cfg, files, None)
     warnings = messages(caplog, logging.WARNING)
     assert len(warnings) == 1 and "\n" not in warnings[0], warnings
@@ -220,7 +222,7 @@ def test_a_damaged_store_is_one_warning_and_a_rebuild_never_read(tmp_path, tiny_
 def test_over_tile_store_max_gb_or_the_free_disk_is_one_line_and_none(tmp_path, tiny_tree, caplog, monkeypatch):
     cache = tmp_path / "cache"
     files = files_of(tiny_tree, cache)
-    caplog.set_level(logging.INFO, logger="resnet_sweep.tiles")
+    caplog.set_level(logging.INFO, logger="resnet_sweep.data.tiles")
     # 24 images of 40x40x3 = 115,200 bytes
     assert tiles.get(data_cfg(tiny_tree, cache, "data.tile_store_max_gb=0.0001"), files, None) is None
     lines = messages(caplog)
@@ -242,7 +244,7 @@ def test_over_tile_store_max_gb_or_the_free_disk_is_one_line_and_none(tmp_path, 
 def test_tile_store_off_is_none_and_touches_nothing(tmp_path, tiny_tree, caplog):
     cache = tmp_path / "cache"
     files = files_of(tiny_tree, cache)
-    caplog.set_level(logging.INFO, logger="resnet_sweep.tiles")
+    caplog.set_level(logging.INFO, logger="resnet_sweep.data.tiles")
     assert tiles.get(data_cfg(tiny_tree, cache, "data.tile_store=off"), files, None) is None
     plain = OmegaConf.create({"cache_dir": str(cache), "tile_store": "off", "tile_store_max_gb": 20})
     assert tiles.get(plain, files, None) is None

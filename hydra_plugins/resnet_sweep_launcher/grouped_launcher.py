@@ -36,7 +36,7 @@ class GroupedLauncher(BasicLauncher):
             loader.load_sweep_config = _Remembered(loader.load_sweep_config)
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
-        from resnet_sweep import head_group
+        from resnet_sweep.training import head_group
 
         setup_globals()
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)

@@ -20,7 +20,7 @@
   same command resumes it.
 - NaN-safe: a job that returns NaN/inf or raises is a FAIL trial and the study goes on, up to
   ``max_failure_rate``.
-- Pruning: jobs report the objective per epoch to their trial (resnet_sweep.hpo) and stop when the
+- Pruning: jobs report the objective per epoch to their trial (resnet_sweep.tracking.hpo) and stop when the
   pruner says so; the sweeper tells PRUNED.
 """
 
@@ -42,11 +42,11 @@ from hydra.utils import get_method
 from omegaconf import DictConfig
 from optuna.trial import TrialState
 
-from resnet_sweep import hpo
-from resnet_sweep.errors import UserError, exit_with, first_line
-from resnet_sweep.objective import direction as objective_direction
-from resnet_sweep.optuna_storage import STORAGE_RETRY_S, StorageUnavailable, open_study_storage
-from resnet_sweep.redaction import redact
+from resnet_sweep.config.objective import direction as objective_direction
+from resnet_sweep.core.errors import UserError, exit_with, first_line
+from resnet_sweep.core.redaction import redact
+from resnet_sweep.tracking import hpo
+from resnet_sweep.tracking.optuna_storage import STORAGE_RETRY_S, StorageUnavailable, open_study_storage
 
 from . import _study_runs
 from ._space import grid_choices, search_space

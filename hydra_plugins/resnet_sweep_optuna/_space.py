@@ -8,7 +8,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import Override, Transformer
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
 
-from resnet_sweep.errors import UserError
+from resnet_sweep.core.errors import UserError
 
 
 def distribution_from_override(override: Override) -> BaseDistribution | str:

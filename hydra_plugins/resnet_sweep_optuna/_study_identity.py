@@ -12,9 +12,10 @@ import time
 
 from omegaconf import OmegaConf
 
-from resnet_sweep import data, sealed
-from resnet_sweep.errors import UserError
-from resnet_sweep.redaction import redact
+from resnet_sweep.core import sealed
+from resnet_sweep.core.errors import UserError
+from resnet_sweep.core.redaction import redact
+from resnet_sweep.data import loading
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +105,7 @@ class StudyIdentity:
             if key != "hydra"
         }
         config = {k: v for k, v in _flatten(app).items() if not _under(k, NOT_RESULTS + tuple(searched))}
-        fingerprint = "searched" if any(_under(k, ["data"]) for k in searched) else data.data_fingerprint(cfg.data)
+        fingerprint = "searched" if any(_under(k, ["data"]) for k in searched) else loading.data_fingerprint(cfg.data)
         return {SEARCHED_ATTR: searched, CONFIG_ATTR: config, DATA_ATTR: fingerprint}
 
     def _study_name(self, identity: dict) -> str | None:

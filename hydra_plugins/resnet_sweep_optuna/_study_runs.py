@@ -10,10 +10,10 @@ import warnings
 
 from mlflow.tracking import MlflowClient
 
-from resnet_sweep import plots
-from resnet_sweep.redaction import redact
-from resnet_sweep.runs import FAILURE_TAG, PARENT_ENV, set_parent
-from resnet_sweep.store import connect
+from resnet_sweep.core.redaction import redact
+from resnet_sweep.tracking import plots
+from resnet_sweep.tracking.runs import FAILURE_TAG, PARENT_ENV, set_parent
+from resnet_sweep.tracking.store import connect
 
 log = logging.getLogger(__name__)
 

@@ -17,10 +17,10 @@ import optuna
 from hydra.core.utils import JobStatus
 from optuna.trial import TrialState
 
-from resnet_sweep import hpo
-from resnet_sweep.errors import first_line
-from resnet_sweep.optuna_storage import StorageUnavailable, outage_of
-from resnet_sweep.redaction import redact
+from resnet_sweep.core.errors import first_line
+from resnet_sweep.core.redaction import redact
+from resnet_sweep.tracking import hpo
+from resnet_sweep.tracking.optuna_storage import StorageUnavailable, outage_of
 
 from . import _study_runs
 

@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def objective(cfg) -> float | str:
-    from resnet_sweep import hpo
+    from resnet_sweep.tracking import hpo
 
     lr = float(cfg.optimizer.lr)
     with open("jobs.jsonl", "a") as f:

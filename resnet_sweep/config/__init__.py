@@ -1,0 +1,1 @@
+"""The configuration: typed schemas, checks without torch, the objective, run names, resolvers."""

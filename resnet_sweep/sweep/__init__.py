@@ -1,0 +1,1 @@
+"""A sweep's pre-flight checks and its Hydra callback (parent run, best run, summary, report)."""

@@ -1,0 +1,1 @@
+"""The resnet-sweep command and its tools: split, predict."""

@@ -1,0 +1,1 @@
+"""What a job records: its MLflow run, lookups, the store, the sweep folder, figures, its side of an Optuna trial."""
