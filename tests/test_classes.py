@@ -12,7 +12,7 @@ from conftest import FAST, REPO, client_for, make_tree, mlflow_runs, run_app
 from hydra import compose, initialize_config_dir
 
 from resnet_sweep.core.errors import UserError
-from resnet_sweep.data import demo_data, images
+from resnet_sweep.data import demo_data, image_folder, images
 from resnet_sweep.training import metrics, models
 
 THREE = ("a_class", "b_class", "c_class")
@@ -125,7 +125,7 @@ def test_demo_data_has_an_optional_third_tissue_type(tmp_path):
         bad = compose("train", overrides=[*over, "data.classes=4"])
     root2, root3 = demo_data.ensure(two.data), demo_data.ensure(three.data)
     assert root2 != root3
-    assert images.class_folders(root2 / "train") == ["differentiating", "poorly_differentiated"]
-    assert images.class_folders(root3 / "test") == ["differentiating", "poorly_differentiated", "stroma"]
+    assert image_folder.class_folders(root2 / "train") == ["differentiating", "poorly_differentiated"]
+    assert image_folder.class_folders(root3 / "test") == ["differentiating", "poorly_differentiated", "stroma"]
     with pytest.raises(UserError, match=r"data.classes=4: the demo data has 2 or 3 classes"):
         demo_data.ensure(bad.data)

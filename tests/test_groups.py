@@ -12,7 +12,7 @@ import torch
 from conftest import FAST, client_for, make_tree, mlflow_runs, run_app
 
 from resnet_sweep.core.errors import UserError
-from resnet_sweep.data import images
+from resnet_sweep.data import grouping
 from resnet_sweep.training import metrics
 
 # 4 slides x 5 tiles with known P(second class); A, B are class 0, C, D class 1
@@ -79,12 +79,12 @@ def test_a_file_the_regex_misses_and_a_mixed_class_group_are_one_line_each(tmp_p
     root = make_tree(tmp_path / "tiles")
     files = {s: sorted((root / s).rglob("*.png")) for s in ("train", "valid", "test")}
     with pytest.raises(UserError) as e:
-        images.file_groups(root, files, r"slide(\d+)")
+        grouping.file_groups(root, files, r"slide(\d+)")
     assert str(e.value).startswith(
         f"{root / 'train' / 'a_class' / 'img0.png'}: data.group='slide(\\d+)' does not match"
     )
     with pytest.raises(UserError) as e:  # img0 of a_class and img0 of b_class: one "slide" in two classes
-        images.file_groups(root, files, r"img(\d+)")
+        grouping.file_groups(root, files, r"img(\d+)")
     message = str(e.value)
     assert "group '0' of split 'train' has tiles in two classes" in message and "\n" not in message
     assert str(root / "train" / "b_class" / "img0.png") in message

@@ -11,7 +11,7 @@ import pytest
 from conftest import FAST, make_tree, mlflow_runs, run_app
 from PIL import ImageFile
 
-from resnet_sweep.data import images, loading, tiles
+from resnet_sweep.data import image_folder, loading, tiles
 
 
 @pytest.fixture
@@ -43,9 +43,9 @@ def test_the_first_sweep_decodes_each_image_once(tmp_path, decodes):
 def test_a_sweep_lists_and_stats_its_data_once_for_all_its_jobs(tmp_path, monkeypatch):
     root = make_tree(tmp_path / "tiles")
     listed = []
-    list_tree = images.list_tree
-    monkeypatch.setattr(images, "list_tree", lambda r: listed.append(r) or list_tree(r))
-    monkeypatch.setattr(loading, "list_tree", images.list_tree)
+    list_tree = image_folder.list_tree
+    monkeypatch.setattr(image_folder, "list_tree", lambda r: listed.append(r) or list_tree(r))
+    monkeypatch.setattr(loading, "list_tree", image_folder.list_tree)
     run_app(tmp_path, "-m", *FAST, "data=imagefolder", f"data.root={root}", "optimizer.lr=1e-3,1e-2,1e-1")
     assert len(mlflow_runs(tmp_path).children) == 3
     assert listed == [root]  # the pre-flight's; its three jobs read its record
@@ -81,7 +81,7 @@ def test_a_record_shared_through_the_sweep_folder_is_read_without_listing_again(
     again = loading.share_tree(share, data_cfg, root, crop_size=32)
     assert again.listing.files == made.listing.files and again.checks == made.checks
     every = [p for split in ("train", "valid", "test") for p in made.listing.files[split]]
-    assert again.listing.fingerprint == made.listing.fingerprint == images.fingerprint(every)
+    assert again.listing.fingerprint == made.listing.fingerprint == image_folder.fingerprint(every)
 
 
 def test_fingerprints_from_the_listing_equal_those_from_the_disk(tmp_path):
@@ -91,14 +91,14 @@ def test_fingerprints_from_the_listing_equal_those_from_the_disk(tmp_path):
     (root / "train" / "a_class" / "linked.png").symlink_to(target)  # as resnet-sweep split makes them
     (root / "train" / "b_class" / "deeper").mkdir()
     (root / "train" / "b_class" / "deeper" / "img9.png").write_bytes(target.read_bytes())
-    listing = images.list_tree(root)
+    listing = image_folder.list_tree(root)
     assert listing.files["train"][:7] == sorted((root / "train" / "a_class").rglob("*.png"))
     for split in ("train", "valid", "test"):
         paths = listing.files[split]
-        assert images.fingerprint(paths, listing.stamps) == images.fingerprint(paths)
+        assert image_folder.fingerprint(paths, listing.stamps) == image_folder.fingerprint(paths)
     assert listing.stamps[str(root / "train" / "a_class" / "linked.png")][0] == str(target.resolve())
     assert tiles.key_of(listing.files, None, listing.stamps) == tiles.key_of(listing.files, None)
-    assert listing.fingerprint == images.fingerprint([p for s in listing.files for p in listing.files[s]])
+    assert listing.fingerprint == image_folder.fingerprint([p for s in listing.files for p in listing.files[s]])
 
 
 def test_a_jobs_keys_and_digests_from_the_listing_equal_those_from_the_disk(tmp_path):
@@ -123,7 +123,7 @@ def test_a_jobs_keys_and_digests_from_the_listing_equal_those_from_the_disk(tmp_
     splits = loading.load_splits(cfg.data, cfg.trainer, crop_size=32)
     for split in ("train", "valid", "test"):
         files = [p for p, _ in getattr(splits, split).dataset.samples]
-        assert splits.fingerprint(split) == images.fingerprint(files)
+        assert splits.fingerprint(split) == image_folder.fingerprint(files)
     assert tiles.key_of(splits.files, None, splits.listing.stamps) == tiles.key_of(splits.files, None)
     names = sorted(
         f"{s}/{p.relative_to(root / s).as_posix()}\t{y}"
@@ -141,7 +141,7 @@ def test_an_image_changed_after_the_sweep_listed_it_is_one_line_and_no_store(tmp
     from resnet_sweep.core.errors import UserError
 
     root = make_tree(tmp_path / "tiles")
-    listing = images.list_tree(root)
+    listing = image_folder.list_tree(root)
     changed = listing.files["valid"][1]
     os.utime(changed, ns=(1, 1))  # after the listing, before the store is built
     data_cfg = OmegaConf.structured(schema.DataConf(cache_dir=str(tmp_path / "cache")))

@@ -23,7 +23,9 @@ from resnet_sweep.core import faults, sealed
 from resnet_sweep.core.errors import UserError, first_line
 from resnet_sweep.data import demo_data
 from resnet_sweep.data.crops import EpochShuffle, Loader, Tiles
-from resnet_sweep.data.images import Listing, file_groups, fingerprint, image_checks, list_tree, load_rgb, usable
+from resnet_sweep.data.grouping import file_groups
+from resnet_sweep.data.image_folder import Listing, fingerprint, list_tree
+from resnet_sweep.data.images import image_checks, load_rgb, usable
 
 log = logging.getLogger(__name__)
 
@@ -53,14 +55,14 @@ class Splits:
     files: dict[str, list[Path]] | None = None  # each split's files, in loader order
 
     def fingerprint(self, split: str) -> str:
-        """``images.fingerprint`` of the split's files (in its loader), from the stamps taken when the
+        """``image_folder.fingerprint`` of the split's files (in its loader), from the stamps taken when the
         tree was listed, computed once per sweep when no file was left out: what a cache keyed by
         the files uses (the feature bank), without stat-ing every file in every job."""
         return split_fingerprint(self.listing, self.files, split)
 
 
 def split_fingerprint(listing: Listing | None, files: dict[str, list[Path]], split: str) -> str:
-    """``images.fingerprint(files[split])``: the listing's own (computed once) when they are its files,
+    """``image_folder.fingerprint(files[split])``: the listing's own (computed once) when they are its files,
     else from its stamps (or, without a listing, from the disk)."""
     if listing is not None and files[split] is listing.files[split]:
         return listing.split_fingerprint(split)
@@ -135,7 +137,7 @@ _trees: dict[str, tuple[tuple, CheckedTree]] = {}  # record path -> (the record'
 
 @dataclass
 class CheckedTree:
-    """A tree as listed (``images.Listing``) and every listed file's check (``images.image_checks``)."""
+    """A tree as listed (``image_folder.Listing``) and every listed file's check (``images.image_checks``)."""
 
     listing: Listing
     checks: dict[str, list | str]
@@ -435,7 +437,7 @@ class TileStore:
 
     def __init__(self, data_cfg, files: dict[str, list[Path]], resize, device: torch.device, *, listing=None):
         self.data_cfg, self.files, self.resize, self.device = data_cfg, files, resize, device
-        self.listing = listing  # images.Listing: the store's key without stat-ing every file again
+        self.listing = listing  # image_folder.Listing: the store's key without stat-ing every file again
         self._store, self._opened = None, False
 
     def get(self):

@@ -43,7 +43,8 @@ from resnet_sweep.core import faults, sealed
 from resnet_sweep.core.errors import UserError, first_line
 from resnet_sweep.data import crops
 from resnet_sweep.data.cores import available as available_cores
-from resnet_sweep.data.images import fingerprint, inspect, inspect_all, load_rgb, reason
+from resnet_sweep.data.image_folder import fingerprint
+from resnet_sweep.data.images import inspect, inspect_all, load_rgb, reason
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +66,7 @@ class Changed(Exception):
 
 
 def unchanged(path: Path, stamps: dict | None) -> None:
-    """Raises ``Changed`` when ``path`` differs (size, mtime) from its stamp as listed (``images.Listing.stamps``)."""
+    """Raises ``Changed`` when ``path`` differs (size, mtime) from its stamp as listed (``image_folder.Listing.stamps``)."""
     if stamps is None:
         return
     st = os.stat(path)
@@ -90,7 +91,7 @@ def stored_size(path: Path, resize: int | None) -> tuple[int, int]:
 def key_of(
     files: dict[str, list[Path]], resize: int | None, stamps: dict | None = None, fingerprints: dict | None = None
 ) -> str:
-    """The store's key; ``stamps`` (``images.Listing.stamps``) saves stat-ing and resolving every file,
+    """The store's key; ``stamps`` (``image_folder.Listing.stamps``) saves stat-ing and resolving every file,
     ``fingerprints`` (each split's ``fingerprint``, computed once) hashing them again."""
 
     def resolved(p: Path) -> str:
@@ -364,7 +365,7 @@ def get(
     left out) decoded with ``resize``: reused when whole, else built (or rebuilt, with one warning
     line, when damaged) once under a file lock. None when ``data.tile_store=off``, or when it would
     exceed ``data.tile_store_max_gb`` or the free disk (one log line says so). ``stamps``
-    (``images.Listing.stamps``): the files' stamps as listed, so none is stat-ed again; ``fingerprints``:
+    (``image_folder.Listing.stamps``): the files' stamps as listed, so none is stat-ed again; ``fingerprints``:
     each split's, already computed."""
     if _choice(data_cfg) == "off":
         return None

@@ -12,7 +12,7 @@ from hydra.types import RunMode
 from resnet_sweep.config import checks
 from resnet_sweep.core import faults
 from resnet_sweep.core.errors import UserError, exit_with, first_line
-from resnet_sweep.data import demo_data, images
+from resnet_sweep.data import demo_data, grouping, image_folder
 from resnet_sweep.tracking.store import connect
 from resnet_sweep.training import engine, models
 
@@ -40,14 +40,14 @@ def check_against_data(cfg, listings: dict) -> None:
     if cfg.data.kind == "demo":
         classes = list(demo_data.classes_of(cfg.data))
         if cfg.data.group is not None:
-            images.file_groups(*demo_data.planned_files(cfg.data), str(cfg.data.group))
+            grouping.file_groups(*demo_data.planned_files(cfg.data), str(cfg.data.group))
     else:
         root = checks.check_root(cfg.data)
         if root not in listings:
-            listings[root] = images.list_tree(root)
+            listings[root] = image_folder.list_tree(root)
         classes = listings[root].classes
         if cfg.data.group is not None:
-            images.file_groups(root, listings[root].files, str(cfg.data.group))
+            grouping.file_groups(root, listings[root].files, str(cfg.data.group))
     if isinstance(weights, list) and len(weights) != len(classes):
         raise UserError(
             f"loss.class_weight={weights}: {len(weights)} weight(s) for {len(classes)} classes "

@@ -22,15 +22,15 @@ def check_store(uri: str | None) -> None:
 
 def cmd_stats(args) -> None:
     """Per-channel mean/std of the training split, as `data.normalize=dataset` uses."""
-    from resnet_sweep.data import images, loading
+    from resnet_sweep.data import image_folder, loading
 
     root = Path(args.root)
     if (root / "train").is_dir():  # the files training reads: ROOT/train/<class>/**
         train = root / "train"
-        paths = [p for cls in images.class_folders(train) for p in images.class_images(train / cls)]
+        paths = [p for cls in image_folder.class_folders(train) for p in image_folder.class_images(train / cls)]
     else:
         train = root
-        paths = images.class_images(root)
+        paths = image_folder.class_images(root)
     if not paths:
         raise UserError(f"{train}: no images found")
     mean, std = loading.channel_stats(paths)

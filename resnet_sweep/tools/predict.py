@@ -14,7 +14,8 @@ from mlflow.tracking import MlflowClient
 from resnet_sweep.config.checks import GROUP_AGGREGATES
 from resnet_sweep.core.errors import UserError, first_line
 from resnet_sweep.data import crops
-from resnet_sweep.data.images import compile_group, group_key, load_rgb
+from resnet_sweep.data.grouping import compile_group, group_key
+from resnet_sweep.data.images import load_rgb
 from resnet_sweep.tracking import lookup
 from resnet_sweep.tracking.lookup import find_parent
 from resnet_sweep.training import metrics, models

@@ -50,7 +50,7 @@ from typing import NamedTuple
 
 from resnet_sweep.config.checks import SPLITS
 from resnet_sweep.core.errors import UserError
-from resnet_sweep.data.images import compile_group, group_key
+from resnet_sweep.data.grouping import compile_group, group_key
 
 
 class Item(NamedTuple):
