@@ -12,7 +12,7 @@ from conftest import FAST, REPO, make_tree, run_app
 from hydra import compose, initialize_config_dir
 from PIL import Image
 
-from resnet_sweep.data import demo_data, images, loading
+from resnet_sweep.data import demo_data, images, loading, normalisation
 
 
 def assert_one_line_error(proc, *fragments):
@@ -156,9 +156,9 @@ def test_stats_is_the_mean_and_std_of_every_training_pixel_as_dataset_normalisat
     assert out[2] == "std:  [" + ", ".join(f"{v:.4f}" for v in pixels.std(0)) + "]"
 
     _, files, _ = images.scan_tree(root, 32)
-    mean, std = loading.dataset_stats(files["train"], tmp_path / "c")  # what data.normalize=dataset uses
+    mean, std = normalisation.dataset_stats(files["train"], tmp_path / "c")  # what data.normalize=dataset uses
     assert mean == pytest.approx(pixels.mean(0), abs=1e-6) and std == pytest.approx(pixels.std(0), abs=1e-6)
-    streamed = loading.channel_stats(iter(files["train"]))  # any iterable: one image at a time
+    streamed = normalisation.channel_stats(iter(files["train"]))  # any iterable: one image at a time
     assert streamed == (mean, std)
 
 

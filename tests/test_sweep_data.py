@@ -11,7 +11,7 @@ import pytest
 from conftest import FAST, make_tree, mlflow_runs, run_app
 from PIL import ImageFile
 
-from resnet_sweep.data import image_folder, loading, tiles
+from resnet_sweep.data import image_folder, loading, shared_tree, tiles
 
 
 @pytest.fixture
@@ -45,7 +45,8 @@ def test_a_sweep_lists_and_stats_its_data_once_for_all_its_jobs(tmp_path, monkey
     listed = []
     list_tree = image_folder.list_tree
     monkeypatch.setattr(image_folder, "list_tree", lambda r: listed.append(r) or list_tree(r))
-    monkeypatch.setattr(loading, "list_tree", image_folder.list_tree)
+    for module in (loading, shared_tree):
+        monkeypatch.setattr(module, "list_tree", image_folder.list_tree)
     run_app(tmp_path, "-m", *FAST, "data=imagefolder", f"data.root={root}", "optimizer.lr=1e-3,1e-2,1e-1")
     assert len(mlflow_runs(tmp_path).children) == 3
     assert listed == [root]  # the pre-flight's; its three jobs read its record
@@ -73,12 +74,13 @@ def test_a_record_shared_through_the_sweep_folder_is_read_without_listing_again(
     from omegaconf import OmegaConf
 
     data_cfg = OmegaConf.create(cfg)
-    share = loading.start_sweep_share(tmp_path / "sweep")
-    made = loading.share_tree(share, data_cfg, root, crop_size=32)
-    loading._trees.clear()  # another process: nothing remembered
-    loading._share["folder"] = None
-    monkeypatch.setattr(loading, "list_tree", lambda r: pytest.fail("listed again"))
-    again = loading.share_tree(share, data_cfg, root, crop_size=32)
+    share = shared_tree.start_sweep_share(tmp_path / "sweep")
+    made = shared_tree.share_tree(share, data_cfg, root, crop_size=32)
+    shared_tree._trees.clear()  # another process: nothing remembered
+    shared_tree._share["folder"] = None
+    for module in (loading, shared_tree):
+        monkeypatch.setattr(module, "list_tree", lambda r: pytest.fail("listed again"))
+    again = shared_tree.share_tree(share, data_cfg, root, crop_size=32)
     assert again.listing.files == made.listing.files and again.checks == made.checks
     every = [p for split in ("train", "valid", "test") for p in made.listing.files[split]]
     assert again.listing.fingerprint == made.listing.fingerprint == image_folder.fingerprint(every)

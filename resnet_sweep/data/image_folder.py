@@ -162,3 +162,11 @@ def fingerprint(paths: list[Path], stamps: dict | None = None) -> str:
         resolved, size, mtime = stamps[str(p)] if stamps is not None else stamps_of([p])[str(p)]
         h.update(f"{resolved}\0{size}\0{mtime}\n".encode())
     return h.hexdigest()[:16]
+
+
+def split_fingerprint(listing: Listing | None, files: dict[str, list[Path]], split: str) -> str:
+    """``image_folder.fingerprint(files[split])``: the listing's own (computed once) when they are its files,
+    else from its stamps (or, without a listing, from the disk)."""
+    if listing is not None and files[split] is listing.files[split]:
+        return listing.split_fingerprint(split)
+    return fingerprint(files[split], listing.stamps if listing is not None else None)

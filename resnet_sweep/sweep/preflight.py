@@ -155,18 +155,18 @@ def check_writable(folder: Path, what: str) -> None:
 
 def share_sweep_data(config) -> None:
     """What depends only on the data, done once for the whole sweep before its first job: the sweep's
-    share folder (``loading.start_sweep_share``), and the first point's data listed, stamped and checked
+    share folder (``shared_tree.start_sweep_share``), and the first point's data listed, stamped and checked
     into it (each image decoded once, for the check and the tile store together). Its jobs read that
     record instead of listing, stat-ing and checking every file again. A problem with the data is
     left to the jobs, each reporting it in its one line as before."""
-    from resnet_sweep.data import loading
+    from resnet_sweep.data import loading, shared_tree
 
-    share = loading.start_sweep_share(Path(str(config.hydra.sweep.dir)))
+    share = shared_tree.start_sweep_share(Path(str(config.hydra.sweep.dir)))
     try:
         job = config if is_study(config) else _compose_job(config, sweep_points(config)[0])
         resize = job.backbone.resize
         smallest = int(job.backbone.crop_size) if not resize else 1
-        loading.share_tree(share, job.data, loading.resolve_root(job.data), crop_size=smallest, resize=resize)
+        shared_tree.share_tree(share, job.data, loading.resolve_root(job.data), crop_size=smallest, resize=resize)
     except UserError:
         pass
     except Exception as e:  # the jobs do it themselves then

@@ -22,7 +22,7 @@ def check_store(uri: str | None) -> None:
 
 def cmd_stats(args) -> None:
     """Per-channel mean/std of the training split, as `data.normalize=dataset` uses."""
-    from resnet_sweep.data import image_folder, loading
+    from resnet_sweep.data import image_folder, normalisation
 
     root = Path(args.root)
     if (root / "train").is_dir():  # the files training reads: ROOT/train/<class>/**
@@ -33,7 +33,7 @@ def cmd_stats(args) -> None:
         paths = image_folder.class_images(root)
     if not paths:
         raise UserError(f"{train}: no images found")
-    mean, std = loading.channel_stats(paths)
+    mean, std = normalisation.channel_stats(paths)
     print(f"{len(paths)} images under {train}")
     print(f"mean: [{', '.join(f'{v:.4f}' for v in mean)}]")
     print(f"std:  [{', '.join(f'{v:.4f}' for v in std)}]")
