@@ -4,7 +4,7 @@
 
 The demo data (data.tiles_per_slide=50: 800/200/200 tiles of 250x250 PNG) is generated, or reused,
 in the usual cache folder; each store is built into a fresh temp folder, so nothing cached is
-reused. Printed, per round: ``tiles.write_store`` (decode + write) with every core and with one thread;
+reused. Printed, per round: ``tile_writer.write_store`` (decode + write) with every core and with one thread;
 then one whole ``tiles.get`` (header pass for the size check + build + SHA-256 sealing + rename)
 and its verification as a new process would do it, and the store's size on disk. For comparison,
 the time to read one epoch of training crops from the store against decoding them with PIL.
@@ -44,7 +44,7 @@ def main(argv=None) -> None:
 
     from resnet_sweep.config import checks
     from resnet_sweep.core import sealed
-    from resnet_sweep.data import cores, crops, images, loading, tiles
+    from resnet_sweep.data import cores, crops, images, loading, tile_writer, tiles
 
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         cfg = compose("train", overrides=["data=demo", f"data.tiles_per_slide={args.tiles_per_slide}"])
@@ -62,7 +62,7 @@ def main(argv=None) -> None:
 
     def timed_build(threads: int) -> float:
         with tempfile.TemporaryDirectory(dir=cfg.data.cache_dir) as tmp:
-            stats = tiles.write_store(files, args.resize, Path(tmp), threads, progress=False)
+            stats = tile_writer.write_store(files, args.resize, Path(tmp), threads, progress=False)
         return stats["img_per_s"]
 
     rows = []

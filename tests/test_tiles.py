@@ -19,7 +19,7 @@ from PIL import Image
 
 from resnet_sweep.config import checks
 from resnet_sweep.core import sealed
-from resnet_sweep.data import crops, images, tiles
+from resnet_sweep.data import crops, images, tile_writer, tiles
 
 
 def data_cfg(tree, cache, *more):
@@ -151,14 +151,14 @@ def test_two_concurrent_builders_build_it_once(tmp_path, tiny_tree, caplog, monk
     cache = tmp_path / "cache"
     cfg, files = data_cfg(tiny_tree, cache), files_of(tiny_tree, cache)
     decoded = []
-    plain = tiles.decode
+    plain = tile_writer.decode
 
     def slow(path, resize):  # long enough that both jobs are waiting on the lock or building
         decoded.append(path)
         time.sleep(0.02)
         return plain(path, resize)
 
-    monkeypatch.setattr(tiles, "decode", slow)
+    monkeypatch.setattr(tile_writer, "decode", slow)
     caplog.set_level(logging.INFO, logger="resnet_sweep.data.tiles")
     start, got = threading.Barrier(2), [None, None]
 

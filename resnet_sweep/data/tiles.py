@@ -28,8 +28,6 @@ import logging
 import os
 import shutil
 import tempfile
-import time
-from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -37,14 +35,14 @@ import numpy as np
 import PIL
 import torchvision
 from PIL import Image
-from tqdm import tqdm
 
 from resnet_sweep.core import faults, sealed
-from resnet_sweep.core.errors import UserError, first_line
 from resnet_sweep.data import crops
 from resnet_sweep.data.cores import available as available_cores
 from resnet_sweep.data.image_folder import fingerprint
-from resnet_sweep.data.images import inspect, inspect_all, load_rgb, reason
+from resnet_sweep.data.images import inspect, inspect_all, reason
+from resnet_sweep.data.tile_reader import Store
+from resnet_sweep.data.tile_writer import write_store
 
 log = logging.getLogger(__name__)
 
@@ -54,24 +52,6 @@ GB = 1e9
 # key -> bytes of its decoded images, from the headers: read once per process (the jobs a launcher runs
 # one after another in one process, on data too large for a store, read the headers once)
 _needed: dict[str, int] = {}
-
-
-def decode(path: Path, resize: int | None) -> np.ndarray:
-    """The image as the loaders see it, HxWx3 uint8."""
-    return np.asarray(crops.resized(load_rgb(path), resize))
-
-
-class Changed(Exception):
-    """An image's size or mtime is not what the sweep listed: a store built now would not hold what its key says."""
-
-
-def unchanged(path: Path, stamps: dict | None) -> None:
-    """Raises ``Changed`` when ``path`` differs (size, mtime) from its stamp as listed (``image_folder.Listing.stamps``)."""
-    if stamps is None:
-        return
-    st = os.stat(path)
-    if (st.st_size, st.st_mtime_ns) != tuple(stamps[str(path)][1:]):
-        raise Changed(str(path))
 
 
 def stored_size(path: Path, resize: int | None) -> tuple[int, int]:
@@ -109,173 +89,9 @@ def key_of(
     return sealed.json_key(spec, 16)
 
 
-class SplitImages:
-    """The decoded images of one split, memory-mapped: views into the store, never copies.
-    Pickles without its memory map (reopened on first use), so it can go to worker processes."""
-
-    def __init__(self, path: Path, index: np.ndarray):
-        self.path = Path(path)
-        self._rows = [tuple(int(v) for v in row) for row in index]  # (offset, height, width)
-        self._data = None
-        self._uniform = None
-
-    def __getstate__(self):
-        return {**self.__dict__, "_data": None, "_uniform": None}
-
-    def _bytes(self) -> np.ndarray:
-        if self._data is None:
-            if not self._rows:
-                self._data = np.zeros(0, dtype=np.uint8)
-            else:
-                off, h, w = self._rows[-1]
-                self._data = np.memmap(self.path, dtype=np.uint8, mode="r", shape=(off + h * w * 3,))
-        return self._data
-
-    def __len__(self) -> int:
-        return len(self._rows)
-
-    def size(self, i: int) -> tuple[int, int]:
-        """(width, height), as PIL's ``Image.size``."""
-        _, h, w = self._rows[i]
-        return w, h
-
-    def uniform(self) -> np.ndarray | None:
-        """The (N, H, W, 3) uint8 memmap view when every image has the same size, else None."""
-        if self._uniform is None and self._rows:
-            sizes = {(h, w) for _, h, w in self._rows}
-            if len(sizes) == 1:
-                ((h, w),) = sizes
-                self._uniform = self._bytes().reshape(len(self._rows), h, w, 3)
-        return self._uniform
-
-    def image(self, i: int) -> np.ndarray:
-        """(H, W, 3) uint8 view of image ``i``."""
-        off, h, w = self._rows[i]
-        return self._bytes()[off : off + h * w * 3].reshape(h, w, 3)
-
-    def crop(self, i: int, left: int, top: int, size: int) -> np.ndarray:
-        """(size, size, 3) view of image ``i`` from (left, top); a window outside the image raises."""
-        _, h, w = self._rows[i]
-        if left < 0 or top < 0 or left + size > w or top + size > h:
-            raise ValueError(f"crop ({left}, {top}, {size}x{size}) is outside image {i} of {self.path} ({w}x{h})")
-        return self.image(i)[top : top + size, left : left + size]
-
-
-class Store:
-    """A whole, verified tile store: ``images(split)`` for each split it was built with."""
-
-    def __init__(self, key: str, path: Path, meta: dict):
-        self.key, self.path, self.meta = key, Path(path), meta
-        self._splits: dict[str, SplitImages] = {}
-
-    def images(self, split: str) -> SplitImages:
-        if split not in self._splits:
-            if split not in self.meta["splits"]:
-                raise KeyError(f"tile store {self.path} has no split {split!r} (it has {list(self.meta['splits'])})")
-            self._splits[split] = SplitImages(self.path / f"{split}.u8", np.load(self.path / f"{split}.index.npy"))
-        return self._splits[split]
-
-
 def _fields(meta: dict) -> None:
     for n in meta["splits"].values():
         int(n)
-
-
-def _ordered(pool: ThreadPoolExecutor, paths: list[Path], work, ahead: int):
-    """(path, future of ``work(path)``) in order, run by the pool up to ``ahead`` images ahead."""
-    pending: deque = deque()
-    for path in paths:
-        pending.append((path, pool.submit(work, path)))
-        if len(pending) > ahead:
-            yield pending.popleft()
-    while pending:
-        yield pending.popleft()
-
-
-def write_store(
-    files: dict[str, list[Path]],
-    resize: int | None,
-    out: Path,
-    workers: int | None = None,
-    progress: bool | None = None,
-    *,
-    decode_one=None,
-    stamps: dict | None = None,
-) -> dict:
-    """Decode every image of ``files`` into ``out`` (``<split>.u8`` and ``<split>.index.npy``) with
-    ``workers`` threads (None: every core); return the stats for meta.json. ``progress``: tqdm's
-    ``disable`` negated (None: a bar when stderr is a terminal). ``decode_one(path)`` (default
-    ``decode(path, resize)``) may return None for an image to leave out: ``stats["kept"]`` lists the
-    files stored per split. With ``stamps`` (as the files were listed), a file changed since is one
-    line (UserError), and no store is made of it."""
-    workers = workers or available_cores()
-    total = sum(len(p) for p in files.values())
-    stream = [p for s in files for p in files[s]]  # one stream: the next split's images decode early too
-    nbytes: dict[str, int] = {}
-    kept: dict[str, list[Path]] = {}
-    started = time.perf_counter()
-    with (
-        ThreadPoolExecutor(workers, thread_name_prefix="tile-decode") as pool,
-        tqdm(
-            total=total,
-            unit="img",
-            desc="decoding tiles",
-            disable=None if progress is None else not progress,
-            leave=False,
-        ) as bar,
-    ):
-        decode_one = decode_one or (lambda p: decode(p, resize))
-
-        def work(path: Path):
-            unchanged(path, stamps)
-            return decode_one(path)
-
-        images = _ordered(pool, stream, work, ahead=4 * workers)
-        try:
-            for split, paths in files.items():
-                rows, kept[split] = [], []
-                offset = 0
-                with open(out / f"{split}.u8", "wb") as f:
-                    for _ in range(len(paths)):
-                        path, done = next(images)
-                        try:
-                            image = done.result()
-                        except Changed:
-                            raise UserError(
-                                f"{path}: changed since this sweep listed its data (size or modification "
-                                "time); re-run the sweep, which lists the data afresh"
-                            ) from None
-                        except Exception as e:
-                            why = first_line(e)
-                            raise UserError(
-                                f"{path}: cannot be read as an image ({why}) while building the tile "
-                                "store; fix or remove it, or set data.tile_store=off"
-                            ) from None
-                        bar.update()
-                        if image is None:
-                            continue
-                        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
-                            raise ValueError(f"{path} decoded to {image.dtype} {image.shape}, not HxWx3 uint8")
-                        h, w = image.shape[:2]
-                        rows.append((offset, h, w))
-                        kept[split].append(path)
-                        f.write(np.ascontiguousarray(image).data)
-                        offset += image.nbytes
-                np.save(out / f"{split}.index.npy", np.array(rows, dtype=np.int64).reshape(-1, 3))
-                nbytes[split] = offset
-        finally:
-            images.close()
-            pool.shutdown(wait=True, cancel_futures=True)
-    seconds = time.perf_counter() - started
-    return {
-        "splits": {s: len(kept[s]) for s in files},
-        "bytes": nbytes,
-        "images": total,
-        "seconds": round(seconds, 3),
-        "img_per_s": round(total / max(seconds, 1e-9), 1),
-        "workers": workers,
-        "kept": kept,
-    }
 
 
 def _header_bytes(paths: list[Path], resize, workers: int) -> int:

@@ -21,7 +21,7 @@ from torch import nn
 
 from resnet_sweep.config import checks
 from resnet_sweep.core import faults
-from resnet_sweep.data import crops, tiles
+from resnet_sweep.data import crops, tile_writer
 from resnet_sweep.data.batches import Batcher, RowBatches, gather_crops, prefetched
 from resnet_sweep.training.engine import autocast, uses_bf16
 
@@ -45,7 +45,7 @@ def _decoded(paths: list[Path], resize, workers: int, ahead: int):
     with ThreadPoolExecutor(workers) as pool:
         pending: deque = deque()
         for path in paths:
-            pending.append(pool.submit(tiles.decode, path, resize))
+            pending.append(pool.submit(tile_writer.decode, path, resize))
             if len(pending) > ahead:
                 yield pending.popleft().result()
         while pending:
@@ -160,7 +160,7 @@ def extract(
     device_crops: bool | None = None,
 ) -> dict:
     """Run the frozen backbone once over every crop the bank holds; write fp16 arrays to ``out``.
-    ``batch_size`` crops per forward (None: the device's ``checks.EXTRACT_BATCH``). ``store`` (a ``tiles.Store`` of
+    ``batch_size`` crops per forward (None: the device's ``checks.EXTRACT_BATCH``). ``store`` (a ``tile_reader.Store`` of
     these files): crops are copied from its decoded pixels instead of decoding every image.
     ``augment``: each training view's flips/turns, as the training loops draw them. ``device_crops``
     (None: on CUDA when every split of ``store`` holds images of one size): whole images go to the
@@ -173,7 +173,7 @@ def extract(
         first = (
             [store.images("train").image(i) for i in range(min(8, len(files["train"])))]
             if store is not None
-            else [tiles.decode(p, resize) for p in files["train"][:8]]
+            else [tile_writer.decode(p, resize) for p in files["train"][:8]]
         )
         use_bf16 = _bf16_ok(backbone, _batch([image[:crop, :crop] for image in first], mean, std, device), device)
     precision = "bf16" if use_bf16 else "32"
