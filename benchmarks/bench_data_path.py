@@ -41,7 +41,7 @@ from resnet_sweep.data import (  # noqa: E402
     cores,
     loading,
 )
-from resnet_sweep.training import engine, extraction, features, models  # noqa: E402
+from resnet_sweep.training import engine, extraction, features, hardware, models, optimizers  # noqa: E402
 
 
 def config(cache: str, tiles_per_slide: int, *more: str):
@@ -61,7 +61,7 @@ def config(cache: str, tiles_per_slide: int, *more: str):
 
 
 class Limited:
-    """The first ``n`` batches of a loader (what engine.run_epoch iterates)."""
+    """The first ``n`` batches of a loader (what engine.train_one_epoch iterates)."""
 
     def __init__(self, loader, n: int):
         self.loader, self.n = loader, n
@@ -117,9 +117,12 @@ def pipeline(loader, crops: int, device) -> tuple[float, float]:
 
 
 def train_rate(model, loader, optimizer, device, precision: str, n: int) -> float:
-    """Training images/s over ``n`` batches through engine.run_epoch (the product's own step)."""
+    """Training images/s over ``n`` batches through engine.train_one_epoch (the product's own step)."""
     wall, _ = timed(
-        lambda: engine.run_epoch(model, Limited(loader, n), device, precision, "train", 1, optimizer), device
+        lambda: engine.train_one_epoch(
+            model, Limited(loader, n), device=device, precision=precision, epoch=1, optimizer=optimizer
+        ),
+        device,
     )
     return n * loader_batch(loader) / wall
 
@@ -132,7 +135,7 @@ def plain_rate(backbone, x: torch.Tensor, crops: int, device, precision: str) ->
     """Frozen-backbone inference on a pre-made device batch, features copied back, as extraction does."""
 
     def run():
-        with torch.inference_mode(), engine.autocast(device, precision):
+        with torch.inference_mode(), hardware.autocast(device, precision):
             done = 0
             while done < crops:
                 n = min(len(x), crops - done)
@@ -160,9 +163,9 @@ def main(argv=None) -> dict:
     if args.smoke:
         args.tiles_per_slide, args.rounds, args.train_batches, args.batch = 2, 1, 1, 8
     crop = 64 if args.smoke else 224  # smoke: the same code on a twelfth of the pixels
-    device = engine.resolve_device(args.device)
-    engine.keep_freed_memory()
-    precision = "bf16" if engine.uses_bf16(device, "auto") else "32"
+    device = hardware.resolve_device(args.device)
+    hardware.keep_freed_memory()
+    precision = "bf16" if hardware.uses_bf16(device, "auto") else "32"
     cache = tempfile.mkdtemp(prefix="rs-datapath-")
     cfg = config(cache, args.tiles_per_slide, "backbone.freeze=none", f"trainer.batch_size={args.batch}")
     print(
@@ -211,7 +214,7 @@ def main(argv=None) -> dict:
     # 2. fine-tuning against the synthetic-batch step
     built = models.build_classifier(cfg.backbone, cfg.head, seed=0)
     model = built.model.to(device).to(memory_format=torch.channels_last)
-    optimizer = engine.make_optimizer(cfg.optimizer, model)
+    optimizer = optimizers.make_optimizer(cfg.optimizer, model)
     x, y = next(iter(store_loader))
     synthetic = Synthetic(x.clone(), y.to(device), args.train_batches)
     train_rate(model, synthetic, optimizer, device, precision, 1)  # warm-up

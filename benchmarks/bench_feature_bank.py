@@ -32,7 +32,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from resnet_sweep.training.engine import autocast, keep_freed_memory, uses_bf16  # noqa: E402
+from resnet_sweep.training.hardware import autocast, keep_freed_memory, uses_bf16  # noqa: E402
 
 
 def plain_inference_img_per_s(images: int, batch: int, device: torch.device) -> float:
@@ -145,7 +145,7 @@ def main() -> None:
         int(cfg.trainer.bank_views) * len(splits.train.dataset) + len(splits.valid.dataset) + len(splits.test.dataset)
     )
     # for reference: plain inference with glibc's default malloc; then the setting every job uses
-    # (engine.keep_freed_memory), under which every later figure here is measured
+    # (hardware.keep_freed_memory), under which every later figure here is measured
     untuned = plain_inference_img_per_s(images, batch, device)
     tuned = keep_freed_memory()
 

@@ -7,7 +7,7 @@
 
 Each job is a joblib (loky) worker process, as with `hydra/launcher=gpus`: it claims a launcher slot
 (resnet_sweep.training.devices.claim_slot) and trains on GPU `slot mod GPUs`, fine-tuning a whole ResNet18
-(batch 32, 224 px, bf16 autocast, SGD) with the jobs' own epoch loop (engine.run_epoch) on synthetic
+(batch 32, 224 px, bf16 autocast, SGD) with the jobs' own epoch loop (engine.train_one_epoch) on synthetic
 batches already on the device: the GPU's share, without the data path. The jobs warm up, wait for
 each other, then train for --seconds at once. Printed: the device and the img/s of each job, its
 peak memory against resnet_sweep.training.devices' estimate, the aggregate of the k jobs, and its ratio to
@@ -61,7 +61,9 @@ def job(
     ]
 
     def steps(n: int) -> None:
-        engine.run_epoch(model, batches * (n // len(batches)), device, "auto", "train", 1, optimizer)
+        engine.train_one_epoch(
+            model, batches * (n // len(batches)), device=device, precision="auto", epoch=1, optimizer=optimizer
+        )
 
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     steps(8)  # cuDNN's choices, the allocator's pools

@@ -33,7 +33,7 @@ from hydra import compose, initialize_config_dir  # noqa: E402
 
 from resnet_sweep.config import checks  # noqa: E402
 from resnet_sweep.data import loading  # noqa: E402
-from resnet_sweep.training import engine, features, models  # noqa: E402
+from resnet_sweep.training import engine, features, hardware, models  # noqa: E402
 
 
 def config(cache: str, tiles: int, *more: str, workers: int = 8):
@@ -72,7 +72,7 @@ def plain(name: str, device, batch=256, batches=20, crop=224) -> float:
     model = tvm.get_model(name).eval().to(device).to(memory_format=torch.channels_last)
     x = torch.randn(batch, 3, crop, crop, device=device).contiguous(memory_format=torch.channels_last)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    with torch.inference_mode(), engine.autocast(device, "auto"):
+    with torch.inference_mode(), hardware.autocast(device, "auto"):
         for _ in range(3):
             model(x)
         sync()
@@ -94,7 +94,7 @@ def main() -> None:
     if args.smoke:
         args.tiles_per_slide, args.plain_batches, args.plain_batch = 2, 1, 4
     crop_px = 64 if args.smoke else 224  # smoke: the same code on a twelfth of the pixels
-    device = engine.resolve_device("cpu" if args.cpu else "auto")
+    device = hardware.resolve_device("cpu" if args.cpu else "auto")
     if not args.cpu:
         assert device.type == "cuda", "no CUDA device"
         print(
@@ -174,7 +174,7 @@ def main() -> None:
     test = engine.evaluate(built3.model, splits.test, device, cfg3.trainer.precision)
     print(
         f"3. fine-tuning loop, freeze=last_n unfreeze=2 ({built3.trainable_params:,} trainable), "
-        f"{'bf16 autocast' if engine.uses_bf16(device, cfg3.trainer.precision) else 'fp32'}, "
+        f"{'bf16 autocast' if hardware.uses_bf16(device, cfg3.trainer.precision) else 'fp32'}, "
         f"from the tile store: {seconds:.1f} s for epochs 0-2 ({n / seconds:.0f} img/s), test acc "
         f"{100 * test['test/acc']:.2f}%"
     )
@@ -182,7 +182,7 @@ def main() -> None:
     # 4. plain inference
     for name in ("resnet18", "resnet50"):
         print(
-            f"4. plain {name} {'bf16' if engine.uses_bf16(device, 'auto') else 'fp32'} channels_last inference, batch {args.plain_batch}: "
+            f"4. plain {name} {'bf16' if hardware.uses_bf16(device, 'auto') else 'fp32'} channels_last inference, batch {args.plain_batch}: "
             f"{plain(name, device, batch=args.plain_batch, batches=args.plain_batches, crop=crop_px):.0f} img/s"
         )
     print("CUDA CHECK OK", flush=True)

@@ -23,7 +23,7 @@ from resnet_sweep.tracking.logged import class_counts
 from resnet_sweep.tracking.runs import job_run, write_folders
 from resnet_sweep.tracking.store import connect, existing_run
 from resnet_sweep.tracking.sweep_dir import in_multirun, write_job_status
-from resnet_sweep.training import engine, features, head_group, metrics, models, resume
+from resnet_sweep.training import engine, features, hardware, head_group, metrics, models, resume
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +90,7 @@ def reuse_or_train(cfg) -> tuple[float, str, str]:
     continuing an interrupted attempt's epochs. -> (objective, finished | reused, MLflow run id)."""
     if in_multirun():
         cores.share(HydraConfig.get())
-    engine.keep_freed_memory()
+    hardware.keep_freed_memory()
     identity = job_identity(cfg)
     # two trials at the same point (a categorical search, sweeps sharing a study): the second waits
     # for the first and reuses its result; a grid's job held by another sweep is skipped and counted
@@ -136,7 +136,7 @@ def train_and_log(cfg, resumer, state) -> tuple[float, str]:
     test the best checkpoint and log it. -> (objective, MLflow run id)."""
     with job_run(cfg, resume_run_id=state["run_id"] if state else None, on_start=resumer.started) as job:
         seed_everything(cfg.seed)
-        device = engine.resolve_device(cfg.trainer.device)
+        device = hardware.resolve_device(cfg.trainer.device)
         splits = loading.job_splits(cfg, device)
         built = head_group.build_classifier(cfg.backbone, cfg.head, seed=int(cfg.seed), num_classes=len(splits.classes))
         job.tags(

@@ -1,4 +1,4 @@
-"""Which GPU each job of a parallel sweep gets (resnet_sweep.training.devices, engine.resolve_device), and the
+"""Which GPU each job of a parallel sweep gets (resnet_sweep.training.devices, hardware.resolve_device), and the
 memory check before the sweep: on the CPU, with the GPUs faked."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch
 from omegaconf import OmegaConf
 
 from resnet_sweep.core.errors import UserError
-from resnet_sweep.training import devices, engine
+from resnet_sweep.training import devices, hardware
 
 GIB = 2**30
 
@@ -182,7 +182,7 @@ def test_auto_in_joblib_workers_becomes_the_slot_gpu(tmp_path, fake_gpus, gpus):
     got, fds = [], []
     for num in range(2 * gpus):  # n_jobs workers, each at its first job
         cfg.job.num = num
-        got.append(engine.resolve_device("auto", hydra_cfg=cfg))
+        got.append(hardware.resolve_device("auto", hydra_cfg=cfg))
         if gpus > 1:
             fds.append(devices._held.pop(str((sweep / ".devices").resolve()))[1])  # the next worker
     assert got == [torch.device("cuda", i % gpus) for i in range(2 * gpus)]
@@ -196,33 +196,33 @@ def test_a_worker_keeps_its_gpu_and_explicit_devices_are_kept(tmp_path, fake_gpu
     fake_gpus(4)
     cfg = hydra_cfg(tmp_path / "sweep", n_jobs=8)
     fd = other_process_claims(tmp_path / "sweep" / ".devices", slots=8)[1]  # another worker holds slot 0
-    assert engine.resolve_device("auto", hydra_cfg=cfg) == torch.device("cuda:1")
+    assert hardware.resolve_device("auto", hydra_cfg=cfg) == torch.device("cuda:1")
     cfg.job.num = 9  # its next job
-    assert engine.resolve_device("cuda", hydra_cfg=cfg) == torch.device("cuda:1")
-    assert engine.resolve_device("cuda:3", hydra_cfg=cfg) == torch.device("cuda:3")
+    assert hardware.resolve_device("cuda", hydra_cfg=cfg) == torch.device("cuda:1")
+    assert hardware.resolve_device("cuda:3", hydra_cfg=cfg) == torch.device("cuda:3")
     with pytest.raises(UserError, match=r"trainer.device=cuda:4: only 4 GPU\(s\)"):
-        engine.resolve_device("cuda:4", hydra_cfg=cfg)
+        hardware.resolve_device("cuda:4", hydra_cfg=cfg)
     os.close(fd)
 
 
 def test_outside_a_parallel_sweep_auto_is_the_first_gpu_or_the_cpu(tmp_path, fake_gpus):
     fake_gpus(4)
-    assert engine.resolve_device("auto", hydra_cfg=None) == torch.device("cuda:0")
+    assert hardware.resolve_device("auto", hydra_cfg=None) == torch.device("cuda:0")
     single = hydra_cfg(tmp_path / "sweep", n_jobs=4)
     single.mode = "RUN"
-    assert engine.resolve_device("auto", hydra_cfg=single) == torch.device("cuda:0")
+    assert hardware.resolve_device("auto", hydra_cfg=single) == torch.device("cuda:0")
     assert not (tmp_path / "sweep").exists()  # no slots claimed
     fake_gpus(0)
-    assert engine.resolve_device("auto", hydra_cfg=hydra_cfg(tmp_path / "sweep")) == torch.device("cpu")
+    assert hardware.resolve_device("auto", hydra_cfg=hydra_cfg(tmp_path / "sweep")) == torch.device("cpu")
     with pytest.raises(UserError, match="trainer.device=cuda: CUDA is not available"):
-        engine.resolve_device("cuda")
+        hardware.resolve_device("cuda")
 
 
 def test_all_slots_taken_falls_back_to_the_job_number(tmp_path, fake_gpus, monkeypatch, caplog):
     fake_gpus(2)
     monkeypatch.setattr(devices, "claim_slot", lambda folder, *, slots: None)
     with caplog.at_level(logging.WARNING, logger="resnet_sweep.training.devices"):
-        device = engine.resolve_device("auto", hydra_cfg=hydra_cfg(tmp_path / "sweep", n_jobs=2, num=3))
+        device = hardware.resolve_device("auto", hydra_cfg=hydra_cfg(tmp_path / "sweep", n_jobs=2, num=3))
     assert device == torch.device("cuda:1")
     assert "all 2 launcher slots taken" in caplog.text
 

@@ -40,10 +40,15 @@ def head(classes: int = 2) -> nn.Module:
 
 def reads_in_an_epoch(n_batches: int, prefix: str, classes: int = 2) -> int:
     model = head(classes)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1) if prefix == "train" else None
-    cpu = torch.device("cpu")
+    data, cpu = batches(n_batches, classes), torch.device("cpu")
     with CountReads() as mode:
-        engine.run_epoch(model, batches(n_batches, classes), cpu, "32", prefix, 1, optimizer, num_classes=classes)
+        if prefix == "train":
+            optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+            engine.train_one_epoch(
+                model, data, device=cpu, precision="32", epoch=1, optimizer=optimizer, num_classes=classes
+            )
+        else:
+            engine.validate(model, data, device=cpu, precision="32", epoch=1, num_classes=classes)
     return mode.reads
 
 
@@ -61,7 +66,7 @@ def test_the_sums_equal_the_mean_of_the_batch_losses_and_accuracies():
     with torch.inference_mode():
         losses = [loss_fn(model(x), y.float()).item() for x, y in data]
         right = sum(int(((model(x) > 0) == y.bool()).sum()) for x, y in data)
-    out = engine.run_epoch(model, data, torch.device("cpu"), "32", "valid", 0, num_classes=2)
+    out = engine.validate(model, data, device=torch.device("cpu"), precision="32", epoch=0, num_classes=2)
     assert out["valid/loss"] == pytest.approx(sum(losses) / len(losses), rel=1e-6)
     assert out["valid/acc"] == pytest.approx(right / 40, rel=1e-6)
 
@@ -85,4 +90,4 @@ def test_a_loss_that_stops_being_finite_is_one_line_naming_the_epoch_and_its_fir
     model = Scaled()  # (after an infinite loss, the next ones are NaN: the first one is named)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     with pytest.raises(Diverged, match=f"^loss became {word} at epoch 7$"):
-        engine.run_epoch(model, data, torch.device("cpu"), "32", "train", 7, optimizer)
+        engine.train_one_epoch(model, data, device=torch.device("cpu"), precision="32", epoch=7, optimizer=optimizer)

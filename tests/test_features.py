@@ -324,7 +324,7 @@ def test_any_damage_to_a_bank_is_one_warning_and_a_rebuild(tmp_path, tiny_tree, 
 
 FAULTS = """
 import resource, sys, torch
-from resnet_sweep.training.engine import keep_freed_memory
+from resnet_sweep.training.hardware import keep_freed_memory
 applied = keep_freed_memory()
 x = torch.empty(100 << 20, dtype=torch.uint8); x.fill_(1); del x
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -337,7 +337,7 @@ print(applied, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 @pytest.mark.e2e
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
 def test_jobs_reuse_freed_memory_instead_of_page_faulting_it_again(tmp_path):
-    """engine.keep_freed_memory (called by every job): 100 MB tensors allocated 10 times page-fault
+    """hardware.keep_freed_memory (called by every job): 100 MB tensors allocated 10 times page-fault
     about once, not 10 times; RESNET_SWEEP_MALLOC=default keeps glibc's behaviour."""
 
     def faults(env):

@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 
 import resnet_sweep.config.resolvers  # noqa: F401  (rs.* resolvers used by the configs)
 from resnet_sweep.core.errors import UserError
-from resnet_sweep.training import engine, models
+from resnet_sweep.training import models, optimizers
 
 # resnet18 without its fc: 11,176,512 parameters; layer4: 8,393,728; layer4.1.bn2: 2 x 512;
 # layer4.1.conv2: 512 x 512 x 3 x 3 = 2,359,296; the linear head: 512 + 1 = 513.
@@ -72,13 +72,15 @@ def test_backbone_lr_scale_puts_two_lrs_in_the_optimizer_and_the_run_logs_both(t
         "optimizer.lr=1e-3",
         "optimizer.backbone_lr_scale=0.1",
     )
-    optimizer = engine.make_optimizer(cfg.optimizer, models.build_classifier(cfg.backbone, cfg.head).model)
+    optimizer = optimizers.make_optimizer(cfg.optimizer, models.build_classifier(cfg.backbone, cfg.head).model)
     assert [(g["name"], g["lr"]) for g in optimizer.param_groups] == [("head", 1e-3), ("backbone", pytest.approx(1e-4))]
     assert sum(p.numel() for p in optimizer.param_groups[1]["params"]) == 8_393_728
     # frozen backbone: one group only
     cfg = cfg_with("optimizer.backbone_lr_scale=0.1")
     assert (
-        len(engine.make_optimizer(cfg.optimizer, models.build_classifier(cfg.backbone, cfg.head).model).param_groups)
+        len(
+            optimizers.make_optimizer(cfg.optimizer, models.build_classifier(cfg.backbone, cfg.head).model).param_groups
+        )
         == 1
     )
 

@@ -14,19 +14,19 @@ from resnet_sweep.core import faults
 from resnet_sweep.core.errors import UserError, exit_with, first_line
 from resnet_sweep.data import demo_data, grouping, image_folder
 from resnet_sweep.tracking.store import connect
-from resnet_sweep.training import engine, models
+from resnet_sweep.training import hardware, models, optimizers
 
 log = logging.getLogger(__name__)
 
 
 def check_job(cfg) -> None:
     """Everything ``checks.check_config`` finds, ``trainer.device`` on this machine
-    (``engine.check_device``), and the optimizer and scheduler built once over a dummy parameter
-    (``engine.check_optimizer``): run for every sweep point and again by each job."""
+    (``hardware.check_device``), and the optimizer and scheduler built once over a dummy parameter
+    (``optimizers.check_optimizer``): run for every sweep point and again by each job."""
     checks.check_config(cfg)
-    engine.check_device(str(cfg.trainer.device))
+    hardware.check_device(str(cfg.trainer.device))
     models.check_head(cfg.head)
-    engine.check_optimizer(cfg.optimizer, cfg.scheduler if "scheduler" in cfg else None)
+    optimizers.check_optimizer(cfg.optimizer, cfg.scheduler if "scheduler" in cfg else None)
 
 
 def check_against_data(cfg, listings: dict) -> None:

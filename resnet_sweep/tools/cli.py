@@ -74,9 +74,9 @@ def cmd_report(args) -> None:
 
 def cmd_predict(args) -> None:
     from resnet_sweep.tools import predict
-    from resnet_sweep.training import engine
+    from resnet_sweep.training import hardware
 
-    engine.keep_freed_memory()  # as training jobs do: a forward's activations are reused, not page-faulted again
+    hardware.keep_freed_memory()  # as training jobs do: a forward's activations are reused, not page-faulted again
     out, n, bad, run = predict.predict(
         args.images_dir,
         args.run,

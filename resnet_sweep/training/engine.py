@@ -1,30 +1,22 @@
-"""Training and evaluation: epochs 0..N, best epoch on the objective, early stopping, test metrics."""
+"""Training and evaluation: epochs 0..N (each a training pass and a validation pass through one
+loop), the best epoch on the objective, early stopping, test metrics."""
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import functools
 import logging
 import math
-import os
-import platform
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 import torchmetrics
-from hydra.utils import instantiate
-from omegaconf import OmegaConf
 from torch import nn
 from tqdm.auto import tqdm
 
-from resnet_sweep.config import checks
-from resnet_sweep.config.naming import optimizer_name
 from resnet_sweep.config.objective import better, direction
 from resnet_sweep.core import faults
-from resnet_sweep.core.errors import Diverged, UserError, first_line
-from resnet_sweep.training import devices
+from resnet_sweep.core.errors import Diverged
+from resnet_sweep.training.hardware import autocast
 from resnet_sweep.training.metrics import (
     Meter,
     class_metrics,
@@ -34,93 +26,9 @@ from resnet_sweep.training.metrics import (
     probabilities,
     targets,
 )
+from resnet_sweep.training.optimizers import learning_rates, make_optimizer, make_scheduler, step_scheduler
 
 log = logging.getLogger(__name__)
-
-
-def resolve_device(name: str, *, hydra_cfg=None) -> torch.device:
-    """``trainer.device`` as a torch device: ``auto`` (a GPU when CUDA is available, else the CPU), ``cpu``,
-    ``cuda`` (a GPU) or ``cuda:N`` (that one). ``auto`` and ``cuda`` name the GPU: ``cuda:0``, or, in a
-    worker of a parallel sweep (``hydra/launcher=joblib`` or ``gpus``), the GPU of the worker's launcher
-    slot (``devices.pick_gpu``: the sweep's jobs spread over the visible GPUs, at most
-    ceil(n_jobs / GPUs) on one at once, each worker keeping its GPU). A GPU becomes torch's current
-    device, so nothing lands on GPU 0 by default. ``hydra_cfg``: the job's ``hydra.*`` (default: the
-    running job's, if any)."""
-    if name == "auto" and not torch.cuda.is_available():
-        return torch.device("cpu")
-    device = check_device(name)
-    if device.type != "cuda":
-        return device
-    if device.index is None:
-        hydra_cfg = hydra_cfg if hydra_cfg is not None else devices.current_hydra()
-        device = torch.device("cuda", devices.pick_gpu(gpus=torch.cuda.device_count(), hydra_cfg=hydra_cfg))
-    torch.cuda.set_device(device)
-    return device
-
-
-def check_device(name: str) -> torch.device:
-    """``trainer.device`` on this machine, nothing chosen or touched: ``cuda`` where CUDA is not
-    available, or ``cuda:N`` past the GPUs visible, is one line (``preflight.check_job``, before any run)."""
-    try:
-        device = torch.device("cuda" if name == "auto" and torch.cuda.is_available() else name.replace("auto", "cpu"))
-    except RuntimeError:
-        raise UserError(f"trainer.device={name}: choose auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"trainer.device={name}: CUDA is not available here; use auto or cpu")
-    gpus = torch.cuda.device_count() if device.type == "cuda" else 0
-    if device.index is not None and device.index >= gpus:
-        raise UserError(f"trainer.device={name}: only {gpus} GPU(s) visible here (cuda:0..cuda:{gpus - 1})")
-    return device
-
-
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's malloc.h
-
-
-def keep_freed_memory() -> bool:
-    """Let glibc's malloc reuse freed memory instead of handing it back to the kernel.
-
-    By default glibc serves every allocation above its mmap threshold (at most 32 MB) with fresh
-    pages from the kernel and unmaps them on free, and trims the heap's free top. A ResNet forward
-    allocates such activations at every layer (batch 64 at 224 px: 100 MB after the first conv),
-    so every batch page-faults and zero-fills them again. On the 2-core CI machine that was a third
-    of the time of a bf16 ResNet18 forward: 153 img/s at batch 64 by default, 230 img/s with this
-    (kernel time 19 s -> 0.7 s over the same work), and the peak resident memory grew by 0.3 GB.
-    The process keeps its peak heap until it exits. ``RESNET_SWEEP_MALLOC=default`` keeps glibc's
-    defaults. Returns whether the setting was applied (glibc only; elsewhere a no-op)."""
-    if os.environ.get("RESNET_SWEEP_MALLOC", "").lower() == "default" or platform.libc_ver()[0] != "glibc":
-        return False
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        return bool(libc.mallopt(_M_MMAP_THRESHOLD, 1 << 30) and libc.mallopt(_M_TRIM_THRESHOLD, 1 << 31))
-    except (OSError, AttributeError):
-        return False
-
-
-@functools.cache
-def cpu_has_bf16() -> bool:
-    """Whether this CPU runs bf16 fast (AMX or AVX512-BF16); read once a process (``/proc/cpuinfo``
-    took 2-5 ms a read on a 2-core VM: a training step of a small head is less)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def uses_bf16(device: torch.device, precision: str) -> bool:
-    """Whether ``precision`` means bf16 autocast on ``device``; ``auto``: where the hardware runs it fast
-    (AMX/AVX512-BF16 CPUs, bf16 GPUs; an AVX2-only CPU runs a bf16 ResNet18 some 30x slower than fp32)."""
-    use = checks.precision(precision)
-    if use is None:  # auto
-        use = (device.type == "cuda" and torch.cuda.is_bf16_supported()) or (device.type == "cpu" and cpu_has_bf16())
-    return use
-
-
-def autocast(device: torch.device, precision: str):
-    """bf16 autocast where ``uses_bf16`` says so, else nothing."""
-    if not uses_bf16(device, precision):
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
 @dataclass
@@ -154,27 +62,12 @@ def _check_finite(meter: Meter, epoch: int) -> None:
         raise Diverged(f"loss became {bad} at epoch {epoch}")
 
 
-def run_epoch(
-    model,
-    loader,
-    device,
-    precision,
-    prefix,
-    epoch,
-    optimizer=None,
-    desc="",
-    num_classes: int = 2,
-    class_weight=None,
-    groups=None,
-    aggregate: str = "mean",
+def _one_pass(
+    model, loader, *, device, precision, epoch: int, loss_fn, meter: Meter, prefix: str, desc: str, optimizer=None
 ) -> dict:
-    """One pass over ``loader``; trains when an optimizer is given. Evaluation passes also measure
-    balanced accuracy and AUROC. ``class_weight`` weighs the training loss only (``train/loss``)."""
+    """One pass over ``loader`` (the loop every epoch runs): losses and metrics summed in ``meter`` on
+    the device, read once at the end; trains when an optimizer is given."""
     training = optimizer is not None
-    model.train(training)
-    loss_fn = criterion(num_classes, weight=class_weight if prefix == "train" else None).to(device)
-    evaluating = not training and prefix != "train"
-    meter = Meter(device, num_classes, full=evaluating, groups=groups if evaluating else None, aggregate=aggregate)
     grad = contextlib.nullcontext() if training else torch.inference_mode()
     cast = autocast(device, precision)  # decided once (it reads the CPU's flags), entered every step
     with grad:
@@ -184,7 +77,7 @@ def run_epoch(
             y = y.to(device, non_blocking=True)
             with cast:
                 logits = model(x).float()
-            loss = loss_fn(logits, targets(y, num_classes))
+            loss = loss_fn(logits, targets(y, meter.num_classes))
             if training:
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -194,79 +87,50 @@ def run_epoch(
     return meter.compute(prefix)
 
 
-def make_optimizer(optimizer_cfg, model: nn.Module) -> torch.optim.Optimizer:
-    """The configured optimizer over what trains: one parameter group for the head at ``optimizer.lr``,
-    and, when part of the backbone trains, one for it at ``lr * optimizer.backbone_lr_scale``."""
-    cfg = OmegaConf.to_container(optimizer_cfg, resolve=True)
-    scale = cfg.pop("backbone_lr_scale", 1.0)
-    if not isinstance(scale, (int, float)) or scale <= 0:
-        raise UserError(f"optimizer.backbone_lr_scale={scale}: must be a number > 0 (1.0: the head's LR)")
-    head = [p for n, p in model.named_parameters() if p.requires_grad and n.startswith("head.")]
-    backbone = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("head.")]
-    if not head and not backbone:
-        raise UserError("backbone.freeze and head leave nothing to train")
-    groups = [{"params": head, "name": "head"}] if head else []
-    if backbone:
-        groups.append({"params": backbone, "name": "backbone", "lr": float(cfg["lr"]) * scale})
-    return instantiate(cfg)(groups)
+def train_one_epoch(
+    model,
+    loader,
+    *,
+    device,
+    precision,
+    epoch: int,
+    optimizer=None,
+    desc: str = "",
+    num_classes: int = 2,
+    class_weight=None,
+) -> dict:
+    """``train/loss`` and ``train/acc`` of one pass over the training split, trained by ``optimizer``;
+    without one (epoch 0) the untrained model measured. ``class_weight`` weighs this loss only."""
+    model.train(optimizer is not None)
+    loss_fn = criterion(num_classes, weight=class_weight).to(device)
+    meter = Meter(device, num_classes)
+    return _one_pass(
+        model, loader, device=device, precision=precision, epoch=epoch, loss_fn=loss_fn, meter=meter,
+        prefix="train", desc=desc, optimizer=optimizer,
+    )  # fmt: skip
 
 
-def make_scheduler(scheduler_cfg, optimizer):
-    """``scheduler`` config group: none (constant LR, the study's setting), cosine, step, plateau."""
-    if not scheduler_cfg or "_target_" not in scheduler_cfg:
-        return None
-    return instantiate(scheduler_cfg)(optimizer)
-
-
-def check_optimizer(optimizer_cfg, scheduler_cfg) -> None:
-    """Build the configured optimizer (and scheduler) over one dummy parameter: a value out of range
-    (``optimizer.momentum=-1``) is named here, not in a traceback mid-job."""
-    probe = nn.Linear(1, 1)
-    probe.head = nn.Linear(1, 1)
-    try:
-        optimizer = make_optimizer(optimizer_cfg, probe)
-    except UserError:
-        raise
-    except Exception as e:  # torch names the argument ("Invalid momentum value: -1.0"): so does the error
-        named = [f"optimizer.{k}={v}" for k, v in optimizer_cfg.items() if not k.startswith("_") and k in str(e)]
-        where = named[0] if named else f"optimizer={optimizer_name(optimizer_cfg)}"
-        raise UserError(f"{where}: {first_line(e)}; check the optimizer.* values") from None
-    try:
-        make_scheduler(scheduler_cfg, optimizer)
-    except UserError:
-        raise
-    except Exception as e:
-        raise UserError(f"scheduler: {first_line(e)}; check the scheduler.* values") from None
-
-
-def warmup_cosine(optimizer, warmup_epochs: int, start_factor: float, min_lr_scale: float, max_epochs: int):
-    """Linear warm-up over the first ``warmup_epochs`` epochs, then cosine annealing, ending just above
-    ``lr * min_lr_scale`` at the last epoch (stepped once per epoch)."""
-    from torch.optim import lr_scheduler
-
-    warmup_epochs = max(0, min(int(warmup_epochs), int(max_epochs) - 1))
-    floor = [g["lr"] * min_lr_scale for g in optimizer.param_groups]
-    cosine = lr_scheduler.CosineAnnealingLR(
-        optimizer, T_max=max(1, int(max_epochs) - warmup_epochs), eta_min=min(floor)
-    )
-    if warmup_epochs == 0:
-        return cosine
-    warmup = lr_scheduler.LinearLR(optimizer, start_factor=start_factor, total_iters=warmup_epochs)
-    return lr_scheduler.SequentialLR(optimizer, [warmup, cosine], milestones=[warmup_epochs])
-
-
-def step_scheduler(scheduler, value: float) -> None:
-    if scheduler is None:
-        return
-    if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-        scheduler.step(value)  # on the objective
-    else:
-        scheduler.step()
-
-
-def learning_rates(optimizer) -> dict:
-    """``lr/head`` (and ``lr/backbone``): the LRs the next epoch trains with."""
-    return {f"lr/{g.get('name', i)}": g["lr"] for i, g in enumerate(optimizer.param_groups)}
+def validate(
+    model,
+    loader,
+    *,
+    device,
+    precision,
+    epoch: int,
+    desc: str = "",
+    num_classes: int = 2,
+    groups=None,
+    aggregate: str = "mean",
+) -> dict:
+    """``valid/*`` of one pass over the validation split: loss, accuracy, balanced accuracy and AUROC,
+    and with ``groups`` (one per tile, in loader order) the slide-level ones."""
+    model.train(False)
+    loss_fn = criterion(num_classes).to(device)
+    meter = Meter(device, num_classes, full=True, groups=groups, aggregate=aggregate)
+    return _one_pass(
+        model, loader, device=device, precision=precision, epoch=epoch, loss_fn=loss_fn, meter=meter,
+        prefix="valid", desc=desc,
+    )  # fmt: skip
 
 
 @dataclass
@@ -399,18 +263,24 @@ def train_alone(run: Fit, splits, trainer_cfg, *, device: torch.device, class_we
         splits.train.set_epoch(epoch)  # the epoch's crops (view) and order
         desc = f"epoch {epoch}/{max_epochs}"
         lrs = learning_rates(run.optimizer)  # what this epoch trains with (epoch 0: the starting LR)
-        train = run.optimizer if epoch > 0 else None
-        metrics = run_epoch(
-            model, splits.train, device, precision, "train", epoch, train, desc + " train", num_classes, class_weight
+        metrics = train_one_epoch(
+            model,
+            splits.train,
+            device=device,
+            precision=precision,
+            epoch=epoch,
+            optimizer=run.optimizer if epoch > 0 else None,
+            desc=desc + " train",
+            num_classes=num_classes,
+            class_weight=class_weight,
         )
         metrics.update(
-            run_epoch(
+            validate(
                 model,
                 splits.valid,
-                device,
-                precision,
-                "valid",
-                epoch,
+                device=device,
+                precision=precision,
+                epoch=epoch,
                 desc=desc + " valid",
                 num_classes=num_classes,
                 groups=groups.get("valid"),

@@ -23,7 +23,7 @@ from resnet_sweep.config import checks
 from resnet_sweep.core import faults
 from resnet_sweep.data import crops, tile_writer
 from resnet_sweep.data.batches import Batcher, RowBatches, gather_crops, prefetched
-from resnet_sweep.training.engine import autocast, uses_bf16
+from resnet_sweep.training.hardware import autocast, uses_bf16
 
 log = logging.getLogger(__name__)
 

@@ -30,7 +30,7 @@ from omegaconf import OmegaConf
 from resnet_sweep.config import checks
 from resnet_sweep.core import faults
 from resnet_sweep.core.errors import Diverged
-from resnet_sweep.training import engine, features, models, resume
+from resnet_sweep.training import engine, features, models, optimizers, resume
 from resnet_sweep.training.head_stack import Diverging, HeadSpec, HeadStack
 from resnet_sweep.training.stacked_heads import default_generator, head_signature, optimizer_signature
 
@@ -209,7 +209,7 @@ class Member:
             self.stack.heads.copy_to(self.slot, model.head)
             self.stack.optimizer.store(self.slot, run.optimizer)
             generator.set_state(self.stack.rng[self.slot])
-            lrs = engine.learning_rates(run.optimizer)
+            lrs = optimizers.learning_rates(run.optimizer)
             stop = run.end_epoch(epoch, msg, lrs)
             self.stack.optimizer.set_lr(self.slot, run.optimizer.param_groups[0]["lr"])
             self.epoch = epoch + 1

@@ -1,6 +1,6 @@
 """One epoch of K heads on one feature bank, computed together: each head's batches in its own order
 (its seed) and view (its epoch), one stacked forward/backward/step per batch, each head's training
-and validation metrics as ``engine.run_epoch`` measures them alone. Nothing is read back to the host
+and validation metrics as ``engine.train_one_epoch`` and ``engine.validate`` measure them alone. Nothing is read back to the host
 inside an epoch: losses, accuracies and the divergence flags are summed on the device, read once.
 """
 
@@ -15,7 +15,7 @@ from torchmetrics.functional.classification import binary_auroc, multilabel_auro
 
 from resnet_sweep.core import faults
 from resnet_sweep.data import crops
-from resnet_sweep.training.engine import autocast
+from resnet_sweep.training.hardware import autocast
 from resnet_sweep.training.metrics import Meter, binary_predictions, criterion, targets
 from resnet_sweep.training.stacked_heads import StackedHeads, StackedOptimizer
 
@@ -152,7 +152,7 @@ class HeadStack:
         return [self._meter_valid(logits[k], self.specs[k]) if on else {} for k, on in enumerate(live)]
 
     def _meter_valid(self, logits: torch.Tensor, spec: HeadSpec) -> dict:
-        """One head's validation through ``metrics.Meter``, batch by batch as ``engine.run_epoch``."""
+        """One head's validation through ``metrics.Meter``, batch by batch as ``engine.validate``."""
         meter = Meter(self.device, self.num_classes, full=True, groups=spec.groups, aggregate=spec.aggregate)
         loss_fn = criterion(self.num_classes).to(self.device)
         for start in range(0, len(self.valid_y), self.batch):
