@@ -126,7 +126,7 @@ def test_report_seed_table_shows_per_seed_values_and_mean_std(tmp_path, tiny_tre
 
 
 def test_imagenet_figures_of_pretrained_backbones_come_from_torchvisions_metadata():
-    from resnet_sweep.reports.report import imagenet_table
+    from resnet_sweep.reports.report_tables import imagenet_table
 
     rows = [
         [c.strip() for c in line.strip("|").split("|")]

@@ -1,6 +1,6 @@
 """The report's figures: test accuracy against the learning rate (with the seeds' spread), accuracy
 and loss against the learning rate per optimizer, and the best runs' learning curves. Rows are
-``report.Row``s."""
+``report_rows.Row``s."""
 
 from __future__ import annotations
 
