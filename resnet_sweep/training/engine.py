@@ -191,10 +191,10 @@ class Fit:
 def start_fit(
     model,
     optimizer_cfg,
+    *,
     trainer_cfg,
     log_epoch,
     objective: str,
-    *,
     state_fn,
     device: torch.device,
     resume=None,
@@ -238,18 +238,18 @@ def fit(
     run = start_fit(
         model,
         optimizer_cfg,
-        trainer_cfg,
-        log_epoch,
-        objective,
+        trainer_cfg=trainer_cfg,
+        log_epoch=log_epoch,
+        objective=objective,
         state_fn=state_fn,
         device=device,
         resume=resume,
         scheduler_cfg=scheduler_cfg,
     )
-    return train_alone(run, splits, trainer_cfg, device=device, class_weight=class_weight)
+    return train_alone(run, splits, trainer_cfg=trainer_cfg, device=device, class_weight=class_weight)
 
 
-def train_alone(run: Fit, splits, trainer_cfg, *, device: torch.device, class_weight=None) -> History:
+def train_alone(run: Fit, splits, *, trainer_cfg, device: torch.device, class_weight=None) -> History:
     """The epochs of ``run`` from where it starts, one batch at a time on ``device``."""
     model = run.model
     if run.done:

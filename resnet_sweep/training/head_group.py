@@ -172,12 +172,14 @@ class Member:
         optimizer have a stacked twin (else alone, as ``engine.fit``)."""
         class_weight = kw.pop("class_weight", None)
         device = kw["device"]
-        run = engine.start_fit(model, optimizer_cfg, trainer_cfg, log_epoch, objective, **kw)
+        run = engine.start_fit(
+            model, optimizer_cfg, trainer_cfg=trainer_cfg, log_epoch=log_epoch, objective=objective, **kw
+        )
         if run.done:
             return run.history
         head, opt = head_signature(model.head), optimizer_signature(run.optimizer)
         if head is None or opt is None:
-            return engine.train_alone(run, splits, trainer_cfg, device=device, class_weight=class_weight)
+            return engine.train_alone(run, splits, trainer_cfg=trainer_cfg, device=device, class_weight=class_weight)
         generator = default_generator(device)
         self.spec = HeadSpec(
             head=model.head,
