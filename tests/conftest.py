@@ -128,34 +128,12 @@ def run_train(cwd: Path, *args: str, check: bool = True, timeout: int = 600, env
     return proc
 
 
-# What a fresh process starts without: per-process caches and registries of the app, cleared before
-# each in-process run so that run_app behaves like ``python train.py`` (found by name wherever the
-# module that holds them lives now).
-PROCESS_CACHES = ("_verified", "_needed", "_IN_MEMORY", "_OUTAGES")
-
-
-def _app_modules():
-    return [
-        m
-        for name, m in list(sys.modules.items())
-        if m is not None and (name.startswith("resnet_sweep") or name.startswith("hydra_plugins.resnet_sweep"))
-    ]
-
-
 def _fresh_process_state() -> None:
-    for module in _app_modules():
-        for attr in PROCESS_CACHES:
-            cache = getattr(module, attr, None)
-            if isinstance(cache, dict):
-                cache.clear()
-        stop = getattr(module, "_stop", None)
-        if isinstance(stop, dict) and "signal" in stop:
-            stop.update(signal=None, deferred=0, fault=None)
-        for lock in getattr(module, "_HELD_LOCKS", None) or []:  # a process's locks end with it
-            with contextlib.suppress(Exception):
-                lock.release(force=True)
-        if isinstance(getattr(module, "_HELD_LOCKS", None), list):
-            module._HELD_LOCKS.clear()
+    """What a fresh process starts without: the app's caches, registries, stop flag and locks
+    (``registry.PROCESS``), so that ``run_app`` behaves like ``python train.py``."""
+    from resnet_sweep.core.registry import PROCESS
+
+    PROCESS.reset()
 
 
 def _forget_mlflow_stores() -> None:

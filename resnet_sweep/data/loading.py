@@ -21,6 +21,7 @@ from torchvision import transforms
 from resnet_sweep.config.checks import SPLITS, check_augment, check_root, check_sampler
 from resnet_sweep.core import faults, sealed
 from resnet_sweep.core.errors import UserError, first_line
+from resnet_sweep.core.registry import PROCESS
 from resnet_sweep.data import demo_data
 from resnet_sweep.data.crops import EpochShuffle, Loader, Tiles
 from resnet_sweep.data.images import Listing, file_groups, fingerprint, image_checks, list_tree, load_rgb, usable
@@ -129,8 +130,9 @@ def data_fingerprint(data_cfg) -> str:
 # between two sweeps is seen. Within a sweep, the data is as it was when the sweep first listed it.
 
 SHARE_FOLDER = ".sweep-data"
-_share: dict[str, str | None] = {"folder": None}  # the share folder of the sweep this process started
-_trees: dict[str, tuple[tuple, CheckedTree]] = {}  # record path -> (the record's stat, its tree)
+# the share folder of the sweep this process started; record path -> (the record's stat, its tree)
+_share: dict[str, str | None] = PROCESS.state("loading.share", {"folder": None})
+_trees: dict[str, tuple[tuple, CheckedTree]] = PROCESS.state("loading.trees")
 
 
 @dataclass

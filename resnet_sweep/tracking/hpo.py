@@ -12,13 +12,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from resnet_sweep.core.registry import PROCESS
+
 PRUNED = "pruned"  # what a pruned job returns to the sweeper
 # what a job returns when it did not finish for a reason outside the trial itself (tracking store or
 # database unreachable, disk full, SIGTERM/SIGINT): its epochs are kept for resume, and the sweeper
 # re-runs the trial instead of counting it as failed
 INTERRUPTED = "interrupted"
 
-_IN_MEMORY: dict[str, object] = {}  # study name -> optuna.Study, for the in-process launcher
+# study name -> optuna.Study, for the in-process launcher
+_IN_MEMORY: dict[str, object] = PROCESS.state("hpo.in_memory")
 
 
 class Pruned(Exception):

@@ -12,6 +12,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 
 from resnet_sweep.core import sealed
+from resnet_sweep.core.registry import PROCESS
 
 log = logging.getLogger(__name__)
 
@@ -79,4 +80,14 @@ def claim_sweep_dir(config) -> None:
             old.unlink()
 
 
-_HELD_LOCKS: list = []
+_HELD_LOCKS: list = []  # the sweep folders' locks this process holds until it exits
+
+
+def _release_locks() -> None:
+    for lock in _HELD_LOCKS:
+        with contextlib.suppress(Exception):
+            lock.release(force=True)
+    _HELD_LOCKS.clear()
+
+
+PROCESS.on_reset("sweep_dir.locks", _release_locks)  # a process's locks end with it

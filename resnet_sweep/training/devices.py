@@ -24,6 +24,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from resnet_sweep.config import checks
+from resnet_sweep.core.registry import PROCESS
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +107,9 @@ def release_slots() -> None:
     for _slot, fd in _held.values():
         os.close(fd)
     _held.clear()
+
+
+PROCESS.on_reset("devices.slots", release_slots)  # a process's slots end with it
 
 
 def launcher_slots(hydra_cfg) -> int | None:
