@@ -109,14 +109,13 @@ def tree_files(root: Path) -> list[Path]:
     return [p for split in SPLITS for p in list_tree(root).files[split]]
 
 
-def data_fingerprint(data_cfg) -> str:
+def data_fingerprint(data_cfg, share: Path | None = None) -> str:
     """What identifies the data a job trains on: the root's files (paths, sizes, mtimes). Part of
     the resume key, the auto-named Optuna study and the feature bank's key, so adding, removing or
-    changing an image is a different job, never a reuse of the old data's results. In a sweep, from
-    the tree its pre-flight (or first job) listed (``checked_tree``): the files are stat-ed once per
-    sweep, not once per job."""
+    changing an image is a different job, never a reuse of the old data's results. In a sweep (its
+    ``share`` folder), from the tree its pre-flight (or first job) listed (``checked_tree``): the
+    files are stat-ed once per sweep, not once per job."""
     root = resolve_root(data_cfg)
-    share = sweep_share()
     tree = _remembered(_record(share, root)) if share is not None else None
     return (tree.listing if tree is not None else list_tree(root)).fingerprint
 
@@ -176,17 +175,13 @@ def start_sweep_share(sweep_dir: Path) -> Path:
     return folder
 
 
-def sweep_share() -> Path | None:
-    """The share folder of the sweep this job belongs to (a multirun job whose sweep's pre-flight made
-    one), else None. Outside a job, Hydra's config may be an earlier sweep's: a process that started
-    a sweep only trusts that sweep's folder."""
-    from hydra.core.hydra_config import HydraConfig
+def sweep_share(hc) -> Path | None:
+    """The share folder of the sweep of Hydra config ``hc`` (``hydra.*``: a multirun job whose sweep's
+    pre-flight made one), else None (``hc`` None: outside Hydra). Outside a job, Hydra's config may be
+    an earlier sweep's: a process that started a sweep only trusts that sweep's folder."""
     from hydra.types import RunMode
 
-    if not HydraConfig.initialized():
-        return None
-    hc = HydraConfig.get()
-    if hc.mode != RunMode.MULTIRUN:
+    if hc is None or hc.mode != RunMode.MULTIRUN:
         return None
     folder = (Path(str(hc.runtime.cwd)) / str(hc.sweep.dir)).absolute() / SHARE_FOLDER
     if _share["folder"] is not None and _share["folder"] != str(folder):
@@ -236,10 +231,11 @@ def check_tree(data_cfg, root: Path, *, crop_size: int = 1, resize: int | None =
     return CheckedTree(listing, image_checks(every, data_cfg.cache_dir, stamps=listing.stamps, decode=decode))
 
 
-def checked_tree(data_cfg, root: Path, *, crop_size: int = 1, resize: int | None = None) -> CheckedTree:
-    """``check_tree`` once per sweep: in a sweep's job, the record its pre-flight or first job made
-    (made now, under a file lock, when there is none); in a single run, now."""
-    share = sweep_share()
+def checked_tree(
+    data_cfg, root: Path, *, crop_size: int = 1, resize: int | None = None, share: Path | None = None
+) -> CheckedTree:
+    """``check_tree`` once per sweep: in a sweep's job (its ``share`` folder), the record its pre-flight
+    or first job made (made now, under a file lock, when there is none); in a single run, now."""
     if share is None:
         return check_tree(data_cfg, root, crop_size=crop_size, resize=resize)
     return share_tree(share, data_cfg, root, crop_size=crop_size, resize=resize)
@@ -324,9 +320,9 @@ class ImageLoader:
                     shutdown()
 
 
-def job_splits(cfg, device: torch.device | None = None) -> Splits:
+def job_splits(cfg, device: torch.device | None = None, share: Path | None = None) -> Splits:
     """The splits the job of config ``cfg`` trains on: its data at its backbone's crop (and resize),
-    shuffled by its seed, cropped by its crop seed."""
+    shuffled by its seed, cropped by its crop seed (``share``: its sweep's shared data folder)."""
     return load_splits(
         cfg.data,
         cfg.trainer,
@@ -335,6 +331,7 @@ def job_splits(cfg, device: torch.device | None = None) -> Splits:
         resize=cfg.backbone.resize,
         crop_seed=cfg.trainer.crop_seed,
         device=device,
+        share=share,
     )
 
 
@@ -346,6 +343,7 @@ def load_splits(
     resize: int | None = None,
     crop_seed: int = 0,
     device: torch.device | None = None,
+    share: Path | None = None,
 ) -> Splits:
     """The three splits of ``data``, checked whole (one line naming the path for any problem), with
     one loader each: training crops from ``crop_seed`` and ``seed`` (order), evaluation centre crops."""
@@ -355,7 +353,7 @@ def load_splits(
     # with a resize, any image can be cropped; without one, images must be at least the crop
     smallest = crop_size if not resize else 1
     on_bad_image = str(data_cfg.on_bad_image)
-    tree = checked_tree(data_cfg, root, crop_size=smallest, resize=resize)
+    tree = checked_tree(data_cfg, root, crop_size=smallest, resize=resize, share=share)
     listing = tree.listing
     classes = listing.classes
     files, labels, skipped = tree.usable(smallest, on_bad_image, data_cfg.cache_dir)

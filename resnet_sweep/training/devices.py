@@ -130,13 +130,6 @@ def launcher_slots(hydra_cfg) -> int | None:
     return max(1, joblib.cpu_count() + 1 + n_jobs)
 
 
-def current_hydra():
-    """The running job's ``HydraConfig`` (``hydra.*``), or None outside a Hydra job."""
-    from hydra.core.hydra_config import HydraConfig
-
-    return HydraConfig.get() if HydraConfig.initialized() else None
-
-
 def pick_gpu(*, gpus: int, hydra_cfg) -> int:
     """The GPU index for this job: with one GPU, or outside a parallel sweep, 0; in a worker of a
     parallel sweep (``launcher_slots``), the GPU of the worker's slot (``claim_slot`` in
