@@ -13,7 +13,7 @@ import time
 import mlflow
 import pytest
 import torch
-from conftest import FAST, TRAIN_PY, client_for, fresh_store, make_tree, mlflow_runs, run_app
+from conftest import FAST, TRAIN_PY, client_for, fresh_store, hydra_conf, make_tree, mlflow_runs, run_app
 from PIL import Image
 from torch import nn
 
@@ -295,10 +295,9 @@ def test_an_optuna_batch_trains_together_and_prunes_one_trial_alone(tmp_path):
 
 
 def compose_job(*overrides):
-    from conftest import REPO
-    from hydra import compose, initialize_config_dir
+    from hydra import compose
 
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+    with hydra_conf():
         return compose("train", overrides=list(overrides))
 
 

@@ -27,6 +27,7 @@ from conftest import (
     REPO,
     TRAIN_PY,
     assert_interrupted_point_ran_again,
+    hydra_conf,
     make_tree,
     mlflow_runs,
     run_app,
@@ -70,9 +71,8 @@ def test_parallel_jobs_split_the_cores(launcher, sweeper, cores, threads):
 
 def compose(*overrides: str):
     from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
 
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+    with hydra_conf():
         return hydra_compose("train", overrides=list(overrides), return_hydra_config=True)
 
 

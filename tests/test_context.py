@@ -6,7 +6,10 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
+from conftest import compose_cfg, mlflow_runs
+
 import resnet_sweep
+from resnet_sweep.core.context import JobContext, read_parent
 from resnet_sweep.core.registry import PROCESS
 
 
@@ -48,3 +51,57 @@ def test_the_process_state_is_one_object_that_resets():
 class _Lock:
     def release(self, force: bool = False) -> None:
         pass
+
+
+def test_a_job_is_called_directly_with_its_context(cfg_train, tmp_path, monkeypatch):
+    """``run_job(cfg, ctx)`` as Hydra's ``main`` calls it, without Hydra: a single run."""
+    import math
+    import signal
+
+    import mlflow
+
+    from resnet_sweep.job import run_job
+
+    monkeypatch.chdir(tmp_path)
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        objective = run_job(cfg_train, JobContext())
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+        mlflow.set_tracking_uri(None)
+        PROCESS.reset()
+    assert math.isfinite(objective)
+    runs = mlflow_runs(tmp_path)
+    assert len(runs.all) == 1 and not runs.children and not runs.parents
+    assert math.isclose(runs.all[0].data.metrics[f"best/{cfg_train.objective}"], objective, rel_tol=1e-5)
+
+
+def test_a_sweeps_jobs_find_its_parent_run_in_its_folder(tmp_path, monkeypatch):
+    """The parent run id travels in the sweep folder's file (across processes and machines), not
+    in the environment; the job's context reads it once."""
+    import os
+
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+    from omegaconf import open_dict
+
+    from resnet_sweep.job import job_context
+    from resnet_sweep.tracking.runs import set_parent
+
+    monkeypatch.chdir(tmp_path)
+    cfg = compose_cfg("hydra.sweep.dir=sweep", hydra=True)
+    with open_dict(cfg):
+        cfg.hydra.mode = RunMode.MULTIRUN
+        cfg.hydra.runtime.cwd = str(tmp_path)
+        cfg.hydra.runtime.output_dir = str(tmp_path / "sweep" / "0")
+    set_parent(cfg, "parent-id")
+    assert "RESNET_SWEEP_PARENT_RUN_ID" not in os.environ
+    HydraConfig.instance().set_config(cfg)
+    try:
+        ctx = job_context(cfg)
+    finally:
+        HydraConfig.instance().cfg = None
+    assert ctx.multirun and ctx.parent_run_id == "parent-id"
+    assert ctx.sweep_dir == tmp_path / "sweep" and ctx.output_dir == tmp_path / "sweep" / "0"
+    assert read_parent(None) is None and JobContext().parent_run_id is None

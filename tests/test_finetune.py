@@ -6,8 +6,8 @@ import math
 
 import pytest
 import torch
-from conftest import FAST, REPO, client_for, make_tree, mlflow_runs, run_app
-from hydra import compose, initialize_config_dir
+from conftest import FAST, client_for, hydra_conf, make_tree, mlflow_runs, run_app
+from hydra import compose
 from omegaconf import OmegaConf
 
 import resnet_sweep.config.resolvers  # noqa: F401  (rs.* resolvers used by the configs)
@@ -34,7 +34,7 @@ OVERRIDES = {
 
 
 def cfg_with(*overrides):
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+    with hydra_conf():
         return compose("train", overrides=["backbone.weights=none", *overrides])
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import FAST, REPO
-from hydra import compose, initialize_config_dir
+from conftest import FAST, hydra_conf
+from hydra import compose
 from hydra.utils import instantiate
 from torch import nn
 
@@ -15,7 +15,7 @@ from resnet_sweep.training import engine, models
 
 
 def compose_cfg(*overrides):
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+    with hydra_conf():
         return compose("train", overrides=list(overrides))
 
 

@@ -12,8 +12,8 @@ from collections import namedtuple
 
 import numpy as np
 import pytest
-from conftest import REPO, make_tree
-from hydra import compose, initialize_config_dir
+from conftest import hydra_conf, make_tree
+from hydra import compose
 from omegaconf import OmegaConf
 from PIL import Image
 
@@ -23,7 +23,7 @@ from resnet_sweep.data import crops, images, tiles
 
 
 def data_cfg(tree, cache, *more):
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+    with hydra_conf():
         cfg = compose("train", overrides=["data=imagefolder", f"data.root={tree}", f"data.cache_dir={cache}", *more])
     return cfg.data
 
