@@ -8,7 +8,7 @@ import json
 
 import pytest
 import torch
-from conftest import FAST, client_for, hydra_conf, make_tree, mlflow_runs, run_app
+from conftest import FAST, client_for, compose_cfg, hydra_conf, make_tree, mlflow_runs, run_app
 from hydra import compose
 
 from resnet_sweep.core.errors import UserError
@@ -86,8 +86,7 @@ def test_two_classes_give_the_numbers_they_gave_before(tmp_path):
 
 
 def test_heads_are_sized_from_the_classes():
-    with hydra_conf():
-        cfg = compose("train", overrides=[*FAST, "head=mlp_relu"])
+    cfg = compose_cfg(*FAST, "head=mlp_relu")
     two = models.build_classifier(cfg.backbone, cfg.head, num_classes=2).model
     five = models.build_classifier(cfg.backbone, cfg.head, num_classes=5).model
     x = torch.zeros(4, 3, 32, 32)

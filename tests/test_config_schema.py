@@ -16,7 +16,7 @@ from enum import Enum
 
 import pytest
 import torch
-from conftest import FAST, REPO, TRAIN_PY, hydra_conf, run_app
+from conftest import FAST, REPO, TRAIN_PY, compose_cfg, hydra_conf, run_app
 from hydra import compose
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf, open_dict
@@ -30,8 +30,7 @@ GROUPS = [(schema.TOP, schema.AppConf)] + [(g, node) for g, _, node in schema.SC
 
 
 def composed(*overrides: str):
-    with hydra_conf():
-        return compose("train", overrides=list(overrides))
+    return compose_cfg(*overrides)
 
 
 DEFAULTS = composed()

@@ -12,8 +12,7 @@ from collections import namedtuple
 
 import numpy as np
 import pytest
-from conftest import hydra_conf, make_tree
-from hydra import compose
+from conftest import compose_cfg, make_tree
 from omegaconf import OmegaConf
 from PIL import Image
 
@@ -23,8 +22,7 @@ from resnet_sweep.data import crops, images, tiles
 
 
 def data_cfg(tree, cache, *more):
-    with hydra_conf():
-        cfg = compose("train", overrides=["data=imagefolder", f"data.root={tree}", f"data.cache_dir={cache}", *more])
+    cfg = compose_cfg("data=imagefolder", f"data.root={tree}", f"data.cache_dir={cache}", *more)
     return cfg.data
 
 
