@@ -7,9 +7,9 @@ from resnet_sweep.config.checks import check_overrides
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg) -> float:
-    from resnet_sweep.job import run_job  # torch, MLflow: only once the config is composed
+    from resnet_sweep.job import job_context, run_job  # torch, MLflow: only once the config is composed
 
-    return run_job(cfg)
+    return run_job(cfg, job_context(cfg))
 
 
 if __name__ == "__main__":

@@ -107,6 +107,37 @@ def tiny_tree(tmp_path) -> Path:
     return make_tree(tmp_path / "tiles")
 
 
+def hydra_conf():
+    """Hydra initialised on the app's ``conf/`` (a context manager): ``hydra.compose`` inside it
+    composes configs as ``train.py`` does. The one place the tests initialise Hydra."""
+    from hydra import initialize_config_dir
+
+    return initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3")
+
+
+def compose_cfg(*overrides: str, hydra: bool = False):
+    """``conf/train.yaml`` composed with ``overrides``, as Hydra composes a job's config
+    (``hydra``: with its ``hydra.*`` node)."""
+    from hydra import compose
+
+    with hydra_conf():
+        return compose("train", overrides=list(overrides), return_hydra_config=hydra)
+
+
+@pytest.fixture
+def cfg_train(tmp_path, tiny_tree):
+    """A fast job's config on the tiny tree, its store and resume state in ``tmp_path``
+    (the shared composed config of the tests that call the job directly)."""
+    fresh_store(tmp_path)
+    return compose_cfg(
+        *FAST,
+        "data=imagefolder",
+        f"data.root={tiny_tree}",
+        f"trainer.resume_dir={tmp_path / 'resume'}",
+        f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
+    )
+
+
 def run_train(cwd: Path, *args: str, check: bool = True, timeout: int = 600, env: dict | None = None):
     """``python train.py ARGS`` as a user runs it, in ``cwd`` (mlflow.db, outputs/ land there)."""
     fresh_store(cwd)
@@ -128,34 +159,12 @@ def run_train(cwd: Path, *args: str, check: bool = True, timeout: int = 600, env
     return proc
 
 
-# What a fresh process starts without: per-process caches and registries of the app, cleared before
-# each in-process run so that run_app behaves like ``python train.py`` (found by name wherever the
-# module that holds them lives now).
-PROCESS_CACHES = ("_verified", "_needed", "_IN_MEMORY", "_OUTAGES")
-
-
-def _app_modules():
-    return [
-        m
-        for name, m in list(sys.modules.items())
-        if m is not None and (name.startswith("resnet_sweep") or name.startswith("hydra_plugins.resnet_sweep"))
-    ]
-
-
 def _fresh_process_state() -> None:
-    for module in _app_modules():
-        for attr in PROCESS_CACHES:
-            cache = getattr(module, attr, None)
-            if isinstance(cache, dict):
-                cache.clear()
-        stop = getattr(module, "_stop", None)
-        if isinstance(stop, dict) and "signal" in stop:
-            stop.update(signal=None, deferred=0, fault=None)
-        for lock in getattr(module, "_HELD_LOCKS", None) or []:  # a process's locks end with it
-            with contextlib.suppress(Exception):
-                lock.release(force=True)
-        if isinstance(getattr(module, "_HELD_LOCKS", None), list):
-            module._HELD_LOCKS.clear()
+    """What a fresh process starts without: the app's caches, registries, stop flag and locks
+    (``registry.PROCESS``), so that ``run_app`` behaves like ``python train.py``."""
+    from resnet_sweep.core.registry import PROCESS
+
+    PROCESS.reset()
 
 
 def _forget_mlflow_stores() -> None:

@@ -13,7 +13,7 @@ import time
 import mlflow
 import pytest
 import torch
-from conftest import FAST, TRAIN_PY, client_for, fresh_store, make_tree, mlflow_runs, run_app
+from conftest import FAST, TRAIN_PY, client_for, compose_cfg, fresh_store, make_tree, mlflow_runs, run_app
 from PIL import Image
 from torch import nn
 
@@ -295,11 +295,7 @@ def test_an_optuna_batch_trains_together_and_prunes_one_trial_alone(tmp_path):
 
 
 def compose_job(*overrides):
-    from conftest import REPO
-    from hydra import compose, initialize_config_dir
-
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        return compose("train", overrides=list(overrides))
+    return compose_cfg(*overrides)
 
 
 def test_a_figure_drawn_by_a_worker_is_the_one_drawn_here():

@@ -8,8 +8,7 @@ import logging
 import numpy as np
 import pytest
 import torch
-from conftest import FAST, REPO, make_tree
-from hydra import compose, initialize_config_dir
+from conftest import FAST, REPO, compose_cfg, make_tree
 from PIL import Image
 
 from resnet_sweep.config import checks
@@ -20,8 +19,7 @@ from resnet_sweep.training import engine, features, models
 
 
 def config(tree, *more):
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        return compose("train", overrides=[*FAST, "data=imagefolder", f"data.root={tree}", *more])
+    return compose_cfg(*FAST, "data=imagefolder", f"data.root={tree}", *more)
 
 
 def build(cfg, **kw):

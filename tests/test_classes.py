@@ -8,8 +8,8 @@ import json
 
 import pytest
 import torch
-from conftest import FAST, REPO, client_for, make_tree, mlflow_runs, run_app
-from hydra import compose, initialize_config_dir
+from conftest import FAST, client_for, compose_cfg, hydra_conf, make_tree, mlflow_runs, run_app
+from hydra import compose
 
 from resnet_sweep.core.errors import UserError
 from resnet_sweep.data import demo_data, image_folder, images
@@ -86,8 +86,7 @@ def test_two_classes_give_the_numbers_they_gave_before(tmp_path):
 
 
 def test_heads_are_sized_from_the_classes():
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        cfg = compose("train", overrides=[*FAST, "head=mlp_relu"])
+    cfg = compose_cfg(*FAST, "head=mlp_relu")
     two = models.build_classifier(cfg.backbone, cfg.head, num_classes=2).model
     five = models.build_classifier(cfg.backbone, cfg.head, num_classes=5).model
     x = torch.zeros(4, 3, 32, 32)
@@ -118,7 +117,7 @@ def test_a_class_folder_missing_from_one_split_is_named(tmp_path):
 
 
 def test_demo_data_has_an_optional_third_tissue_type(tmp_path):
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+    with hydra_conf():
         over = [f"data.cache_dir={tmp_path}", "data.tiles_per_slide=1", "data.slides_per_class=[1,1,1]"]
         two = compose("train", overrides=over)
         three = compose("train", overrides=[*over, "data.classes=3"])

@@ -27,6 +27,7 @@ from conftest import (
     REPO,
     TRAIN_PY,
     assert_interrupted_point_ran_again,
+    compose_cfg,
     make_tree,
     mlflow_runs,
     run_app,
@@ -69,11 +70,7 @@ def test_parallel_jobs_split_the_cores(launcher, sweeper, cores, threads):
 
 
 def compose(*overrides: str):
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        return hydra_compose("train", overrides=list(overrides), return_hydra_config=True)
+    return compose_cfg(*overrides, hydra=True)
 
 
 def test_launcher_presets_and_tracking_server_compose(monkeypatch):

@@ -16,8 +16,8 @@ from enum import Enum
 
 import pytest
 import torch
-from conftest import FAST, REPO, TRAIN_PY, run_app
-from hydra import compose, initialize_config_dir
+from conftest import FAST, REPO, TRAIN_PY, compose_cfg, hydra_conf, run_app
+from hydra import compose
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf, open_dict
 from omegaconf.errors import ValidationError
@@ -30,8 +30,7 @@ GROUPS = [(schema.TOP, schema.AppConf)] + [(g, node) for g, _, node in schema.SC
 
 
 def composed(*overrides: str):
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        return compose("train", overrides=list(overrides))
+    return compose_cfg(*overrides)
 
 
 DEFAULTS = composed()
@@ -282,7 +281,7 @@ def test_a_bad_value_in_the_last_grid_stops_the_sweep_before_anything(tmp_path):
     ids=["grid params", "optuna interval", "optuna log interval", "optuna choice"],
 )
 def test_a_bad_value_in_a_presets_sweeper_params_is_found_composing_every_point(capsys, preset, key, value, message):
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+    with hydra_conf():
         config = compose("train", overrides=[preset], return_hydra_config=True)
         preflight.check_sweep(config, every_point=True)  # the preset itself: fine
         with open_dict(config):

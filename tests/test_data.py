@@ -8,8 +8,8 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import FAST, REPO, make_tree, run_app
-from hydra import compose, initialize_config_dir
+from conftest import FAST, compose_cfg, hydra_conf, make_tree, run_app
+from hydra import compose
 from PIL import Image
 
 from resnet_sweep.data import demo_data, images, loading, normalisation
@@ -73,7 +73,7 @@ def test_hidden_files_are_ignored(tmp_path):
 
 
 def demo_cfg(tmp_path, **over):
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+    with hydra_conf():
         cfg = compose(
             "train",
             overrides=[f"data.cache_dir={tmp_path}", "data.tiles_per_slide=2"]
@@ -108,14 +108,13 @@ def test_demo_data_is_deterministic_two_classes_and_grouped_by_slide(tmp_path):
 
 
 def test_default_demo_size_is_about_160_40_40(tmp_path):
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        cfg = compose("train")
+    cfg = compose_cfg()
     per_split = [n * 2 * cfg.data.tiles_per_slide for n in cfg.data.slides_per_class]
     assert per_split == [160, 40, 40]
 
 
 def test_dataset_normalisation_is_computed_on_train_and_cached(tmp_path, tiny_tree):
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+    with hydra_conf():
         cfg = compose(
             "train",
             overrides=[
@@ -237,8 +236,7 @@ def test_images_smaller_than_the_crop_are_one_line_with_count_examples_and_both_
         str(p) for p in root.rglob("*.png")
     )
     # either fix the line gives works
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        cfg = compose("train", overrides=[*fast, "data=imagefolder", f"data.root={root}", f"data.cache_dir={cache}"])
+    cfg = compose_cfg(*fast, "data=imagefolder", f"data.root={root}", f"data.cache_dir={cache}")
     resized = loading.load_splits(cfg.data, cfg.trainer, crop_size=64, resize=64)
     assert next(iter(resized.valid))[0].shape[-2:] == (64, 64)
     assert not loading.load_splits(cfg.data, cfg.trainer, crop_size=40).skipped

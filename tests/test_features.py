@@ -11,8 +11,8 @@ import time
 import numpy as np
 import pytest
 import torch
-from conftest import FAST, REPO, TRAIN_PY, client_for, fresh_store, make_tree, mlflow_runs, run_app
-from hydra import compose, initialize_config_dir
+from conftest import FAST, REPO, TRAIN_PY, client_for, fresh_store, hydra_conf, make_tree, mlflow_runs, run_app
+from hydra import compose
 from PIL import Image
 
 from resnet_sweep.config import checks
@@ -21,7 +21,7 @@ from resnet_sweep.training import features, models
 
 
 def cfg_for(tree, cache, *more):
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+    with hydra_conf():
         return compose(
             "train",
             overrides=[

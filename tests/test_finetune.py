@@ -6,8 +6,7 @@ import math
 
 import pytest
 import torch
-from conftest import FAST, REPO, client_for, make_tree, mlflow_runs, run_app
-from hydra import compose, initialize_config_dir
+from conftest import FAST, client_for, compose_cfg, make_tree, mlflow_runs, run_app
 from omegaconf import OmegaConf
 
 import resnet_sweep.config.resolvers  # noqa: F401  (rs.* resolvers used by the configs)
@@ -34,8 +33,7 @@ OVERRIDES = {
 
 
 def cfg_with(*overrides):
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        return compose("train", overrides=["backbone.weights=none", *overrides])
+    return compose_cfg("backbone.weights=none", *overrides)
 
 
 @pytest.mark.parametrize("mode", list(COUNTS))

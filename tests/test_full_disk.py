@@ -127,7 +127,7 @@ def fill_after(monkeypatch, owner, name: str, disk_of, when) -> None:
 def moment(case: str, monkeypatch, disk_of) -> None:
     """Where each case fills its disk."""
     from resnet_sweep.data import tiles
-    from resnet_sweep.tracking import runs
+    from resnet_sweep.tracking import job_log
     from resnet_sweep.training import features, resume
 
     if case == "first state":  # the resume state written as the first job's run starts
@@ -135,9 +135,9 @@ def moment(case: str, monkeypatch, disk_of) -> None:
     elif case == "checkpoint save":  # the resume state after epoch 2 (torch.save: "unexpected pos")
         fill_after(monkeypatch, resume.Resumer, "save", disk_of, lambda self, run_id, epoch, *a: epoch == 1)
     elif case == "model save":  # the full MLflow model, after the last epoch
-        fill_before(monkeypatch, runs, "log_model", disk_of)
+        fill_before(monkeypatch, job_log, "log_model", disk_of)
     elif case == "MLflow artifact":  # the checkpoint copied into the run's artifacts
-        fill_before(monkeypatch, runs.JobLog, "checkpoint", disk_of)
+        fill_before(monkeypatch, job_log.JobLog, "checkpoint", disk_of)
     elif case == "bank write":  # extracting the feature bank
         fill_before(monkeypatch, features, "extract", disk_of)
     elif case == "store write":  # decoding the tile store

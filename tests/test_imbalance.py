@@ -9,8 +9,8 @@ import numpy as np
 import optuna
 import pytest
 import torch
-from conftest import FAST, REPO, client_for, make_tree, mlflow_runs, run_app
-from hydra import compose, initialize_config_dir
+from conftest import FAST, client_for, hydra_conf, make_tree, mlflow_runs, run_app
+from hydra import compose
 
 from resnet_sweep.config import checks
 from resnet_sweep.config.objective import direction
@@ -72,7 +72,7 @@ def test_every_training_loader_follows_the_sampler(tmp_path):
 
 
 def _conf():
-    return initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3")
+    return hydra_conf()
 
 
 def test_weighted_losses_equal_their_formulas():

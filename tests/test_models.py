@@ -4,19 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import FAST, REPO
-from hydra import compose, initialize_config_dir
+from conftest import FAST, compose_cfg
 from hydra.utils import instantiate
 from torch import nn
 
 from resnet_sweep.core.errors import UserError
 from resnet_sweep.data import loading
 from resnet_sweep.training import engine, models
-
-
-def compose_cfg(*overrides):
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        return compose("train", overrides=list(overrides))
 
 
 @pytest.mark.parametrize("in_features", [512, 2048])

@@ -6,7 +6,7 @@ import csv
 import re
 
 import pytest
-from conftest import FAST, REPO, mlflow_runs, run_app
+from conftest import FAST, hydra_conf, mlflow_runs, run_app
 from PIL import Image
 
 
@@ -46,12 +46,12 @@ def test_study_resnet18_heads_smoke_run_makes_one_child_per_grid_point(tmp_path,
 
 @pytest.mark.parametrize("preset", ["resnet18_heads", "resnet_depths", "resnet34_repeats"])
 def test_study_presets_follow_the_epoch_budget_rule(preset):
-    from hydra import compose, initialize_config_dir
+    from hydra import compose
 
     import resnet_sweep  # noqa: F401  (registers the rs.epoch_budget resolver)
 
     budget = {1e-6: 100, 5e-6: 100, 5e-5: 100, 1e-4: 25, 5e-4: 10, 1e-3: 5}
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+    with hydra_conf():
         for lr, epochs in budget.items():
             cfg = compose("train", overrides=[f"experiment=study/{preset}", f"optimizer.lr={lr}"])
             assert cfg.trainer.max_epochs == epochs, (preset, lr)

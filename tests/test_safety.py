@@ -9,7 +9,7 @@ import subprocess
 
 import pytest
 import torch
-from conftest import FAST, client_for, mlflow_runs, run_app, run_train
+from conftest import FAST, client_for, compose_cfg, mlflow_runs, run_app, run_train
 
 from resnet_sweep.core.errors import UserError
 from resnet_sweep.training import models
@@ -33,11 +33,7 @@ def test_checkpoints_with_pickled_objects_are_refused(tmp_path, monkeypatch):
         models.load_checkpoint(tmp_path / "best.pt")
     assert "weights_only" in str(excinfo.value) or "Unsupported global" in str(excinfo.value)
     torch.save({"conv1.weight": Payload()}, tmp_path / "weights.pt")
-    from conftest import REPO
-    from hydra import compose, initialize_config_dir
-
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        cfg = compose("train", overrides=[f"backbone.weights={tmp_path / 'weights.pt'}"])
+    cfg = compose_cfg(f"backbone.weights={tmp_path / 'weights.pt'}")
     with pytest.raises(UserError, match="not a resnet18 state dict"):
         models.build_classifier(cfg.backbone, cfg.head)
     assert not (tmp_path / "pwned.txt").exists()

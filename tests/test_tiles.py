@@ -12,8 +12,7 @@ from collections import namedtuple
 
 import numpy as np
 import pytest
-from conftest import REPO, make_tree
-from hydra import compose, initialize_config_dir
+from conftest import compose_cfg, make_tree
 from omegaconf import OmegaConf
 from PIL import Image
 
@@ -23,8 +22,7 @@ from resnet_sweep.data import crops, images, tile_writer, tiles
 
 
 def data_cfg(tree, cache, *more):
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        cfg = compose("train", overrides=["data=imagefolder", f"data.root={tree}", f"data.cache_dir={cache}", *more])
+    cfg = compose_cfg("data=imagefolder", f"data.root={tree}", f"data.cache_dir={cache}", *more)
     return cfg.data
 
 

@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 from resnet_sweep.core import sealed
 from resnet_sweep.core.errors import UserError
 from resnet_sweep.core.redaction import redact
-from resnet_sweep.data import loading
+from resnet_sweep.data import loading, shared_tree
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +105,9 @@ class StudyIdentity:
             if key != "hydra"
         }
         config = {k: v for k, v in _flatten(app).items() if not _under(k, NOT_RESULTS + tuple(searched))}
-        fingerprint = "searched" if any(_under(k, ["data"]) for k in searched) else loading.data_fingerprint(cfg.data)
+        share = shared_tree.sweep_share(self.config.hydra)
+        searched_data = any(_under(k, ["data"]) for k in searched)
+        fingerprint = "searched" if searched_data else loading.data_fingerprint(cfg.data, share=share)
         return {SEARCHED_ATTR: searched, CONFIG_ATTR: config, DATA_ATTR: fingerprint}
 
     def _study_name(self, identity: dict) -> str | None:

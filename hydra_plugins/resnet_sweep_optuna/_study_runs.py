@@ -4,7 +4,6 @@ resume), its trials' runs marked when interrupted, and the study's results and p
 from __future__ import annotations
 
 import logging
-import os
 import time
 import warnings
 
@@ -12,7 +11,7 @@ from mlflow.tracking import MlflowClient
 
 from resnet_sweep.core.redaction import redact
 from resnet_sweep.tracking import plots
-from resnet_sweep.tracking.runs import FAILURE_TAG, PARENT_ENV, set_parent
+from resnet_sweep.tracking.runs import FAILURE_TAG, set_parent
 from resnet_sweep.tracking.store import connect
 
 log = logging.getLogger(__name__)
@@ -117,7 +116,6 @@ def close_study_parent(
             parent_id, FAILURE_TAG, redact(failed + (": re-run the same command to resume" if killed else ""))
         )
         client.set_terminated(parent_id, "KILLED" if killed else "FAILED")
-        os.environ.pop(PARENT_ENV, None)
         return
     objective = results["objective"]
     for state, n in results["counts"].items():

@@ -21,10 +21,11 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from resnet_sweep.core.errors import Diverged, UserError, first_line
+from resnet_sweep.core.registry import PROCESS
 
 log = logging.getLogger(__name__)
 
-_stop: dict = {"signal": None, "deferred": 0, "fault": None}
+_stop = PROCESS.state("faults.stop", {"signal": None, "deferred": 0, "fault": None})  # the stop flag
 
 
 class Interrupted(KeyboardInterrupt):

@@ -22,6 +22,8 @@ from typing import TypeVar
 
 from filelock import FileLock
 
+from resnet_sweep.core.registry import PROCESS
+
 T = TypeVar("T")
 
 # SHA-256: 1.5 GB/s on one core with the CPU's SHA extensions (AMD Zen, Intel Ice Lake and later, ARMv8),
@@ -30,7 +32,7 @@ DIGEST = "sha256"
 
 # folder -> (the (name, size, mtime, inode) of its files when it was verified, its meta):
 # hashed once per process, again only if a file visibly changed (see ``check``)
-_verified: dict[str, tuple[tuple, dict]] = {}
+_verified: dict[str, tuple[tuple, dict]] = PROCESS.state("sealed.verified")
 
 
 def digest(path: Path, chunk: int = 1 << 20) -> str:

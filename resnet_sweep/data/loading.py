@@ -20,7 +20,7 @@ from resnet_sweep.data.grouping import file_groups
 from resnet_sweep.data.image_folder import Listing, list_tree, split_fingerprint
 from resnet_sweep.data.loaders import ImageLoader, TileStore, worker_context
 from resnet_sweep.data.normalisation import IMAGENET_MEAN, IMAGENET_STD, dataset_stats
-from resnet_sweep.data.shared_tree import checked_tree, record_of, remembered, sweep_share
+from resnet_sweep.data.shared_tree import checked_tree, record_of, remembered
 
 log = logging.getLogger(__name__)
 
@@ -72,21 +72,20 @@ def tree_files(root: Path) -> list[Path]:
     return [p for split in SPLITS for p in list_tree(root).files[split]]
 
 
-def data_fingerprint(data_cfg) -> str:
+def data_fingerprint(data_cfg, share: Path | None = None) -> str:
     """What identifies the data a job trains on: the root's files (paths, sizes, mtimes). Part of
     the resume key, the auto-named Optuna study and the feature bank's key, so adding, removing or
-    changing an image is a different job, never a reuse of the old data's results. In a sweep, from
-    the tree its pre-flight (or first job) listed (``checked_tree``): the files are stat-ed once per
-    sweep, not once per job."""
+    changing an image is a different job, never a reuse of the old data's results. In a sweep (its
+    ``share`` folder), from the tree its pre-flight (or first job) listed (``checked_tree``): the
+    files are stat-ed once per sweep, not once per job."""
     root = resolve_root(data_cfg)
-    share = sweep_share()
     tree = remembered(record_of(share, root)) if share is not None else None
     return (tree.listing if tree is not None else list_tree(root)).fingerprint
 
 
-def job_splits(cfg, device: torch.device | None = None) -> Splits:
+def job_splits(cfg, device: torch.device | None = None, share: Path | None = None) -> Splits:
     """The splits the job of config ``cfg`` trains on: its data at its backbone's crop (and resize),
-    shuffled by its seed, cropped by its crop seed."""
+    shuffled by its seed, cropped by its crop seed (``share``: its sweep's shared data folder)."""
     return load_splits(
         cfg.data,
         cfg.trainer,
@@ -95,6 +94,7 @@ def job_splits(cfg, device: torch.device | None = None) -> Splits:
         resize=cfg.backbone.resize,
         crop_seed=cfg.trainer.crop_seed,
         device=device,
+        share=share,
     )
 
 
@@ -106,6 +106,7 @@ def load_splits(
     resize: int | None = None,
     crop_seed: int = 0,
     device: torch.device | None = None,
+    share: Path | None = None,
 ) -> Splits:
     """The three splits of ``data``, checked whole (one line naming the path for any problem), with
     one loader each: training crops from ``crop_seed`` and ``seed`` (order), evaluation centre crops."""
@@ -115,7 +116,7 @@ def load_splits(
     # with a resize, any image can be cropped; without one, images must be at least the crop
     smallest = crop_size if not resize else 1
     on_bad_image = str(data_cfg.on_bad_image)
-    tree = checked_tree(data_cfg, root, crop_size=smallest, resize=resize)
+    tree = checked_tree(data_cfg, root, crop_size=smallest, resize=resize, share=share)
     listing = tree.listing
     classes = listing.classes
     files, labels, skipped = tree.usable(smallest, on_bad_image, data_cfg.cache_dir)

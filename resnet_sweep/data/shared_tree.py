@@ -13,6 +13,7 @@ from filelock import FileLock
 
 from resnet_sweep.config.checks import SPLITS
 from resnet_sweep.core import sealed
+from resnet_sweep.core.registry import PROCESS
 from resnet_sweep.data.image_folder import Listing, list_tree
 from resnet_sweep.data.images import image_checks, usable
 
@@ -25,8 +26,9 @@ from resnet_sweep.data.images import image_checks, usable
 # between two sweeps is seen. Within a sweep, the data is as it was when the sweep first listed it.
 
 SHARE_FOLDER = ".sweep-data"
-_share: dict[str, str | None] = {"folder": None}  # the share folder of the sweep this process started
-_trees: dict[str, tuple[tuple, CheckedTree]] = {}  # record path -> (the record's stat, its tree)
+# the share folder of the sweep this process started; record path -> (the record's stat, its tree)
+_share: dict[str, str | None] = PROCESS.state("loading.share", {"folder": None})
+_trees: dict[str, tuple[tuple, CheckedTree]] = PROCESS.state("loading.trees")
 
 
 @dataclass
@@ -70,17 +72,13 @@ def start_sweep_share(sweep_dir: Path) -> Path:
     return folder
 
 
-def sweep_share() -> Path | None:
-    """The share folder of the sweep this job belongs to (a multirun job whose sweep's pre-flight made
-    one), else None. Outside a job, Hydra's config may be an earlier sweep's: a process that started
-    a sweep only trusts that sweep's folder."""
-    from hydra.core.hydra_config import HydraConfig
+def sweep_share(hc) -> Path | None:
+    """The share folder of the sweep of Hydra config ``hc`` (``hydra.*``: a multirun job whose sweep's
+    pre-flight made one), else None (``hc`` None: outside Hydra). Outside a job, Hydra's config may be
+    an earlier sweep's: a process that started a sweep only trusts that sweep's folder."""
     from hydra.types import RunMode
 
-    if not HydraConfig.initialized():
-        return None
-    hc = HydraConfig.get()
-    if hc.mode != RunMode.MULTIRUN:
+    if hc is None or hc.mode != RunMode.MULTIRUN:
         return None
     folder = (Path(str(hc.runtime.cwd)) / str(hc.sweep.dir)).absolute() / SHARE_FOLDER
     if _share["folder"] is not None and _share["folder"] != str(folder):
@@ -130,10 +128,11 @@ def check_tree(data_cfg, root: Path, *, crop_size: int = 1, resize: int | None =
     return CheckedTree(listing, image_checks(every, data_cfg.cache_dir, stamps=listing.stamps, decode=decode))
 
 
-def checked_tree(data_cfg, root: Path, *, crop_size: int = 1, resize: int | None = None) -> CheckedTree:
-    """``check_tree`` once per sweep: in a sweep's job, the record its pre-flight or first job made
-    (made now, under a file lock, when there is none); in a single run, now."""
-    share = sweep_share()
+def checked_tree(
+    data_cfg, root: Path, *, crop_size: int = 1, resize: int | None = None, share: Path | None = None
+) -> CheckedTree:
+    """``check_tree`` once per sweep: in a sweep's job (its ``share`` folder), the record its pre-flight
+    or first job made (made now, under a file lock, when there is none); in a single run, now."""
     if share is None:
         return check_tree(data_cfg, root, crop_size=crop_size, resize=resize)
     return share_tree(share, data_cfg, root, crop_size=crop_size, resize=resize)

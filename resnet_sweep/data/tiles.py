@@ -37,6 +37,7 @@ import torchvision
 from PIL import Image
 
 from resnet_sweep.core import faults, sealed
+from resnet_sweep.core.registry import PROCESS
 from resnet_sweep.data import crops
 from resnet_sweep.data.cores import available as available_cores
 from resnet_sweep.data.image_folder import fingerprint
@@ -51,7 +52,7 @@ GB = 1e9
 
 # key -> bytes of its decoded images, from the headers: read once per process (the jobs a launcher runs
 # one after another in one process, on data too large for a store, read the headers once)
-_needed: dict[str, int] = {}
+_needed: dict[str, int] = PROCESS.state("tiles.needed")
 
 
 def stored_size(path: Path, resize: int | None) -> tuple[int, int]:

@@ -6,11 +6,9 @@ from __future__ import annotations
 import atexit
 import contextlib
 import logging
-import os
 from pathlib import Path
 
 import mlflow
-from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from mlflow.entities import Param
@@ -18,6 +16,7 @@ from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
 
 from resnet_sweep.core import faults
+from resnet_sweep.core.context import read_parent
 from resnet_sweep.core.errors import exit_with, first_line
 from resnet_sweep.core.redaction import redact, redact_files
 from resnet_sweep.reports import shared_view
@@ -26,7 +25,7 @@ from resnet_sweep.tracking.abandoned import close_abandoned_sweeps
 from resnet_sweep.tracking.hpo import find_study
 from resnet_sweep.tracking.logged import log_model
 from resnet_sweep.tracking.lookup import best_run, child_runs, downloaded_checkpoint, logged_models
-from resnet_sweep.tracking.runs import FAILURE_TAG, PARENT_ENV, set_parent
+from resnet_sweep.tracking.runs import FAILURE_TAG, set_parent
 from resnet_sweep.tracking.store import existing_run, view_url
 from resnet_sweep.tracking.sweep_dir import claim_sweep_dir, read_job_statuses
 from resnet_sweep.training import devices
@@ -49,8 +48,8 @@ class SweepCallback(Callback):
         check_store_and_folders(config)
 
     def on_job_start(self, config: DictConfig, **kwargs) -> None:
-        if HydraConfig.initialized():
-            hc = HydraConfig.get()
+        hc = config.get("hydra")  # the job's hydra.* (Hydra's run_job passes the whole config)
+        if hc is not None:
             if hc.output_subdir:
                 redact_files(Path(hc.runtime.output_dir))
             if hc.mode == RunMode.MULTIRUN:
@@ -108,7 +107,7 @@ class SweepCallback(Callback):
         redact_files(sweep_dir)
         study = is_study(config)
         if study:
-            self.parent_id = os.environ.get(PARENT_ENV)
+            self.parent_id = read_parent(sweep_dir)  # the Optuna sweeper's (_study_runs.open_study_parent)
             self.client = MlflowClient()
         if not self.parent_id:
             return
@@ -121,7 +120,6 @@ class SweepCallback(Callback):
                 with contextlib.suppress(Exception):
                     client.log_param(self.parent_id, key, value)
             self._report(config)
-            os.environ.pop(PARENT_ENV, None)
             client.set_terminated(self.parent_id, "FINISHED")
             self._print_url(config)
             return
@@ -164,7 +162,6 @@ class SweepCallback(Callback):
         self._report(config)
         client.set_terminated(self.parent_id, "FAILED" if problems else "FINISHED")
         atexit.unregister(self._abandon)
-        os.environ.pop(PARENT_ENV, None)
         if best is not None:
             log.info("best run: %s (%s = %.4f)", best.info.run_name, objective, best.data.metrics[f"best/{objective}"])
         if not problems:  # else the one line below says it

@@ -1,6 +1,6 @@
 """The job's side of an Optuna sweep: report the objective after every epoch, stop when pruned.
 
-The sweeper adds ``+hpo_trial.{number,id,study,report}`` to each job's overrides; the storage and pruner are read from the job's Hydra config (``hydra.sweeper``). An
+The sweeper adds ``+hpo_trial.{number,id,study,report}`` to each job's overrides; the storage and pruner are read from the job's ``hydra.sweeper`` (``JobContext.sweeper``). An
 in-memory study is found in this process's registry (in-process launcher only).
 
 A database storage is used through outages of up to ``hydra.sweeper.storage_retry_s`` seconds
@@ -12,13 +12,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from resnet_sweep.core.registry import PROCESS
+
 PRUNED = "pruned"  # what a pruned job returns to the sweeper
 # what a job returns when it did not finish for a reason outside the trial itself (tracking store or
 # database unreachable, disk full, SIGTERM/SIGINT): its epochs are kept for resume, and the sweeper
 # re-runs the trial instead of counting it as failed
 INTERRUPTED = "interrupted"
 
-_IN_MEMORY: dict[str, object] = {}  # study name -> optuna.Study, for the in-process launcher
+# study name -> optuna.Study, for the in-process launcher
+_IN_MEMORY: dict[str, object] = PROCESS.state("hpo.in_memory")
 
 
 class Pruned(Exception):
@@ -48,20 +51,19 @@ def find_study(name: str, storage: str | None):
         return None
 
 
-def reporter(cfg) -> Callable[[int, float], None] | None:
-    """``report(epoch, value)`` for this job's trial, or None outside an Optuna sweep."""
-    link = cfg.get("hpo_trial")
+def reporter(link, sweeper) -> Callable[[int, float], None] | None:
+    """``report(epoch, value)`` for the job's trial (``link``: its ``hpo_trial``, ``JobContext.trial``),
+    or None outside an Optuna sweep. ``sweeper``: the sweep's ``hydra.sweeper`` (its storage and
+    pruner, ``JobContext.sweeper``)."""
     if not link or not link.get("report", True):
         return None
     import optuna
-    from hydra.core.hydra_config import HydraConfig
     from hydra.utils import instantiate
 
     study = _IN_MEMORY.get(str(link.study))
     if study is None:
         from resnet_sweep.tracking.optuna_storage import STORAGE_RETRY_S, open_storage
 
-        sweeper = HydraConfig.get().sweeper
         pruner = instantiate(sweeper.pruner) if sweeper.get("pruner") else optuna.pruners.NopPruner()
         storage = open_storage(str(sweeper.storage), float(sweeper.get("storage_retry_s", STORAGE_RETRY_S)))
         study = optuna.load_study(study_name=str(link.study), storage=storage, pruner=pruner)

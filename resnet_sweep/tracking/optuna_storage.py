@@ -25,6 +25,7 @@ from optuna.storages import BaseStorage
 
 from resnet_sweep.core.errors import UserError, first_line
 from resnet_sweep.core.redaction import redact
+from resnet_sweep.core.registry import PROCESS
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +78,7 @@ class _Outage:
         self.ended_at: float = 0.0  # time.time() when the last outage ended
 
 
-_OUTAGES: dict[str, _Outage] = {}
+_OUTAGES: dict[str, _Outage] = PROCESS.state("optuna_storage.outages")
 _OUTAGES_LOCK = threading.Lock()
 
 

@@ -8,29 +8,25 @@ import json
 import logging
 from pathlib import Path
 
-from hydra.core.hydra_config import HydraConfig
-from hydra.types import RunMode
-
 from resnet_sweep.core import sealed
+from resnet_sweep.core.context import PARENT_FILE, JobContext
+from resnet_sweep.core.registry import PROCESS
 
 log = logging.getLogger(__name__)
-
-
-def in_multirun() -> bool:
-    """Inside a Hydra ``-m`` sweep (as opposed to a single run)."""
-    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
 STATUS_FILE = "job_status.json"
 
 
-def write_job_status(status: str, name: str, run_id: str | None = None, reason: str | None = None) -> None:
+def write_job_status(
+    ctx: JobContext, status: str, name: str, run_id: str | None = None, reason: str | None = None
+) -> None:
     """What became of this job (finished, reused, failed, interrupted, skipped), in its Hydra output
-    folder: the sweep's summary counts these, so a job that never reached MLflow (locked by another
-    sweep, a config error) is counted too."""
-    if not (HydraConfig.initialized() and in_multirun()):
+    folder (a sweep's job only): the sweep's summary counts these, so a job that never reached MLflow
+    (locked by another sweep, a config error) is counted too."""
+    if not ctx.multirun or ctx.output_dir is None:
         return
-    folder = Path(HydraConfig.get().runtime.output_dir)
+    folder = Path(ctx.output_dir)
     with contextlib.suppress(OSError):
         folder.mkdir(parents=True, exist_ok=True)
         record = {"status": status, "name": name, "run_id": run_id, "reason": reason}
@@ -74,9 +70,19 @@ def claim_sweep_dir(config) -> None:
         with read_write(config.hydra), open_dict(config.hydra):
             config.hydra.sweep.dir = str(folder)
             config.hydra.overrides.hydra.append(f"hydra.sweep.dir={folder}")
-    for old in folder.rglob(STATUS_FILE):  # a re-used folder: records of an earlier sweep
+    for old in [*folder.rglob(STATUS_FILE), folder / PARENT_FILE]:  # a re-used folder: an earlier sweep's
         with contextlib.suppress(OSError):
             old.unlink()
 
 
-_HELD_LOCKS: list = []
+_HELD_LOCKS: list = []  # the sweep folders' locks this process holds until it exits
+
+
+def _release_locks() -> None:
+    for lock in _HELD_LOCKS:
+        with contextlib.suppress(Exception):
+            lock.release(force=True)
+    _HELD_LOCKS.clear()
+
+
+PROCESS.on_reset("sweep_dir.locks", _release_locks)  # a process's locks end with it

@@ -24,6 +24,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from resnet_sweep.config import checks
+from resnet_sweep.core.registry import PROCESS
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +109,9 @@ def release_slots() -> None:
     _held.clear()
 
 
+PROCESS.on_reset("devices.slots", release_slots)  # a process's slots end with it
+
+
 def launcher_slots(hydra_cfg) -> int | None:
     """How many jobs the sweep's launcher runs at once, when it runs them side by side in worker
     processes of one machine (joblib: ``n_jobs``, -1 = all cores, -2 = all but one, as in joblib);
@@ -124,13 +128,6 @@ def launcher_slots(hydra_cfg) -> int | None:
     import joblib
 
     return max(1, joblib.cpu_count() + 1 + n_jobs)
-
-
-def current_hydra():
-    """The running job's ``HydraConfig`` (``hydra.*``), or None outside a Hydra job."""
-    from hydra.core.hydra_config import HydraConfig
-
-    return HydraConfig.get() if HydraConfig.initialized() else None
 
 
 def pick_gpu(*, gpus: int, hydra_cfg) -> int:

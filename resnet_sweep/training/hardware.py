@@ -24,15 +24,14 @@ def resolve_device(name: str, *, hydra_cfg=None) -> torch.device:
     worker of a parallel sweep (``hydra/launcher=joblib`` or ``gpus``), the GPU of the worker's launcher
     slot (``devices.pick_gpu``: the sweep's jobs spread over the visible GPUs, at most
     ceil(n_jobs / GPUs) on one at once, each worker keeping its GPU). A GPU becomes torch's current
-    device, so nothing lands on GPU 0 by default. ``hydra_cfg``: the job's ``hydra.*`` (default: the
-    running job's, if any)."""
+    device, so nothing lands on GPU 0 by default. ``hydra_cfg``: the job's ``hydra.*``
+    (``JobContext.hydra``; None outside Hydra)."""
     if name == "auto" and not torch.cuda.is_available():
         return torch.device("cpu")
     device = check_device(name)
     if device.type != "cuda":
         return device
     if device.index is None:
-        hydra_cfg = hydra_cfg if hydra_cfg is not None else devices.current_hydra()
         device = torch.device("cuda", devices.pick_gpu(gpus=torch.cuda.device_count(), hydra_cfg=hydra_cfg))
     torch.cuda.set_device(device)
     return device

@@ -31,7 +31,9 @@ def objective(cfg) -> float | str:
         return hpo.INTERRUPTED
     if lr > 1e30:
         return math.nan
-    report = hpo.reporter(cfg)
+    from hydra.core.hydra_config import HydraConfig
+
+    report = hpo.reporter(cfg.get("hpo_trial"), HydraConfig.get().sweeper)
     epochs = int(cfg.trainer.max_epochs)
     value = math.inf
     for epoch in range(epochs):
