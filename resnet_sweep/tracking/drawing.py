@@ -33,10 +33,9 @@ def png(kind: str, args: tuple, dpi: float) -> tuple[bytes, list[tuple[int, int,
         fig.savefig(buffer, format="png", dpi=dpi)
         renderer = fig.canvas.get_renderer()
         scale, height = dpi / fig.dpi, fig.get_figheight() * dpi
-        boxes = []
+        pad, boxes = 0.1 * fig.dpi, []
         for ax in fig.axes:
             box = ax.get_tightbbox(renderer)
-            pad = 0.1 * fig.dpi
             x0, y0, x1, y1 = ((box.x0 - pad), (box.y0 - pad), (box.x1 + pad), (box.y1 + pad))
             boxes.append(
                 (max(0, int(x0 * scale)), max(0, int(height - y1 * scale)), int(x1 * scale), int(height - y0 * scale))

@@ -57,7 +57,7 @@ class JobLog:
         self.cfg = cfg
         self.run_id = run_id
         self.name = run_name(cfg)
-        self.retry_s = float(cfg.tracking.get("retry_s", 300))
+        self.retry_s = float(cfg.tracking.retry_s)
         self.best_epoch = 0  # the step that the best epoch's single values and the model are logged at
         self.database = database_of(mlflow.get_tracking_uri()) is not None
         self.skipped: int | None = None  # data/skipped_images, logged after the first epoch's metrics
@@ -164,7 +164,7 @@ class JobLog:
             self.best_epoch,
         )
         never = history.best_epoch == 0 and len(history.epochs) > 1
-        self.pending_tags.update(stopped_early=str(history.stopped_early).lower(), never_improved=str(never).lower())
+        self.tags(later=True, stopped_early=str(history.stopped_early).lower(), never_improved=str(never).lower())
         if never:
             log.warning(
                 "%s never improved on its untrained epoch 0 (%s); its test figures are the untrained "
@@ -182,7 +182,7 @@ class JobLog:
         if group_rows is not None:
             self._call("log_text", mlflow.log_text, group_csv(group_rows, classes), "test_groups.csv")
         self._metrics(metrics, self.best_epoch)
-        self.pending_tags["mlflow.note.content"] = self.description(metrics)
+        self.tags(later=True, **{"mlflow.note.content": self.description(metrics)})
         self.write()
         self._call(
             "log_dict",

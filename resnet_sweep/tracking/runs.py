@@ -109,10 +109,10 @@ def job_run(cfg, ctx: JobContext, resume_run_id: str | None = None, on_start=Non
             yield job
             job.log_figures()
             if trial:
-                job.pending_tags["optuna_state"] = "COMPLETE"
+                job.tags(later=True, optuna_state="COMPLETE")
             job.write()
         except Pruned as e:
-            job.pending_tags.update(optuna_state="PRUNED", pruned_at_epoch=str(e.epoch))
+            job.tags(later=True, optuna_state="PRUNED", pruned_at_epoch=str(e.epoch))
             job.write()
             mlflow.end_run(RunStatus.to_string(RunStatus.KILLED))
             raise
